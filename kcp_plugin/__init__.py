@@ -1,0 +1,36 @@
+"""kcp-plugin: Kernel Cluster Pruning and other criteria for torch-pruning, NNI, mmseg and timm.
+
+The core API needs only torch and torch-pruning; integrations import their host libraries lazily.
+"""
+
+from .graph import count_macs_params
+from .importance import KCPImportance
+from .latency import measure_latency
+from .optim import rebuild_optimizer
+from .plan import apply_plan, get_plan, load_pruned, read_checkpoint, save_pruned
+from .pruning import prune, resolve_importance
+from .registry import get_importance, importance_info, list_importances, register_importance
+from .report import PruneReport
+from .tracking import track_pruning
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KCPImportance",
+    "PruneReport",
+    "apply_plan",
+    "count_macs_params",
+    "get_importance",
+    "get_plan",
+    "importance_info",
+    "list_importances",
+    "load_pruned",
+    "measure_latency",
+    "prune",
+    "read_checkpoint",
+    "rebuild_optimizer",
+    "register_importance",
+    "resolve_importance",
+    "save_pruned",
+    "track_pruning",
+]

@@ -1,0 +1,219 @@
+"""``kcp-prune``: prune a model from the command line and print what it saved."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from . import __version__
+from .latency import measure_latency
+from .plan import save_pruned
+from .pruning import prune
+from .registry import importance_info, list_importances
+from .zoo import DEFAULT_SPEC, SOURCES, ModelSpecError, build_from_spec
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_MODEL = 0, 1, 2, 3
+
+EPILOG = """\
+model specs:
+  builtin:NAME        a model shipped with kcp_plugin (see --list-models)
+  timm:NAME           timm.create_model(NAME), random weights (needs kcp-plugin[timm])
+  torchvision:NAME    torchvision.models.get_model(NAME, weights=None)
+  module:PKG.MOD:FN   any function returning an nn.Module
+
+exit codes: 0 success, 1 pruning failed, 2 invalid arguments, 3 model could not be built
+
+examples:
+  kcp-prune                                   # builtin DeepLabV3-lite, KCP to 30%% of MACs
+  kcp-prune --model timm:resnet50 --importance kcp --target-macs 0.3 \\
+            --input-shape 1,3,224,224 --out pruned.pt
+  kcp-prune --model builtin:stereo_lite --input-shape 1,3,64,128 --input-shape 1,3,64,128
+"""
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"shape {text!r} must be comma-separated integers"
+        ) from None
+    if not dims or any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(f"shape {text!r} must have positive dimensions")
+    return dims
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} must be in (0, 1]")
+    return value
+
+
+def _keyvalue(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"{text!r} must look like key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``kcp-prune`` argument parser."""
+    p = argparse.ArgumentParser(
+        prog="kcp-prune",
+        description="Structurally prune a model with KCP (or another registered criterion) "
+        "through torch-pruning's dependency graph, print MACs / params / CPU latency before "
+        "and after, and save the pruning plan with the weights.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", default=DEFAULT_SPEC,
+                   help=f"model spec, SOURCE:NAME with SOURCE in {{{','.join(SOURCES)}}} "
+                   f"(default: {DEFAULT_SPEC})")
+    p.add_argument("--model-arg", action="append", type=_keyvalue, default=[],
+                   metavar="KEY=VALUE", help="constructor argument (value parsed as JSON if it "
+                   "can be), repeatable, e.g. --model-arg num_classes=19")
+    p.add_argument("--importance", default="kcp",
+                   help="criterion name from the registry (default: kcp; see --list-importances)")
+    p.add_argument("--importance-arg", action="append", type=_keyvalue, default=[],
+                   metavar="KEY=VALUE", help="criterion argument, repeatable, e.g. "
+                   "--importance-arg centre=mean")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--target-macs", type=_fraction, default=None, metavar="FRACTION",
+                        help="fraction of MACs to keep, e.g. 0.3 (default: 0.3 unless "
+                        "--pruning-ratio is given)")
+    target.add_argument("--pruning-ratio", type=float, default=None, metavar="RATIO",
+                        help="channel pruning ratio in [0, 1) instead of a MACs target")
+    p.add_argument("--input-shape", action="append", type=_shape, default=None,
+                   metavar="N,C,H,W", help="example input shape; repeat for models taking "
+                   "several inputs (stereo) (default: 1,3,128,128)")
+    p.add_argument("--iterative-steps", type=int, default=1, metavar="N",
+                   help="prune in N steps, re-scoring each step (default: 1)")
+    p.add_argument("--round-to", type=int, default=None, metavar="N",
+                   help="keep channel counts multiples of N")
+    p.add_argument("--global-pruning", action="store_true",
+                   help="rank channels across layers instead of per layer")
+    p.add_argument("--max-pruning-ratio", type=float, default=0.9, metavar="RATIO",
+                   help="no layer loses more than this fraction of its channels (default: 0.9)")
+    p.add_argument("--ignore", action="append", default=[], metavar="LAYER",
+                   help="qualified layer name never to prune, repeatable (output layers are "
+                   "protected automatically)")
+    p.add_argument("--latency-runs", type=int, default=10, metavar="N",
+                   help="timed forward passes for the CPU latency (0 skips it; default: 10)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads for the latency measurement")
+    p.add_argument("--seed", type=int, default=0, help="seed for the random initial weights")
+    p.add_argument("--out", default=None, metavar="PATH",
+                   help="write the pruning plan + weights here (torch.load(weights_only=True))")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON")
+    p.add_argument("--plot", default=None, metavar="PATH",
+                   help="write a PNG of per-layer widths before/after")
+    p.add_argument("--list-importances", action="store_true",
+                   help="list the registered criteria and exit")
+    p.add_argument("--list-models", action="store_true", help="list builtin models and exit")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--version", action="version", version=f"kcp-plugin {__version__}")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``kcp-prune``; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.list_importances:
+        for name in list_importances():
+            info = importance_info(name)
+            grad = " (needs gradients)" if info.requires_grad else ""
+            print(f"{name:<12} {info.summary}{grad}")
+        return EXIT_OK
+    if args.list_models:
+        from .models import list_models
+
+        print("\n".join(f"builtin:{n}" for n in list_models()))
+        return EXIT_OK
+    if args.pruning_ratio is not None and not 0.0 <= args.pruning_ratio < 1.0:
+        parser.error(f"--pruning-ratio must be in [0, 1), got {args.pruning_ratio}")
+    if args.iterative_steps < 1:
+        parser.error("--iterative-steps must be >= 1")
+    if args.latency_runs < 0:
+        parser.error("--latency-runs must be >= 0")
+    try:
+        importance_info(args.importance)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.pruning_ratio is None and args.target_macs is None:
+        args.target_macs = 0.3
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    torch.manual_seed(args.seed)
+    try:
+        model = build_from_spec(args.model, **dict(args.model_arg))
+    except ModelSpecError as exc:
+        print(f"kcp-prune: error: {exc}", file=sys.stderr)
+        return EXIT_MODEL
+    except Exception as exc:
+        print(f"kcp-prune: error: building {args.model} failed: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+        return EXIT_MODEL
+    shapes = args.input_shape or [(1, 3, 128, 128)]
+    inputs = [torch.randn(*s) for s in shapes]
+    example = inputs[0] if len(inputs) == 1 else tuple(inputs)
+
+    latency_before = _latency(model, example, args.latency_runs)
+    try:
+        report = prune(
+            model, example, args.importance,
+            importance_kwargs=dict(args.importance_arg) or None,
+            target_macs_ratio=args.target_macs, pruning_ratio=args.pruning_ratio,
+            ignored_layers=args.ignore or None, iterative_steps=args.iterative_steps,
+            round_to=args.round_to, global_pruning=args.global_pruning,
+            max_pruning_ratio=args.max_pruning_ratio, progress=False if args.quiet else None,
+        )
+    except (ValueError, TypeError) as exc:
+        print(f"kcp-prune: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # a failure inside torch-pruning: the model was restored
+        print(f"kcp-prune: error: pruning failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    report.latency_before_ms = latency_before
+    report.latency_after_ms = _latency(model, example, args.latency_runs)
+
+    print(f"model: {args.model}  inputs: {' + '.join('x'.join(map(str, s)) for s in shapes)}")
+    print(report.table())
+    if args.out:
+        save_pruned(model, args.out, extra={
+            "model": args.model, "model_kwargs": dict(args.model_arg),
+            "input_shapes": [list(s) for s in shapes], "importance": args.importance,
+        })
+        print(f"saved plan + weights to {args.out}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"model": args.model, **report.to_dict()}, fh, indent=2)
+    if args.plot:
+        report.plot_widths(args.plot, title=f"{args.model}: per-layer widths")
+    return EXIT_OK
+
+
+def _latency(model: torch.nn.Module, example: Any, runs: int) -> float | None:
+    if runs == 0:
+        return None
+    return measure_latency(model, example, warmup=2, runs=runs)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

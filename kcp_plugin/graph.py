@@ -1,0 +1,115 @@
+"""Dependency-graph helpers shared by pruning and plan replay.
+
+Wraps torch-pruning's ``DependencyGraph`` construction so that (a) the model's train/eval flags
+come back as they were (torch-pruning's tracer calls ``model.eval()`` and never restores it),
+(b) example inputs are passed the way the user's forward expects (torch-pruning's fallback
+``model(*x)`` silently unbatches a batch-1 tensor), and (c) output layers can be found.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+from torch_pruning import ops
+
+ForwardFn = Callable[[nn.Module, Any], Any]
+
+# Layers that consume a channel dimension and produce a new one: output detection stops there.
+_CHANNEL_MIXERS = (ops.OPTYPE.CONV, ops.OPTYPE.LINEAR, ops.OPTYPE.LSTM, ops.OPTYPE.MHA,
+                   ops.OPTYPE.EMBED)
+
+
+def default_forward(model: nn.Module, inputs: Any) -> Any:
+    """Call ``model`` with a tensor, a tuple/list of positional inputs, or a dict of kwargs."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+@contextlib.contextmanager
+def preserved_modes(model: nn.Module) -> Iterator[None]:
+    """Restore every submodule's ``training`` flag on exit."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def build_graph(
+    model: nn.Module,
+    example_inputs: Any,
+    forward_fn: ForwardFn | None = None,
+    output_transform: Callable | None = None,
+    **kwargs: Any,
+) -> tp.DependencyGraph:
+    """Build torch-pruning's dependency graph in eval mode, leaving the model's modes intact."""
+    with preserved_modes(model):
+        model.eval()
+        return tp.DependencyGraph().build_dependency(
+            model, example_inputs=example_inputs, forward_fn=forward_fn or default_forward,
+            output_transform=output_transform, verbose=False, **kwargs,
+        )
+
+
+def output_layers(graph: tp.DependencyGraph) -> list[nn.Module]:
+    """Conv/linear layers whose output channels reach a model output unchanged.
+
+    Pruning such a layer would change the shape of what the model returns (a classifier's
+    logits, a segmentation head's class maps, a stereo net's cost channel), so they are protected.
+    A layer qualifies if, following the graph downstream through channel-preserving operations
+    (norms, activations, depthwise convs, adds, reshapes, upsampling...), an output is reached
+    before any channel-mixing layer.
+    """
+    found = []
+    for module, node in graph.module2node.items():
+        if node.type not in (ops.OPTYPE.CONV, ops.OPTYPE.LINEAR, ops.OPTYPE.DEPTHWISE_CONV):
+            continue
+        if node.type == ops.OPTYPE.DEPTHWISE_CONV:
+            continue  # depthwise layers follow their producer; protecting that is enough
+        stack, seen = list(node.outputs), set()
+        reaches_output = not node.outputs
+        while stack and not reaches_output:
+            n = stack.pop()
+            if id(n) in seen:
+                continue
+            seen.add(id(n))
+            if n.type == ops.OPTYPE.OUTPUT or not n.outputs and n.type not in _CHANNEL_MIXERS:
+                reaches_output = True
+            elif n.type not in _CHANNEL_MIXERS:
+                stack.extend(n.outputs)
+        if reaches_output:
+            found.append(module)
+    return found
+
+
+def count_macs_params(
+    model: nn.Module, example_inputs: Any, forward_fn: ForwardFn | None = None
+) -> tuple[int, int]:
+    """MACs of one forward pass on ``example_inputs`` (the whole batch) and the parameter count.
+
+    torch-pruning's counter deep-copies the model and divides by a batch size it guesses from the
+    input; routing the call through a wrapper with a batch-1 dummy makes the count the plain
+    total of the user's own forward, whatever form its inputs take.
+    """
+    fwd = forward_fn or default_forward
+
+    class _Forward(nn.Module):
+        def __init__(self, inner: nn.Module):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, dummy: torch.Tensor) -> Any:
+            return fwd(self.inner, example_inputs)
+
+    with preserved_modes(model), torch.no_grad():
+        macs, params = tp.utils.count_ops_and_params(_Forward(model), torch.zeros(1))
+    return int(macs), int(params)

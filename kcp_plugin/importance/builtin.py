@@ -1,0 +1,111 @@
+"""torch-pruning's own criteria, registered by name so every integration can ask for them.
+
+torch-pruning has no name registry (and does not even export FPGM in ``__all__``); these thin
+factories give each built-in one stable name with its upstream defaults.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch_pruning as tp
+
+from ..registry import register_importance
+
+
+@register_importance("l1", summary="Group L1 norm of the coupled weights (torch-pruning)")
+def l1(group_reduction: str = "mean", normalizer: str = "mean", bias: bool = False):
+    """Group L1 magnitude."""
+    return tp.importance.GroupMagnitudeImportance(
+        p=1, group_reduction=group_reduction, normalizer=normalizer, bias=bias
+    )
+
+
+@register_importance("l2", summary="Group L2 norm of the coupled weights (torch-pruning)")
+def l2(group_reduction: str = "mean", normalizer: str = "mean", bias: bool = False):
+    """Group L2 magnitude."""
+    return tp.importance.GroupMagnitudeImportance(
+        p=2, group_reduction=group_reduction, normalizer=normalizer, bias=bias
+    )
+
+
+@register_importance("fpgm", summary="Distance to the geometric median of filters (FPGM)")
+def fpgm(p: int = 2, group_reduction: str = "mean", normalizer: str = "mean", bias: bool = False):
+    """FPGM as torch-pruning implements it (distances on |w|^p, not on raw weights)."""
+    return tp.importance.FPGMImportance(
+        p=p, group_reduction=group_reduction, normalizer=normalizer, bias=bias
+    )
+
+
+@register_importance("taylor", requires_grad=True, summary="First-order Taylor |w * dL/dw|")
+def taylor(group_reduction: str = "mean", normalizer: str = "mean", multivariable: bool = False,
+           bias: bool = False):
+    """Group Taylor importance; needs a backward pass before scoring.
+
+    Upstream defect (torch-pruning 1.6.1): its BatchNorm branch tests for GroupNorm, so BatchNorm
+    layers never contribute; conv/linear members still do.
+    """
+    return tp.importance.GroupTaylorImportance(
+        group_reduction=group_reduction, normalizer=normalizer, multivariable=multivariable,
+        bias=bias,
+    )
+
+
+class _AccumulatingHessianImportance(tp.importance.GroupHessianImportance):
+    """Hessian-diagonal importance whose gradient accumulation really accumulates.
+
+    Upstream defect (torch-pruning 1.6.1): ``accumulate_grad`` tests ``name`` against a dict keyed
+    by parameters, so every call overwrites instead of summing. Keyed by parameter here.
+    """
+
+    def accumulate_grad(self, model: torch.nn.Module) -> None:
+        for param in model.parameters():
+            if param.grad is None:
+                continue
+            sq = param.grad.detach().pow(2)
+            if param in self._accu_grad:
+                self._accu_grad[param] += sq
+                self._counter[param] += 1
+            else:
+                self._accu_grad[param] = sq.clone()
+                self._counter[param] = 1
+
+
+@register_importance(
+    "hessian", requires_grad=True, summary="Diagonal-Hessian (OBD) importance from per-sample grads"
+)
+def hessian(group_reduction: str = "mean", normalizer: str = "mean", bias: bool = False):
+    """Optimal-brain-damage style importance; needs per-sample backward passes."""
+    return _AccumulatingHessianImportance(
+        group_reduction=group_reduction, normalizer=normalizer, bias=bias
+    )
+
+
+@register_importance("bn", summary="BatchNorm scale |gamma| (network slimming)")
+def bn(group_reduction: str = "mean", normalizer: str = "mean"):
+    """BatchNorm scaling factors."""
+    return tp.importance.BNScaleImportance(group_reduction=group_reduction, normalizer=normalizer)
+
+
+@register_importance("lamp", summary="Layer-adaptive magnitude pruning (LAMP) scores")
+def lamp(p: int = 2, group_reduction: str = "mean", bias: bool = False):
+    """LAMP-normalised magnitude."""
+    return tp.importance.LAMPImportance(p=p, group_reduction=group_reduction, bias=bias)
+
+
+class SeededRandomImportance(tp.importance.Importance):
+    """Uniform random scores from a private generator, so runs are reproducible."""
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+        self._gen = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def __call__(self, group, **kwargs):
+        _, idxs = group[0]
+        return torch.rand(len(idxs), generator=self._gen)
+
+
+@register_importance("random", summary="Uniform random scores (a baseline), seeded")
+def random(seed: int = 0):
+    """Random baseline."""
+    return SeededRandomImportance(seed=seed)

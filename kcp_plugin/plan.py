@@ -1,0 +1,177 @@
+"""The one pruning-plan format, and saving / loading pruned models with it.
+
+A plan is plain data (JSON-compatible): torch-pruning's pruning history (which root layer lost
+which channel indices, in order) plus the attributes set on modules afterwards (attention head
+counts). Replaying it on a freshly built model of the original architecture reproduces the pruned
+structure; the state dict then fills in the weights. No module is ever pickled, so checkpoints
+load with ``torch.load(weights_only=True)``. Every integration (CLI, mmseg, timm, NNI) saves and
+loads this format.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .attention import apply_attrs
+from .graph import ForwardFn, build_graph
+
+__all__ = [
+    "PLAN_FORMAT",
+    "get_plan",
+    "apply_plan",
+    "save_pruned",
+    "load_pruned",
+    "read_checkpoint",
+]
+
+PLAN_FORMAT = "kcp_plugin.plan"
+PLAN_VERSION = 1
+_ATTR = "_kcp_pruning_plan"
+
+
+def empty_plan() -> dict[str, Any]:
+    """A plan that changes nothing."""
+    return {"format": PLAN_FORMAT, "version": PLAN_VERSION, "history": [], "attrs": {}}
+
+
+def get_plan(model: nn.Module) -> dict[str, Any]:
+    """The cumulative plan of every prune applied to ``model`` (a copy; empty if never pruned)."""
+    return copy.deepcopy(getattr(model, _ATTR, None) or empty_plan())
+
+
+def _set_plan(model: nn.Module, plan: dict[str, Any]) -> None:
+    # Stored in __dict__ directly: a plain attribute, not a submodule/parameter/buffer.
+    model.__dict__[_ATTR] = plan
+
+
+def extend_plan(
+    model: nn.Module, history: list, attrs: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """Append one prune's history and attribute changes to the model's plan."""
+    plan = get_plan(model)
+    plan["history"].extend(
+        [str(name), bool(is_out), [int(i) for i in idxs]] for name, is_out, idxs in history
+    )
+    for name, values in attrs.items():
+        plan["attrs"].setdefault(name, {}).update(values)
+    _set_plan(model, plan)
+    return plan
+
+
+def validate_plan(plan: Any) -> dict[str, Any]:
+    """Check that ``plan`` is a plan of a format this version reads; return it.
+
+    Raises:
+        ValueError: not a plan, or from an unknown format version.
+    """
+    if not isinstance(plan, dict) or plan.get("format") != PLAN_FORMAT:
+        raise ValueError(f"not a kcp_plugin pruning plan (expected format {PLAN_FORMAT!r})")
+    if plan.get("version") != PLAN_VERSION:
+        raise ValueError(
+            f"pruning plan version {plan.get('version')!r} is not supported "
+            f"(this kcp_plugin reads version {PLAN_VERSION})"
+        )
+    for entry in plan["history"]:
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 3):
+            raise ValueError(f"malformed pruning-history entry {entry!r}")
+    return plan
+
+
+def apply_plan(
+    model: nn.Module,
+    plan: dict[str, Any],
+    example_inputs: Any,
+    forward_fn: ForwardFn | None = None,
+) -> nn.Module:
+    """Replay ``plan`` on an unpruned ``model`` in place, reproducing the pruned structure.
+
+    Raises:
+        ValueError: the plan is malformed or names layers the model does not have; the model is
+            left unchanged in that case.
+    """
+    from .snapshot import ModuleSnapshot
+
+    validate_plan(plan)
+    modules = dict(model.named_modules())
+    missing = sorted({e[0] for e in plan["history"]} - set(modules))
+    missing += sorted(set(plan["attrs"]) - set(modules))
+    if missing:
+        raise ValueError(
+            f"the pruning plan names layers this model does not have: {', '.join(missing[:5])}"
+            " - was it built with the same architecture and arguments?"
+        )
+    snapshot = ModuleSnapshot(model)
+    try:
+        graph = build_graph(model, example_inputs, forward_fn)
+        history = [[n, bool(o), list(map(int, idx))] for n, o, idx in plan["history"]]
+        graph.load_pruning_history(history)
+        apply_attrs(model, plan["attrs"])
+    except BaseException:
+        snapshot.restore()
+        raise
+    _set_plan(model, copy.deepcopy(plan))
+    return model
+
+
+def save_pruned(model: nn.Module, path: str | os.PathLike, extra: dict | None = None) -> None:
+    """Save ``model``'s pruning plan and state dict to ``path`` (loadable with weights_only).
+
+    Args:
+        model: A model pruned by :func:`kcp_plugin.prune` (or with a plan applied).
+        path: Destination file.
+        extra: Optional plain-data metadata stored beside the plan (e.g. the model spec).
+    """
+    payload = {
+        "kcp_plugin": get_plan(model),
+        "meta": json.loads(json.dumps(extra or {})),
+        "state_dict": model.state_dict(),
+    }
+    torch.save(payload, path)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_pruned` without unpickling any code."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # weights_only refuses anything that is not plain data
+        raise ValueError(f"{path} is not a plain-data kcp_plugin checkpoint: {exc}") from exc
+    if not isinstance(payload, dict) or "kcp_plugin" not in payload or "state_dict" not in payload:
+        raise ValueError(f"{path} is not a kcp_plugin checkpoint (no 'kcp_plugin' plan)")
+    validate_plan(payload["kcp_plugin"])
+    return payload
+
+
+def load_pruned(
+    model_or_builder: nn.Module | Callable[[], nn.Module],
+    path: str | os.PathLike,
+    example_inputs: Any,
+    forward_fn: ForwardFn | None = None,
+    strict: bool = True,
+) -> nn.Module:
+    """Rebuild a pruned model: replay the saved plan on the original architecture, load weights.
+
+    Args:
+        model_or_builder: A freshly built, unpruned model of the original architecture, or a
+            zero-argument callable returning one.
+        path: File written by :func:`save_pruned`.
+        example_inputs: Inputs to trace the model's dependency graph.
+        forward_fn: How to call the model on ``example_inputs`` if not ``model(x)``.
+        strict: Passed to ``load_state_dict``; a shape mismatch always raises.
+
+    Returns:
+        The pruned model with the saved weights.
+    """
+    payload = read_checkpoint(path)
+    model = model_or_builder if isinstance(model_or_builder, nn.Module) else model_or_builder()
+    apply_plan(model, payload["kcp_plugin"], example_inputs, forward_fn)
+    model.load_state_dict(payload["state_dict"], strict=strict)
+    return model

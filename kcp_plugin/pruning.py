@@ -1,0 +1,436 @@
+"""One-call structural pruning: validate, protect outputs, search a MACs target, prune
+atomically."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import logging
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from .attention import detect_num_heads, sync_attention_attrs
+from .graph import (
+    ForwardFn,
+    build_graph,
+    count_macs_params,
+    default_forward,
+    output_layers,
+    preserved_modes,
+)
+from .importance.kcp import KCPImportance
+from .plan import extend_plan
+from .progress import progress_bar
+from .registry import importance_info
+from .report import PruneReport, layer_widths
+from .snapshot import ModuleSnapshot
+from .tracking import track_pruning
+
+__all__ = ["prune", "resolve_importance"]
+
+logger = logging.getLogger(__name__)
+
+LayerRef = nn.Module | str | type
+
+
+def resolve_importance(
+    importance: str | tp.importance.Importance, importance_kwargs: dict[str, Any] | None = None
+) -> tuple[tp.importance.Importance, str, bool]:
+    """Turn a registry name or an Importance into ``(importance, description, requires_grad)``.
+
+    Raises:
+        ValueError: unknown name, bad arguments, or kwargs given with an instance.
+    """
+    if isinstance(importance, str):
+        info = importance_info(importance)
+        from .registry import get_importance
+
+        imp = get_importance(info.name, **(importance_kwargs or {}))
+        return imp, info.name, info.requires_grad
+    if importance_kwargs:
+        raise ValueError("importance_kwargs only apply when importance is a registry name")
+    if not callable(importance):
+        raise TypeError(
+            "importance must be a registry name (see kcp_plugin.list_importances()) or a "
+            f"torch_pruning Importance, got {type(importance).__name__}"
+        )
+    needs_grad = isinstance(
+        importance, (tp.importance.GroupTaylorImportance, tp.importance.GroupHessianImportance)
+    )
+    return importance, repr(importance), needs_grad
+
+
+def _resolve_layers(
+    model: nn.Module, refs: Iterable[LayerRef] | None, what: str
+) -> list[nn.Module]:
+    """Modules named by ``refs``: module objects, qualified names, or module types (all of them)."""
+    if refs is None:
+        return []
+    if isinstance(refs, (nn.Module, str, type)):
+        refs = [refs]
+    named = dict(model.named_modules())
+    members = {id(m) for m in named.values()}
+    out: list[nn.Module] = []
+    for ref in refs:
+        if isinstance(ref, str):
+            if ref not in named:
+                close = difflib.get_close_matches(ref, list(named), n=3)
+                hint = f"; close matches: {', '.join(close)}" if close else ""
+                raise ValueError(f"{what}: the model has no layer named {ref!r}{hint}")
+            out.append(named[ref])
+        elif isinstance(ref, type) and issubclass(ref, nn.Module):
+            out.extend(m for m in named.values() if isinstance(m, ref))
+        elif isinstance(ref, nn.Module):
+            if id(ref) not in members:
+                raise ValueError(f"{what}: {type(ref).__name__} object is not part of the model")
+            out.append(ref)
+        else:
+            raise TypeError(f"{what}: expected modules, layer names or module types, got {ref!r}")
+    return out
+
+
+def _check_ratio(name: str, value: float | None, low: float, high: float, closed: bool) -> None:
+    if value is None:
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    ok = low < value <= high if closed else low <= value < high
+    if not ok:
+        interval = f"({low}, {high}]" if closed else f"[{low}, {high})"
+        raise ValueError(f"{name} must be in {interval}, got {value}")
+
+
+def prune(
+    model: nn.Module,
+    example_inputs: Any,
+    importance: str | tp.importance.Importance = "kcp",
+    *,
+    target_macs_ratio: float | None = None,
+    pruning_ratio: float | None = None,
+    ignored_layers: Iterable[LayerRef] | None = None,
+    iterative_steps: int = 1,
+    round_to: int | None = None,
+    forward_fn: ForwardFn | None = None,
+    output_transform: Callable | None = None,
+    global_pruning: bool = False,
+    isomorphic: bool = False,
+    num_heads: dict[LayerRef, int] | str | None = "auto",
+    prune_num_heads: bool = False,
+    pruning_ratio_dict: dict[LayerRef, float] | None = None,
+    max_pruning_ratio: float = 0.9,
+    importance_kwargs: dict[str, Any] | None = None,
+    loss_fn: Callable[[nn.Module], torch.Tensor] | None = None,
+    protect_outputs: bool = True,
+    macs_tolerance: float = 0.02,
+    unwrapped_parameters: dict[nn.Parameter, int] | None = None,
+    customized_pruners: dict[Any, Any] | None = None,
+    progress: bool | None = None,
+) -> PruneReport:
+    """Prune ``model`` in place with a registered criterion and report what changed.
+
+    Every argument is validated, and ``example_inputs`` are run through the model, before the
+    model is touched. If anything fails part-way (including ``KeyboardInterrupt``), the model is
+    restored exactly, with its original parameter objects.
+
+    Args:
+        model: The model to prune, in place.
+        example_inputs: Inputs for tracing: a tensor, a tuple/list of positional inputs, or a
+            dict of keyword inputs (or anything ``forward_fn`` accepts).
+        importance: Registry name (``kcp_plugin.list_importances()``) or an ``Importance``.
+        target_macs_ratio: Fraction of MACs to keep, in (0, 1]; the channel pruning ratio is
+            searched until the result is within ``macs_tolerance`` of it.
+        pruning_ratio: Channel pruning ratio in [0, 1) (instead of a MACs target).
+        ignored_layers: Layers never pruned: modules, qualified names, or module types.
+        iterative_steps: Prune in this many steps, re-scoring on the current weights each step.
+        round_to: Keep channel counts multiples of this (hardware-friendly widths).
+        forward_fn: ``forward_fn(model, example_inputs)`` if the model is not called as
+            ``model(x)`` / ``model(*x)`` / ``model(**x)``.
+        output_transform: Maps the model output to tensors for tracing (torch-pruning's).
+        global_pruning: Rank channels across layers instead of per layer.
+        isomorphic: Isomorphic global ranking (torch-pruning; requires ``global_pruning``).
+        num_heads: ``"auto"`` finds timm-style attention (``qkv`` + ``num_heads``); or a dict
+            from qkv layers (modules or names) to head counts; or ``None``.
+        prune_num_heads: Remove whole heads instead of head dimensions.
+        pruning_ratio_dict: Per-layer channel ratios (modules or names as keys).
+        max_pruning_ratio: No layer loses more than this fraction of its channels.
+        importance_kwargs: Arguments for the registered criterion.
+        loss_fn: ``loss_fn(model) -> loss`` for gradient-based criteria (``taylor``; for
+            ``hessian`` return per-sample losses). Called once per pruning step.
+        protect_outputs: Never prune layers whose channels are model outputs (classifier heads,
+            segmentation/stereo output convs).
+        macs_tolerance: Allowed gap between achieved and target MACs fraction.
+        unwrapped_parameters: Raw parameters to prune with their pruning dim (torch-pruning's).
+        customized_pruners: Pruners for custom layer types (torch-pruning's).
+        progress: Show progress bars (default: only on a terminal).
+
+    Returns:
+        A :class:`PruneReport`; the model's cumulative pruning plan is also kept on the model for
+        :func:`kcp_plugin.save_pruned`.
+
+    Raises:
+        ValueError / TypeError: invalid arguments (the model is untouched).
+    """
+    # ---------------------------------------------------------------- validation, no mutation
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if target_macs_ratio is None and pruning_ratio is None and not pruning_ratio_dict:
+        raise ValueError("give one of target_macs_ratio (fraction of MACs kept) or pruning_ratio")
+    if target_macs_ratio is not None and pruning_ratio is not None:
+        raise ValueError("give target_macs_ratio or pruning_ratio, not both")
+    _check_ratio("target_macs_ratio", target_macs_ratio, 0.0, 1.0, closed=True)
+    _check_ratio("pruning_ratio", pruning_ratio, 0.0, 1.0, closed=False)
+    _check_ratio("max_pruning_ratio", max_pruning_ratio, 0.0, 1.0, closed=True)
+    _check_ratio("macs_tolerance", macs_tolerance, 0.0, 0.5, closed=True)
+    if not isinstance(iterative_steps, int) or isinstance(iterative_steps, bool) \
+            or iterative_steps < 1:
+        raise ValueError(f"iterative_steps must be an integer >= 1, got {iterative_steps!r}")
+    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
+        raise ValueError(f"round_to must be None or an integer >= 1, got {round_to!r}")
+    if isomorphic and not global_pruning:
+        raise ValueError("isomorphic=True ranks channels globally: set global_pruning=True")
+    if forward_fn is not None and not callable(forward_fn):
+        raise TypeError("forward_fn must be callable as forward_fn(model, example_inputs)")
+    imp, imp_name, needs_grad = resolve_importance(importance, importance_kwargs)
+    if needs_grad and loss_fn is None:
+        raise ValueError(
+            f"importance {imp_name!r} reads gradients: pass loss_fn=lambda model: <loss>"
+        )
+    ignored = _resolve_layers(model, ignored_layers, "ignored_layers")
+    ratio_dict = {}
+    for key, value in (pruning_ratio_dict or {}).items():
+        _check_ratio(f"pruning_ratio_dict[{key!r}]", value, 0.0, 1.0, closed=False)
+        (layer,) = _resolve_layers(model, [key], "pruning_ratio_dict")
+        ratio_dict[layer] = float(value)
+    if num_heads == "auto":
+        heads = detect_num_heads(model)
+    elif num_heads is None:
+        heads = {}
+    elif isinstance(num_heads, dict):
+        heads = {}
+        for key, value in num_heads.items():
+            (layer,) = _resolve_layers(model, [key], "num_heads")
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"num_heads[{key!r}] must be a positive integer, got {value!r}")
+            heads[layer] = value
+    else:
+        raise ValueError(f"num_heads must be 'auto', None or a dict, got {num_heads!r}")
+    fwd = forward_fn or default_forward
+    try:
+        # Tracing runs the model once in eval mode (modes restored), no weight changes.
+        graph = build_graph(model, example_inputs, fwd, output_transform)
+    except Exception as exc:
+        raise ValueError(
+            f"example_inputs could not be run through the model ({type(exc).__name__}: {exc}); "
+            "pass inputs of the right shape, or forward_fn=lambda model, x: ..."
+        ) from exc
+    outputs = output_layers(graph) if protect_outputs else []
+    del graph
+
+    # ---------------------------------------------------------------- pruning
+    names = {m: n for n, m in model.named_modules()}
+    snapshot = ModuleSnapshot(model)
+    try:
+        macs0, params0 = count_macs_params(model, example_inputs, fwd)
+        widths0 = layer_widths(model)
+        protected = list(ignored) + [m for m in outputs if m not in ignored]
+        settings = dict(
+            example_inputs=example_inputs, importance=imp, forward_fn=fwd,
+            output_transform=output_transform, global_pruning=global_pruning,
+            isomorphic=isomorphic, prune_num_heads=prune_num_heads,
+            max_pruning_ratio=max_pruning_ratio, iterative_steps=iterative_steps,
+            round_to=round_to, unwrapped_parameters=unwrapped_parameters,
+            customized_pruners=customized_pruners, loss_fn=loss_fn, progress=progress,
+        )
+        # With local pruning, each layer's width depends only on the ratio, not on the scores,
+        # so the MACs search can use a cheap scorer; the result is verified and, should the real
+        # criterion leave some group alone, searched again with the real criterion.
+        fast = target_macs_ratio is not None and not global_pruning
+        search: list[tuple[float, float]] = []
+        while True:
+            if target_macs_ratio is not None:
+                trial_settings = settings
+                if fast:
+                    trial_settings = {**settings, "importance":
+                                      tp.importance.GroupMagnitudeImportance(), "loss_fn": None}
+                ratio, search = _search_ratio(
+                    model, names, protected, heads, ratio_dict, target_macs_ratio, macs0,
+                    macs_tolerance, trial_settings,
+                )
+            else:
+                ratio = float(pruning_ratio or 0.0)
+            with track_pruning():
+                history, final_heads = _run_pruner(
+                    model, protected, heads, ratio_dict, ratio, **settings
+                )
+            macs1, params1 = count_macs_params(model, example_inputs, fwd)
+            if fast and abs(macs1 / macs0 - target_macs_ratio) > macs_tolerance:
+                logger.info("criterion left some groups alone; searching with it instead")
+                snapshot.restore()
+                fast = False
+                continue
+            break
+        attrs = sync_attention_attrs(model, final_heads)
+        plan = extend_plan(model, history, attrs)
+    except BaseException:
+        snapshot.restore()
+        raise
+    return PruneReport(
+        importance=imp_name,
+        macs_before=macs0, macs_after=macs1, params_before=params0, params_after=params1,
+        pruning_ratio=ratio, target_macs_ratio=target_macs_ratio,
+        iterative_steps=iterative_steps, widths_before=widths0,
+        widths_after=layer_widths(model), protected=sorted(names[m] for m in protected),
+        search=search, plan=plan,
+    )
+
+
+def _run_pruner(
+    model: nn.Module,
+    protected: list[nn.Module],
+    heads: dict[nn.Module, int],
+    ratio_dict: dict[nn.Module, float],
+    ratio: float,
+    *,
+    example_inputs: Any,
+    importance: tp.importance.Importance,
+    forward_fn: ForwardFn,
+    output_transform: Callable | None,
+    global_pruning: bool,
+    isomorphic: bool,
+    prune_num_heads: bool,
+    max_pruning_ratio: float,
+    iterative_steps: int,
+    round_to: int | None,
+    unwrapped_parameters: dict | None,
+    customized_pruners: dict | None,
+    loss_fn: Callable | None,
+    progress: bool | None,
+    desc: str = "pruning",
+) -> tuple[list, dict[nn.Module, int]]:
+    """Run torch-pruning's pruner on ``model`` for all steps; return its history and heads."""
+    heads = dict(heads)  # torch-pruning mutates (and shares) these dicts: always fresh copies
+    with preserved_modes(model):
+        pruner = tp.pruner.BasePruner(
+            model, example_inputs, importance=importance, global_pruning=global_pruning,
+            pruning_ratio=ratio, pruning_ratio_dict=dict(ratio_dict) or None,
+            max_pruning_ratio=max_pruning_ratio, iterative_steps=iterative_steps,
+            ignored_layers=list(protected), round_to=round_to, isomorphic=isomorphic,
+            num_heads=heads, prune_num_heads=prune_num_heads, in_channel_groups={},
+            out_channel_groups={}, customized_pruners=customized_pruners,
+            unwrapped_parameters=unwrapped_parameters, forward_fn=forward_fn,
+            output_transform=output_transform,
+        )
+    steps = range(1, iterative_steps + 1)
+    for step in progress_bar(steps, enabled=progress, desc=desc):
+        if isinstance(importance, KCPImportance):
+            done, after = ratio * (step - 1) / iterative_steps, ratio * step / iterative_steps
+            importance.keep_ratio_hint = (1 - after) / max(1 - done, 1e-9)
+        if loss_fn is not None:
+            _backward(model, importance, loss_fn)
+        pruner.step()
+    return pruner.pruning_history(), pruner.num_heads
+
+
+def _backward(model: nn.Module, importance: Any, loss_fn: Callable) -> None:
+    """Populate gradients for gradient-based criteria (per-sample for Hessian)."""
+    model.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        loss = loss_fn(model)
+        if isinstance(importance, tp.importance.GroupHessianImportance):
+            importance.zero_grad()
+            for sample_loss in loss.reshape(-1):
+                model.zero_grad(set_to_none=True)
+                sample_loss.backward(retain_graph=True)
+                importance.accumulate_grad(model)
+        else:
+            loss.sum().backward()
+
+
+def _search_ratio(
+    model: nn.Module,
+    names: dict[nn.Module, str],
+    protected: list[nn.Module],
+    heads: dict[nn.Module, int],
+    ratio_dict: dict[nn.Module, float],
+    target: float,
+    macs0: int,
+    tol: float,
+    settings: dict[str, Any],
+    max_trials: int = 14,
+) -> tuple[float, list[tuple[float, float]]]:
+    """Find the channel ratio whose pruned model keeps ``target`` of the MACs (within ``tol``).
+
+    Each trial prunes a deep copy with the real criterion and settings (so global and iterative
+    pruning are searched faithfully); MACs kept fall monotonically with the ratio, roughly as
+    ``(1 - r)^2``, so regula falsi on ``sqrt(MACs kept)`` brackets the answer in a few trials.
+    """
+    trials: list[tuple[float, float]] = []
+
+    def macs_kept(r: float) -> float:
+        if r == 0.0:
+            return 1.0
+        clone = copy.deepcopy(model)
+        by_name = dict(clone.named_modules())
+        remap = lambda mods: [by_name[names[m]] for m in mods]  # noqa: E731
+        _run_pruner(
+            clone, remap(protected), {by_name[names[m]]: h for m, h in heads.items()},
+            {by_name[names[m]]: v for m, v in ratio_dict.items()}, r,
+            **{**settings, "progress": False},
+        )
+        kept = count_macs_params(clone, settings["example_inputs"], settings["forward_fn"])[0]
+        trials.append((r, kept / macs0))
+        bar.update(1)
+        bar.set_postfix(ratio=f"{r:.3f}", macs=f"{kept / macs0:.3f}")
+        return kept / macs0
+
+    bar = progress_bar(enabled=settings["progress"], total=max_trials,
+                       desc="searching channel ratio")
+    try:
+        lo, m_lo = 0.0, 1.0
+        hi = settings["max_pruning_ratio"]
+        if abs(1.0 - target) <= tol:
+            return 0.0, trials
+        m_hi = macs_kept(hi)
+        if m_hi > target + tol:
+            raise ValueError(
+                f"target_macs_ratio={target} is out of reach: pruning every prunable layer by "
+                f"max_pruning_ratio={hi} keeps {m_hi:.3f} of the MACs (protected layers: "
+                f"{len(protected)}). Raise max_pruning_ratio or protect fewer layers."
+            )
+        if abs(m_hi - target) <= tol:
+            return hi, trials
+        best = (hi, m_hi)
+        side = 0
+        for _ in range(max_trials - 1):
+            # regula falsi on sqrt(MACs) with the Illinois modification
+            f_lo, f_hi = math.sqrt(m_lo) - math.sqrt(target), math.sqrt(m_hi) - math.sqrt(target)
+            r = hi - f_hi * (hi - lo) / (f_hi - f_lo) if f_hi != f_lo else (lo + hi) / 2
+            if not lo < r < hi:
+                r = (lo + hi) / 2
+            m = macs_kept(r)
+            if abs(m - target) < abs(best[1] - target):
+                best = (r, m)
+            if abs(m - target) <= tol:
+                return r, trials
+            if m > target:
+                lo, m_lo = r, m
+                if side == -1:
+                    m_hi = target + (m_hi - target) / 2
+                side = -1
+            else:
+                hi, m_hi = r, m
+                if side == 1:
+                    m_lo = target + (m_lo - target) / 2
+                side = 1
+        raise ValueError(
+            f"could not reach target_macs_ratio={target} within {tol}: the closest channel "
+            f"ratio {best[0]:.4f} keeps {best[1]:.4f} of the MACs (round_to={settings['round_to']}"
+            " may make widths too coarse); loosen macs_tolerance or change round_to"
+        )
+    finally:
+        bar.close()

@@ -1,0 +1,124 @@
+"""What a prune did: MACs and parameters before and after, per-layer widths, the plan."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch.nn as nn
+
+__all__ = ["PruneReport", "layer_widths"]
+
+
+def layer_widths(model: nn.Module) -> dict[str, int]:
+    """Output width of every conv / linear / norm layer, by qualified name."""
+    widths = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            widths[name] = m.out_channels
+        elif isinstance(m, nn.Linear):
+            widths[name] = m.out_features
+    return widths
+
+
+@dataclass
+class PruneReport:
+    """Result of :func:`kcp_plugin.prune`.
+
+    Attributes:
+        importance: Description of the criterion used.
+        macs_before / macs_after: MACs of one forward pass on the example inputs.
+        params_before / params_after: Parameter counts.
+        pruning_ratio: The channel pruning ratio applied (searched when a MACs target is given).
+        target_macs_ratio: The requested fraction of MACs kept, if any.
+        iterative_steps: Number of pruning steps.
+        widths_before / widths_after: Output width of each conv/linear layer, by name.
+        protected: Names of the layers left unpruned (output layers and ``ignored_layers``).
+        search: ``(channel ratio, MACs kept)`` for each trial of the MACs-target search.
+        plan: The model's cumulative pruning plan after this prune (plain data).
+        latency_before_ms / latency_after_ms: CPU latency, if measured by the caller.
+    """
+
+    importance: str
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    pruning_ratio: float
+    target_macs_ratio: float | None
+    iterative_steps: int
+    widths_before: dict[str, int]
+    widths_after: dict[str, int]
+    protected: list[str]
+    search: list[tuple[float, float]] = field(default_factory=list)
+    plan: dict[str, Any] = field(default_factory=dict)
+    latency_before_ms: float | None = None
+    latency_after_ms: float | None = None
+
+    @property
+    def macs_ratio(self) -> float:
+        """Fraction of MACs kept."""
+        return self.macs_after / max(self.macs_before, 1)
+
+    @property
+    def params_ratio(self) -> float:
+        """Fraction of parameters kept."""
+        return self.params_after / max(self.params_before, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (JSON-compatible)."""
+        d = asdict(self)
+        d["macs_ratio"] = self.macs_ratio
+        d["params_ratio"] = self.params_ratio
+        return d
+
+    def table(self) -> str:
+        """A before/after table for terminals and logs."""
+        rows = [
+            ("MACs", _human(self.macs_before), _human(self.macs_after), self.macs_ratio),
+            ("Params", _human(self.params_before), _human(self.params_after), self.params_ratio),
+        ]
+        if self.latency_before_ms is not None and self.latency_after_ms is not None:
+            rows.append((
+                "CPU latency",
+                f"{self.latency_before_ms:.2f} ms",
+                f"{self.latency_after_ms:.2f} ms",
+                self.latency_after_ms / max(self.latency_before_ms, 1e-9),
+            ))
+        lines = [f"{'':<12} {'before':>12} {'after':>12} {'kept':>8}"]
+        lines += [f"{n:<12} {b:>12} {a:>12} {r:>8.1%}" for n, b, a, r in rows]
+        head = f"importance: {self.importance}; channel pruning ratio {self.pruning_ratio:.3f}"
+        if self.target_macs_ratio is not None:
+            head += f" (searched for {self.target_macs_ratio:.1%} of MACs)"
+        return head + "\n" + "\n".join(lines)
+
+    def plot_widths(self, path: str | os.PathLike, title: str | None = None) -> None:
+        """Write a PNG bar chart of each layer's width before and after pruning."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = list(self.widths_before)
+        before = [self.widths_before[n] for n in names]
+        after = [self.widths_after.get(n, 0) for n in names]
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * len(names)), 4.0))
+        xs = range(len(names))
+        ax.bar(xs, before, color="#c8d6e5", label="before")
+        ax.bar(xs, after, color="#2e86de", label="after")
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(names, rotation=90, fontsize=6)
+        ax.set_ylabel("output channels")
+        ax.set_title(title or f"Per-layer widths ({self.importance}, {self.macs_ratio:.0%} MACs)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))

@@ -1,0 +1,38 @@
+"""kcp-plugin: Kernel Cluster Pruning and other criteria for the PyTorch compression ecosystem."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+EXTRAS = {
+    "timm": ["timm>=1.0,<1.1"],
+    "torchvision": ["torchvision"],
+    "nni": ["nni==3.0", "tensorboard"],
+    # mmcv 2.1.0 must be built from source against the installed torch: tools/install_mmcv.sh
+    "mmseg": ["mmengine==0.10.7", "mmsegmentation==1.2.2", "ftfy", "regex"],
+    "bench": ["matplotlib", "scikit-learn"],
+    "dev": ["pytest>=8", "ruff>=0.6", "matplotlib", "scikit-learn"],
+}
+EXTRAS["all"] = sorted({req for name, reqs in EXTRAS.items() if name != "dev" for req in reqs})
+
+setup(
+    name="kcp-plugin",
+    version="0.1.0",
+    description="Kernel Cluster Pruning and other pruning criteria for torch-pruning, NNI, "
+    "mmsegmentation and timm",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["kcp_plugin", "kcp_plugin.*"]),
+    install_requires=["torch>=2.1", "torch-pruning>=1.6,<1.7", "tqdm"],
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["kcp-prune=kcp_plugin.cli:main"]},
+    license="MIT",
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Framework :: PyTorch",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

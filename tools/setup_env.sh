@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Create (or update) the project-local virtual environment .venv and install kcp-plugin into it
+# with the given extras (default: dev,timm,torchvision). Idempotent: a stamp file records what
+# was installed, so a second run with unchanged setup.py returns in a second.
+#   usage: bash tools/setup_env.sh [EXTRAS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-dev,timm,torchvision}"
+py="${PYTHON:-python3.11}"
+command -v "$py" >/dev/null 2>&1 || py=python3
+if [ ! -x .venv/bin/python ]; then
+  "$py" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+fi
+stamp=".venv/.kcp-installed"
+want="$(cat setup.py tools/setup_env.sh | sha256sum | cut -c1-16) $extras"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+# torch 2.14.1 / torchvision 0.29.1 are the pair that installs and imports together here
+# (see ../shared/reference/environment.md); pin them before anything can pull another torch.
+.venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+.venv/bin/python -m pip install -q -e ".[${extras}]" "torch==2.14.1" "torchvision==0.29.1"
+echo "$want" > "$stamp"
