@@ -1,0 +1,75 @@
+"""Small models shared by the core tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+
+class ResBlockNet(nn.Module):
+    """conv-bn-relu stem, two residual blocks sharing the stem's channels, classifier head."""
+
+    def __init__(self, width: int = 16, num_classes: int = 5):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width),
+                                  nn.ReLU())
+        self.b1 = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width),
+                                nn.ReLU(), nn.Conv2d(width, width, 3, padding=1),
+                                nn.BatchNorm2d(width))
+        self.b2 = nn.Sequential(nn.Conv2d(width, 2 * width, 3, padding=1),
+                                nn.BatchNorm2d(2 * width), nn.ReLU(),
+                                nn.Conv2d(2 * width, width, 3, padding=1), nn.BatchNorm2d(width))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(x + self.b1(x))
+        x = torch.relu(x + self.b2(x))
+        return self.fc(self.pool(x).flatten(1))
+
+
+class TinySeg(nn.Module):
+    """Encoder with depthwise + grouped convs, transposed-conv decoder, 1x1 class conv."""
+
+    def __init__(self, num_classes: int = 4):
+        super().__init__()
+        self.enc = nn.Sequential(
+            nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 32, 1), nn.GroupNorm(4, 32), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1, groups=4), nn.BatchNorm2d(32), nn.ReLU(),
+        )
+        self.up = nn.ConvTranspose2d(32, 16, 2, stride=2)
+        self.head = nn.Conv2d(16, num_classes, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.up(self.enc(x))))
+
+
+class Tiny3D(nn.Module):
+    """A cost-volume style 3-D aggregation: Conv3d stack with a residual and a 1-channel output."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Sequential(nn.Conv3d(4, 8, 3, padding=1), nn.BatchNorm3d(8), nn.ReLU())
+        self.c2 = nn.Sequential(nn.Conv3d(8, 8, 3, padding=1), nn.BatchNorm3d(8))
+        self.out = nn.Conv3d(8, 1, 3, padding=1)
+
+    def forward(self, x):
+        y = self.c1(x)
+        y = torch.relu(y + self.c2(y))
+        return self.out(y).squeeze(1)
+
+
+@pytest.fixture
+def resnet_like():
+    torch.manual_seed(0)
+    return ResBlockNet().eval()
+
+
+@pytest.fixture
+def image():
+    torch.manual_seed(1)
+    return torch.randn(2, 3, 16, 16)
