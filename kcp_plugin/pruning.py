@@ -121,6 +121,7 @@ def prune(
     isomorphic: bool = False,
     num_heads: dict[LayerRef, int] | str | None = "auto",
     prune_num_heads: bool = False,
+    head_pruning_ratio: float = 0.0,
     pruning_ratio_dict: dict[LayerRef, float] | None = None,
     max_pruning_ratio: float = 0.9,
     importance_kwargs: dict[str, Any] | None = None,
@@ -155,7 +156,8 @@ def prune(
         isomorphic: Isomorphic global ranking (torch-pruning; requires ``global_pruning``).
         num_heads: ``"auto"`` finds timm-style attention (``qkv`` + ``num_heads``); or a dict
             from qkv layers (modules or names) to head counts; or ``None``.
-        prune_num_heads: Remove whole heads instead of head dimensions.
+        prune_num_heads: Also remove whole attention heads (``head_pruning_ratio`` of them).
+        head_pruning_ratio: Fraction of heads removed when ``prune_num_heads`` is set.
         pruning_ratio_dict: Per-layer channel ratios (modules or names as keys).
         max_pruning_ratio: No layer loses more than this fraction of its channels.
         importance_kwargs: Arguments for the registered criterion.
@@ -186,6 +188,7 @@ def prune(
     _check_ratio("pruning_ratio", pruning_ratio, 0.0, 1.0, closed=False)
     _check_ratio("max_pruning_ratio", max_pruning_ratio, 0.0, 1.0, closed=True)
     _check_ratio("macs_tolerance", macs_tolerance, 0.0, 0.5, closed=True)
+    _check_ratio("head_pruning_ratio", head_pruning_ratio, 0.0, 1.0, closed=False)
     if not isinstance(iterative_steps, int) or isinstance(iterative_steps, bool) \
             or iterative_steps < 1:
         raise ValueError(f"iterative_steps must be an integer >= 1, got {iterative_steps!r}")
@@ -242,7 +245,8 @@ def prune(
             example_inputs=example_inputs, importance=imp, forward_fn=fwd,
             output_transform=output_transform, global_pruning=global_pruning,
             isomorphic=isomorphic, prune_num_heads=prune_num_heads,
-            max_pruning_ratio=max_pruning_ratio, iterative_steps=iterative_steps,
+            head_pruning_ratio=head_pruning_ratio, max_pruning_ratio=max_pruning_ratio,
+            iterative_steps=iterative_steps,
             round_to=round_to, unwrapped_parameters=unwrapped_parameters,
             customized_pruners=customized_pruners, loss_fn=loss_fn, progress=progress,
         )
@@ -264,7 +268,7 @@ def prune(
             else:
                 ratio = float(pruning_ratio or 0.0)
             with track_pruning():
-                history, final_heads = _run_pruner(
+                history, attrs = _run_pruner(
                     model, protected, heads, ratio_dict, ratio, **settings
                 )
             macs1, params1 = count_macs_params(model, example_inputs, fwd)
@@ -274,7 +278,6 @@ def prune(
                 fast = False
                 continue
             break
-        attrs = sync_attention_attrs(model, final_heads)
         plan = extend_plan(model, history, attrs)
     except BaseException:
         snapshot.restore()
@@ -303,6 +306,7 @@ def _run_pruner(
     global_pruning: bool,
     isomorphic: bool,
     prune_num_heads: bool,
+    head_pruning_ratio: float,
     max_pruning_ratio: float,
     iterative_steps: int,
     round_to: int | None,
@@ -311,8 +315,12 @@ def _run_pruner(
     loss_fn: Callable | None,
     progress: bool | None,
     desc: str = "pruning",
-) -> tuple[list, dict[nn.Module, int]]:
-    """Run torch-pruning's pruner on ``model`` for all steps; return its history and heads."""
+) -> tuple[list, dict[str, dict[str, Any]]]:
+    """Run torch-pruning's pruner on ``model`` for all steps, then fix attention attributes.
+
+    Returns:
+        The pruning history and the attention attributes that were set (both for the plan).
+    """
     heads = dict(heads)  # torch-pruning mutates (and shares) these dicts: always fresh copies
     with preserved_modes(model):
         pruner = tp.pruner.BasePruner(
@@ -320,7 +328,8 @@ def _run_pruner(
             pruning_ratio=ratio, pruning_ratio_dict=dict(ratio_dict) or None,
             max_pruning_ratio=max_pruning_ratio, iterative_steps=iterative_steps,
             ignored_layers=list(protected), round_to=round_to, isomorphic=isomorphic,
-            num_heads=heads, prune_num_heads=prune_num_heads, in_channel_groups={},
+            num_heads=heads, prune_num_heads=prune_num_heads,
+            head_pruning_ratio=head_pruning_ratio, in_channel_groups={},
             out_channel_groups={}, customized_pruners=customized_pruners,
             unwrapped_parameters=unwrapped_parameters, forward_fn=forward_fn,
             output_transform=output_transform,
@@ -333,7 +342,7 @@ def _run_pruner(
         if loss_fn is not None:
             _backward(model, importance, loss_fn)
         pruner.step()
-    return pruner.pruning_history(), pruner.num_heads
+    return pruner.pruning_history(), sync_attention_attrs(model, pruner.num_heads)
 
 
 def _backward(model: nn.Module, importance: Any, loss_fn: Callable) -> None:
@@ -429,8 +438,9 @@ def _search_ratio(
                 side = 1
         raise ValueError(
             f"could not reach target_macs_ratio={target} within {tol}: the closest channel "
-            f"ratio {best[0]:.4f} keeps {best[1]:.4f} of the MACs (round_to={settings['round_to']}"
-            " may make widths too coarse); loosen macs_tolerance or change round_to"
+            f"ratio {best[0]:.4f} keeps {best[1]:.4f} of the MACs: channel counts are too coarse "
+            f"(few channels per layer, round_to={settings['round_to']}); loosen macs_tolerance, "
+            "lower round_to, or use global_pruning"
         )
     finally:
         bar.close()

@@ -33,16 +33,16 @@ class ResBlockNet(nn.Module):
 class TinySeg(nn.Module):
     """Encoder with depthwise + grouped convs, transposed-conv decoder, 1x1 class conv."""
 
-    def __init__(self, num_classes: int = 4):
+    def __init__(self, num_classes: int = 4, w: int = 16):
         super().__init__()
         self.enc = nn.Sequential(
-            nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 32, 1), nn.GroupNorm(4, 32), nn.ReLU(),
-            nn.Conv2d(32, 32, 3, padding=1, groups=4), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(3, w, 3, stride=2, padding=1), nn.BatchNorm2d(w), nn.ReLU(),
+            nn.Conv2d(w, w, 3, padding=1, groups=w), nn.BatchNorm2d(w), nn.ReLU(),
+            nn.Conv2d(w, 2 * w, 1), nn.GroupNorm(4, 2 * w), nn.ReLU(),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1, groups=4), nn.BatchNorm2d(2 * w), nn.ReLU(),
         )
-        self.up = nn.ConvTranspose2d(32, 16, 2, stride=2)
-        self.head = nn.Conv2d(16, num_classes, 1)
+        self.up = nn.ConvTranspose2d(2 * w, w, 2, stride=2)
+        self.head = nn.Conv2d(w, num_classes, 1)
 
     def forward(self, x):
         return self.head(torch.relu(self.up(self.enc(x))))
@@ -51,11 +51,11 @@ class TinySeg(nn.Module):
 class Tiny3D(nn.Module):
     """A cost-volume style 3-D aggregation: Conv3d stack with a residual and a 1-channel output."""
 
-    def __init__(self):
+    def __init__(self, w: int = 8):
         super().__init__()
-        self.c1 = nn.Sequential(nn.Conv3d(4, 8, 3, padding=1), nn.BatchNorm3d(8), nn.ReLU())
-        self.c2 = nn.Sequential(nn.Conv3d(8, 8, 3, padding=1), nn.BatchNorm3d(8))
-        self.out = nn.Conv3d(8, 1, 3, padding=1)
+        self.c1 = nn.Sequential(nn.Conv3d(4, w, 3, padding=1), nn.BatchNorm3d(w), nn.ReLU())
+        self.c2 = nn.Sequential(nn.Conv3d(w, w, 3, padding=1), nn.BatchNorm3d(w))
+        self.out = nn.Conv3d(w, 1, 3, padding=1)
 
     def forward(self, x):
         y = self.c1(x)

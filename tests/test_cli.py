@@ -1,0 +1,93 @@
+"""kcp-prune end to end: table, saved plan + weights, exit codes, help."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kcp_plugin
+from kcp_plugin.cli import build_parser, main
+from kcp_plugin.zoo import load_spec_checkpoint
+
+SPEC = "module:conftest:ResBlockNet"
+
+
+def test_prune_save_and_reload_end_to_end(tmp_path, capsys):
+    out, js, png = tmp_path / "p.pt", tmp_path / "r.json", tmp_path / "w.png"
+    code = main(["--model", SPEC, "--model-arg", "width=32", "--input-shape", "1,3,16,16",
+                 "--target-macs", "0.5", "--out", str(out), "--json", str(js), "--plot",
+                 str(png), "--latency-runs", "2", "-q"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "MACs" in text and "Params" in text and "CPU latency" in text
+    report = json.loads(js.read_text())
+    assert abs(report["macs_ratio"] - 0.5) <= 0.02
+    assert report["latency_before_ms"] > 0 and report["latency_after_ms"] > 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    model, meta = load_spec_checkpoint(out)
+    assert meta["model"] == SPEC and meta["model_kwargs"] == {"width": 32}
+    x = torch.randn(1, 3, 16, 16)
+    assert kcp_plugin.count_macs_params(model, x)[0] == report["macs_after"]
+    assert model(x).shape == (1, 5)
+
+
+def test_stereo_style_two_inputs_and_iterative_steps(tmp_path, capsys):
+    code = main(["--model", "module:conftest:ResBlockNet", "--input-shape", "1,3,16,16",
+                 "--pruning-ratio", "0.5", "--iterative-steps", "2", "--importance", "l2",
+                 "--importance-arg", "group_reduction=\"max\"", "--latency-runs", "0", "-q"])
+    assert code == 0
+    assert "channel pruning ratio 0.500" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,code,message", [
+    (["--importance", "kcpp"], 2, "Valid names:"),
+    (["--target-macs", "1.5"], 2, "must be in (0, 1]"),
+    (["--pruning-ratio", "1.5"], 2, "--pruning-ratio must be in [0, 1)"),
+    (["--input-shape", "1,x,3"], 2, "comma-separated integers"),
+    (["--target-macs", "0.5", "--pruning-ratio", "0.5"], 2, "not allowed with"),
+    (["--model", "resnet50"], 3, "needs a source prefix"),
+    (["--model", "onnx:resnet50"], 3, "unknown model source"),
+    (["--model", "timm:no_such_net"], 3, "timm has no model"),
+    (["--model", SPEC, "--input-shape", "1,3,16,16", "--ignore", "nope"], 2,
+     "no layer named 'nope'"),
+    (["--model", SPEC, "--input-shape", "1,5,16,16"], 2, "could not be run"),
+    (["--model", SPEC, "--input-shape", "1,3,16,16", "--importance-arg", "bogus=1"], 2,
+     "accepted arguments"),
+])
+def test_bad_input_gives_clear_message_and_exit_code(argv, code, message, capsys):
+    try:
+        got = main(argv + ["--latency-runs", "0", "-q"])
+    except SystemExit as exc:  # argparse errors
+        got = exc.code
+    assert got == code
+    assert message in capsys.readouterr().err
+
+
+def test_help_documents_every_flag():
+    parser = build_parser()
+    text = parser.format_help()
+    for action in parser._actions:
+        for opt in action.option_strings:
+            assert opt in text
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{action.option_strings} has no help text"
+
+
+def test_list_importances(capsys):
+    assert main(["--list-importances"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert listed == kcp_plugin.list_importances()
+
+
+def test_console_script_is_installed():
+    here = Path(sys.executable).parent / "kcp-prune"  # the venv's bin, even if not on PATH
+    exe = str(here) if here.exists() else shutil.which("kcp-prune")
+    assert exe is not None, "kcp-prune is not installed: run tools/setup_env.sh"
+    result = subprocess.run([exe, "--version"], capture_output=True, text=True, check=True)
+    assert result.stdout.startswith("kcp-plugin ")

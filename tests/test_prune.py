@@ -1,0 +1,229 @@
+"""kcp_plugin.prune: targets, protection, validation before mutation, atomicity."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+from conftest import ResBlockNet, Tiny3D, TinySeg
+
+import kcp_plugin
+from kcp_plugin.report import PruneReport
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_untouched(model, state, params):
+    assert list(model.parameters()) == params  # same objects, same order
+    now = model.state_dict()
+    assert now.keys() == state.keys()
+    for k, v in state.items():
+        assert torch.equal(now[k], v), k
+
+
+@pytest.mark.parametrize("builder,shape", [
+    (lambda: ResBlockNet(width=32), (1, 3, 16, 16)), (lambda: TinySeg(w=64), (1, 3, 16, 16)),
+    (lambda: Tiny3D(w=32), (1, 4, 6, 8, 8)),
+], ids=["resnet", "seg", "3d"])
+@pytest.mark.parametrize("target", [0.5, 0.3])
+def test_target_macs_is_reached_within_tolerance(builder, shape, target):
+    # Channel counts must be fine enough for a 2% MACs step (tiny layers are refused, below).
+    torch.manual_seed(0)
+    model = builder().eval()
+    x = torch.randn(*shape)
+    out_shape = model(x).shape
+    report = kcp_plugin.prune(model, x, "kcp", target_macs_ratio=target, progress=False)
+    assert abs(report.macs_ratio - target) <= 0.02
+    assert report.macs_after == kcp_plugin.count_macs_params(model, x)[0]
+    assert model(x).shape == out_shape
+
+
+def test_too_coarse_widths_give_a_clear_error_and_no_change():
+    model = TinySeg().eval()
+    state, params = _state(model), list(model.parameters())
+    with pytest.raises(ValueError, match="too coarse"):
+        kcp_plugin.prune(model, torch.randn(1, 3, 16, 16), target_macs_ratio=0.5,
+                         progress=False)
+    _assert_untouched(model, state, params)
+
+
+def test_global_and_iterative_kcp_reach_the_target():
+    model = ResBlockNet(width=24).eval()
+    x = torch.randn(1, 3, 16, 16)
+    report = kcp_plugin.prune(model, x, "kcp", target_macs_ratio=0.4, global_pruning=True,
+                              iterative_steps=3, progress=False)
+    assert abs(report.macs_ratio - 0.4) <= 0.02
+    assert len(report.plan["history"]) > 0
+
+
+def test_output_layers_are_protected_automatically():
+    torch.manual_seed(0)
+    seg, res, vol = TinySeg().eval(), ResBlockNet().eval(), Tiny3D().eval()
+    r1 = kcp_plugin.prune(seg, torch.randn(1, 3, 16, 16), "l2", pruning_ratio=0.5,
+                          progress=False)
+    r2 = kcp_plugin.prune(res, torch.randn(1, 3, 16, 16), "l2", pruning_ratio=0.5,
+                          progress=False)
+    r3 = kcp_plugin.prune(vol, torch.randn(1, 4, 4, 8, 8), "l2", pruning_ratio=0.5,
+                          progress=False)
+    assert r1.protected == ["head"] and seg.head.out_channels == 4
+    assert r2.protected == ["fc"] and res.fc.out_features == 5
+    assert r3.protected == ["out"] and vol.out.out_channels == 1
+    assert seg.enc[0].out_channels == 8 and res.b2[0].out_channels == 16
+
+
+def test_torchvision_segmentation_dict_outputs_are_protected():
+    tv = pytest.importorskip("torchvision")  # installed by the test command (extra)
+    model = tv.models.segmentation.lraspp_mobilenet_v3_large(weights=None,
+                                                               weights_backbone=None).eval()
+    x = torch.randn(1, 3, 64, 64)
+    report = kcp_plugin.prune(model, x, "kcp", pruning_ratio=0.3, progress=False)
+    assert set(report.protected) == {"classifier.low_classifier", "classifier.high_classifier"}
+    assert model(x)["out"].shape == (1, 21, 64, 64)
+
+
+def test_report_contents_and_plot(tmp_path):
+    model = ResBlockNet().eval()
+    x = torch.randn(1, 3, 16, 16)
+    report = kcp_plugin.prune(model, x, "kcp", target_macs_ratio=0.5, progress=False)
+    assert isinstance(report, PruneReport)
+    assert report.widths_before["b2.0"] == 32 and report.widths_after["b2.0"] < 32
+    assert report.params_after == sum(p.numel() for p in model.parameters())
+    assert "MACs" in report.table() and "Params" in report.table()
+    assert report.search and abs(report.search[-1][1] - report.macs_ratio) < 1e-9
+    path = tmp_path / "widths.png"
+    report.plot_widths(path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    d = report.to_dict()
+    assert d["macs_ratio"] == report.macs_ratio
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(), "give one of"),
+    (dict(target_macs_ratio=0.5, pruning_ratio=0.5), "not both"),
+    (dict(target_macs_ratio=1.5), r"target_macs_ratio must be in \(0.0, 1.0\]"),
+    (dict(pruning_ratio=1.0), r"pruning_ratio must be in \[0.0, 1.0\)"),
+    (dict(pruning_ratio=0.5, importance="kcpp"), "Did you mean 'kcp'.*Valid names:"),
+    (dict(pruning_ratio=0.5, importance_kwargs={"centr": "mean"}), "accepted arguments"),
+    (dict(pruning_ratio=0.5, ignored_layers=["b3.0"]), "no layer named 'b3.0'"),
+    (dict(pruning_ratio=0.5, iterative_steps=0), "iterative_steps"),
+    (dict(pruning_ratio=0.5, round_to=0), "round_to"),
+    (dict(pruning_ratio=0.5, isomorphic=True), "global_pruning=True"),
+    (dict(pruning_ratio=0.5, importance="taylor"), "loss_fn"),
+    (dict(pruning_ratio=0.5, example_inputs=torch.randn(1, 4, 16, 16)), "could not be run"),
+    (dict(target_macs_ratio=0.01, max_pruning_ratio=0.5), "out of reach"),
+])
+def test_bad_arguments_raise_before_the_model_is_touched(kwargs, match):
+    model = ResBlockNet().train()
+    state, params = _state(model), list(model.parameters())
+    args = {"example_inputs": torch.randn(1, 3, 16, 16), "importance": "kcp", **kwargs}
+    with pytest.raises(ValueError, match=match):
+        kcp_plugin.prune(model, progress=False, **args)
+    _assert_untouched(model, state, params)
+    assert model.training and all(m.training for m in model.modules())
+
+
+class _FailsOnThirdGroup(tp.importance.GroupMagnitudeImportance):
+    def __init__(self, exc):
+        super().__init__()
+        self.calls, self.exc = 0, exc
+
+    def __call__(self, group):
+        self.calls += 1
+        if self.calls == 3:
+            raise self.exc
+        return super().__call__(group)
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt()])
+def test_failure_mid_prune_restores_the_model(exc):
+    model = ResBlockNet().eval()
+    x = torch.randn(1, 3, 16, 16)
+    expected = model(x)
+    state, params = _state(model), list(model.parameters())
+    with pytest.raises(type(exc)):
+        kcp_plugin.prune(model, x, _FailsOnThirdGroup(exc), pruning_ratio=0.5, progress=False)
+    _assert_untouched(model, state, params)
+    assert model.stem[0].out_channels == 16 and model.b2[0].in_channels == 16
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    kcp_plugin.prune(model, x, "kcp", pruning_ratio=0.5, progress=False)  # still prunable
+    assert model.stem[0].out_channels == 8
+
+
+def test_training_mode_and_frozen_parameters_are_preserved():
+    model = ResBlockNet().train()
+    model.stem[0].weight.requires_grad_(False)
+    kcp_plugin.prune(model, torch.randn(2, 3, 16, 16), "kcp", pruning_ratio=0.5, progress=False)
+    assert all(m.training for m in model.modules())
+    assert not model.stem[0].weight.requires_grad and model.b1[0].weight.requires_grad
+
+
+def test_gradient_criteria_use_loss_fn():
+    torch.manual_seed(0)
+    model = ResBlockNet().eval()
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,))
+    calls = []
+
+    def loss_fn(m):
+        calls.append(1)
+        return nn.functional.cross_entropy(m(x), y)
+
+    report = kcp_plugin.prune(model, x, "taylor", pruning_ratio=0.5, loss_fn=loss_fn,
+                              iterative_steps=2, progress=False)
+    assert len(calls) == 2 and report.params_after < report.params_before
+
+    hessian_model = ResBlockNet().eval()
+    kcp_plugin.prune(hessian_model, x, "hessian", pruning_ratio=0.5, progress=False,
+                     loss_fn=lambda m: nn.functional.cross_entropy(m(x), y, reduction="none"))
+    assert hessian_model.stem[0].out_channels == 8
+
+
+def test_hessian_accumulates_gradients():
+    imp = kcp_plugin.get_importance("hessian")
+    model = nn.Linear(3, 2)
+    grads = [torch.ones(2, 3), 2 * torch.ones(2, 3)]
+    for g in grads:
+        model.weight.grad = g.clone()
+        model.bias.grad = None
+        imp.accumulate_grad(model)
+    torch.testing.assert_close(imp._accu_grad[model.weight], torch.full((2, 3), 5.0))
+    assert imp._counter[model.weight] == 2
+
+
+def test_timm_vit_prunes_with_consistent_heads():
+    timm = pytest.importorskip("timm")  # installed by the test command (extra)
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2,
+                              num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    report = kcp_plugin.prune(model, x, "kcp", pruning_ratio=0.25, progress=False)
+    assert report.params_after < report.params_before
+    for blk in model.blocks:
+        attn = blk.attn
+        assert attn.num_heads == 3
+        assert attn.qkv.out_features == 3 * attn.num_heads * attn.head_dim
+        assert attn.proj.in_features == attn.num_heads * attn.head_dim == attn.attn_dim
+        assert attn.head_dim == 48  # 64 * 0.75
+    out = model(x)
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    for blk in model.blocks:  # fused and unfused attention agree after the update
+        blk.attn.fused_attn = False
+    torch.testing.assert_close(model(x), out, rtol=1e-4, atol=1e-5)
+
+
+def test_timm_vit_whole_head_pruning():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2,
+                              num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    # torch-pruning removes heads only in a step that also prunes widths
+    kcp_plugin.prune(model, x, "kcp", pruning_ratio=0.25, prune_num_heads=True,
+                     head_pruning_ratio=1 / 3, progress=False)
+    for blk in model.blocks:
+        attn = blk.attn
+        assert attn.num_heads == 2
+        assert attn.qkv.out_features == 3 * 2 * attn.head_dim
+        assert attn.proj.in_features == 2 * attn.head_dim
+    assert model(x).shape == (1, 10)

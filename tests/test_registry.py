@@ -1,0 +1,96 @@
+"""The criteria registry: names, errors, registration."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch_pruning as tp
+
+import kcp_plugin
+from kcp_plugin import get_importance, list_importances, register_importance
+from kcp_plugin.registry import _REGISTRY
+
+
+def test_builtin_names_are_registered():
+    names = set(list_importances())
+    assert {"kcp", "l1", "l2", "fpgm", "taylor", "hessian", "bn", "lamp", "random"} <= names
+    for name in names:
+        assert isinstance(get_importance(name), tp.importance.Importance)
+    assert list_importances("kcp*") == ["kcp", "kcp_kmeans", "kcp_mean"]
+
+
+def test_builtins_map_to_the_right_torch_pruning_classes():
+    assert get_importance("l1").p == 1 and get_importance("l2").p == 2
+    assert isinstance(get_importance("fpgm"), tp.importance.FPGMImportance)
+    assert isinstance(get_importance("lamp"), tp.importance.LAMPImportance)
+    assert isinstance(get_importance("bn"), tp.importance.BNScaleImportance)
+    assert get_importance("kcp_mean").centre == "mean"
+    assert kcp_plugin.importance_info("taylor").requires_grad
+    assert not kcp_plugin.importance_info("kcp").requires_grad
+
+
+def test_unknown_name_lists_valid_names():
+    with pytest.raises(ValueError, match=r"unknown importance 'fpgn'.*'fpgm'.*Valid names: bn,"):
+        get_importance("fpgn")
+
+
+def test_bad_keyword_names_the_accepted_ones():
+    with pytest.raises(ValueError, match="accepted arguments: .*centre"):
+        get_importance("kcp", center="mean")
+
+
+def test_register_a_new_criterion_and_use_it_everywhere():
+    @register_importance("test_first_channel", summary="keeps channel 0")
+    class FirstChannel(tp.importance.Importance):
+        def __call__(self, group):
+            scores = torch.zeros(len(group[0].idxs))
+            scores[0] = 1.0
+            return scores
+
+    try:
+        assert "test_first_channel" in list_importances()
+        with pytest.raises(ValueError, match="already registered"):
+            register_importance("test_first_channel")(FirstChannel)
+        from conftest import ResBlockNet
+
+        model = ResBlockNet()
+        kcp_plugin.prune(model, torch.randn(1, 3, 16, 16), "test_first_channel",
+                         pruning_ratio=0.5, progress=False)
+        assert model.stem[0].out_channels == 8
+    finally:
+        _REGISTRY.pop("test_first_channel", None)
+
+
+def test_random_is_seeded():
+    from conftest import ResBlockNet
+
+    model = ResBlockNet()
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, 3, 8, 8))
+    group = next(iter(graph.get_all_groups()))
+    assert torch.equal(get_importance("random", seed=3)(group),
+                       get_importance("random", seed=3)(group))
+
+
+def test_import_needs_only_torch_and_torch_pruning():
+    # Hide every optional library (as if not installed), then import and use the core API.
+    code = (
+        "import sys, importlib.abc\n"
+        "HIDDEN = {'timm', 'nni', 'mmengine', 'mmseg', 'mmcv', 'torchvision', 'matplotlib',"
+        " 'sklearn', 'tqdm'}\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in HIDDEN:\n"
+        "            raise ImportError('hidden: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import torch, kcp_plugin\n"
+        "m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(),"
+        " torch.nn.Conv2d(8, 4, 3))\n"
+        "r = kcp_plugin.prune(m, torch.randn(1, 3, 8, 8), 'kcp', pruning_ratio=0.5)\n"
+        "print(m[0].out_channels, sorted(h for h in HIDDEN if h in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "4 []"
