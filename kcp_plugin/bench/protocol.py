@@ -1,0 +1,259 @@
+"""The dense-labeling benchmark protocol: train once per seed, prune with every criterion at
+equal MACs, fine-tune with the same budget, evaluate; plus criterion cost and similarity.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from ..graph import build_graph, count_macs_params
+from ..latency import measure_latency
+from ..pruning import prune
+from ..registry import get_importance, importance_info
+from ..report import layer_widths
+from .tasks import Task, get_task
+from .training import make_loader, train
+
+__all__ = ["Profile", "PROFILES", "run_benchmark", "criterion_analysis"]
+
+
+@dataclass
+class Profile:
+    """Everything that sets the benchmark's size. Numbers are per task and seed."""
+
+    tasks: list[str]
+    seeds: list[int]
+    criteria: list[str]
+    targets: list[float]  # fractions of MACs kept
+    iterative_criteria: list[str] = field(default_factory=list)
+    iterative_steps: int = 3
+    n_train: int = 256
+    n_val: int = 64
+    batch_size: int = 16
+    dense_steps: int = 300
+    finetune_steps: int = 100
+    lr: float = 3e-3
+    finetune_lr: float = 1e-3
+    latency_runs: int = 10
+    criterion_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+ALL_CRITERIA = ["kcp", "kcp_mean", "kcp_kmeans", "l1", "l2", "fpgm", "taylor", "hessian", "bn",
+                "lamp", "random"]
+
+PROFILES: dict[str, Profile] = {
+    # a smoke test: minutes on 2 CPU cores, checks the pipeline and that numbers are sane
+    "quick": Profile(
+        tasks=["segmentation"], seeds=[0], criteria=["kcp", "kcp_mean", "l2", "fpgm", "random"],
+        targets=[0.5, 0.3], iterative_criteria=["kcp"], n_train=128, n_val=32,
+        dense_steps=80, finetune_steps=20, latency_runs=5,
+    ),
+    # the study quoted in docs/benchmarks.md
+    "full": Profile(
+        tasks=["segmentation", "stereo", "classification"], seeds=[0, 1, 2],
+        criteria=ALL_CRITERIA, targets=[0.5, 0.3], iterative_criteria=["kcp", "l2", "fpgm"],
+        n_train=512, n_val=128, dense_steps=600, finetune_steps=150,
+    ),
+}
+
+
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra = a.argsort().argsort().double()
+    rb = b.argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = (ra.norm() * rb.norm()).item()
+    return float((ra @ rb).item() / den) if den > 0 else float("nan")
+
+
+def criterion_analysis(
+    model: nn.Module,
+    task: Task,
+    batch: tuple[torch.Tensor, ...],
+    criteria: list[str],
+    repeats: int = 3,
+) -> dict[str, dict[str, float]]:
+    """Scoring cost relative to ``l2`` and rank correlation with ``l2``, on ``model``'s groups.
+
+    Returns:
+        ``{criterion: {"time_s", "time_vs_l2", "spearman_vs_l2"}}``.
+    """
+    model = copy.deepcopy(model).eval()
+    example = task.example_inputs()
+    graph = build_graph(model, example, _forward_for(task))
+    roots = [nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear]
+    groups = list(graph.get_all_groups(root_module_types=roots))
+    out: dict[str, dict[str, float]] = {}
+    scores: dict[str, list] = {}
+    for name in dict.fromkeys(["l2", *criteria]):
+        imp = get_importance(name)
+        if importance_info(name).requires_grad:
+            model.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                if isinstance(imp, tp.importance.GroupHessianImportance):
+                    imp.zero_grad()
+                    for sample_loss in task.loss_fn(batch, per_sample=True)(model):
+                        model.zero_grad(set_to_none=True)
+                        sample_loss.backward(retain_graph=True)
+                        imp.accumulate_grad(model)
+                else:
+                    task.loss_fn(batch)(model).backward()
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            result = [imp(g) for g in groups]
+            best = min(best, time.perf_counter() - start)
+        scores[name] = result
+        out[name] = {"time_s": best}
+    for name in out:
+        out[name]["time_vs_l2"] = out[name]["time_s"] / max(out["l2"]["time_s"], 1e-12)
+        corr = [_spearman(s.float(), r.float()) for s, r in zip(scores[name], scores["l2"])
+                if s is not None and r is not None and len(s) >= 3]
+        out[name]["spearman_vs_l2"] = float(torch.tensor(corr).nanmean()) if corr else float("nan")
+    return out
+
+
+def _forward_for(task: Task) -> Callable | None:
+    return (lambda m, x: m(*x)) if task.name == "stereo" else None
+
+
+def _prune_to(model: nn.Module, task: Task, criterion: str, target: float,
+              batch: tuple[torch.Tensor, ...], kwargs: dict[str, Any]) -> Any:
+    info = importance_info(criterion)
+    loss_fn = None
+    if info.requires_grad:
+        loss_fn = task.loss_fn(batch, per_sample=criterion == "hessian")
+    return prune(model, task.example_inputs(), criterion, target_macs_ratio=target,
+                 forward_fn=_forward_for(task), loss_fn=loss_fn, importance_kwargs=kwargs or None,
+                 progress=False)
+
+
+def run_one(
+    dense: nn.Module,
+    task: Task,
+    criterion: str,
+    target: float,
+    schedule: str,
+    profile: Profile,
+    train_loader: Any,
+    val_loader: Any,
+    seed: int,
+) -> tuple[dict[str, Any], nn.Module]:
+    """Prune a copy of ``dense`` to ``target`` MACs kept, fine-tune, evaluate; one result row."""
+    model = copy.deepcopy(dense)
+    batch = next(iter(train_loader))
+    kwargs = profile.criterion_kwargs.get(criterion, {})
+    macs0 = count_macs_params(dense, task.example_inputs(), _forward_for(task))[0]
+    start = time.perf_counter()
+    prune_s = 0.0
+    if schedule == "oneshot":
+        t0 = time.perf_counter()
+        _prune_to(model, task, criterion, target, batch, kwargs)
+        prune_s += time.perf_counter() - t0
+        after_prune = task.evaluate(model, val_loader)
+        train(model, task, train_loader, profile.finetune_steps, profile.finetune_lr,
+              desc=f"fine-tune {criterion}", progress=False)
+    else:
+        steps = profile.iterative_steps
+        after_prune = None
+        for i in range(1, steps + 1):
+            want = 1 - (1 - target) * i / steps  # linear in MACs removed
+            current = count_macs_params(model, task.example_inputs(), _forward_for(task))[0]
+            t0 = time.perf_counter()
+            _prune_to(model, task, criterion, min(1.0, want * macs0 / current), batch, kwargs)
+            prune_s += time.perf_counter() - t0
+            if after_prune is None:
+                after_prune = task.evaluate(model, val_loader)
+            share = profile.finetune_steps // steps + (i <= profile.finetune_steps % steps)
+            train(model, task, train_loader, share, profile.finetune_lr,
+                  desc=f"fine-tune {criterion} {i}/{steps}", progress=False)
+    metrics = task.evaluate(model, val_loader)
+    macs, params = count_macs_params(model, task.example_inputs(), _forward_for(task))
+    row = {
+        "task": task.name, "model": task.model, "seed": seed, "criterion": criterion,
+        "schedule": schedule, "target_macs": target, "macs_ratio": macs / macs0,
+        "params": params, "metric": task.metric, "value": metrics[task.metric],
+        "after_prune": after_prune[task.metric] if after_prune else None, **metrics,
+        "prune_s": prune_s, "wall_s": time.perf_counter() - start,
+        "widths": layer_widths(model),
+    }
+    if profile.latency_runs:
+        row["latency_ms"] = measure_latency(model, task.example_inputs(), _forward_for(task),
+                                            runs=profile.latency_runs, threads=1)
+    return row, model
+
+
+def run_benchmark(
+    profile: Profile,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Run ``profile``; returns ``{"config", "dense", "rows", "criteria"}`` (plain data).
+
+    ``on_row`` is called after every result, so callers can save partial results.
+    """
+    from ..progress import progress_bar
+
+    for name in profile.criteria:
+        importance_info(name)  # fail fast on a typo, before hours of training
+    tasks = [get_task(t) for t in profile.tasks]
+    result: dict[str, Any] = {"config": asdict(profile), "dense": [], "rows": [], "criteria": []}
+    runs = [(c, t, s) for t in profile.targets for c in profile.criteria
+            for s in ["oneshot"] + (["iterative"] if c in profile.iterative_criteria else [])]
+    bar = progress_bar(enabled=progress, total=len(tasks) * len(profile.seeds) * len(runs),
+                       desc="benchmark")
+    try:
+        for task in tasks:
+            for seed in profile.seeds:
+                train_ds, val_ds = task.splits(seed, profile.n_train, profile.n_val)
+                train_loader = make_loader(train_ds, profile.batch_size, seed)
+                val_loader = make_loader(val_ds, profile.batch_size, seed, shuffle=False)
+                dense = task.build(seed)
+                t0 = time.perf_counter()
+                losses = train(dense, task, train_loader, profile.dense_steps, profile.lr,
+                               desc=f"dense {task.name} seed {seed}", progress=progress)
+                macs, params = count_macs_params(dense, task.example_inputs(),
+                                                 _forward_for(task))
+                dense_row = {
+                    "task": task.name, "model": task.model, "seed": seed, "macs": macs,
+                    "params": params, "metric": task.metric,
+                    **task.evaluate(dense, val_loader), "train_s": time.perf_counter() - t0,
+                    "first_loss": sum(losses[:5]) / 5, "last_loss": sum(losses[-5:]) / 5,
+                    "widths": layer_widths(dense),
+                }
+                if profile.latency_runs:
+                    dense_row["latency_ms"] = measure_latency(
+                        dense, task.example_inputs(), _forward_for(task),
+                        runs=profile.latency_runs, threads=1)
+                dense_row["value"] = dense_row[task.metric]
+                result["dense"].append(dense_row)
+                analysis = criterion_analysis(dense, task, next(iter(train_loader)),
+                                              profile.criteria)
+                for name, values in analysis.items():
+                    result["criteria"].append({"task": task.name, "seed": seed,
+                                               "criterion": name, **values})
+                for criterion, target, schedule in runs:
+                    try:
+                        row, _ = run_one(dense, task, criterion, target, schedule,
+                                         profile, train_loader, val_loader, seed)
+                    except (ValueError, RuntimeError) as exc:
+                        row = {"task": task.name, "seed": seed, "criterion": criterion,
+                               "schedule": schedule, "target_macs": target,
+                               "error": f"{type(exc).__name__}: {exc}"}
+                    if "latency_ms" in row and "latency_ms" in dense_row:
+                        row["latency_ratio"] = row["latency_ms"] / dense_row["latency_ms"]
+                    row["dense_value"] = dense_row["value"]
+                    result["rows"].append(row)
+                    if on_row:
+                        on_row(row)
+                    bar.update(1)
+    finally:
+        bar.close()
+    return result

@@ -1,0 +1,116 @@
+"""Benchmark results as tables and PNG plots (mean and spread over seeds)."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from typing import Any
+
+__all__ = ["aggregate", "markdown", "plot_accuracy_vs_macs"]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return float("nan"), float("nan")
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)
+    return mean, math.sqrt(var) if len(values) > 1 else 0.0
+
+
+def aggregate(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One summary row per (task, criterion, schedule, target): means and spreads over seeds."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for row in result["rows"]:
+        groups[(row["task"], row["criterion"], row["schedule"], row["target_macs"])].append(row)
+    costs: dict[tuple, list[dict]] = defaultdict(list)
+    for c in result.get("criteria", []):
+        costs[(c["task"], c["criterion"])].append(c)
+    dense: dict[str, list[float]] = defaultdict(list)
+    for d in result["dense"]:
+        dense[d["task"]].append(d["value"])
+    out = []
+    for (task, criterion, schedule, target), rows in groups.items():
+        ok = [r for r in rows if "error" not in r]
+        value, spread = _mean_std([r["value"] for r in ok])
+        dense_mean, _ = _mean_std(dense[task])
+        c = costs.get((task, criterion), [])
+        out.append({
+            "task": task, "criterion": criterion, "schedule": schedule, "target_macs": target,
+            "metric": ok[0]["metric"] if ok else "", "value": value, "std": spread,
+            "delta_vs_dense": value - dense_mean, "seeds": len(ok),
+            "errors": [r["error"] for r in rows if "error" in r],
+            "after_prune": _mean_std([r.get("after_prune") for r in ok])[0],
+            "macs_ratio": _mean_std([r.get("macs_ratio") for r in ok])[0],
+            "latency_ratio": _mean_std([r.get("latency_ratio") for r in ok])[0],
+            "time_vs_l2": _mean_std([x["time_vs_l2"] for x in c])[0],
+            "spearman_vs_l2": _mean_std([x["spearman_vs_l2"] for x in c])[0],
+        })
+    return sorted(out, key=lambda r: (r["task"], r["target_macs"], r["schedule"], r["criterion"]))
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The results tables (dense models, then pruned models per task) as markdown."""
+    lines = ["### Dense models", "",
+             "| task | model | seeds | metric | mean | spread | MACs | params | latency ms |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    by_task: dict[str, list[dict]] = defaultdict(list)
+    for d in result["dense"]:
+        by_task[d["task"]].append(d)
+    for task, rows in by_task.items():
+        mean, std = _mean_std([r["value"] for r in rows])
+        lat = _mean_std([r.get("latency_ms") for r in rows])[0]
+        lines.append(f"| {task} | {rows[0]['model']} | {len(rows)} | {rows[0]['metric']} | "
+                     f"{mean:.2f} | {std:.2f} | {rows[0]['macs'] / 1e6:.1f}M | "
+                     f"{rows[0]['params'] / 1e3:.1f}K | {lat:.2f} |")
+    summary = aggregate(result)
+    for task in dict.fromkeys(r["task"] for r in summary):
+        rows = [r for r in summary if r["task"] == task]
+        metric = rows[0]["metric"] or "metric"
+        lines += ["", f"### {task}: pruned and fine-tuned ({metric}, mean ± spread over seeds)",
+                  "", f"| MACs kept | schedule | criterion | {metric} | Δ vs dense | right after "
+                  "prune | MACs kept (got) | latency vs dense | scoring time vs l2 | "
+                  "Spearman vs l2 |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            if r["seeds"] == 0:
+                lines.append(f"| {r['target_macs']:.0%} | {r['schedule']} | {r['criterion']} | "
+                             f"failed: {r['errors'][0][:80]} | | | | | | |")
+                continue
+            lines.append(
+                f"| {r['target_macs']:.0%} | {r['schedule']} | {r['criterion']} | "
+                f"{r['value']:.2f} ± {r['std']:.2f} | {r['delta_vs_dense']:+.2f} | "
+                f"{r['after_prune']:.2f} | {r['macs_ratio']:.3f} | {r['latency_ratio']:.2f} | "
+                f"{r['time_vs_l2']:.2f}x | {r['spearman_vs_l2']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy_vs_macs(result: dict[str, Any], path: str | os.PathLike, task: str) -> None:
+    """PNG: the task's metric against MACs kept, one line per criterion (one-shot), dense too."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = [r for r in aggregate(result) if r["task"] == task and r["seeds"]]
+    dense = [d["value"] for d in result["dense"] if d["task"] == task]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for schedule, style in (("oneshot", "-o"), ("iterative", "--s")):
+        for criterion in dict.fromkeys(r["criterion"] for r in summary):
+            pts = sorted((r["macs_ratio"], r["value"], r["std"]) for r in summary
+                         if r["criterion"] == criterion and r["schedule"] == schedule)
+            if not pts:
+                continue
+            xs, ys, es = zip(*pts)
+            label = criterion if schedule == "oneshot" else f"{criterion} (iterative)"
+            ax.errorbar(xs, ys, yerr=es, fmt=style, capsize=3, label=label)
+    if dense:
+        ax.axhline(sum(dense) / len(dense), color="k", lw=1, ls=":", label="dense")
+    metric = summary[0]["metric"] if summary else ""
+    ax.set_xlabel("fraction of MACs kept")
+    ax.set_ylabel(metric + (" (lower is better)" if metric == "epe" else ""))
+    ax.set_title(f"{task}: {metric} after pruning and fine-tuning")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,56 @@
+"""Training and fine-tuning loops of the benchmark (the same budget for every criterion)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..progress import progress_bar
+from .tasks import Task
+
+__all__ = ["train", "make_loader"]
+
+
+def make_loader(ds: Dataset, batch_size: int, seed: int, shuffle: bool = True) -> DataLoader:
+    """A single-process loader whose shuffling is seeded (runs are reproducible)."""
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen,
+                      drop_last=shuffle)
+
+
+def train(
+    model: nn.Module,
+    task: Task,
+    loader: DataLoader,
+    steps: int,
+    lr: float,
+    weight_decay: float = 1e-4,
+    desc: str = "train",
+    progress: bool | None = None,
+) -> list[float]:
+    """Train ``model`` for ``steps`` iterations with AdamW and a cosine learning rate.
+
+    Returns:
+        The loss of every step (the caller checks that it went down).
+    """
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1)))
+    )
+    losses = []
+    batches = itertools.chain.from_iterable(itertools.repeat(loader))
+    bar = progress_bar(range(steps), enabled=progress, desc=desc)
+    for _, batch in zip(bar, batches):
+        loss = task.loss(task.forward(model, batch), batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses

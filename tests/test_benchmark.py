@@ -1,0 +1,101 @@
+"""The dense-labeling benchmark: task pieces, criterion analysis, and the --quick smoke run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from kcp_plugin.bench import criterion_analysis, get_task, make_loader, train
+from kcp_plugin.bench.protocol import _spearman
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_spearman_known_answers():
+    a = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert _spearman(a, a * 10) == pytest.approx(1.0)
+    assert _spearman(a, -a) == pytest.approx(-1.0)
+    assert _spearman(a, torch.tensor([1.0, 3.0, 2.0, 4.0])) == pytest.approx(0.8)
+
+
+def test_segmentation_metric_of_a_constant_prediction():
+    task = get_task("segmentation")
+    _, val = task.splits(0, 4, 8)
+    labels = val.tensors[1]
+
+    class Background(torch.nn.Module):
+        def forward(self, x):
+            logits = torch.zeros(x.shape[0], 5, *x.shape[2:])
+            logits[:, 0] = 1.0
+            return logits
+
+    got = task.evaluate(Background(), make_loader(val, 4, 0, shuffle=False))["miou"]
+    iou0 = (labels == 0).sum().item() / labels.numel()  # other classes: IoU 0
+    assert got == pytest.approx(100 * iou0 / 5, rel=1e-6)
+
+
+def test_stereo_metrics_and_loss_of_a_perfect_prediction():
+    task = get_task("stereo")
+    train_ds, _ = task.splits(0, 4, 2)
+    left, right, disp = train_ds.tensors
+
+    class Oracle(torch.nn.Module):
+        def forward(self, left_img, right_img):
+            return disp[: len(left_img)].nan_to_num()
+
+    batch = (left, right, disp)
+    assert task.loss(task.forward(Oracle(), batch), batch).item() == 0.0
+    metrics = task.evaluate(Oracle(), [batch])
+    assert metrics == {"epe": 0.0, "bad1": 0.0}
+
+
+def test_training_lowers_the_loss_on_generated_scenes():
+    task = get_task("segmentation")
+    train_ds, _ = task.splits(0, 32, 4)
+    model = task.build(0)
+    losses = train(model, task, make_loader(train_ds, 8, 0), steps=30, lr=3e-3,
+                   progress=False)
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+
+
+def test_criterion_analysis_reports_cost_and_similarity():
+    task = get_task("segmentation")
+    train_ds, _ = task.splits(0, 8, 4)
+    model = task.build(0)
+    batch = next(iter(make_loader(train_ds, 4, 0)))
+    out = criterion_analysis(model, task, batch, ["l2", "l1", "kcp", "taylor"], repeats=1)
+    assert out["l2"]["time_vs_l2"] == 1.0 and out["l2"]["spearman_vs_l2"] == pytest.approx(1.0)
+    assert out["l1"]["spearman_vs_l2"] > 0.8  # L1 and L2 norms rank alike
+    assert -1.0 <= out["kcp"]["spearman_vs_l2"] <= 1.0 and out["kcp"]["time_s"] > 0
+
+
+def test_quick_profile_smoke(tmp_path):
+    """The --quick profile end to end: files, no failed row, MACs on target, sane accuracy."""
+    bench = _load_tool("benchmark")
+    assert bench.main(["--quick", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    cfg = result["config"]
+    expected = len(cfg["targets"]) * (len(cfg["criteria"]) + len(cfg["iterative_criteria"]))
+    assert len(result["rows"]) == expected
+    for row in result["rows"]:
+        assert "error" not in row, row
+        assert abs(row["macs_ratio"] - row["target_macs"]) <= 0.02
+        assert 0.0 <= row["value"] <= 100.0 and row["latency_ms"] > 0
+    (dense,) = result["dense"]
+    assert dense["last_loss"] < dense["first_loss"]
+    assert dense["miou"] > 100 / 5 * 1.5  # clearly better than all-background
+    assert "| 30% | oneshot | kcp |" in (tmp_path / "results.md").read_text()
+    pngs = {p.name for p in tmp_path.glob("*.png")}
+    assert "accuracy_vs_macs_segmentation.png" in pngs
+    assert "widths_segmentation_kcp30_s0.png" in pngs

@@ -1,0 +1,93 @@
+#!/usr/bin/env python
+"""Dense-labeling benchmark: every registered criterion at equal MACs, fine-tuned equally.
+
+Writes results.json (every row), results.md (tables), accuracy-vs-MACs PNGs per task and the
+per-layer widths of the KCP-pruned models. Partial results are saved after every row, and
+Ctrl-C stops cleanly with what was done so far.
+
+    python tools/benchmark.py --quick                 # minutes: smoke test of the pipeline
+    python tools/benchmark.py --profile full          # the study in docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from kcp_plugin.bench import PROFILES, markdown, plot_accuracy_vs_macs
+from kcp_plugin.bench.protocol import run_benchmark
+from kcp_plugin.report import PruneReport
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", choices=sorted(PROFILES), default="full",
+                   help="size of the study (default: full)")
+    p.add_argument("--quick", action="store_true", help="same as --profile quick")
+    p.add_argument("--tasks", nargs="+", help="override the profile's tasks")
+    p.add_argument("--criteria", nargs="+", help="override the profile's criteria")
+    p.add_argument("--seeds", nargs="+", type=int, help="override the profile's seeds")
+    p.add_argument("--targets", nargs="+", type=float, help="fractions of MACs kept")
+    p.add_argument("--iterative", nargs="*", help="criteria also run iteratively")
+    p.add_argument("--dense-steps", type=int, help="dense training iterations")
+    p.add_argument("--finetune-steps", type=int, help="fine-tuning iterations after pruning")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", default="outputs/benchmark", help="output folder")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    profile = dataclasses.replace(PROFILES["quick" if args.quick else args.profile])
+    for field, value in (("tasks", args.tasks), ("criteria", args.criteria),
+                         ("seeds", args.seeds), ("targets", args.targets),
+                         ("iterative_criteria", args.iterative),
+                         ("dense_steps", args.dense_steps),
+                         ("finetune_steps", args.finetune_steps)):
+        if value is not None:
+            setattr(profile, field, value)
+    if any(not 0 < t <= 1 for t in profile.targets):
+        print("benchmark: error: --targets must be fractions in (0, 1]", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    state: dict = {"rows": []}
+
+    def save_partial(row: dict) -> None:
+        state["rows"].append(row)
+        (out / "partial.json").write_text(json.dumps(state["rows"], indent=1))
+
+    try:
+        result = run_benchmark(profile, on_row=save_partial)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {len(state['rows'])} rows saved in {out / 'partial.json'}",
+              file=sys.stderr)
+        return 130
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    table = markdown(result)
+    (out / "results.md").write_text(table)
+    for task in dict.fromkeys(d["task"] for d in result["dense"]):
+        plot_accuracy_vs_macs(result, out / f"accuracy_vs_macs_{task}.png", task)
+    dense_widths = {(d["task"], d["seed"]): d["widths"] for d in result["dense"]}
+    for row in result["rows"]:
+        if row["criterion"] == "kcp" and row["schedule"] == "oneshot" and "widths" in row:
+            report = PruneReport("kcp", 0, 0, 0, 0, 0.0, row["target_macs"], 1,
+                                 dense_widths[(row["task"], row["seed"])], row["widths"], [])
+            name = f"widths_{row['task']}_kcp{round(row['target_macs'] * 100)}_s{row['seed']}"
+            report.plot_widths(out / f"{name}.png", title=f"{row['task']}: KCP, "
+                               f"{row['target_macs']:.0%} of MACs kept (seed {row['seed']})")
+    print(table)
+    print(f"results in {out}/ (results.json, results.md, *.png)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
