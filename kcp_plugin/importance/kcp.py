@@ -39,8 +39,8 @@ SIDES = ("consumer", "both")
 def _project(x: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
     """Johnson-Lindenstrauss projection of the rows of ``x`` to ``dim`` features (if wider).
 
-    Used only to assign k-means clusters cheaply; distances reported as scores are taken in the
-    original space. Identical rows stay identical, so duplicates are still found.
+    Pairwise distances are computed on the projection (distances are preserved up to a small
+    distortion); identical rows stay identical, so duplicates are still found exactly.
     """
     if x.shape[1] <= dim:
         return x
@@ -97,51 +97,77 @@ def greedy_representatives(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
     """Pick ``k`` representative rows by repeatedly removing the best-represented row.
 
     A row is removed when its nearest remaining neighbour is closer than any other row's; the
-    neighbour stays and becomes its representative. Rounds remove many rows at once (the
-    closest quarter of the candidates, skipping any whose representative is removed in the same
-    round), so the cost is one pairwise-distance matrix plus a few arg-mins.
+    neighbour stays and becomes its representative. Rounds remove many rows at once (those
+    still to go, closest first, skipping any whose representative is removed in the same
+    round), and only rows that lost their nearest neighbour look for a new one, so the cost is
+    about one pairwise-distance matrix.
 
     Args:
         x: ``[n, d]`` rows (kernel clusters, possibly projected).
         k: How many rows to keep, ``1 <= k <= n``.
 
     Returns:
-        ``(rep [n], distinct [n])``: ``rep`` is a kept row's own index, or for a removed row its
-        nearest remaining row when it was removed (its representative at that point);
-        ``distinct`` is a kept row's distance to the nearest other kept row (0 if removed).
+        ``(rep [n], scores [n])``: ``rep`` is a kept row's own index, or for a removed row its
+        nearest remaining row when it was removed (its representative at that point).
+        ``scores`` is a removed row's distance to that representative; kept rows score above
+        every removed row, plus their distance to the nearest other kept row.
     """
     n = x.shape[0]
     sq = x.pow(2).sum(1)
-    dist = torch.addmm(sq[None] + sq[:, None], x, x.t(), alpha=-2).clamp_min_(0)
+    # ||x_i - x_j||^2 - ||x_i||^2: the row-constant term does not change any row's arg-min
+    dist = torch.addmm(sq[None], x, x.t(), alpha=-2)
     dist.fill_diagonal_(float("inf"))
     alive = torch.ones(n, dtype=torch.bool)
     nearest_at_removal = torch.arange(n)
-    remaining = n
     index = torch.arange(n)
+    # Each row's few nearest neighbours, so that a row whose neighbour is removed usually
+    # finds its next one without another pass over the whole matrix.
+    m = min(8, n - 1)
+    knn_d, knn_i = dist.topk(m, dim=1, largest=False)
+    knn_d += sq[:, None]
+    nn_d, nn_i = knn_d[:, 0].clone(), knn_i[:, 0].clone()
+    remaining = n
     while remaining > k:
-        nn_d, nn_i = dist.min(1)
-        nn_d = nn_d.masked_fill(~alive, float("inf"))
-        budget = max(1, (remaining - k + 1) // 2)
-        order = torch.argsort(nn_d, stable=True)[:budget]
-        cand = torch.zeros(n, dtype=torch.bool)
-        cand[order] = True
-        partner = nn_i[order]
-        mutual = nn_i[partner] == order
-        # removable: the representative stays; of a mutual pair only the higher index goes
-        ok = ~cand[partner] | (mutual & (order > partner))
-        chosen = order[ok]
-        if len(chosen) == 0:
-            chosen = order[:1]
+        # One sequential pass in closeness order: a row goes if its nearest neighbour is still
+        # there to represent it. Rows whose neighbour went in this pass wait for the next round,
+        # with their next nearest neighbour among the rows still alive.
+        order = torch.argsort(nn_d, stable=True)[: remaining - k].tolist()
+        nearest = nn_i.tolist()
+        keep = alive.tolist()
+        chosen = []
+        for i in order:
+            if keep[nearest[i]]:
+                keep[i] = False
+                chosen.append(i)
+        chosen = torch.tensor(chosen, dtype=torch.long)
         alive[chosen] = False
-        dist[:, chosen] = float("inf")
-        dist[chosen] = float("inf")
         nearest_at_removal[chosen] = nn_i[chosen]
+        nn_d[chosen] = float("inf")
         remaining -= len(chosen)
+        stale = (alive & ~alive[nn_i]).nonzero().flatten()
+        if len(stale):
+            listed = alive[knn_i[stale]]
+            found = listed.any(1)
+            first = listed.to(torch.int8).argmax(1)
+            hit, miss = stale[found], stale[~found]
+            nn_i[hit] = knn_i[hit, first[found]]
+            nn_d[hit] = knn_d[hit, first[found]]
+            if len(miss):  # all listed neighbours gone: search the whole row
+                sub = dist[miss].masked_fill_(~alive[None], float("inf"))
+                d_min, nn_i[miss] = sub.min(1)
+                nn_d[miss] = d_min + sq[miss]
     rep = torch.where(alive, index, nearest_at_removal)
-    # distinctness of each kept row: distance to the nearest other kept row
-    distinct = dist.min(1).values.sqrt()
-    distinct[~alive] = 0.0
-    return rep, distinct.nan_to_num(posinf=1.0)
+    # Removed rows: distance to their representative at removal (removal order is kept:
+    # closest pruned first). Kept rows rank above all of them; among themselves the least
+    # distinct (closest to another kept row) go first if pruning must go that far.
+    gone = (~alive).nonzero().flatten()
+    scores = torch.zeros(n)
+    # exact distances (the matmul form of the pairwise distances cancels badly near zero)
+    scores[gone] = torch.linalg.vector_norm(x[gone] - x[rep[gone]], dim=1)
+    top = scores.max()
+    distinct = nn_d.clamp_min(0).sqrt().nan_to_num(posinf=0.0)
+    scores[alive] = top + 1e-6 + distinct[alive]
+    return rep, scores
 
 
 class KCPImportance(tp.importance.Importance):
@@ -235,45 +261,26 @@ class KCPImportance(tp.importance.Importance):
                 labels, centroids = kmeans(xp, k, self.kmeans_iters)
                 d = (xp - centroids[labels]).norm(dim=1)
             else:
-                d = self._representative_scores(rows, *greedy_representatives(xp, k))
+                d = greedy_representatives(xp, k)[1]
         if self.prune == "far":
             d = d.max() + d.min() - d
         mean = d.mean()
         return d / mean if mean > 0 else torch.ones(n)
 
-    @staticmethod
-    def _representative_scores(
-        rows: torch.Tensor, rep: torch.Tensor, distinct: torch.Tensor
-    ) -> torch.Tensor:
-        n = rows.shape[0]
-        is_rep = rep == torch.arange(n)
-        others = (~is_rep).nonzero().flatten()
-        d = torch.zeros(n)
-        # Others: distance (original space) to the row that represented them when they were
-        # removed, so removal order is preserved: closest pruned first.
-        if len(others):
-            d[others] = torch.linalg.vector_norm(rows[others] - rows[rep[others]], dim=1)
-        # Representatives rank above every redundant member; among themselves, the least
-        # distinct (closest to another representative) go first if pruning must go that far.
-        d[is_rep] = d.max() + 1e-6 + distinct[is_rep]
-        return d
-
     @torch.no_grad()
     def __call__(self, group: tp.dependency.Group) -> torch.Tensor | None:
-        views = member_views(group)
-        consumers = [v for v in views if v.side == "consumer"]
-        producers = [v for v in views if v.side == "producer"]
+        consumers = member_views(group, ("consumer",))
         used = consumers
         if self.sides == "both" or not consumers:
-            used = consumers + producers
-        if not consumers and producers:
-            logger.debug("KCP: group rooted at %s has no consumer; scoring its filters", group[0])
+            used = consumers + member_views(group, ("producer",))
+            if not consumers and used:
+                logger.debug("KCP: group at %s has no consumer; scoring its filters", group[0])
         if not used:
-            norms = [v for v in views if v.side == "norm"]
+            norms = member_views(group, ("norm",))
             if not norms:
-                logger.debug("KCP: group rooted at %s has no scorable member; left alone", group[0])
+                logger.debug("KCP: group at %s has no scorable member; left alone", group[0])
                 return None
-            logger.debug("KCP: group rooted at %s has only norm layers; using |gamma|", group[0])
+            logger.debug("KCP: group at %s has only norm layers; using |gamma|", group[0])
             parts = [(v.rows[v.idxs, 0].abs(), v.root_idxs, 1.0) for v in norms]
             return scatter_mean(parts, len(group[0].idxs))
         parts = []

@@ -79,26 +79,38 @@ def producer_rows(layer: nn.Module) -> torch.Tensor | None:
     return None
 
 
-def member_views(group: tp.dependency.Group) -> list[MemberView]:
-    """Every member of ``group`` that has weights readable as per-channel rows."""
+def _norm_rows(layer: nn.Module) -> torch.Tensor:
+    return layer.weight.detach().float().reshape(-1, 1)
+
+
+_SIDES = (("consumer", CONSUMER_FNS, consumer_rows), ("producer", PRODUCER_FNS, producer_rows),
+          ("norm", NORM_FNS, _norm_rows))
+
+
+def member_views(
+    group: tp.dependency.Group, sides: tuple[str, ...] = ("consumer", "producer", "norm")
+) -> list[MemberView]:
+    """The members of ``group`` on the given ``sides`` whose weights read as per-channel rows.
+
+    Rows are only built for the requested sides (building them copies weights).
+    """
+    wanted = [(side, fns, fn_rows) for side, fns, fn_rows in _SIDES if side in sides]
     views = []
     for i, (dep, idxs) in enumerate(group):
         layer, fn = dep.layer, dep.pruning_fn
+        match = next(((side, rows_of) for side, fns, rows_of in wanted if fn in fns), None)
+        if match is None:
+            continue
+        side, rows_of = match
         root_idxs = group[i].root_idxs
-        if len(idxs) == 0 or any(r is None for r in root_idxs):
+        if len(idxs) == 0 or None in root_idxs:
             continue
         if not isinstance(getattr(layer, "weight", None), torch.Tensor):
             continue
-        rows, side = None, None
-        if fn in CONSUMER_FNS:
-            rows, side = consumer_rows(layer), "consumer"
-        elif fn in PRODUCER_FNS:
-            rows, side = producer_rows(layer), "producer"
-        elif fn in NORM_FNS and layer.weight is not None:
-            rows, side = layer.weight.detach().float().reshape(-1, 1), "norm"
+        rows = rows_of(layer)
         if rows is None or rows.shape[0] <= max(idxs):
             continue
-        views.append(MemberView(rows, list(idxs), [int(r) for r in root_idxs], side, layer))
+        views.append(MemberView(rows, idxs, root_idxs, side, layer))
     return views
 
 
