@@ -131,6 +131,7 @@ def prune(
     unwrapped_parameters: dict[nn.Parameter, int] | None = None,
     customized_pruners: dict[Any, Any] | None = None,
     progress: bool | None = None,
+    dry_run: bool = False,
 ) -> PruneReport:
     """Prune ``model`` in place with a registered criterion and report what changed.
 
@@ -169,6 +170,9 @@ def prune(
         unwrapped_parameters: Raw parameters to prune with their pruning dim (torch-pruning's).
         customized_pruners: Pruners for custom layer types (torch-pruning's).
         progress: Show progress bars (default: only on a terminal).
+        dry_run: Leave ``model`` untouched: prune a deep copy and report, in
+            ``report.selected``, the output channels of each layer that would be removed (used
+            by soft-pruning schedules; needs ``iterative_steps=1``).
 
     Returns:
         A :class:`PruneReport`; the model's cumulative pruning plan is also kept on the model for
@@ -194,6 +198,8 @@ def prune(
         raise ValueError(f"iterative_steps must be an integer >= 1, got {iterative_steps!r}")
     if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
         raise ValueError(f"round_to must be None or an integer >= 1, got {round_to!r}")
+    if dry_run and iterative_steps != 1:
+        raise ValueError("dry_run selects channels in one step: use iterative_steps=1")
     if isomorphic and not global_pruning:
         raise ValueError("isomorphic=True ranks channels globally: set global_pruning=True")
     if forward_fn is not None and not callable(forward_fn):
@@ -235,7 +241,16 @@ def prune(
     del graph
 
     # ---------------------------------------------------------------- pruning
+    if dry_run:  # everything below happens on a copy; module references follow by name
+        names = {m: n for n, m in model.named_modules()}
+        model = copy.deepcopy(model)
+        by_name = dict(model.named_modules())
+        ignored = [by_name[names[m]] for m in ignored]
+        outputs = [by_name[names[m]] for m in outputs]
+        heads = {by_name[names[m]]: h for m, h in heads.items()}
+        ratio_dict = {by_name[names[m]]: v for m, v in ratio_dict.items()}
     names = {m: n for n, m in model.named_modules()}
+    selected: dict[str, list[int]] | None = {} if dry_run else None
     snapshot = ModuleSnapshot(model)
     try:
         macs0, params0 = count_macs_params(model, example_inputs, fwd)
@@ -269,7 +284,7 @@ def prune(
                 ratio = float(pruning_ratio or 0.0)
             with track_pruning():
                 history, attrs = _run_pruner(
-                    model, protected, heads, ratio_dict, ratio, **settings
+                    model, protected, heads, ratio_dict, ratio, record=selected, **settings
                 )
             macs1, params1 = count_macs_params(model, example_inputs, fwd)
             if fast and abs(macs1 / macs0 - target_macs_ratio) > macs_tolerance:
@@ -288,7 +303,7 @@ def prune(
         pruning_ratio=ratio, target_macs_ratio=target_macs_ratio,
         iterative_steps=iterative_steps, widths_before=widths0,
         widths_after=layer_widths(model), protected=sorted(names[m] for m in protected),
-        search=search, plan=plan,
+        search=search, plan=plan, selected=selected,
     )
 
 
@@ -315,8 +330,11 @@ def _run_pruner(
     loss_fn: Callable | None,
     progress: bool | None,
     desc: str = "pruning",
+    record: dict[str, list[int]] | None = None,
 ) -> tuple[list, dict[str, dict[str, Any]]]:
     """Run torch-pruning's pruner on ``model`` for all steps, then fix attention attributes.
+
+    If ``record`` is a dict, it receives the output channels each layer loses (by name).
 
     Returns:
         The pruning history and the attention attributes that were set (both for the plan).
@@ -341,7 +359,17 @@ def _run_pruner(
             importance.keep_ratio_hint = (1 - after) / max(1 - done, 1e-9)
         if loss_fn is not None:
             _backward(model, importance, loss_fn)
-        pruner.step()
+        if record is None:
+            pruner.step()
+            continue
+        names = {m: n for n, m in model.named_modules()}
+        for group in pruner.step(interactive=True):
+            for dep, idxs in group:
+                module = dep.target.module
+                if pruner.DG.is_out_channel_pruning_fn(dep.handler) and module in names \
+                        and isinstance(getattr(module, "weight", None), torch.Tensor):
+                    record.setdefault(names[module], []).extend(int(i) for i in idxs)
+            group.prune()
     return pruner.pruning_history(), sync_attention_attrs(model, pruner.num_heads)
 
 

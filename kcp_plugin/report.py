@@ -38,6 +38,7 @@ class PruneReport:
         search: ``(channel ratio, MACs kept)`` for each trial of the MACs-target search.
         plan: The model's cumulative pruning plan after this prune (plain data).
         latency_before_ms / latency_after_ms: CPU latency, if measured by the caller.
+        selected: With ``dry_run``: output channels each layer would lose, by layer name.
     """
 
     importance: str
@@ -55,6 +56,7 @@ class PruneReport:
     plan: dict[str, Any] = field(default_factory=dict)
     latency_before_ms: float | None = None
     latency_after_ms: float | None = None
+    selected: dict[str, list[int]] | None = None
 
     @property
     def macs_ratio(self) -> float:
