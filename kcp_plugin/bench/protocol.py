@@ -34,6 +34,7 @@ class Profile:
     criteria: list[str]
     targets: list[float]  # fractions of MACs kept
     iterative_criteria: list[str] = field(default_factory=list)
+    soft_criteria: list[str] = field(default_factory=list)  # also run with SFP and SRFP
     iterative_steps: int = 3
     n_train: int = 256
     n_val: int = 64
@@ -53,8 +54,20 @@ PROFILES: dict[str, Profile] = {
     # a smoke test: minutes on 2 CPU cores, checks the pipeline and that numbers are sane
     "quick": Profile(
         tasks=["segmentation"], seeds=[0], criteria=["kcp", "kcp_mean", "l2", "fpgm", "random"],
-        targets=[0.5, 0.3], iterative_criteria=["kcp"], n_train=128, n_val=32,
-        dense_steps=80, finetune_steps=20, latency_runs=5,
+        targets=[0.5, 0.3], iterative_criteria=["kcp"], n_train=256, n_val=64,
+        dense_steps=300, finetune_steps=40, latency_runs=5,
+    ),
+    # what docs/benchmarks.md reports (sized for a shared 2-core CPU machine)
+    "segmentation": Profile(
+        tasks=["segmentation"], seeds=[0, 1, 2],
+        criteria=["kcp", "kcp_mean", "kcp_kmeans", "l2", "fpgm", "taylor", "random"],
+        targets=[0.5, 0.3], iterative_criteria=["kcp"], soft_criteria=["kcp"], n_train=512,
+        n_val=128, dense_steps=1000, finetune_steps=200,
+    ),
+    "stereo": Profile(
+        tasks=["stereo"], seeds=[0], criteria=["kcp", "kcp_mean", "l2", "fpgm", "random"],
+        targets=[0.5, 0.3], n_train=256, n_val=32, dense_steps=400, finetune_steps=60,
+        lr=2e-3,
     ),
     # the study quoted in docs/benchmarks.md
     "full": Profile(
@@ -161,19 +174,26 @@ def run_one(
         train(model, task, train_loader, profile.finetune_steps, profile.finetune_lr,
               desc=f"fine-tune {criterion}", progress=False)
     else:
+        # iterative (hard), SFP (soft) or SRFP (decay) through the training-time scheduler:
+        # pruning points every F/S fine-tuning steps, the last one hard, then the remaining
+        # steps fine-tune the pruned model: the same budget F as one-shot
+        from ..schedule import PruningScheduler
+
         steps = profile.iterative_steps
-        after_prune = None
-        for i in range(1, steps + 1):
-            want = 1 - (1 - target) * i / steps  # linear in MACs removed
-            current = count_macs_params(model, task.example_inputs(), _forward_for(task))[0]
-            t0 = time.perf_counter()
-            _prune_to(model, task, criterion, min(1.0, want * macs0 / current), batch, kwargs)
-            prune_s += time.perf_counter() - t0
-            if after_prune is None:
-                after_prune = task.evaluate(model, val_loader)
-            share = profile.finetune_steps // steps + (i <= profile.finetune_steps % steps)
-            train(model, task, train_loader, share, profile.finetune_lr,
-                  desc=f"fine-tune {criterion} {i}/{steps}", progress=False)
+        info = importance_info(criterion)
+        sched = PruningScheduler(
+            model, task.example_inputs(), criterion, target_macs_ratio=target,
+            num_prunes=steps, every=max(1, profile.finetune_steps // steps),
+            mode="hard" if schedule == "iterative" else schedule,
+            forward_fn=_forward_for(task), importance_kwargs=kwargs or None,
+            loss_fn=task.loss_fn(batch) if info.requires_grad else None,
+        )
+        t0 = time.perf_counter()
+        sched.step()  # the first point, before any fine-tuning
+        prune_s += time.perf_counter() - t0
+        after_prune = task.evaluate(model, val_loader)
+        train(model, task, train_loader, profile.finetune_steps, profile.finetune_lr,
+              desc=f"fine-tune {criterion} {schedule}", progress=False, on_step=sched.step)
     metrics = task.evaluate(model, val_loader)
     macs, params = count_macs_params(model, task.example_inputs(), _forward_for(task))
     row = {
@@ -205,8 +225,11 @@ def run_benchmark(
         importance_info(name)  # fail fast on a typo, before hours of training
     tasks = [get_task(t) for t in profile.tasks]
     result: dict[str, Any] = {"config": asdict(profile), "dense": [], "rows": [], "criteria": []}
-    runs = [(c, t, s) for t in profile.targets for c in profile.criteria
-            for s in ["oneshot"] + (["iterative"] if c in profile.iterative_criteria else [])]
+    def schedules(c: str) -> list[str]:
+        return (["oneshot"] + (["iterative"] if c in profile.iterative_criteria else [])
+                + (["soft", "decay"] if c in profile.soft_criteria else []))
+
+    runs = [(c, t, s) for t in profile.targets for c in profile.criteria for s in schedules(c)]
     bar = progress_bar(enabled=progress, total=len(tasks) * len(profile.seeds) * len(runs),
                        desc="benchmark")
     try:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..optim import rebuild_optimizer
 from ..progress import progress_bar
 from .tasks import Task
 
@@ -31,8 +33,12 @@ def train(
     weight_decay: float = 1e-4,
     desc: str = "train",
     progress: bool | None = None,
+    on_step: Callable[[], bool] | None = None,
 ) -> list[float]:
     """Train ``model`` for ``steps`` iterations with AdamW and a cosine learning rate.
+
+    ``on_step()`` runs after every optimizer step (a pruning scheduler's ``step``); when it
+    returns ``True`` the model was pruned and the optimizer is re-pointed, state carried.
 
     Returns:
         The loss of every step (the caller checks that it went down).
@@ -52,5 +58,7 @@ def train(
         opt.step()
         sched.step()
         losses.append(loss.item())
+        if on_step is not None and on_step():
+            rebuild_optimizer(opt, model)
     model.eval()
     return losses
