@@ -10,6 +10,7 @@ import torch.nn as nn
 from conftest import ResBlockNet
 
 import kcp_plugin
+from kcp_plugin.bench import get_task
 from kcp_plugin.schedule import PruningScheduler, ramp_targets
 
 
@@ -152,3 +153,20 @@ def test_bad_schedules_are_refused():
         PruningScheduler(model, x, target_macs_ratio=0.5, every=0)
     with pytest.raises(ValueError, match="unknown importance"):
         PruningScheduler(model, x, "nope", target_macs_ratio=0.5)
+
+
+@pytest.mark.parametrize("extra", [["--mode", "soft"], ["--regularizer", "greg1"]])
+def test_plain_pytorch_example_runs(tmp_path, extra):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "train_with_schedule.py"
+    spec = importlib.util.spec_from_file_location("train_with_schedule", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--steps", "12", "--start", "2", "--num-prunes", "2",
+                        "--target-macs", "0.5", "--out", str(tmp_path), *extra]) == 0
+    model = kcp_plugin.load_pruned(lambda: get_task("segmentation").build(0),
+                                   tmp_path / "pruned.pt", torch.randn(1, 3, 64, 64))
+    macs = kcp_plugin.count_macs_params(model, torch.randn(1, 3, 64, 64))[0]
+    assert macs < 0.55 * 20_070_000
