@@ -276,15 +276,16 @@ def prune(
                 if fast:
                     trial_settings = {**settings, "importance":
                                       tp.importance.GroupMagnitudeImportance(), "loss_fn": None}
-                ratio, search = _search_ratio(
+                ratio, extra, search = _search_ratio(
                     model, names, protected, heads, ratio_dict, target_macs_ratio, macs0,
                     macs_tolerance, trial_settings,
                 )
             else:
-                ratio = float(pruning_ratio or 0.0)
+                ratio, extra = float(pruning_ratio or 0.0), {}
             with track_pruning():
                 history, attrs = _run_pruner(
-                    model, protected, heads, ratio_dict, ratio, record=selected, **settings
+                    model, protected, heads, {**extra, **ratio_dict}, ratio, record=selected,
+                    **settings
                 )
             macs1, params1 = count_macs_params(model, example_inputs, fwd)
             if fast and abs(macs1 / macs0 - target_macs_ratio) > macs_tolerance:
@@ -399,24 +400,32 @@ def _search_ratio(
     tol: float,
     settings: dict[str, Any],
     max_trials: int = 14,
-) -> tuple[float, list[tuple[float, float]]]:
-    """Find the channel ratio whose pruned model keeps ``target`` of the MACs (within ``tol``).
+) -> tuple[float, dict[nn.Module, float], list[tuple[float, float]]]:
+    """Find pruning settings whose pruned model keeps ``target`` of the MACs (within ``tol``).
 
-    Each trial prunes a deep copy with the real criterion and settings (so global and iterative
-    pruning are searched faithfully); MACs kept fall monotonically with the ratio, roughly as
-    ``(1 - r)^2``, so regula falsi on ``sqrt(MACs kept)`` brackets the answer in a few trials.
+    Each trial prunes a deep copy with the given criterion and settings. First the uniform
+    channel ratio: MACs kept fall monotonically with it, roughly as ``(1 - r)^2``, so regula
+    falsi on ``sqrt(MACs kept)`` brackets the answer in a few trials. On narrow networks one
+    channel per layer can be worth more than the tolerance; then the two bracketing ratios are
+    mixed: the first ``k`` groups (in graph order) get the higher one, and ``k`` is bisected,
+    which moves the MACs in steps of single groups.
+
+    Returns:
+        ``(ratio, extra per-layer ratios, trials as (ratio, MACs kept))``.
     """
     trials: list[tuple[float, float]] = []
 
-    def macs_kept(r: float) -> float:
-        if r == 0.0:
+    def macs_kept(r: float, extra: dict[str, float] | None = None) -> float:
+        if r == 0.0 and not extra:
             return 1.0
         clone = copy.deepcopy(model)
         by_name = dict(clone.named_modules())
-        remap = lambda mods: [by_name[names[m]] for m in mods]  # noqa: E731
+        per_layer = {by_name[names[m]]: v for m, v in ratio_dict.items()}
+        for name, v in (extra or {}).items():
+            per_layer.setdefault(by_name[name], v)
         _run_pruner(
-            clone, remap(protected), {by_name[names[m]]: h for m, h in heads.items()},
-            {by_name[names[m]]: v for m, v in ratio_dict.items()}, r,
+            clone, [by_name[names[m]] for m in protected],
+            {by_name[names[m]]: h for m, h in heads.items()}, per_layer, r,
             **{**settings, "progress": False},
         )
         kept = count_macs_params(clone, settings["example_inputs"], settings["forward_fn"])[0]
@@ -425,13 +434,13 @@ def _search_ratio(
         bar.set_postfix(ratio=f"{r:.3f}", macs=f"{kept / macs0:.3f}")
         return kept / macs0
 
-    bar = progress_bar(enabled=settings["progress"], total=max_trials,
+    bar = progress_bar(enabled=settings["progress"], total=max_trials + 8,
                        desc="searching channel ratio")
     try:
         lo, m_lo = 0.0, 1.0
         hi = settings["max_pruning_ratio"]
         if abs(1.0 - target) <= tol:
-            return 0.0, trials
+            return 0.0, {}, trials
         m_hi = macs_kept(hi)
         if m_hi > target + tol:
             raise ValueError(
@@ -440,35 +449,66 @@ def _search_ratio(
                 f"{len(protected)}). Raise max_pruning_ratio or protect fewer layers."
             )
         if abs(m_hi - target) <= tol:
-            return hi, trials
-        best = (hi, m_hi)
+            return hi, {}, trials
+        bracket = [(lo, m_lo), (hi, m_hi)]
         side = 0
+        f_lo, f_hi = math.sqrt(m_lo), math.sqrt(m_hi)
         for _ in range(max_trials - 1):
             # regula falsi on sqrt(MACs) with the Illinois modification
-            f_lo, f_hi = math.sqrt(m_lo) - math.sqrt(target), math.sqrt(m_hi) - math.sqrt(target)
-            r = hi - f_hi * (hi - lo) / (f_hi - f_lo) if f_hi != f_lo else (lo + hi) / 2
-            if not lo < r < hi:
+            g_lo, g_hi = f_lo - math.sqrt(target), f_hi - math.sqrt(target)
+            r = hi - g_hi * (hi - lo) / (g_hi - g_lo) if g_hi != g_lo else (lo + hi) / 2
+            if not lo < r < hi or hi - lo < 1e-4:
                 r = (lo + hi) / 2
             m = macs_kept(r)
-            if abs(m - target) < abs(best[1] - target):
-                best = (r, m)
             if abs(m - target) <= tol:
-                return r, trials
+                return r, {}, trials
             if m > target:
-                lo, m_lo = r, m
+                lo, m_lo, f_lo = r, m, math.sqrt(m)
                 if side == -1:
-                    m_hi = target + (m_hi - target) / 2
+                    f_hi = math.sqrt(target) + (f_hi - math.sqrt(target)) / 2
                 side = -1
             else:
-                hi, m_hi = r, m
+                hi, m_hi, f_hi = r, m, math.sqrt(m)
                 if side == 1:
-                    m_lo = target + (m_lo - target) / 2
+                    f_lo = math.sqrt(target) + (f_lo - math.sqrt(target)) / 2
                 side = 1
+            bracket = [(lo, m_lo), (hi, m_hi)]
+            if hi - lo < 1e-3:
+                break
+        # Mix the bracketing ratios group by group.
+        (lo, m_lo), (hi, m_hi) = bracket
+        roots = _group_roots(model, protected, settings)
+        best = min(bracket, key=lambda t: abs(t[1] - target))
+        a, b = 0, len(roots)
+        while b - a > 1:
+            k = (a + b) // 2
+            extra = {roots[j]: hi for j in range(k)}
+            m = macs_kept(lo, extra)
+            if abs(m - target) < abs(best[1] - target):
+                best = (lo, m)
+            if abs(m - target) <= tol:
+                return lo, {dict(model.named_modules())[n]: v for n, v in extra.items()}, trials
+            a, b = (k, b) if m > target else (a, k)
         raise ValueError(
-            f"could not reach target_macs_ratio={target} within {tol}: the closest channel "
-            f"ratio {best[0]:.4f} keeps {best[1]:.4f} of the MACs: channel counts are too coarse "
-            f"(few channels per layer, round_to={settings['round_to']}); loosen macs_tolerance, "
-            "lower round_to, or use global_pruning"
+            f"could not reach target_macs_ratio={target} within {tol}: the closest setting "
+            f"keeps {best[1]:.4f} of the MACs: channel counts are too coarse (few channels per "
+            f"layer, round_to={settings['round_to']}); loosen macs_tolerance, lower round_to, "
+            "or use global_pruning"
         )
     finally:
         bar.close()
+
+
+def _group_roots(model: nn.Module, protected: list[nn.Module], settings: dict[str, Any]) -> list:
+    """Names of the root layers of the prunable groups, in torch-pruning's order."""
+    graph = build_graph(model, settings["example_inputs"], settings["forward_fn"],
+                        settings["output_transform"])
+    names = {m: n for n, m in model.named_modules()}
+    ignored = [m for p in protected for m in p.modules()]
+    roots = []
+    for group in graph.get_all_groups(ignored_layers=ignored,
+                                      root_module_types=[nn.modules.conv._ConvNd, nn.Linear]):
+        root = group[0].dep.target.module
+        if root in names:
+            roots.append(names[root])
+    return roots

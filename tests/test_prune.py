@@ -227,3 +227,16 @@ def test_timm_vit_whole_head_pruning():
         assert attn.qkv.out_features == 3 * 2 * attn.head_dim
         assert attn.proj.in_features == 2 * attn.head_dim
     assert model(x).shape == (1, 10)
+
+
+@pytest.mark.parametrize("target", [0.5, 0.3])
+def test_narrow_networks_reach_the_target_by_mixing_group_ratios(target):
+    # one channel of this 16-channel stereo net moves the MACs by more than the tolerance
+    from kcp_plugin.models import build_model, example_inputs
+
+    model = build_model("stereo_lite", width=8)
+    x = example_inputs("stereo_lite")
+    report = kcp_plugin.prune(model, x, "kcp", target_macs_ratio=target,
+                              forward_fn=lambda m, inp: m(*inp), progress=False)
+    assert abs(report.macs_ratio - target) <= 0.02
+    assert model(*x).shape == (1, 64, 128)
