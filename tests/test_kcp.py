@@ -182,3 +182,17 @@ def test_bad_options_are_refused_with_the_choices():
         KCPImportance(prune="far")
     with pytest.raises(ValueError, match="keep_ratio"):
         KCPImportance(keep_ratio=1.5)
+
+
+def test_layer_score_cache_is_invalidated_by_weight_changes():
+    model = ResBlockNet().eval()
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, 3, 8, 8))
+    group = graph.get_pruning_group(model.b2[0], tp.prune_conv_out_channels, list(range(32)))
+    imp = KCPImportance(centre="mean")
+    first = imp(group)
+    assert torch.equal(imp(group), first) and len(imp._cache) == 1  # served from the cache
+    with torch.no_grad():
+        model.b2[3].weight[:, 0] *= 10  # the consumer's kernel cluster of channel 0 changes
+    changed = imp(group)
+    assert changed[0] > first[0]
+    torch.testing.assert_close(changed, KCPImportance(centre="mean")(group))

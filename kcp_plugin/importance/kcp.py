@@ -267,6 +267,20 @@ class KCPImportance(tp.importance.Importance):
         mean = d.mean()
         return d / mean if mean > 0 else torch.ones(n)
 
+    def _cached_layer_scores(self, view) -> torch.Tensor:
+        # A layer can sit in several groups (DenseNet's concatenations: one 1024-channel layer
+        # in up to 25); torch-pruning scores all groups of a step before pruning any, so scores
+        # keyed on the weight's identity and version are exact within a step.
+        w = view.layer.weight
+        keep = self.keep_ratio if self.keep_ratio is not None else self.keep_ratio_hint
+        key = (id(view.layer), view.side, w.data_ptr(), w._version, tuple(w.shape), keep)
+        cache = self.__dict__.setdefault("_cache", {})
+        if key not in cache:
+            if len(cache) > 4096:
+                cache.clear()
+            cache[key] = self.layer_scores(view.rows)
+        return cache[key]
+
     @torch.no_grad()
     def __call__(self, group: tp.dependency.Group) -> torch.Tensor | None:
         consumers = member_views(group, ("consumer",))
@@ -287,7 +301,7 @@ class KCPImportance(tp.importance.Importance):
         n_cons = sum(v.side == "consumer" for v in used)
         n_prod = len(used) - n_cons
         for v in used:
-            scores = self.layer_scores(v.rows)[v.idxs]
+            scores = self._cached_layer_scores(v)[v.idxs]
             if n_cons and n_prod:
                 share = 1.0 - self.producer_weight if v.side == "consumer" else self.producer_weight
                 weight = share / (n_cons if v.side == "consumer" else n_prod)
