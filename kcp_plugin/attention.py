@@ -7,14 +7,20 @@ forward code that reshapes by stored attributes (timm's ``Attention``: ``num_hea
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 __all__ = ["detect_num_heads", "sync_attention_attrs"]
 
 
 def _is_qkv_attention(module: nn.Module) -> bool:
-    return isinstance(getattr(module, "qkv", None), nn.Linear) and isinstance(
-        getattr(module, "num_heads", None), int
+    # Channel ("cross-covariance") attention, e.g. timm's XCA in EdgeNeXt/XCiT, has a qkv layer
+    # and num_heads too but attends over channels and carries a per-head temperature: treating
+    # it as token attention makes torch-pruning group its channels wrongly, so it is excluded.
+    return (
+        isinstance(getattr(module, "qkv", None), nn.Linear)
+        and isinstance(getattr(module, "num_heads", None), int)
+        and not isinstance(getattr(module, "temperature", None), torch.Tensor)
     )
 
 

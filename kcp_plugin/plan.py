@@ -89,8 +89,13 @@ def apply_plan(
     plan: dict[str, Any],
     example_inputs: Any,
     forward_fn: ForwardFn | None = None,
+    customized_pruners: dict[Any, Any] | None = None,
+    unwrapped_parameters: dict[nn.Parameter, int] | None = None,
 ) -> nn.Module:
     """Replay ``plan`` on an unpruned ``model`` in place, reproducing the pruned structure.
+
+    Pass the same ``customized_pruners`` / ``unwrapped_parameters`` as when pruning, if any:
+    the replay must map channels the same way.
 
     Raises:
         ValueError: the plan is malformed or names layers the model does not have; the model is
@@ -109,7 +114,9 @@ def apply_plan(
         )
     snapshot = ModuleSnapshot(model)
     try:
-        graph = build_graph(model, example_inputs, forward_fn)
+        graph = build_graph(model, example_inputs, forward_fn,
+                            customized_pruners=customized_pruners,
+                            unwrapped_parameters=unwrapped_parameters)
         history = [[n, bool(o), list(map(int, idx))] for n, o, idx in plan["history"]]
         graph.load_pruning_history(history)
         apply_attrs(model, plan["attrs"])
@@ -156,6 +163,8 @@ def load_pruned(
     example_inputs: Any,
     forward_fn: ForwardFn | None = None,
     strict: bool = True,
+    customized_pruners: dict[Any, Any] | None = None,
+    unwrapped_parameters: dict[nn.Parameter, int] | None = None,
 ) -> nn.Module:
     """Rebuild a pruned model: replay the saved plan on the original architecture, load weights.
 
@@ -166,12 +175,14 @@ def load_pruned(
         example_inputs: Inputs to trace the model's dependency graph.
         forward_fn: How to call the model on ``example_inputs`` if not ``model(x)``.
         strict: Passed to ``load_state_dict``; a shape mismatch always raises.
+        customized_pruners / unwrapped_parameters: As given to :func:`kcp_plugin.prune`.
 
     Returns:
         The pruned model with the saved weights.
     """
     payload = read_checkpoint(path)
     model = model_or_builder if isinstance(model_or_builder, nn.Module) else model_or_builder()
-    apply_plan(model, payload["kcp_plugin"], example_inputs, forward_fn)
+    apply_plan(model, payload["kcp_plugin"], example_inputs, forward_fn, customized_pruners,
+               unwrapped_parameters)
     model.load_state_dict(payload["state_dict"], strict=strict)
     return model

@@ -230,12 +230,25 @@ def prune(
         raise ValueError(f"num_heads must be 'auto', None or a dict, got {num_heads!r}")
     fwd = forward_fn or default_forward
     try:
-        # Tracing runs the model once in eval mode (modes restored), no weight changes.
-        graph = build_graph(model, example_inputs, fwd, output_transform)
+        with torch.no_grad(), preserved_modes(model):
+            model.eval()
+            fwd(model, example_inputs)
     except Exception as exc:
         raise ValueError(
             f"example_inputs could not be run through the model ({type(exc).__name__}: {exc}); "
             "pass inputs of the right shape, or forward_fn=lambda model, x: ..."
+        ) from exc
+    try:
+        # Tracing runs the model once more in eval mode (modes restored), no weight changes.
+        graph = build_graph(model, example_inputs, fwd, output_transform,
+                            unwrapped_parameters=unwrapped_parameters,
+                            customized_pruners=customized_pruners)
+    except Exception as exc:
+        raise ValueError(
+            "torch-pruning could not trace this model's channel dependencies "
+            f"({type(exc).__name__}: {exc}); the model runs, but an operation in it (channel "
+            "shuffle, an unusual reshape) is not supported: ignore the layers around it "
+            "(ignored_layers) or register a customized pruner"
         ) from exc
     outputs = output_layers(graph) if protect_outputs else []
     del graph

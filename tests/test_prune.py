@@ -240,3 +240,33 @@ def test_narrow_networks_reach_the_target_by_mixing_group_ratios(target):
                               forward_fn=lambda m, inp: m(*inp), progress=False)
     assert abs(report.macs_ratio - target) <= 0.02
     assert model(*x).shape == (1, 64, 128)
+
+
+def test_untraceable_model_gets_a_tracing_error_not_an_input_error():
+    tv = pytest.importorskip("torchvision")
+    model = tv.models.shufflenet_v2_x0_5(weights=None).eval()  # channel shuffle
+    state, params = _state(model), list(model.parameters())
+    with pytest.raises(ValueError, match="could not trace this model's channel dependencies"):
+        kcp_plugin.prune(model, torch.randn(1, 3, 64, 64), "kcp", pruning_ratio=0.3,
+                         progress=False)
+    _assert_untouched(model, state, params)
+
+
+def test_channel_attention_is_not_taken_for_token_attention():
+    from kcp_plugin.attention import detect_num_heads
+
+    class XCA(nn.Module):  # timm's cross-covariance attention has these attributes
+        def __init__(self):
+            super().__init__()
+            self.num_heads = 4
+            self.qkv = nn.Linear(16, 48)
+            self.temperature = nn.Parameter(torch.ones(4, 1, 1))
+
+    class Token(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.num_heads = 4
+            self.qkv = nn.Linear(16, 48)
+
+    model = nn.Sequential(XCA(), Token())
+    assert detect_num_heads(model) == {model[1].qkv: 4}
