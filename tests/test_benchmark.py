@@ -101,3 +101,7 @@ def test_quick_profile_smoke(tmp_path):
     pngs = {p.name for p in tmp_path.glob("*.png")}
     assert "accuracy_vs_macs_segmentation.png" in pngs
     assert "widths_segmentation_kcp30_s0.png" in pngs
+    # partial results (saved after every row) rebuild the same tables
+    again = tmp_path / "again"
+    assert bench.main(["--summarize", str(tmp_path / "partial.json"), "--out", str(again)]) == 0
+    assert (again / "results.md").read_text() == (tmp_path / "results.md").read_text()

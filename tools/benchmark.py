@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-steps", type=int, help="fine-tuning iterations after pruning")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default="outputs/benchmark", help="output folder")
+    p.add_argument("--summarize", metavar="JSON", help="only rebuild results.md and the plots "
+                   "from a results.json or partial.json (e.g. of an interrupted run)")
     return p
 
 
@@ -59,34 +61,44 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    state: dict = {"rows": []}
+    if args.summarize:
+        result = json.loads(Path(args.summarize).read_text())
+        write_summary(result, out)
+        return 0
+    state = {"rows": 0}
 
-    def save_partial(row: dict) -> None:
-        state["rows"].append(row)
-        (out / "partial.json").write_text(json.dumps(state["rows"], indent=1))
+    def save_partial(row: dict, result: dict) -> None:
+        state["rows"] += 1
+        (out / "partial.json").write_text(json.dumps(result, indent=1))
 
     try:
         result = run_benchmark(profile, on_row=save_partial)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: {len(state['rows'])} rows saved in {out / 'partial.json'}",
-              file=sys.stderr)
+        print(f"\ninterrupted: {state['rows']} rows saved in {out / 'partial.json'}; "
+              f"tables from them: --summarize {out / 'partial.json'}", file=sys.stderr)
         return 130
     (out / "results.json").write_text(json.dumps(result, indent=1))
+    write_summary(result, out)
+    print(f"results in {out}/ (results.json, results.md, *.png)")
+    return 0
+
+
+def write_summary(result: dict, out: Path) -> None:
+    """results.md and the PNG plots from a (possibly partial) results structure."""
     table = markdown(result)
     (out / "results.md").write_text(table)
     for task in dict.fromkeys(d["task"] for d in result["dense"]):
         plot_accuracy_vs_macs(result, out / f"accuracy_vs_macs_{task}.png", task)
-    dense_widths = {(d["task"], d["seed"]): d["widths"] for d in result["dense"]}
+    dense_widths = {(d["task"], d["seed"]): d.get("widths") for d in result["dense"]}
     for row in result["rows"]:
-        if row["criterion"] == "kcp" and row["schedule"] == "oneshot" and "widths" in row:
+        if row["criterion"] == "kcp" and row["schedule"] == "oneshot" and "widths" in row \
+                and dense_widths.get((row["task"], row["seed"])):
             report = PruneReport("kcp", 0, 0, 0, 0, 0.0, row["target_macs"], 1,
                                  dense_widths[(row["task"], row["seed"])], row["widths"], [])
             name = f"widths_{row['task']}_kcp{round(row['target_macs'] * 100)}_s{row['seed']}"
             report.plot_widths(out / f"{name}.png", title=f"{row['task']}: KCP, "
                                f"{row['target_macs']:.0%} of MACs kept (seed {row['seed']})")
     print(table)
-    print(f"results in {out}/ (results.json, results.md, *.png)")
-    return 0
 
 
 if __name__ == "__main__":

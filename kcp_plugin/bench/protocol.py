@@ -212,12 +212,13 @@ def run_one(
 
 def run_benchmark(
     profile: Profile,
-    on_row: Callable[[dict[str, Any]], None] | None = None,
+    on_row: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
     progress: bool | None = None,
 ) -> dict[str, Any]:
     """Run ``profile``; returns ``{"config", "dense", "rows", "criteria"}`` (plain data).
 
-    ``on_row`` is called after every result, so callers can save partial results.
+    ``on_row(row, result_so_far)`` is called after every result, so callers can save partial
+    results (the whole structure, dense models and criterion analysis included).
     """
     from ..progress import progress_bar
 
@@ -275,7 +276,7 @@ def run_benchmark(
                     row["dense_value"] = dense_row["value"]
                     result["rows"].append(row)
                     if on_row:
-                        on_row(row)
+                        on_row(row, result)
                     bar.update(1)
     finally:
         bar.close()
