@@ -33,16 +33,20 @@ from .pruning import prune, resolve_importance
 
 __all__ = ["PruningScheduler", "ramp_targets", "RAMPS", "MODES"]
 
-RAMPS = ("linear", "exponential", "agp")
+RAMPS = ("linear", "exponential", "agp", "asfp")
 MODES = ("hard", "soft", "decay")
 
 
-def ramp_targets(target: float, num_prunes: int, ramp: str = "linear") -> list[float]:
+def ramp_targets(
+    target: float, num_prunes: int, ramp: str = "linear", asfp_k: float = 4.0
+) -> list[float]:
     """Fraction of MACs kept after each of ``num_prunes`` pruning points; the last is ``target``.
 
     ``linear`` removes MACs in equal amounts; ``exponential`` keeps an equal fraction at every
     point (``target ** (i / n)``); ``agp`` follows Zhu & Gupta's cubic ramp (fast first, then
-    slower: ``1 - (1 - target) * (1 - (1 - i / n) ** 3)``).
+    slower: ``1 - (1 - target) * (1 - (1 - i / n) ** 3)``); ``asfp`` is ASFP's asymptotic rate
+    ``P_t = a e^{-k t} + b`` pinned to 0 at the start and the target at the end (removed fraction
+    ``(1 - target) * (1 - e^{-k i / n}) / (1 - e^{-k})``), used with ``mode="decay"`` for ASRFP.
     """
     if ramp not in RAMPS:
         raise ValueError(f"ramp must be one of {', '.join(RAMPS)}; got {ramp!r}")
@@ -55,6 +59,8 @@ def ramp_targets(target: float, num_prunes: int, ramp: str = "linear") -> list[f
             out.append(1 - (1 - target) * f)
         elif ramp == "exponential":
             out.append(target**f)
+        elif ramp == "asfp":
+            out.append(1 - (1 - target) * (1 - math.exp(-asfp_k * f)) / (1 - math.exp(-asfp_k)))
         else:
             out.append(1 - (1 - target) * (1 - (1 - f) ** 3))
     out[-1] = target

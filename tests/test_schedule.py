@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -20,7 +21,10 @@ def test_ramp_arithmetic_reaches_the_target_exactly():
     assert exp == pytest.approx([0.5, 0.25])
     agp = ramp_targets(0.2, 3, "agp")
     assert agp[-1] == 0.2 and agp[0] < 1 - (1 - 0.2) / 3  # AGP prunes fastest first
-    for ramp in ("linear", "exponential", "agp"):
+    asfp = ramp_targets(0.3, 4, "asfp")
+    removed = [(1 - 0.3) * (1 - math.exp(-4 * i / 4)) / (1 - math.exp(-4)) for i in (1, 2, 3, 4)]
+    assert asfp == pytest.approx([1 - r for r in removed]) and asfp[-1] == 0.3
+    for ramp in ("linear", "exponential", "agp", "asfp"):
         t = ramp_targets(0.4, 5, ramp)
         assert t[-1] == 0.4 and all(a > b for a, b in zip(t, t[1:]))
     with pytest.raises(ValueError, match="ramp must be one of"):
