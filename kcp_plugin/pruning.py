@@ -304,6 +304,8 @@ def prune(
             if fast and abs(macs1 / macs0 - target_macs_ratio) > macs_tolerance:
                 logger.info("criterion left some groups alone; searching with it instead")
                 snapshot.restore()
+                if selected is not None:
+                    selected.clear()
                 fast = False
                 continue
             break
