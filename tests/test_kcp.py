@@ -29,7 +29,8 @@ def _conv_with_duplicate(c=8, n=6, dup=(2, 5), seed=0):
 @pytest.mark.parametrize("keep_ratio", [0.5, 0.75, 7 / 8])
 def test_duplicated_kernel_cluster_is_pruned_first_and_only_once(keep_ratio):
     conv = _conv_with_duplicate()
-    scores = KCPImportance(keep_ratio=keep_ratio).layer_scores(consumer_rows(conv))
+    scores = KCPImportance("representative", keep_ratio=keep_ratio).layer_scores(
+        consumer_rows(conv))
     assert scores.argmin().item() in (2, 5)
     low, high = sorted([scores[2].item(), scores[5].item()])
     assert low == 0.0  # the copy is fully represented by its twin
@@ -43,7 +44,8 @@ def test_near_duplicates_rank_below_distinct_clusters():
     conv = nn.Conv2d(10, 8, 3)
     with torch.no_grad():
         conv.weight[:, 7] = conv.weight[:, 1] + 1e-3 * torch.randn_like(conv.weight[:, 1])
-    scores = KCPImportance(keep_ratio=0.9).layer_scores(consumer_rows(conv))
+    scores = KCPImportance("representative", keep_ratio=0.9).layer_scores(
+        consumer_rows(conv))
     assert scores.argmin().item() in (1, 7)
     assert sorted(scores.tolist())[1] > 10 * scores.min().item()
 
@@ -111,7 +113,7 @@ def test_channel_duplicated_in_every_consumer_is_pruned_first():
         model.fc.weight[:, 7] = model.fc.weight[:, 3]
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, 3, 8, 8))
     group = graph.get_pruning_group(model.stem[0], tp.prune_conv_out_channels, list(range(16)))
-    scores = KCPImportance(keep_ratio=0.75)(group)
+    scores = KCPImportance("representative", keep_ratio=0.75)(group)
     assert scores.argmin().item() in (3, 7)
     assert min(scores[3], scores[7]) < 1e-6 < max(scores[3], scores[7])
 
@@ -170,16 +172,17 @@ def test_kcp_scores_every_group_of_depthwise_grouped_and_3d_nets(builder, inputs
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=x)
     roots = [nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d]
     for group in graph.get_all_groups(root_module_types=roots):
-        scores = KCPImportance()(group)
-        assert scores is not None and torch.isfinite(scores).all()
-        assert len(scores) == len(group[0].idxs)
+        for centre in ("mean", "representative", "kmeans"):
+            scores = KCPImportance(centre)(group)
+            assert scores is not None and torch.isfinite(scores).all()
+            assert len(scores) == len(group[0].idxs)
 
 
 def test_bad_options_are_refused_with_the_choices():
     with pytest.raises(ValueError, match="'representative', 'mean', 'kmeans'"):
         KCPImportance(centre="median")
     with pytest.raises(ValueError, match="prune='far'"):
-        KCPImportance(prune="far")
+        KCPImportance("representative", prune="far")
     with pytest.raises(ValueError, match="keep_ratio"):
         KCPImportance(keep_ratio=1.5)
 

@@ -19,7 +19,7 @@ def test_builtin_names_are_registered():
     assert {"kcp", "l1", "l2", "fpgm", "taylor", "hessian", "bn", "lamp", "random"} <= names
     for name in names:
         assert isinstance(get_importance(name), tp.importance.Importance)
-    assert list_importances("kcp*") == ["kcp", "kcp_kmeans", "kcp_mean"]
+    assert list_importances("kcp*") == ["kcp", "kcp_kmeans", "kcp_mean", "kcp_representative"]
 
 
 def test_builtins_map_to_the_right_torch_pruning_classes():
@@ -27,7 +27,8 @@ def test_builtins_map_to_the_right_torch_pruning_classes():
     assert isinstance(get_importance("fpgm"), tp.importance.FPGMImportance)
     assert isinstance(get_importance("lamp"), tp.importance.LAMPImportance)
     assert isinstance(get_importance("bn"), tp.importance.BNScaleImportance)
-    assert get_importance("kcp_mean").centre == "mean"
+    assert get_importance("kcp_mean").centre == "mean" == get_importance("kcp").centre
+    assert get_importance("kcp_representative").centre == "representative"
     assert kcp_plugin.importance_info("taylor").requires_grad
     assert not kcp_plugin.importance_info("kcp").requires_grad
 
