@@ -111,7 +111,7 @@ def test_size_mismatch_is_an_error(tmp_path):
 
 
 def test_vit_plan_restores_head_attributes(tmp_path):
-    timm = pytest.importorskip("timm")
+    import timm  # installed by the test command (an extra); missing means a failure
     kw = dict(img_size=32, patch_size=8, depth=2, num_classes=10)
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", **kw).eval()
