@@ -12,11 +12,10 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch_pruning as tp
 
 from ..graph import build_graph, count_macs_params
 from ..latency import measure_latency
-from ..pruning import prune
+from ..pruning import _backward, prune
 from ..registry import get_importance, importance_info
 from ..report import layer_widths
 from .tasks import Task, get_task
@@ -107,17 +106,9 @@ def criterion_analysis(
     scores: dict[str, list] = {}
     for name in dict.fromkeys(["l2", *criteria]):
         imp = get_importance(name)
-        if importance_info(name).requires_grad:
-            model.zero_grad(set_to_none=True)
-            with torch.enable_grad():
-                if isinstance(imp, tp.importance.GroupHessianImportance):
-                    imp.zero_grad()
-                    for sample_loss in task.loss_fn(batch, per_sample=True)(model):
-                        model.zero_grad(set_to_none=True)
-                        sample_loss.backward(retain_graph=True)
-                        imp.accumulate_grad(model)
-                else:
-                    task.loss_fn(batch)(model).backward()
+        loss_fn = _criterion_loss_fn(task, name, batch)
+        if loss_fn is not None:
+            _backward(model, imp, loss_fn)
         best = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()
@@ -137,15 +128,19 @@ def _forward_for(task: Task) -> Callable | None:
     return (lambda m, x: m(*x)) if task.name == "stereo" else None
 
 
+def _criterion_loss_fn(task: Task, criterion: str,
+                       batch: tuple[torch.Tensor, ...]) -> Callable | None:
+    """``loss_fn`` for a gradient-based criterion (per-sample losses for Hessian), else None."""
+    if not importance_info(criterion).requires_grad:
+        return None
+    return task.loss_fn(batch, per_sample=criterion == "hessian")
+
+
 def _prune_to(model: nn.Module, task: Task, criterion: str, target: float,
               batch: tuple[torch.Tensor, ...], kwargs: dict[str, Any]) -> Any:
-    info = importance_info(criterion)
-    loss_fn = None
-    if info.requires_grad:
-        loss_fn = task.loss_fn(batch, per_sample=criterion == "hessian")
     return prune(model, task.example_inputs(), criterion, target_macs_ratio=target,
-                 forward_fn=_forward_for(task), loss_fn=loss_fn, importance_kwargs=kwargs or None,
-                 progress=False)
+                 forward_fn=_forward_for(task), loss_fn=_criterion_loss_fn(task, criterion, batch),
+                 importance_kwargs=kwargs or None, progress=False)
 
 
 def run_one(
@@ -180,13 +175,12 @@ def run_one(
         from ..schedule import PruningScheduler
 
         steps = profile.iterative_steps
-        info = importance_info(criterion)
         sched = PruningScheduler(
             model, task.example_inputs(), criterion, target_macs_ratio=target,
             num_prunes=steps, every=max(1, profile.finetune_steps // steps),
             mode="hard" if schedule == "iterative" else schedule,
             forward_fn=_forward_for(task), importance_kwargs=kwargs or None,
-            loss_fn=task.loss_fn(batch) if info.requires_grad else None,
+            loss_fn=_criterion_loss_fn(task, criterion, batch),
         )
         t0 = time.perf_counter()
         sched.step()  # the first point, before any fine-tuning
