@@ -29,6 +29,7 @@ from .progress import progress_bar
 from .registry import importance_info
 from .report import PruneReport, layer_widths
 from .snapshot import ModuleSnapshot
+from .stats import StatsImportance, StepFn, collect
 from .tracking import track_pruning
 
 __all__ = ["prune", "resolve_importance"]
@@ -126,6 +127,9 @@ def prune(
     max_pruning_ratio: float = 0.9,
     importance_kwargs: dict[str, Any] | None = None,
     loss_fn: Callable[[nn.Module], torch.Tensor] | None = None,
+    data: Iterable[Any] | None = None,
+    data_steps: int | None = None,
+    step_fn: StepFn | None = None,
     protect_outputs: bool = True,
     macs_tolerance: float = 0.02,
     unwrapped_parameters: dict[nn.Parameter, int] | None = None,
@@ -164,6 +168,13 @@ def prune(
         importance_kwargs: Arguments for the registered criterion.
         loss_fn: ``loss_fn(model) -> loss`` for gradient-based criteria (``taylor``; for
             ``hessian`` return per-sample losses). Called once per pruning step.
+        data: Batches for data-driven criteria (``fisher``, ``cdc``...; ``(inputs, targets)``
+            by default): statistics are collected on the current model before every pruning
+            step (see :func:`kcp_plugin.collect`). Without ``data``, such a criterion must have
+            collected its statistics already, and ``iterative_steps`` must be 1.
+        data_steps: Batches per collection (default: all of ``data``).
+        step_fn: ``step_fn(model, batch) -> loss`` for the collection, replacing the default
+            cross-entropy step (see :func:`kcp_plugin.stats.default_step`).
         protect_outputs: Never prune layers whose channels are model outputs (classifier heads,
             segmentation/stereo output convs).
         macs_tolerance: Allowed gap between achieved and target MACs fraction.
@@ -209,6 +220,26 @@ def prune(
         raise ValueError(
             f"importance {imp_name!r} reads gradients: pass loss_fn=lambda model: <loss>"
         )
+    if isinstance(imp, StatsImportance):
+        if data is None and not imp.collected:
+            raise ValueError(
+                f"importance {imp_name!r} scores channels from data: pass data=<batches> "
+                "(and data_steps=...) to prune(), or collect first with "
+                "kcp_plugin.collect(model, batches, importance)"
+            )
+        if data is None and iterative_steps > 1:
+            raise ValueError(
+                f"importance {imp_name!r} must collect statistics again after every pruning "
+                "step: pass data=<batches> for iterative_steps > 1"
+            )
+        if data is not None and iterative_steps > 1 and iter(data) is data:
+            raise ValueError("data is a one-shot iterator, but iterative_steps > 1 collects "
+                             "before every step: pass a list or a DataLoader")
+    elif data is not None or step_fn is not None:
+        raise ValueError(f"data / step_fn are for data-driven criteria; {imp_name!r} does not "
+                         "use them")
+    if data_steps is not None and (not isinstance(data_steps, int) or data_steps < 1):
+        raise ValueError(f"data_steps must be None or a positive integer, got {data_steps!r}")
     ignored = _resolve_layers(model, ignored_layers, "ignored_layers")
     ratio_dict = {}
     for key, value in (pruning_ratio_dict or {}).items():
@@ -277,6 +308,7 @@ def prune(
             iterative_steps=iterative_steps,
             round_to=round_to, unwrapped_parameters=unwrapped_parameters,
             customized_pruners=customized_pruners, loss_fn=loss_fn, progress=progress,
+            data=None if data is None else (data, data_steps, step_fn),
         )
         # With local pruning, each layer's width depends only on the ratio, not on the scores,
         # so the MACs search can use a cheap scorer; the result is verified and, should the real
@@ -288,7 +320,8 @@ def prune(
                 trial_settings = settings
                 if fast:
                     trial_settings = {**settings, "importance":
-                                      tp.importance.GroupMagnitudeImportance(), "loss_fn": None}
+                                      tp.importance.GroupMagnitudeImportance(), "loss_fn": None,
+                                      "data": None}
                 ratio, extra, search = _search_ratio(
                     model, names, protected, heads, ratio_dict, target_macs_ratio, macs0,
                     macs_tolerance, trial_settings,
@@ -345,12 +378,14 @@ def _run_pruner(
     customized_pruners: dict | None,
     loss_fn: Callable | None,
     progress: bool | None,
+    data: tuple[Iterable[Any], int | None, StepFn | None] | None = None,
     desc: str = "pruning",
     record: dict[str, list[int]] | None = None,
 ) -> tuple[list, dict[str, dict[str, Any]]]:
     """Run torch-pruning's pruner on ``model`` for all steps, then fix attention attributes.
 
     If ``record`` is a dict, it receives the output channels each layer loses (by name).
+    ``data`` is ``(batches, steps, step_fn)`` for data-driven criteria, collected before each step.
 
     Returns:
         The pruning history and the attention attributes that were set (both for the plan).
@@ -375,6 +410,12 @@ def _run_pruner(
             importance.keep_ratio_hint = (1 - after) / max(1 - done, 1e-9)
         if loss_fn is not None:
             _backward(model, importance, loss_fn)
+        if isinstance(importance, StatsImportance):
+            if data is not None:
+                batches, data_steps, step_fn = data
+                collect(model, batches, importance, steps=data_steps, step_fn=step_fn,
+                        example_inputs=example_inputs, forward_fn=forward_fn, progress=progress)
+            importance.bind(model)
         if record is None:
             pruner.step()
             continue

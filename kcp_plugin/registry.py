@@ -38,12 +38,15 @@ class CriterionInfo:
         requires_grad: The criterion reads ``param.grad`` (or accumulated gradients), so a loss
             must be back-propagated before scoring.
         summary: One line shown by ``kcp-prune --list-importances``.
+        requires_data: The criterion scores from statistics collected on data
+            (a :class:`kcp_plugin.stats.StatsImportance`): pass ``data`` to ``prune``.
     """
 
     name: str
     factory: Callable[..., tp.importance.Importance]
     requires_grad: bool
     summary: str
+    requires_data: bool = False
 
 
 _REGISTRY: dict[str, CriterionInfo] = {}
@@ -53,6 +56,7 @@ def register_importance(
     name: str | None = None,
     *,
     requires_grad: bool = False,
+    requires_data: bool = False,
     summary: str | None = None,
     override: bool = False,
 ) -> Callable[[F], F]:
@@ -61,6 +65,7 @@ def register_importance(
     Args:
         name: Registry name; defaults to the factory's ``__name__`` in lower case.
         requires_grad: Whether the criterion needs gradients before scoring.
+        requires_data: Whether the criterion collects statistics on data before scoring.
         summary: One-line description; defaults to the first docstring line.
         override: Replace an existing entry instead of raising.
 
@@ -78,7 +83,7 @@ def register_importance(
                 f"importance {key!r} is already registered; pass override=True to replace it"
             )
         doc = summary or (inspect.getdoc(factory) or "").split("\n")[0]
-        _REGISTRY[key] = CriterionInfo(key, factory, requires_grad, doc)
+        _REGISTRY[key] = CriterionInfo(key, factory, requires_grad, doc, requires_data)
         return factory
 
     return decorator

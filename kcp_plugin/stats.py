@@ -1,0 +1,371 @@
+"""Statistics collection for data-driven criteria (Fisher, CDC, CaP...): one mechanism for all.
+
+A data-driven criterion is a :class:`StatsImportance`: it watches the *inputs of the layers that
+consume channels* (conv / linear layers), where a channel's post-activation map and, after a
+backward pass, its gradient are visible, and accumulates sums there. Sums are what make the
+mechanism work everywhere:
+
+* any training loop can drive it (:class:`collecting` is a context manager that only installs
+  hooks), or :func:`collect` runs the batches itself, with a progress bar;
+* under DDP, :class:`collecting` all-reduces the sums on exit, so every rank scores (and prunes)
+  identically;
+* statistics are stored by layer *name*, so they also score deep copies of the model (the MACs
+  search of :func:`kcp_plugin.prune` prunes copies).
+
+Statistics describe the model they were collected on: once channels are removed, collect again
+(``prune(..., data=loader)`` does so before every pruning step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch_pruning as tp
+
+from .graph import ForwardFn, default_forward, preserved_modes
+from .progress import progress_bar
+
+__all__ = ["StatsImportance", "collecting", "collect", "unwrap_model", "default_step"]
+
+StepFn = Callable[[nn.Module, Any], torch.Tensor | None]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside DDP / DataParallel wrappers (anything with a ``module`` attribute that
+    wraps the whole model)."""
+    while isinstance(getattr(model, "module", None), nn.Module) and len(model._modules) == 1:
+        model = model.module
+    return model
+
+
+class StatsImportance(tp.importance.Importance):
+    """Base of criteria scored from statistics collected on data.
+
+    Subclasses set :attr:`needs_backward` / :attr:`needs_labels` and implement
+    :meth:`_observe` (a consumer layer's input during forward), optionally :meth:`_observe_grad`
+    (that input's gradient during backward) and :meth:`_end_batch`, and store running sums with
+    :meth:`_add`. Scoring reads them back with :meth:`_stat`.
+
+    Attributes:
+        samples: Number of batches folded into the statistics.
+    """
+
+    needs_backward: bool = False
+    needs_labels: bool = False
+    layer_types: tuple[type, ...] = (nn.modules.conv._ConvNd, nn.Linear)
+
+    def __init__(self) -> None:
+        self._sums: dict[str, dict[str, torch.Tensor]] = {}
+        self._names: dict[nn.Module, str] = {}
+        self._handles: list[Any] = []
+        self._labels: torch.Tensor | None = None
+        self.samples = 0
+
+    # ------------------------------------------------------------------ collection protocol
+    @property
+    def collected(self) -> bool:
+        """Whether statistics from at least one batch are present."""
+        return self.samples > 0
+
+    def reset(self) -> None:
+        """Forget all statistics."""
+        self._sums.clear()
+        self.samples = 0
+
+    def attach(self, model: nn.Module, example_inputs: Any = None,
+               forward_fn: ForwardFn | None = None) -> None:
+        """Install the hooks on ``model``'s consumer layers (``example_inputs`` is for criteria
+        that need the dependency graph)."""
+        self.detach()
+        self.bind(model)
+        self._handles.append(model.register_forward_pre_hook(self._new_forward))
+        for name, module in model.named_modules():
+            if isinstance(module, self.layer_types) and self._wants(name, module):
+                self._handles.append(module.register_forward_pre_hook(self._make_hook(name)))
+
+    def detach(self) -> None:
+        """Remove the hooks and fold the last batch in."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._flush()
+
+    def set_labels(self, labels: torch.Tensor | None) -> None:
+        """Labels of the next forward pass (class per sample, or per pixel for dense tasks)."""
+        self._labels = None if labels is None else labels.detach()
+
+    def bind(self, model: nn.Module) -> None:
+        """Score ``model`` (the one collected on, or a deep copy of it) by layer name."""
+        self._names = {m: n for n, m in model.named_modules()}
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """The running sums, in a rank-independent order (all-reduced under DDP)."""
+        return [self._sums[n][k] for n in sorted(self._sums) for k in sorted(self._sums[n])]
+
+    def all_reduce(self) -> None:
+        """Sum the statistics over the ranks of the default process group, if there is one."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        dist = torch.distributed
+        world = dist.get_world_size()
+        names = [None] * world
+        dist.all_gather_object(names, sorted((n, k, tuple(t.shape)) for n in self._sums
+                                             for k, t in self._sums[n].items()))
+        if any(n != names[0] for n in names):
+            raise RuntimeError("ranks collected statistics on different layers or shapes: every "
+                               "rank must run the same model on the same number of batches")
+        for tensor in self.state_tensors():
+            dist.all_reduce(tensor)
+        count = torch.tensor([self.samples], dtype=torch.long)
+        dist.all_reduce(count)
+        self.samples = int(count)
+
+    # ------------------------------------------------------------------ for subclasses
+    def _wants(self, name: str, module: nn.Module) -> bool:
+        return True
+
+    def _observe(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
+        """Called with a consumer layer's input during forward."""
+
+    def _observe_grad(self, name: str, module: nn.Module, x: torch.Tensor,
+                      grad: torch.Tensor) -> None:
+        """Called with that input and its gradient during backward (``needs_backward``)."""
+
+    def _end_batch(self) -> None:
+        """Called once per batch, after its backward (at the next forward or on detach)."""
+
+    def _add(self, name: str, key: str, value: torch.Tensor) -> None:
+        slot = self._sums.setdefault(name, {})
+        value = value.detach()
+        if key in slot and slot[key].shape == value.shape:
+            slot[key] += value
+        elif key in slot:
+            raise RuntimeError(
+                f"statistics of {name!r} changed shape ({tuple(slot[key].shape)} -> "
+                f"{tuple(value.shape)}): reset() after pruning before collecting again"
+            )
+        else:
+            slot[key] = value.clone()
+
+    def _stat(self, module: nn.Module, key: str) -> torch.Tensor | None:
+        """A stored sum of a layer of the bound model, or None if that layer was not seen."""
+        name = self._names.get(module)
+        return None if name is None else self._sums.get(name, {}).get(key)
+
+    def _require_data(self) -> None:
+        if not self.collected:
+            raise RuntimeError(
+                f"{type(self).__name__} scores channels from data, and none was collected: pass "
+                "data=<batches> to kcp_plugin.prune(), or run kcp_plugin.collect(model, batches, "
+                "importance) (or `with kcp_plugin.collecting(model, importance): <train steps>`) "
+                "first"
+            )
+
+    # ------------------------------------------------------------------ hooks
+    def _new_forward(self, module: nn.Module, args: Any) -> None:
+        self._flush()
+        self._pending = True
+
+    def _flush(self) -> None:
+        if getattr(self, "_pending", False):
+            self._end_batch()
+            self.samples += 1
+            self._pending = False
+
+    def _make_hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: Any) -> Any:
+            if not args or not isinstance(args[0], torch.Tensor):
+                return None
+            x = args[0]
+            with torch.no_grad():
+                self._observe(name, module, x.detach())
+            if self.needs_backward and x.requires_grad:
+                # A fresh view of the input, so its gradient is this layer's share only (the
+                # input may also feed a skip path or other layers).
+                view = x.view_as(x)
+                view.register_hook(lambda g: self._observe_grad(name, module, x.detach(), g))
+                return (view, *args[1:])
+            return None
+
+        return hook
+
+
+def _per_channel(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """``[N, C]``: a consumer input summed over everything but batch and channel."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(x.shape[0], -1, x.shape[-1]).sum(1)
+    return x.flatten(2).sum(2)
+
+
+def _channels_last(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """``[N, positions, C]`` view of a consumer input."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+    return x.flatten(2).transpose(1, 2)
+
+
+def _resize_labels(labels: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """Nearest-neighbour resize of per-pixel labels ``[N, *S]`` to a feature map's size."""
+    if tuple(labels.shape[1:]) == tuple(size):
+        return labels
+    if len(size) != labels.dim() - 1:
+        raise ValueError(f"per-pixel labels of shape {tuple(labels.shape)} do not match a "
+                         f"{len(size)}-d feature map")
+    out = F.interpolate(labels[:, None].float(), size=size, mode="nearest")
+    return out[:, 0].long()
+
+
+@contextlib.contextmanager
+def collecting(
+    model: nn.Module,
+    importance: StatsImportance,
+    example_inputs: Any = None,
+    *,
+    forward_fn: ForwardFn | None = None,
+    reset: bool = True,
+) -> Iterator[StatsImportance]:
+    """Collect ``importance``'s statistics while the block runs the model (any training loop).
+
+    For criteria that need gradients, the block must call ``loss.backward()``; for criteria that
+    need labels, call ``importance.set_labels(y)`` before each forward. On exit the hooks are
+    removed and, under ``torch.distributed``, the sums are all-reduced so every rank decides the
+    same. DDP wrappers are looked through.
+
+    Args:
+        model: The model (or its DDP wrapper).
+        importance: A :class:`StatsImportance`.
+        example_inputs: Inputs for criteria that need the dependency graph (``fisher``).
+        forward_fn: How to call the model on ``example_inputs``.
+        reset: Start from empty statistics (else add to the present ones).
+    """
+    if not isinstance(importance, StatsImportance):
+        raise TypeError(f"{type(importance).__name__} does not collect statistics; data-driven "
+                        "criteria are StatsImportance subclasses")
+    inner = unwrap_model(model)
+    if reset:
+        importance.reset()
+    importance.attach(inner, example_inputs, forward_fn)
+    try:
+        yield importance
+    finally:
+        importance.detach()
+    importance.all_reduce()
+
+
+def _split_batch(batch: Any) -> tuple[Any, Any]:
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    if isinstance(batch, dict) and "inputs" in batch:
+        return batch["inputs"], batch.get("labels", batch.get("targets"))
+    return batch, None
+
+
+def default_step(model: nn.Module, batch: Any, forward_fn: ForwardFn | None = None,
+                 need_loss: bool = True) -> torch.Tensor | None:
+    """Run one ``(inputs, targets)`` batch; return the cross-entropy loss if ``need_loss``.
+
+    The loss is summed over samples (and pixels), so each sample's gradient is that of its own
+    loss, as Group Fisher's per-sample mask gradients are defined. Cross-entropy fits classifiers
+    (``targets [N]``) and segmentation nets (``[N, K, H, W]`` logits, ``[N, H, W]`` targets, 255
+    ignored). Other tasks pass their own ``step_fn``.
+    """
+    inputs, targets = _split_batch(batch)
+    out = (forward_fn or default_forward)(model, inputs)
+    if not need_loss:
+        return None
+    hint = ("the default step computes cross-entropy from (inputs, class targets) batches and a "
+            "tensor output; for other models or tasks pass step_fn=lambda model, batch: <loss>")
+    if not isinstance(out, torch.Tensor) or targets is None or targets.is_floating_point():
+        raise ValueError(hint)
+    try:
+        return F.cross_entropy(out, targets, ignore_index=255, reduction="sum")
+    except (RuntimeError, IndexError, ValueError) as exc:
+        raise ValueError(f"{hint} ({exc})") from exc
+
+
+def collect(
+    model: nn.Module,
+    data: Iterable[Any],
+    importance: StatsImportance,
+    *,
+    steps: int | None = None,
+    example_inputs: Any = None,
+    forward_fn: ForwardFn | None = None,
+    step_fn: StepFn | None = None,
+    labels_fn: Callable[[Any], torch.Tensor] | None = None,
+    progress: bool | None = None,
+) -> StatsImportance:
+    """Run up to ``steps`` batches of ``data`` through ``model`` and collect statistics.
+
+    The model runs in eval mode (norm statistics untouched); for criteria that need gradients the
+    loss is back-propagated and the parameter gradients are cleared afterwards. Weights never
+    change.
+
+    Args:
+        model: The model (or its DDP wrapper).
+        data: Iterable of batches, ``(inputs, targets)`` by default.
+        importance: A :class:`StatsImportance`.
+        steps: Number of batches (default: all of ``data``).
+        example_inputs: Inputs for building the dependency graph; default: the first batch's.
+        forward_fn: How to call the model on a batch's inputs.
+        step_fn: ``step_fn(model, batch) -> loss`` (or None without backward), replacing the
+            default cross-entropy step.
+        labels_fn: ``labels_fn(batch) -> labels`` for criteria that need labels (default: the
+            batch's second item).
+        progress: Show a progress bar (default: only on a terminal).
+
+    Returns:
+        ``importance``, with its statistics.
+    """
+    if steps is not None and (not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be None or a positive integer, got {steps!r}")
+    inner = unwrap_model(model)
+    it = iter(data)
+    try:
+        first = next(it)
+    except StopIteration:
+        raise ValueError("data yielded no batches") from None
+    if example_inputs is None:
+        example_inputs = _split_batch(first)[0]
+    total = steps if steps is not None else (len(data) if hasattr(data, "__len__") else None)
+
+    def batches() -> Iterator[Any]:
+        yield first
+        yield from it
+
+    bar = progress_bar(enabled=progress, total=total,
+                       desc=f"collecting {type(importance).__name__} statistics")
+    with preserved_modes(inner):
+        inner.eval()
+        with collecting(model, importance, example_inputs, forward_fn=forward_fn):
+            for i, batch in enumerate(batches()):
+                if steps is not None and i >= steps:
+                    break
+                if importance.needs_labels:
+                    labels = labels_fn(batch) if labels_fn else _split_batch(batch)[1]
+                    if labels is None:
+                        raise ValueError(f"{type(importance).__name__} needs labels: batches "
+                                         "must be (inputs, labels), or pass labels_fn")
+                    importance.set_labels(labels)
+                with torch.set_grad_enabled(importance.needs_backward):
+                    if step_fn is not None:
+                        loss = step_fn(model, batch)
+                    else:
+                        loss = default_step(model, batch, forward_fn, importance.needs_backward)
+                    if importance.needs_backward:
+                        if loss is None:
+                            raise ValueError(f"{type(importance).__name__} needs gradients: "
+                                             "step_fn must return a loss")
+                        inner.zero_grad(set_to_none=True)
+                        loss.sum().backward()
+                        inner.zero_grad(set_to_none=True)
+                bar.update(1)
+            bar.close()
+    if not importance.collected:
+        raise ValueError("no statistics were collected: the hooked layers never ran")
+    return importance
