@@ -105,3 +105,28 @@ def test_quick_profile_smoke(tmp_path):
     again = tmp_path / "again"
     assert bench.main(["--summarize", str(tmp_path / "partial.json"), "--out", str(again)]) == 0
     assert (again / "results.md").read_text() == (tmp_path / "results.md").read_text()
+
+
+def test_data_driven_criteria_run_in_the_protocol():
+    """fisher / cdc collect statistics from the training loader, one-shot and iterative."""
+    from kcp_plugin.bench.protocol import PROFILES, run_one
+
+    profile = PROFILES["quick"]
+    profile = type(profile)(**{**profile.__dict__, "finetune_steps": 4, "latency_runs": 0,
+                               "data_steps": 2, "iterative_steps": 2})
+    task = get_task("segmentation")
+    train_ds, val_ds = task.splits(0, 16, 4)
+    loader, val = make_loader(train_ds, 4, 0), make_loader(val_ds, 4, 0, shuffle=False)
+    dense = task.build(0)
+    for criterion, schedule in (("fisher", "oneshot"), ("cdc", "oneshot"),
+                                ("fisher", "iterative")):
+        row, model = run_one(dense, task, criterion, 0.5, schedule, profile, loader, val, 0)
+        assert abs(row["macs_ratio"] - 0.5) <= 0.02, (criterion, schedule, row["macs_ratio"])
+        assert 0.0 <= row["value"] <= 100.0
+    out = criterion_analysis(dense, task, next(iter(loader)), ["fisher", "cdc"], repeats=1)
+    assert out["fisher"]["collect_s"] > 0 and -1 <= out["cdc"]["spearman_vs_l2"] <= 1
+    stereo = get_task("stereo")
+    s_train, s_val = stereo.splits(0, 4, 2)
+    row, _ = run_one(stereo.build(0), stereo, "fisher", 0.5, "oneshot", profile,
+                     make_loader(s_train, 2, 0), make_loader(s_val, 2, 0, shuffle=False), 0)
+    assert abs(row["macs_ratio"] - 0.5) <= 0.02 and row["epe"] > 0

@@ -18,6 +18,7 @@ from ..latency import measure_latency
 from ..pruning import _backward, prune
 from ..registry import get_importance, importance_info
 from ..report import layer_widths
+from ..stats import StatsImportance, collect
 from .tasks import Task, get_task
 from .training import make_loader, train
 
@@ -43,11 +44,12 @@ class Profile:
     lr: float = 3e-3
     finetune_lr: float = 1e-3
     latency_runs: int = 10
+    data_steps: int = 8  # batches of statistics for data-driven criteria (fisher, cdc, cap)
     criterion_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 ALL_CRITERIA = ["kcp", "kcp_mean", "kcp_kmeans", "l1", "l2", "fpgm", "taylor", "hessian", "bn",
-                "lamp", "random"]
+                "lamp", "fisher", "cdc", "random"]
 
 PROFILES: dict[str, Profile] = {
     # a smoke test: minutes on 2 CPU cores, checks the pipeline and that numbers are sane
@@ -109,13 +111,23 @@ def criterion_analysis(
         loss_fn = _criterion_loss_fn(task, name, batch)
         if loss_fn is not None:
             _backward(model, imp, loss_fn)
+        collect_s = 0.0
+        if isinstance(imp, StatsImportance):
+            start = time.perf_counter()
+            try:
+                collect(model, [batch], imp, example_inputs=example, forward_fn=_forward_for(task),
+                        step_fn=_step_fn(task), progress=False)
+            except (ValueError, RuntimeError):
+                continue  # the criterion does not apply to this task (cdc without classes)
+            collect_s = time.perf_counter() - start
+            imp.bind(model)
         best = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()
             result = [imp(g) for g in groups]
             best = min(best, time.perf_counter() - start)
         scores[name] = result
-        out[name] = {"time_s": best}
+        out[name] = {"time_s": best, "collect_s": collect_s}
     for name in out:
         out[name]["time_vs_l2"] = out[name]["time_s"] / max(out["l2"]["time_s"], 1e-12)
         corr = [_spearman(s.float(), r.float()) for s, r in zip(scores[name], scores["l2"])
@@ -136,11 +148,25 @@ def _criterion_loss_fn(task: Task, criterion: str,
     return task.loss_fn(batch, per_sample=criterion == "hessian")
 
 
+def _step_fn(task: Task) -> Callable:
+    """The task's summed training loss on a batch: the statistics step of data criteria."""
+    return lambda model, batch: task.loss(task.forward(model, batch), batch, "none").sum()
+
+
+def _criterion_data(task: Task, criterion: str, train_loader: Any,
+                    profile: Profile) -> dict[str, Any]:
+    """``prune`` arguments that feed a data-driven criterion (none for the others)."""
+    if not importance_info(criterion).requires_data:
+        return {}
+    return {"data": train_loader, "data_steps": profile.data_steps, "step_fn": _step_fn(task)}
+
+
 def _prune_to(model: nn.Module, task: Task, criterion: str, target: float,
-              batch: tuple[torch.Tensor, ...], kwargs: dict[str, Any]) -> Any:
+              batch: tuple[torch.Tensor, ...], kwargs: dict[str, Any],
+              data_kwargs: dict[str, Any]) -> Any:
     return prune(model, task.example_inputs(), criterion, target_macs_ratio=target,
                  forward_fn=_forward_for(task), loss_fn=_criterion_loss_fn(task, criterion, batch),
-                 importance_kwargs=kwargs or None, progress=False)
+                 importance_kwargs=kwargs or None, progress=False, **data_kwargs)
 
 
 def run_one(
@@ -158,12 +184,13 @@ def run_one(
     model = copy.deepcopy(dense)
     batch = next(iter(train_loader))
     kwargs = profile.criterion_kwargs.get(criterion, {})
+    data_kwargs = _criterion_data(task, criterion, train_loader, profile)
     macs0 = count_macs_params(dense, task.example_inputs(), _forward_for(task))[0]
     start = time.perf_counter()
     prune_s = 0.0
     if schedule == "oneshot":
         t0 = time.perf_counter()
-        _prune_to(model, task, criterion, target, batch, kwargs)
+        _prune_to(model, task, criterion, target, batch, kwargs, data_kwargs)
         prune_s += time.perf_counter() - t0
         after_prune = task.evaluate(model, val_loader)
         train(model, task, train_loader, profile.finetune_steps, profile.finetune_lr,
@@ -180,7 +207,7 @@ def run_one(
             num_prunes=steps, every=max(1, profile.finetune_steps // steps),
             mode="hard" if schedule == "iterative" else schedule,
             forward_fn=_forward_for(task), importance_kwargs=kwargs or None,
-            loss_fn=_criterion_loss_fn(task, criterion, batch),
+            loss_fn=_criterion_loss_fn(task, criterion, batch), prune_kwargs=data_kwargs,
         )
         t0 = time.perf_counter()
         sched.step()  # the first point, before any fine-tuning
