@@ -136,8 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list_importances:
         for name in list_importances():
             info = importance_info(name)
-            grad = " (needs gradients)" if info.requires_grad else ""
-            print(f"{name:<12} {info.summary}{grad}")
+            needs = (" (needs gradients)" if info.requires_grad else
+                     " (needs data)" if info.requires_data else "")
+            print(f"{name:<12} {info.summary}{needs}")
         return EXIT_OK
     if args.list_models:
         from .models import list_models
@@ -151,9 +152,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.latency_runs < 0:
         parser.error("--latency-runs must be >= 0")
     try:
-        importance_info(args.importance)
+        info = importance_info(args.importance)
     except ValueError as exc:
         parser.error(str(exc))
+    if info.requires_grad or info.requires_data:
+        free = [n for n in list_importances() if not (importance_info(n).requires_grad
+                                                      or importance_info(n).requires_data)]
+        parser.error(f"{info.name!r} scores channels from training data, which kcp-prune does "
+                     "not have: use the Python API (kcp_plugin.prune(..., data=batches) or "
+                     f"loss_fn=...) or a data-free criterion: {', '.join(free)}")
     if args.pruning_ratio is None and args.target_macs is None:
         args.target_macs = 0.3
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -47,6 +47,8 @@ def test_stereo_style_two_inputs_and_iterative_steps(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,code,message", [
     (["--importance", "kcpp"], 2, "Valid names:"),
+    (["--importance", "fisher"], 2, "data-free criterion: "),
+    (["--importance", "taylor"], 2, "scores channels from training data"),
     (["--target-macs", "1.5"], 2, "must be in (0, 1]"),
     (["--pruning-ratio", "1.5"], 2, "--pruning-ratio must be in [0, 1)"),
     (["--input-shape", "1,x,3"], 2, "comma-separated integers"),
@@ -81,8 +83,10 @@ def test_help_documents_every_flag():
 
 def test_list_importances(capsys):
     assert main(["--list-importances"]) == 0
-    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    lines = capsys.readouterr().out.splitlines()
+    listed = [line.split()[0] for line in lines]
     assert listed == kcp_plugin.list_importances()
+    assert any(line.startswith("fisher") and line.endswith("(needs data)") for line in lines)
 
 
 def test_console_script_is_installed():
