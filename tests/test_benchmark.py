@@ -125,8 +125,3 @@ def test_data_driven_criteria_run_in_the_protocol():
         assert 0.0 <= row["value"] <= 100.0
     out = criterion_analysis(dense, task, next(iter(loader)), ["fisher", "cdc"], repeats=1)
     assert out["fisher"]["collect_s"] > 0 and -1 <= out["cdc"]["spearman_vs_l2"] <= 1
-    stereo = get_task("stereo")
-    s_train, s_val = stereo.splits(0, 4, 2)
-    row, _ = run_one(stereo.build(0), stereo, "fisher", 0.5, "oneshot", profile,
-                     make_loader(s_train, 2, 0), make_loader(s_val, 2, 0, shuffle=False), 0)
-    assert abs(row["macs_ratio"] - 0.5) <= 0.02 and row["epe"] > 0

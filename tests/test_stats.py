@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import ResBlockNet, TinySeg
+from conftest import ResBlockNet, Tiny3D, TinySeg
 
 import kcp_plugin
 from kcp_plugin.importance.cdc import CDCImportance
@@ -178,6 +178,23 @@ def test_prune_with_data_driven_criteria_one_shot_and_iterative():
     segdata = [(torch.randn(2, 3, 32, 32), torch.randint(0, 4, (2, 32, 32)))]
     report = kcp_plugin.prune(seg, segdata[0][0][:1], "fisher", pruning_ratio=0.5, data=segdata)
     assert seg(segdata[0][0]).shape == (2, 4, 32, 32)
+
+
+def test_fisher_on_a_3d_cost_volume_regression_with_custom_step():
+    """Stereo-style: 3-D convs, a regression loss through step_fn, inputs as (inputs, target)."""
+    torch.manual_seed(0)
+    net = Tiny3D()
+    data = [(torch.randn(2, 4, 4, 8, 8), torch.randn(2, 4, 8, 8)) for _ in range(2)]
+
+    def step(model, batch):
+        return F.smooth_l1_loss(model(batch[0]), batch[1], reduction="sum")
+
+    report = kcp_plugin.prune(net, data[0][0][:1], "fisher", pruning_ratio=0.5, data=data,
+                              step_fn=step)
+    assert net.c1[0].out_channels == 4 and report.macs_ratio < 0.6
+    assert net(data[0][0]).shape == (2, 4, 8, 8)
+    with pytest.raises(ValueError, match="class labels"):
+        kcp_plugin.collect(net, data, CDCImportance())
 
 
 def test_fisher_ranks_channels_the_loss_depends_on():
