@@ -23,7 +23,6 @@ from .graph import (
     output_layers,
     preserved_modes,
 )
-from .importance.kcp import KCPImportance
 from .plan import extend_plan
 from .progress import progress_bar
 from .registry import importance_info
@@ -405,7 +404,7 @@ def _run_pruner(
         )
     steps = range(1, iterative_steps + 1)
     for step in progress_bar(steps, enabled=progress, desc=desc):
-        if isinstance(importance, KCPImportance):
+        if hasattr(importance, "keep_ratio_hint"):
             done, after = ratio * (step - 1) / iterative_steps, ratio * step / iterative_steps
             importance.keep_ratio_hint = (1 - after) / max(1 - done, 1e-9)
         if loss_fn is not None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
 import pytest
 import torch
 import torch_pruning as tp
+from conftest import ResBlockNet, TinySeg
 
 import kcp_plugin
 from kcp_plugin import get_importance, list_importances, register_importance
@@ -34,7 +36,8 @@ def test_builtins_map_to_the_right_torch_pruning_classes():
 
 
 def test_unknown_name_lists_valid_names():
-    with pytest.raises(ValueError, match=r"unknown importance 'fpgn'.*'fpgm'.*Valid names: bn,"):
+    with pytest.raises(ValueError,
+                       match=r"unknown importance 'fpgn'.*'fpgm'.*Valid names: .*bn, .*fpgm"):
         get_importance("fpgn")
 
 
@@ -95,3 +98,23 @@ def test_import_needs_only_torch_and_torch_pruning():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "4 []"
+
+
+def test_fpgm_matches_upstream_and_handles_grouped_convs():
+    """Same scores as torch-pruning's FPGM where it works; grouped convs no longer crash."""
+    torch.manual_seed(0)
+    net = ResBlockNet()
+    x = torch.randn(1, 3, 16, 16)
+    graph = kcp_plugin.graph.build_graph(net, x)
+    ours, upstream = get_importance("fpgm"), tp.importance.FPGMImportance()
+    groups = list(graph.get_all_groups(root_module_types=[torch.nn.Conv2d, torch.nn.Linear]))
+    assert groups
+    for group in groups:
+        a, b = ours(group), upstream(group)
+        assert (a is None and b is None) or torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    seg = TinySeg(4, 64)  # has a grouped (groups=4) conv
+    with pytest.raises(RuntimeError):
+        kcp_plugin.prune(copy.deepcopy(seg), torch.randn(1, 3, 32, 32),
+                         tp.importance.FPGMImportance(), pruning_ratio=0.5)
+    kcp_plugin.prune(seg, torch.randn(1, 3, 32, 32), "fpgm", pruning_ratio=0.5)
+    assert seg(torch.randn(1, 3, 32, 32)).shape == (1, 4, 32, 32)

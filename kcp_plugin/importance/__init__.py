@@ -1,8 +1,11 @@
 """Importance criteria. Importing this package registers every built-in criterion by name."""
 
-from . import builtin, cdc, fisher  # noqa: F401  (registration on import)
+from . import blend, builtin, cdc, epruner, fisher  # noqa: F401  (registration on import)
+from .blend import BlendImportance
 from .cdc import CDCImportance
+from .epruner import EPrunerImportance
 from .fisher import FisherImportance
 from .kcp import KCPImportance
 
-__all__ = ["CDCImportance", "FisherImportance", "KCPImportance"]
+__all__ = ["BlendImportance", "CDCImportance", "EPrunerImportance", "FisherImportance",
+           "KCPImportance"]

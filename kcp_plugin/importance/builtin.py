@@ -10,6 +10,7 @@ import torch
 import torch_pruning as tp
 
 from ..registry import register_importance
+from .views import CONSUMER_FNS, PRODUCER_FNS, consumer_rows, producer_rows
 
 
 @register_importance("l1", summary="Group L1 norm of the coupled weights (torch-pruning)")
@@ -28,10 +29,40 @@ def l2(group_reduction: str = "mean", normalizer: str = "mean", bias: bool = Fal
     )
 
 
+class _FPGMImportance(tp.importance.FPGMImportance):
+    """torch-pruning's FPGM with per-channel rows from :mod:`.views`.
+
+    Upstream defect (torch-pruning 1.6.1): for a grouped, non-depthwise conv read as a consumer,
+    ``FPGMImportance`` calls ``repeat(groups)`` on a 2-D tensor and raises ``RuntimeError``
+    ("Number of dimensions of repeat dims can not be smaller..."). The rows here are the same as
+    upstream's for every other layer (tested), and a grouped conv's row holds the kernels of its
+    own group.
+    """
+
+    @torch.no_grad()
+    def __call__(self, group, **kwargs):
+        scores, roots = [], []
+        for i, (dep, idxs) in enumerate(group):
+            layer, fn = dep.layer, dep.pruning_fn
+            if not isinstance(layer, tuple(self.target_types)) or not idxs:
+                continue
+            rows_of = producer_rows if fn in PRODUCER_FNS else (
+                consumer_rows if fn in CONSUMER_FNS else None)
+            rows = rows_of(layer) if rows_of else None
+            if rows is None or rows.shape[0] <= max(idxs):
+                continue
+            local = rows[idxs].abs().pow(self.p)
+            scores.append(torch.cdist(local[None], local[None], p=2)[0].abs().sum(0))
+            roots.append(group[i].root_idxs)
+        if not scores:
+            return None
+        return self._normalize(self._reduce(scores, roots), self.normalizer)
+
+
 @register_importance("fpgm", summary="Distance to the geometric median of filters (FPGM)")
 def fpgm(p: int = 2, group_reduction: str = "mean", normalizer: str = "mean", bias: bool = False):
     """FPGM as torch-pruning implements it (distances on |w|^p, not on raw weights)."""
-    return tp.importance.FPGMImportance(
+    return _FPGMImportance(
         p=p, group_reduction=group_reduction, normalizer=normalizer, bias=bias
     )
 
