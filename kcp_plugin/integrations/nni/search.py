@@ -1,0 +1,620 @@
+"""NNI experiment: search pruning settings on the benchmark tasks.
+
+An NNI hyper-parameter experiment (local mode, built-in tuners such as TPE) whose trials prune a
+dense benchmark model (:mod:`kcp_plugin.bench` tasks), fine-tune it and report accuracy with
+MACs. The search space (``configs/nni/search_space*.json``) may contain:
+
+* ``criterion``: a registered criterion (:func:`kcp_plugin.list_importances`);
+* ``target_macs``: fraction of MACs kept (:func:`kcp_plugin.prune` searches the channel ratio),
+  **or** ``ratio_<stage>``: the channel pruning ratio of every conv / linear layer under the
+  model's top-level module ``<stage>`` (:func:`task_stages` lists them); MACs then follow;
+* ``finetune_lr``, ``finetune_steps``: fine-tuning after the prune (AdamW, cosine schedule).
+
+Each trial reports the task metric every ``report_every`` fine-tuning steps (intermediate
+results, so NNI's assessors can stop bad trials early) and a final result
+``{"default": metric, "macs_ratio": ..., ...}``. :func:`run_search` trains the dense model once,
+runs the experiment and writes ``results.json``, ``summary.md`` (best trials and the
+accuracy-vs-MACs Pareto front) and ``accuracy_vs_macs.png``.
+
+Trials run ``tools/nni_trial.py`` with the interpreter running the search (``sys.executable``):
+with another Python the trials would fail without any message.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "PARAM_KEYS",
+    "SearchSettings",
+    "TunerConnectionError",
+    "check_search_space",
+    "launch_experiment",
+    "pareto_front",
+    "run_search",
+    "run_trial",
+    "summarize",
+    "task_stages",
+    "train_dense",
+]
+
+PARAM_KEYS = ("criterion", "target_macs", "finetune_lr", "finetune_steps")
+REPO_ROOT = Path(__file__).resolve().parents[3]
+TRIAL_SCRIPT = REPO_ROOT / "tools" / "nni_trial.py"
+
+
+class TunerConnectionError(RuntimeError):
+    """NNI's tuner (dispatcher) process did not connect to the manager in time."""
+
+
+@dataclass
+class SearchSettings:
+    """What stays fixed across the trials of one experiment (passed to every trial as JSON).
+
+    Attributes:
+        task: Benchmark task (:data:`kcp_plugin.bench.TASKS`).
+        dense: Path of the dense model's state dict (written by :func:`train_dense`).
+        seed: Data split and initialisation seed.
+        n_train / n_val / batch_size: Data.
+        finetune_steps / finetune_lr: Defaults when the search space does not set them.
+        target_macs / criterion: Defaults likewise.
+        report_every: Fine-tuning steps between intermediate results.
+        data_steps: Batches of statistics for data-driven criteria.
+        threads: torch CPU threads per trial (0: leave torch's default).
+    """
+
+    task: str = "segmentation"
+    dense: str = ""
+    seed: int = 0
+    n_train: int = 256
+    n_val: int = 64
+    batch_size: int = 16
+    finetune_steps: int = 100
+    finetune_lr: float = 1e-3
+    target_macs: float = 0.5
+    criterion: str = "kcp"
+    report_every: int = 25
+    data_steps: int = 4
+    threads: int = 0
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SearchSettings:
+        return cls(**json.loads(Path(path).read_text()))
+
+
+# ---------------------------------------------------------------------------- search space
+def task_stages(task_name: str) -> list[str]:
+    """Top-level modules of a task's model that hold prunable conv / linear layers."""
+    from ...bench import get_task
+
+    model = get_task(task_name).build(0)
+    stages = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) and "." in name:
+            stages.append(name.split(".")[0])
+        elif isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+            stages.append(name)
+    return list(dict.fromkeys(stages))
+
+
+def _values(spec: Any, key: str) -> list[Any]:
+    if not isinstance(spec, dict) or "_type" not in spec or "_value" not in spec:
+        raise ValueError(f"search space entry {key!r} must be {{'_type': ..., '_value': [...]}}, "
+                         f"got {spec!r}")
+    if not isinstance(spec["_value"], list) or not spec["_value"]:
+        raise ValueError(f"search space entry {key!r}: '_value' must be a non-empty list")
+    return spec["_value"]
+
+
+def check_search_space(space: Any, task_name: str) -> None:
+    """Check a search space against the task before an experiment starts.
+
+    Raises:
+        ValueError: unknown keys or stages, unregistered criteria (or ones the task cannot
+            feed, e.g. label-based criteria on stereo), ratios out of range, or both
+            ``target_macs`` and ``ratio_*`` keys.
+    """
+    from ...bench import get_task
+    from ...registry import get_importance, importance_info
+
+    task = get_task(task_name)
+    if not isinstance(space, dict) or not space:
+        raise ValueError("the search space must be a non-empty JSON object")
+    stages = task_stages(task_name)
+    ratio_keys = [k for k in space if k.startswith("ratio_")]
+    for key in space:
+        if key not in PARAM_KEYS and key not in ratio_keys:
+            raise ValueError(f"unknown search-space key {key!r}; valid keys: "
+                             f"{', '.join(PARAM_KEYS)}, ratio_<stage> with <stage> one of "
+                             f"{', '.join(stages)}")
+    if ratio_keys and "target_macs" in space:
+        raise ValueError("search either target_macs or per-stage ratio_<stage> keys, not both")
+    for key in ratio_keys:
+        if key[len("ratio_"):] not in stages:
+            raise ValueError(f"{key!r}: {task_name} models have no stage "
+                             f"{key[len('ratio_'):]!r}; stages: {', '.join(stages)}")
+    for key, spec in space.items():
+        values = _values(spec, key)
+        kind = spec["_type"]
+        if key == "criterion":
+            if kind != "choice":
+                raise ValueError("'criterion' must be a choice")
+            for name in values:
+                info = importance_info(name)
+                imp = get_importance(info.name) if info.requires_data else None
+                if imp is not None and getattr(imp, "needs_labels", False) \
+                        and task.name == "stereo":
+                    raise ValueError(f"criterion {name!r} needs class labels, which the stereo "
+                                     "task does not have")
+            continue
+        numbers = values if kind == "choice" else values[:2]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+            raise ValueError(f"search space entry {key!r}: values must be numbers, got {values}")
+        if key == "target_macs" or key.startswith("ratio_"):
+            low, high = (0.0, 1.0)
+            ok = all((low < v <= high) if key == "target_macs" else (low <= v < high)
+                     for v in numbers)
+            if not ok:
+                raise ValueError(f"search space entry {key!r}: values must be in "
+                                 f"{'(0, 1]' if key == 'target_macs' else '[0, 1)'}, got {values}")
+        if key == "finetune_steps" and not all(float(v) >= 0 for v in numbers):
+            raise ValueError("finetune_steps must be >= 0")
+        if key == "finetune_lr" and not all(float(v) > 0 for v in numbers):
+            raise ValueError("finetune_lr must be > 0")
+
+
+# ---------------------------------------------------------------------------- dense model
+def train_dense(settings: SearchSettings, steps: int, lr: float, path: str | os.PathLike,
+                progress: bool | None = None) -> dict[str, Any]:
+    """Train the task's dense model once and save its state dict with its metrics.
+
+    Returns:
+        ``{"task", "seed", "metric", "value", "macs", "params"}``.
+    """
+    from ...bench import get_task, make_loader, train
+    from ...bench.protocol import _forward_for
+    from ...graph import count_macs_params
+
+    task = get_task(settings.task)
+    train_ds, val_ds = task.splits(settings.seed, settings.n_train, settings.n_val)
+    model = task.build(settings.seed)
+    if steps:
+        train(model, task, make_loader(train_ds, settings.batch_size, settings.seed), steps, lr,
+              desc=f"dense {task.name}", progress=progress)
+    model.eval()
+    value = task.evaluate(model, make_loader(val_ds, settings.batch_size, settings.seed,
+                                             shuffle=False))[task.metric]
+    macs, params = count_macs_params(model, task.example_inputs(), _forward_for(task))
+    meta = {"task": settings.task, "seed": settings.seed, "metric": task.metric, "value": value,
+            "macs": macs, "params": params, "steps": steps}
+    torch.save({"state_dict": model.state_dict(), "meta": meta}, path)
+    return meta
+
+
+def _load_dense(path: str | os.PathLike) -> dict[str, Any]:
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or "state_dict" not in payload:
+        raise ValueError(f"{path} is not a dense checkpoint written by train_dense")
+    return payload
+
+
+# ---------------------------------------------------------------------------- one trial
+def _stage_ratios(model: nn.Module, ratios: dict[str, float]) -> dict[str, float]:
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+            stage = name.split(".")[0]
+            if stage in ratios and ratios[stage] > 0:
+                out[name] = float(ratios[stage])
+    return out
+
+
+def run_trial(params: dict[str, Any], settings: SearchSettings,
+              report: Callable[[str, Any], None] | None = None) -> dict[str, Any]:
+    """Prune the dense model with ``params``, fine-tune, evaluate; return the final result.
+
+    Args:
+        params: Search-space values (missing keys take ``settings``' defaults).
+        settings: The experiment's fixed settings.
+        report: ``report(kind, value)`` with kind ``"intermediate"`` or ``"final"`` (NNI's
+            ``report_intermediate_result`` / ``report_final_result`` in a trial).
+
+    Returns:
+        The final result: ``default`` (the task metric), ``macs_ratio``, ``params_ratio``,
+        ``after_prune`` (metric before fine-tuning), ``dense`` and timing.
+    """
+    from ...bench import get_task, make_loader, train
+    from ...bench.protocol import _forward_for
+    from ...pruning import prune
+    from ...registry import importance_info
+
+    start = time.perf_counter()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    task = get_task(settings.task)
+    criterion = str(params.get("criterion", settings.criterion))
+    info = importance_info(criterion)
+    ratios = {k[len("ratio_"):]: float(v) for k, v in params.items() if k.startswith("ratio_")}
+    steps = int(round(float(params.get("finetune_steps", settings.finetune_steps))))
+    lr = float(params.get("finetune_lr", settings.finetune_lr))
+    torch.manual_seed(settings.seed)
+    train_ds, val_ds = task.splits(settings.seed, settings.n_train, settings.n_val)
+    train_loader = make_loader(train_ds, settings.batch_size, settings.seed)
+    val_loader = make_loader(val_ds, settings.batch_size, settings.seed, shuffle=False)
+    model = task.build(settings.seed)
+    dense = _load_dense(settings.dense)
+    model.load_state_dict(dense["state_dict"])
+    model.eval()
+    fwd = _forward_for(task)
+    batch = next(iter(train_loader))
+    kwargs: dict[str, Any] = {}
+    if info.requires_grad:
+        kwargs["loss_fn"] = task.loss_fn(batch, per_sample=info.name == "hessian")
+    if info.requires_data:
+        batches = [b for _, b in zip(range(settings.data_steps), train_loader)]
+        kwargs.update(data=batches, step_fn=lambda m, b: task.loss(task.forward(m, b), b))
+    if ratios:
+        kwargs["pruning_ratio_dict"] = _stage_ratios(model, ratios)
+    else:
+        kwargs["target_macs_ratio"] = float(params.get("target_macs", settings.target_macs))
+    t0 = time.perf_counter()
+    pruned = prune(model, task.example_inputs(), criterion, forward_fn=fwd, progress=False,
+                   **kwargs)
+    prune_s = time.perf_counter() - t0
+    after_prune = task.evaluate(model, val_loader)[task.metric]
+    history: list[dict[str, float]] = []
+    state = {"step": 0}
+
+    def on_step() -> bool:
+        state["step"] += 1
+        if settings.report_every and state["step"] % settings.report_every == 0 \
+                and state["step"] < steps:
+            value = task.evaluate(model, val_loader)[task.metric]
+            history.append({"step": state["step"], "value": value})
+            if report:
+                report("intermediate", {"default": value, "macs_ratio": pruned.macs_ratio,
+                                        "step": state["step"]})
+        return False
+
+    if steps:
+        train(model, task, train_loader, steps, lr, desc="fine-tune", progress=False,
+              on_step=on_step)
+    final = task.evaluate(model, val_loader)
+    result = {
+        "default": final[task.metric], **{k: v for k, v in final.items() if k != task.metric},
+        "metric": task.metric, "macs_ratio": pruned.macs_ratio, "macs": pruned.macs_after,
+        "params_ratio": pruned.params_ratio, "after_prune": after_prune,
+        "dense": dense["meta"]["value"], "prune_s": prune_s,
+        "trial_s": time.perf_counter() - start, "history": history,
+        "params": dict(params),
+    }
+    if report:
+        # NNI's final metric must be plain data; "metric" names the task metric
+        report("final", result)
+    return result
+
+
+def trial_main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Entry point of ``tools/nni_trial.py``: read settings, get NNI's parameters, run."""
+    import argparse
+
+    import nni
+
+    parser = argparse.ArgumentParser(description="one trial of tools/nni_search.py")
+    parser.add_argument("--settings", required=True, help="SearchSettings JSON")
+    parser.add_argument("--params", default=None,
+                        help="JSON parameters (standalone runs, outside an experiment)")
+    args = parser.parse_args(argv)
+    settings = SearchSettings.load(args.settings)
+    params = json.loads(args.params) if args.params else (nni.get_next_parameter() or {})
+
+    def report(kind: str, value: Any) -> None:
+        if kind == "intermediate":
+            nni.report_intermediate_result(value)
+        else:
+            nni.report_final_result(value)
+
+    result = run_trial(params, settings, report)
+    out_dir = os.environ.get("NNI_OUTPUT_DIR")
+    if out_dir:
+        Path(out_dir, "trial.json").write_text(json.dumps({"params": params, **result},
+                                                          indent=1))
+    return result
+
+
+# ---------------------------------------------------------------------------- experiment
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _check_status(port: int, log_dir: Path) -> str:
+    from nni.experiment import rest
+
+    status = rest.get(port, "/check-status")
+    if status["status"] == "ERROR":
+        errors = "; ".join(status.get("errors") or []) or "no message"
+        if "did not connect" in errors:
+            raise TunerConnectionError(
+                "NNI's tuner process did not connect to the experiment manager within NNI's "
+                f"fixed 10 s ({errors}). The machine is probably too busy to start it: retry "
+                "when fewer processes run, or with fewer concurrent trials. Dispatcher log: "
+                f"{log_dir / 'log' / 'dispatcher.log'}"
+            )
+        raise RuntimeError(f"the NNI experiment failed: {errors} (logs in {log_dir / 'log'})")
+    return status["status"]
+
+
+def launch_experiment(
+    search_space: dict[str, Any],
+    settings: SearchSettings,
+    out_dir: str | os.PathLike,
+    *,
+    config_path: str | os.PathLike | None = None,
+    max_trials: int | None = None,
+    concurrency: int | None = None,
+    port: int | None = None,
+    timeout_s: float | None = None,
+    higher_is_better: bool = True,
+    progress: bool | None = None,
+) -> list[dict[str, Any]]:
+    """Run an NNI experiment in local mode and return one row per trial.
+
+    The experiment config (``configs/nni/experiment.yml`` format) gives the tuner and limits;
+    the search space, trial command (this interpreter, ``tools/nni_trial.py``), code and
+    working directories are set here. The web server listens on ``port`` (a free one by
+    default); this function talks to it on localhost.
+
+    Returns:
+        Rows ``{"trial", "status", "params", "final", "intermediate"}``.
+
+    Raises:
+        TunerConnectionError: the tuner did not connect within NNI's 10 s.
+        RuntimeError: the experiment failed, or timed out.
+    """
+    from nni.experiment import Experiment, ExperimentConfig
+
+    from ...progress import progress_bar
+
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings_path = out_dir / "settings.json"
+    settings_path.write_text(json.dumps(asdict(settings), indent=1))
+    if config_path is not None:
+        config = ExperimentConfig.load(str(config_path))
+    else:
+        config = ExperimentConfig("local")
+        config.tuner.name = "TPE"
+    config.search_space = search_space
+    config.search_space_file = None
+    config.trial_command = (f"{shlex.quote(sys.executable)} {shlex.quote(str(TRIAL_SCRIPT))} "
+                            f"--settings {shlex.quote(str(settings_path))}")
+    config.trial_code_directory = str(REPO_ROOT)
+    config.experiment_working_directory = str(out_dir / "nni-experiments")
+    if config.training_service is None or not hasattr(config.training_service, "platform"):
+        config.training_service = "local"
+    elif config.training_service.platform != "local":
+        raise ValueError("the pruning search runs in NNI's local mode (trainingService: local)")
+    if max_trials is not None:
+        config.max_trial_number = max_trials
+    if concurrency is not None:
+        config.trial_concurrency = concurrency
+    config.trial_concurrency = config.trial_concurrency or 1
+    for algo in (config.tuner, config.assessor):
+        # built-in tuners and assessors follow the task's metric direction
+        if algo is not None and getattr(algo, "name", None) not in (None, "_none_"):
+            args = dict(algo.class_args or {})
+            args["optimize_mode"] = "maximize" if higher_is_better else "minimize"
+            algo.class_args = args
+    experiment = Experiment(config)
+    port = port or _free_port()
+    rows: list[dict[str, Any]] = []
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    bar = progress_bar(enabled=progress, total=config.max_trial_number, desc="NNI trials")
+    experiment.start(port)
+    log_dir = Path(config.experiment_working_directory, experiment.id)
+    try:
+        done = 0
+        while True:
+            status = _check_status(port, log_dir)
+            stats = experiment.get_job_statistics()
+            finished = sum(s["trialJobNumber"] for s in stats
+                           if s["trialJobStatus"] in ("SUCCEEDED", "FAILED", "USER_CANCELED",
+                                                      "SYS_CANCELED", "EARLY_STOPPED"))
+            bar.update(finished - done)
+            done = finished
+            if status in ("DONE", "STOPPED"):
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                raise RuntimeError(f"the NNI experiment did not finish within {timeout_s} s "
+                                   f"(status {status}); logs in {log_dir / 'log'}")
+            time.sleep(1.0)
+        metrics = experiment.get_job_metrics()
+        for job in experiment.list_trial_jobs():
+            final = [m.data for m in metrics.get(job.trialJobId, []) if m.type == "FINAL"]
+            inter = [m.data for m in metrics.get(job.trialJobId, []) if m.type == "PERIODICAL"]
+            final_value = _decode(final[-1]) if final else None
+            # the trial reports the parameters it received: NNI 3.0's trial-job listing can
+            # pair concurrent trials with each other's parameters
+            params = final_value.pop("params", None) if isinstance(final_value, dict) else None
+            if params is None:
+                params = job.hyperParameters[0].parameters if job.hyperParameters else {}
+            rows.append({"trial": job.trialJobId, "status": job.status, "params": params,
+                         "final": final_value,
+                         "intermediate": [_decode(v) for v in inter],
+                         "log": job.logPath})
+    finally:
+        bar.close()
+        experiment.stop()
+    return rows
+
+
+def _decode(value: Any) -> Any:
+    # NNI hands metrics back as JSON strings (sometimes twice encoded)
+    for _ in range(2):
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                break
+    return value
+
+
+# ---------------------------------------------------------------------------- summary
+def _value(row: dict[str, Any]) -> float:
+    final = row.get("final")
+    if isinstance(final, dict):
+        return float(final.get("default", math.nan))
+    return float(final) if isinstance(final, (int, float)) else math.nan
+
+
+def pareto_front(rows: list[dict[str, Any]], higher_is_better: bool = True
+                 ) -> list[dict[str, Any]]:
+    """Trials no other trial beats on both MACs kept (lower) and metric; by MACs."""
+    ok = [r for r in rows if isinstance(r.get("final"), dict)
+          and not math.isnan(_value(r)) and "macs_ratio" in r["final"]]
+    sign = 1.0 if higher_is_better else -1.0
+    front = []
+    for r in ok:
+        m, v = r["final"]["macs_ratio"], sign * _value(r)
+        dominated = any(o["final"]["macs_ratio"] <= m and sign * _value(o) >= v
+                        and (o["final"]["macs_ratio"] < m or sign * _value(o) > v) for o in ok)
+        if not dominated:
+            front.append(r)
+    return sorted(front, key=lambda r: r["final"]["macs_ratio"])
+
+
+def _describe(params: dict[str, Any]) -> str:
+    parts = []
+    for key, value in params.items():
+        if isinstance(value, float):
+            value = f"{value:.3g}"
+        parts.append(f"{key}={value}")
+    return ", ".join(parts)
+
+
+def summarize(rows: list[dict[str, Any]], out_dir: str | os.PathLike, *,
+              metric: str, higher_is_better: bool = True,
+              dense: dict[str, Any] | None = None, top: int = 10) -> str:
+    """Write ``results.json``, ``summary.md`` and ``accuracy_vs_macs.png``; return the markdown.
+
+    The table lists the best trials (by metric) and the Pareto front of metric against MACs.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps({"dense": dense, "trials": rows}, indent=1))
+    ok = [r for r in rows if isinstance(r.get("final"), dict)]
+    failed = [r for r in rows if r not in ok]
+    ranked = sorted(ok, key=_value, reverse=higher_is_better)
+    front = pareto_front(ok, higher_is_better)
+    head = "| trial | {m} | MACs kept | after prune | intermediate | parameters |"
+    sep = "|---|---|---|---|---|---|"
+
+    def line(r: dict[str, Any]) -> str:
+        f = r["final"]
+        inter = " ".join(f"{_value({'final': v}):.1f}" if isinstance(v, dict) else f"{v:.1f}"
+                         for v in r["intermediate"])
+        return (f"| {r['trial']} | {_value(r):.2f} | {f.get('macs_ratio', math.nan):.3f} | "
+                f"{f.get('after_prune', math.nan):.2f} | {inter or '-'} | "
+                f"{_describe(r['params'])} |")
+
+    lines = [f"# NNI pruning search: {len(ok)} trials finished, {len(failed)} failed", ""]
+    if dense:
+        lines += [f"Dense model: {metric} {dense['value']:.2f}, {dense['macs'] / 1e6:.2f} M MACs",
+                  ""]
+    lines += [f"## Best trials ({metric}, {'higher' if higher_is_better else 'lower'} is "
+              "better)", "", head.format(m=metric), sep] + [line(r) for r in ranked[:top]]
+    lines += ["", f"## Accuracy-vs-MACs front ({len(front)} trials)", "",
+              head.format(m=metric), sep] + [line(r) for r in front]
+    if failed:
+        lines += ["", "## Failed trials", ""] + [f"- {r['trial']} ({r['status']}): log in "
+                                                 f"{r.get('log')}" for r in failed]
+    text = "\n".join(lines) + "\n"
+    (out_dir / "summary.md").write_text(text)
+    _plot(ok, front, out_dir / "accuracy_vs_macs.png", metric, higher_is_better, dense)
+    return text
+
+
+def _plot(rows: list[dict[str, Any]], front: list[dict[str, Any]], path: Path, metric: str,
+          higher_is_better: bool, dense: dict[str, Any] | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    by_criterion: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        crit = str(r["params"].get("criterion", "(fixed)"))
+        by_criterion.setdefault(crit, []).append((r["final"]["macs_ratio"], _value(r)))
+    for crit, pts in sorted(by_criterion.items()):
+        xs, ys = zip(*pts)
+        ax.scatter(xs, ys, label=crit, alpha=0.8)
+    if front:
+        ax.plot([r["final"]["macs_ratio"] for r in front], [_value(r) for r in front], "k--x",
+                lw=1, label="front")
+    if dense:
+        ax.axhline(dense["value"], color="gray", ls=":", lw=1, label="dense")
+    ax.set_xlabel("fraction of MACs kept")
+    ax.set_ylabel(metric + ("" if higher_is_better else " (lower is better)"))
+    ax.set_title(f"NNI pruning search: {metric} vs MACs")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_search(
+    search_space: dict[str, Any],
+    settings: SearchSettings,
+    out_dir: str | os.PathLike,
+    *,
+    dense_steps: int = 300,
+    dense_lr: float = 3e-3,
+    config_path: str | os.PathLike | None = None,
+    max_trials: int | None = None,
+    concurrency: int | None = None,
+    port: int | None = None,
+    timeout_s: float | None = None,
+    progress: bool | None = None,
+) -> tuple[list[dict[str, Any]], str]:
+    """Check the search space, train (or reuse) the dense model, run the experiment, summarise.
+
+    Returns:
+        ``(rows, summary markdown)``; the files are in ``out_dir``.
+    """
+    from ...bench import get_task
+
+    task = get_task(settings.task)
+    check_search_space(search_space, settings.task)
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if settings.dense:
+        dense = _load_dense(settings.dense)["meta"]
+        if dense.get("task") != settings.task:
+            raise ValueError(f"{settings.dense} holds a dense {dense.get('task')} model, not "
+                             f"{settings.task}")
+    else:
+        settings.dense = str(out_dir / "dense.pt")
+        dense = train_dense(settings, dense_steps, dense_lr, settings.dense, progress)
+    rows = launch_experiment(search_space, settings, out_dir, config_path=config_path,
+                             max_trials=max_trials, concurrency=concurrency, port=port,
+                             timeout_s=timeout_s, higher_is_better=task.higher_is_better,
+                             progress=progress)
+    text = summarize(rows, out_dir, metric=task.metric, higher_is_better=task.higher_is_better,
+                     dense=dense)
+    return rows, text

@@ -1,0 +1,447 @@
+"""NNI integration: coupled masks, scheduled / data-driven pruning, speedup, experiment search."""
+
+from __future__ import annotations
+
+import copy
+import http.server
+import itertools
+import json
+import subprocess
+import sys
+import threading
+
+import nni
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from conftest import ResBlockNet
+from nni.compression import TorchEvaluator
+from nni.compression.base.compressor import Pruner as NNIPruner
+from nni.compression.pruning import AGPPruner, L1NormPruner, LinearPruner
+
+import kcp_plugin
+from kcp_plugin.integrations import nni as knni
+from kcp_plugin.integrations.nni import search
+from kcp_plugin.integrations.nni.groups import masked_channels
+from kcp_plugin.models import build_model, example_inputs
+
+RESIDUAL = ["stem.0", "stem.1", "b1.3", "b1.4", "b2.3", "b2.4"]  # one coupled channel group
+CONV = [{"op_types": ["Conv2d"], "sparse_ratio": 0.5}]
+
+
+def _randomize_bn(model: nn.Module, zero_shift: bool = False) -> nn.Module:
+    """Non-trivial BatchNorm statistics, so a masked channel is not accidentally zero."""
+    gen = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+            if zero_shift:  # BN(0) == 0: removing a masked conv channel is exact
+                m.running_mean.zero_()
+                m.bias.data.zero_()
+            else:
+                m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=gen) - 0.5)
+                m.bias.data.copy_(torch.rand(m.bias.shape, generator=gen) - 0.5)
+    return model
+
+
+def _net(seed: int = 0, **kwargs) -> nn.Module:
+    torch.manual_seed(seed)
+    return _randomize_bn(ResBlockNet(**kwargs).eval())
+
+
+def _masked(model: nn.Module, masks: dict, name: str) -> set[int]:
+    return masked_channels(dict(model.named_modules())[name], masks[name])
+
+
+def _assert_untouched(model: nn.Module, state: dict, params: list) -> None:
+    assert list(model.parameters()) == params
+    assert not any("_nni_wrapper" in m._modules for m in model.modules())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def _snapshot(model: nn.Module) -> tuple[dict, list]:
+    return {k: v.clone() for k, v in model.state_dict().items()}, list(model.parameters())
+
+
+def _batches(n: int = 4, size: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    return [(torch.randn(8, 3, size, size, generator=gen), torch.randint(0, 5, (8,), generator=gen))
+            for _ in range(n)]
+
+
+# ---------------------------------------------------------------------------- config_list
+@pytest.mark.parametrize("legacy,replacement", [
+    ({"op_types": ["Conv2d"], "total_sparsity": 0.5}, "global_group_id"),
+    ({"op_types": ["Conv2d"], "sparsity_per_layer": 0.5}, "sparse_ratio"),
+    ({"op_types": ["Conv2d"], "sparsity": 0.5}, "sparse_ratio"),
+    ({"op_partial_names": ["b1"], "sparse_ratio": 0.5}, "op_names_re"),
+    ({"op_types": ["Conv2d"], "sparse_ratio": 0.5, "max_sparsity_per_layer": 0.8},
+     "max_sparse_ratio"),
+])
+def test_legacy_config_keys_give_a_clear_error_before_wrapping(legacy, replacement):
+    model = _net()
+    state, params = _snapshot(model)
+    with pytest.raises(ValueError, match="legacy NNI 2.x key") as info:
+        knni.KCPPruner(model, [legacy], example_inputs=torch.randn(1, 3, 8, 8))
+    assert replacement in str(info.value)
+    _assert_untouched(model, state, params)
+
+
+@pytest.mark.parametrize("entry,message", [
+    ({"op_types": ["Conv2d"], "sparse_threshold": 0.1}, "not supported"),
+    ({"op_types": ["Conv2d"], "sparse_ratio": 1.5}, r"\[0, 1\)"),
+    ({"sparse_ratio": 0.5}, "selects no layer"),
+    ({"op_types": ["Conv2d"], "sparse_ratio": 0.5, "speed": 1}, "unknown key 'speed'"),
+    ({"op_types": ["Conv2d"], "sparse_ratio": 0.5, "granularity": [1, 3]}, "whole output"),
+])
+def test_invalid_config_entries_are_named(entry, message):
+    with pytest.raises(ValueError, match=message):
+        knni.validate_config_list([entry])
+
+
+def test_missing_example_inputs_and_unknown_criterion_are_clear():
+    with pytest.raises(ValueError, match="example_inputs"):
+        knni.KCPPruner(_net(), CONV)
+    with pytest.raises(ValueError, match="Valid names"):
+        knni.KCPPluginPruner(_net(), CONV, "kcpp", example_inputs=torch.randn(1, 3, 8, 8))
+
+
+# ---------------------------------------------------------------------------- pruner classes
+def test_every_registered_criterion_has_an_nni_pruner_class():
+    classes = knni.list_pruners()
+    assert set(classes) == set(kcp_plugin.list_importances())
+    assert classes["kcp"] == "KCPPruner"
+    for name, cls_name in classes.items():
+        cls = getattr(knni, cls_name)
+        assert issubclass(cls, knni.KCPPluginPruner) and cls.importance_name == name
+        assert issubclass(cls, NNIPruner)
+    # a generic pruner given the name and the generated class choose the same channels
+    x = torch.randn(2, 3, 16, 16)
+    _, a = knni.KCPPluginPruner(_net(), CONV, "l2", example_inputs=x).compress()
+    _, b = knni.pruner_class("l2")(_net(), CONV, example_inputs=x).compress()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k]["weight"], b[k]["weight"]) for k in a)
+
+
+@pytest.mark.parametrize("criterion", kcp_plugin.list_importances())
+def test_every_criterion_prunes_coupled_groups_through_its_class(criterion):
+    info = kcp_plugin.importance_info(criterion)
+    batches = _batches(3)
+    x, y = batches[0]
+    kwargs = {}
+    if info.requires_data:
+        kwargs["data"] = batches
+    if info.requires_grad:
+        reduction = "none" if criterion == "hessian" else "mean"
+        kwargs["loss_fn"] = lambda m: F.cross_entropy(m(x), y, reduction=reduction)
+    model = _net()
+    _, masks = knni.pruner_class(criterion)(model, CONV, example_inputs=x, **kwargs).compress()
+    residual = [_masked(model, masks, n) for n in RESIDUAL]
+    assert all(s == residual[0] for s in residual) and len(residual[0]) == 8
+    assert len(_masked(model, masks, "b2.0")) == len(_masked(model, masks, "b2.1")) == 16
+
+
+def test_masks_of_a_residual_net_are_coupled_unlike_nni_l1():
+    x = torch.randn(2, 3, 16, 16)
+    model = _net()
+    pruner = knni.KCPPruner(model, CONV, example_inputs=x)
+    _, masks = pruner.compress()
+    pruner.unwrap_model()
+    # BatchNorms of pruned groups are wrapped and masked too; the output layer is not pruned
+    assert {"stem.1", "b1.1", "b1.4", "b2.1", "b2.4"} <= set(masks)
+    assert "fc" not in masks
+    residual = [_masked(model, masks, n) for n in RESIDUAL]
+    assert all(s == residual[0] for s in residual) and len(residual[0]) == 8
+    assert _masked(model, masks, "b1.0") == _masked(model, masks, "b1.1")
+    assert len(_masked(model, masks, "b2.0")) == 16  # int(32 * 0.5)
+    # NNI's L1NormPruner masks each residual conv on its own: the channel sets differ
+    other = _net()
+    _, l1_masks = L1NormPruner(other, CONV).compress()
+    sets = [_masked(other, l1_masks, n) for n in ("stem.0", "b1.3", "b2.3")]
+    assert not sets[0] == sets[1] == sets[2]
+
+
+def test_excluded_layer_protects_its_group_and_global_ranking_spreads_the_ratio():
+    x = torch.randn(2, 3, 16, 16)
+    model = _net()
+    config = [{"op_types": ["Conv2d"], "exclude_op_names": ["b1.3"], "sparse_ratio": 0.5}]
+    _, masks = knni.KCPPruner(model, config, example_inputs=x).compress()
+    assert all(not _masked(model, masks, n) for n in ("stem.0", "b2.3"))
+    assert len(_masked(model, masks, "b1.0")) == 8
+    model = _net()
+    config = [{"op_types": ["Conv2d"], "sparse_ratio": 0.5, "global_group_id": 0}]
+    _, masks = knni.KCPPruner(model, config, example_inputs=x).compress()
+    counts = [len(_masked(model, masks, n)) for n in ("stem.0", "b1.0", "b2.0")]
+    assert sum(counts) == 32  # half of the 16 + 16 + 32 channels of the three groups
+    assert counts != [8, 8, 16]  # ranked across groups, not per group
+
+
+# ---------------------------------------------------------------------------- scheduled pruning
+def _evaluator(model: nn.Module, batches: list) -> TorchEvaluator:
+    def training_func(model, optimizers, training_step, lr_schedulers=None, max_steps=None,
+                      max_epochs=None):
+        model.train()
+        for step, batch in enumerate(itertools.cycle(batches)):
+            if step >= (max_steps or len(batches)):
+                break
+            optimizers.zero_grad()
+            training_step(batch, model).backward()
+            optimizers.step()
+
+    def training_step(batch, model):
+        return F.cross_entropy(model(batch[0]), batch[1])
+
+    optimizer = nni.trace(torch.optim.SGD)(model.parameters(), lr=0.01)
+    return TorchEvaluator(training_func, optimizer, training_step,
+                          dummy_input=batches[0][0][:2])
+
+
+@pytest.mark.parametrize("scheduler", [AGPPruner, LinearPruner])
+def test_our_pruner_inside_nni_scheduled_pruners(scheduler):
+    batches = _batches()
+    model = ResBlockNet()
+    pruner = knni.KCPPruner(model, CONV, example_inputs=batches[0][0][:2])
+    selections = []
+    update = pruner.update_masks
+
+    def record(masks):
+        selections.append({n: _masked(model, masks, n) for n in ("stem.0", "b2.0")})
+        update(masks)
+
+    pruner.update_masks = record
+    scheduled = scheduler(pruner, interval_steps=2, total_times=3,
+                          evaluator=_evaluator(model, batches))
+    _, masks = scheduled.compress(max_steps=6, max_epochs=None)
+    scheduled.unwrap_model()
+    assert len(selections) == 3
+    sizes = [len(s["stem.0"]) for s in selections]
+    assert sizes == sorted(sizes) and sizes[-1] == 8 and sizes[0] < 8
+    for before, after in zip(selections, selections[1:]):  # pruned channels stay pruned
+        assert before["stem.0"] <= after["stem.0"] and before["b2.0"] <= after["b2.0"]
+    residual = [_masked(model, masks, n) for n in RESIDUAL]
+    assert all(s == residual[0] for s in residual)
+
+
+@pytest.mark.parametrize("criterion", ["fisher", "cdc", "taylor"])
+def test_data_and_gradient_criteria_collect_through_an_nni_evaluator(criterion):
+    batches = _batches()
+    model = ResBlockNet()
+    evaluator = _evaluator(model, batches)
+    pruner = knni.pruner_class(criterion)(model, CONV, evaluator, training_steps=3)
+    with pytest.raises(ValueError, match="training_steps|evaluator"):
+        knni.pruner_class(criterion)(ResBlockNet(), CONV,
+                                     example_inputs=batches[0][0]).compress()
+    before = model.b1[0].weight.detach().clone()
+    _, masks = pruner.compress()
+    pruner.unwrap_model()
+    assert pruner.generated == 1
+    assert not torch.equal(model.b1[0].weight, before)  # the evaluator trained the model
+    if criterion != "taylor":
+        assert pruner.importance.samples == 3  # statistics of every training step
+    residual = [_masked(model, masks, n) for n in RESIDUAL]
+    assert all(s == residual[0] for s in residual) and len(residual[0]) == 8
+    assert len(_masked(model, masks, "b2.0")) == 16
+
+
+def test_data_driven_criterion_from_batches_without_an_evaluator():
+    batches = _batches()
+    model = _net()
+    pruner = knni.KCPPluginPruner(model, CONV, "fisher", example_inputs=batches[0][0],
+                                  data=batches)
+    _, masks = pruner.compress()
+    assert len(_masked(model, masks, "stem.0")) == 8
+
+
+# ---------------------------------------------------------------------------- speedup
+def _speedup_case(name: str):
+    if name == "resblock":
+        return _net(width=24), torch.randn(2, 3, 16, 16), None
+    if name == "deeplabv3_lite":
+        torch.manual_seed(0)
+        return (_randomize_bn(build_model("deeplabv3_lite", width=8).eval()),
+                example_inputs("deeplabv3_lite", 2, size=32), None)
+    if name == "stereo_lite":
+        torch.manual_seed(0)
+        return (_randomize_bn(build_model("stereo_lite", width=8, max_disp=8).eval()),
+                example_inputs("stereo_lite", 1, size=(32, 64)), lambda m, x: m(*x))
+    torch.manual_seed(0)
+    return _randomize_bn(torchvision.models.resnet18().eval()), torch.randn(2, 3, 64, 64), None
+
+
+@pytest.mark.parametrize("case", ["resblock", "deeplabv3_lite", "stereo_lite",
+                                  "torchvision_resnet18"])
+def test_speedup_output_equals_the_masked_model(case, tmp_path):
+    model, x, fwd = _speedup_case(case)
+    run = fwd or (lambda m, inp: m(inp))
+    config = [{"op_types": ["Conv2d", "Conv3d", "ConvTranspose2d", "Linear"],
+               "sparse_ratio": 0.4}]
+    pruner = knni.KCPPruner(model, config, example_inputs=x, forward_fn=fwd)
+    _, masks = pruner.compress()
+    pruner.unwrap_model()
+    masked = copy.deepcopy(model)
+    knni.apply_masks(masked, masks)
+    report = knni.speedup(model, masks, x, forward_fn=fwd)
+    assert not report.conflicts and not report.kept_masked
+    assert 0.2 < report.macs_ratio < 0.6
+    assert report.macs_after == kcp_plugin.count_macs_params(model, x, fwd)[0]
+    with torch.no_grad():
+        expected, got = run(masked, x), run(model, x)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * expected.abs().max())
+    if case == "resblock":  # the plan replays: save_pruned / load_pruned work after speedup
+        kcp_plugin.save_pruned(model, tmp_path / "pruned.pt")
+        loaded = kcp_plugin.load_pruned(lambda: ResBlockNet(width=24), tmp_path / "pruned.pt", x)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.eval()(x), got)
+
+
+def test_speedup_of_nni_l1_masks_keeps_channels_coupled_layers_disagree_on():
+    x = torch.randn(2, 3, 16, 16)
+    model = _net(seed=1)
+    _randomize_bn(model, zero_shift=True)  # unmasked BNs map a masked channel to 0
+    pruner = L1NormPruner(model, CONV)
+    _, masks = pruner.compress()
+    pruner.unwrap_model()
+    masked = copy.deepcopy(model)
+    knni.apply_masks(masked, masks)
+    stem_masked = _masked(model, masks, "stem.0")
+    residual_every = set.intersection(*[_masked(model, masks, n) for n in ("stem.0", "b1.3",
+                                                                          "b2.3")])
+    report = knni.speedup(model, masks, x)
+    # only the residual group (stem.0 / b1.3 / b2.3) disagrees; inner groups have one mask
+    assert len(report.conflicts) == 1 and set(report.conflicts) <= {"stem.0", "b1.3", "b2.3"}
+    assert model.b1[0].out_channels == 8 and model.b2[0].out_channels == 16
+    assert model.stem[0].out_channels == 16 - len(residual_every) > 16 - len(stem_masked)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), masked(x), rtol=1e-4, atol=1e-6)
+    any_model = _net(seed=1)
+    _randomize_bn(any_model, zero_shift=True)
+    knni.speedup(any_model, masks, x, policy="any")
+    assert any_model.stem[0].out_channels < model.stem[0].out_channels
+
+
+def test_speedup_validates_and_is_atomic(monkeypatch):
+    x = torch.randn(2, 3, 16, 16)
+    model = _net()
+    pruner = knni.KCPPruner(model, CONV, example_inputs=x)
+    _, masks = pruner.compress()
+    with pytest.raises(ValueError, match="unwrap_model"):
+        knni.speedup(model, masks, x)
+    pruner.unwrap_model()
+    state, params = _snapshot(model)
+    bad = {**masks, "b1.0": {"weight": torch.ones(3, 3)}}
+    with pytest.raises(ValueError, match="shape"):
+        knni.speedup(model, bad, x)
+    with pytest.raises(ValueError, match="does not have: 'b1.O'; close matches: b1"):
+        knni.speedup(model, {"b1.O": masks["b1.0"]}, x)
+    with pytest.raises(ValueError, match="policy"):
+        knni.speedup(model, masks, x, policy="union")
+    _assert_untouched(model, state, params)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    # the package attribute "speedup" is the function; patch inside its module
+    monkeypatch.setattr(sys.modules["kcp_plugin.integrations.nni.speedup"], "extend_plan", fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        knni.speedup(model, masks, x)
+    _assert_untouched(model, state, params)
+
+
+def test_speedup_does_not_import_nni():
+    code = ("import sys, torch, kcp_plugin.integrations.nni as k; "
+            "m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 2, 1)); "
+            "w = torch.ones(4, 3, 3, 3); w[0] = 0; "
+            "r = k.speedup(m, {'0': {'weight': w}}, torch.randn(1, 3, 8, 8)); "
+            "assert m[0].out_channels == 3 and 'nni' not in sys.modules, sys.modules.keys()")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+# ---------------------------------------------------------------------------- experiment search
+def test_search_space_is_checked_before_any_experiment():
+    with pytest.raises(ValueError, match="stages: stem"):
+        search.check_search_space({"ratio_encoder": {"_type": "uniform", "_value": [0, .5]}},
+                                  "segmentation")
+    with pytest.raises(ValueError, match="not both"):
+        search.check_search_space({"target_macs": {"_type": "uniform", "_value": [.3, .5]},
+                                   "ratio_stem": {"_type": "uniform", "_value": [0, .5]}},
+                                  "segmentation")
+    with pytest.raises(ValueError, match="Valid names"):
+        search.check_search_space({"criterion": {"_type": "choice", "_value": ["kcpp"]}},
+                                  "segmentation")
+    with pytest.raises(ValueError, match="stereo task"):
+        search.check_search_space({"criterion": {"_type": "choice", "_value": ["cdc"]}},
+                                  "stereo")
+    for path in ("configs/nni/search_space.json", "configs/nni/search_space_stages.json"):
+        with open(kcp_plugin_root() / path) as f:
+            search.check_search_space(json.load(f), "segmentation")
+
+
+def kcp_plugin_root():
+    return search.REPO_ROOT
+
+
+def test_tuner_that_does_not_connect_gives_a_clear_error(tmp_path):
+    payload = {"status": "ERROR", "errors": [
+        "tuner_command_channel: Tuner did not connect in 10 seconds. Please check tuner "
+        "(dispatcher) log."]}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server API)
+            body = json.dumps(payload).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(search.TunerConnectionError, match="did not connect.*dispatcher.log"):
+            search._check_status(server.server_address[1], tmp_path)
+        payload["errors"] = ["trial command failed"]
+        with pytest.raises(RuntimeError, match="trial command failed"):
+            search._check_status(server.server_address[1], tmp_path)
+    finally:
+        server.shutdown()
+
+
+def test_two_trial_experiment_runs_end_to_end(tmp_path):
+    space = {"criterion": {"_type": "choice", "_value": ["l2", "kcp"]},
+             "ratio_layer3": {"_type": "uniform", "_value": [0.2, 0.6]},
+             "ratio_layer4": {"_type": "uniform", "_value": [0.2, 0.6]}}
+    settings = search.SearchSettings(task="segmentation", n_train=16, n_val=8, batch_size=8,
+                                     finetune_steps=3, report_every=1, threads=1)
+    rows, text = search.run_search(
+        space, settings, tmp_path, dense_steps=2, config_path=None, max_trials=2,
+        concurrency=2, timeout_s=600, progress=False)
+    assert len(rows) == 2 and all(r["status"] == "SUCCEEDED" for r in rows), rows
+    for row in rows:
+        final = row["final"]
+        assert row["params"]["criterion"] in ("l2", "kcp")
+        assert 0.2 <= row["params"]["ratio_layer3"] <= 0.6
+        assert 0.0 < final["macs_ratio"] < 1.0 and final["metric"] == "miou"
+        assert 0.0 <= final["default"] <= 100.0
+        assert len(row["intermediate"]) == 2  # steps 1 and 2 of 3
+    assert (tmp_path / "accuracy_vs_macs.png").read_bytes()[:4] == b"\x89PNG"
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert len(saved["trials"]) == 2 and saved["dense"]["metric"] == "miou"
+    assert "Accuracy-vs-MACs front" in text and all(r["trial"] in text for r in rows)
+    front = search.pareto_front(rows)
+    assert 1 <= len(front) <= 2
+
+
+def test_pareto_front_follows_the_metric_direction():
+    def row(name, value, macs):
+        return {"trial": name, "params": {}, "final": {"default": value, "macs_ratio": macs}}
+
+    rows = [row("a", 50.0, 0.4), row("b", 45.0, 0.3), row("c", 40.0, 0.5), row("d", 44.0, 0.6)]
+    assert [r["trial"] for r in search.pareto_front(rows)] == ["b", "a"]
+    assert [r["trial"] for r in search.pareto_front(rows, higher_is_better=False)] == ["b", "c"]

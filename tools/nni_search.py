@@ -1,0 +1,107 @@
+#!/usr/bin/env python
+"""Search pruning settings with an NNI experiment on a benchmark task (local mode).
+
+Trains the task's dense model once (or reuses --dense), then NNI's tuner (TPE by default, from
+configs/nni/experiment.yml) proposes criterion, MACs target or per-stage ratios, and
+fine-tuning settings (configs/nni/search_space*.json); every trial prunes, fine-tunes and
+reports accuracy with MACs. Writes results.json, summary.md (best trials, accuracy-vs-MACs
+front) and accuracy_vs_macs.png to --out.
+
+    python tools/nni_search.py --task segmentation --max-trials 20
+    python tools/nni_search.py --search-space configs/nni/search_space_stages.json
+    python tools/nni_search.py --quick          # 2 tiny trials: checks the whole pipeline
+
+Exit codes: 0 done, 1 the experiment failed, 2 invalid arguments or search space,
+3 NNI's tuner could not start in time (busy machine; retry).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+try:
+    import kcp_plugin  # noqa: F401
+except ImportError:  # run from a checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kcp_plugin.bench import TASKS
+from kcp_plugin.integrations.nni.search import SearchSettings, TunerConnectionError, run_search
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=sorted(TASKS), default="segmentation")
+    p.add_argument("--search-space", default=str(ROOT / "configs/nni/search_space.json"),
+                   help="NNI search space JSON (default: configs/nni/search_space.json)")
+    p.add_argument("--config", default=str(ROOT / "configs/nni/experiment.yml"),
+                   help="NNI experiment config (tuner, assessor, limits)")
+    p.add_argument("--out", default="outputs/nni_search", help="output directory")
+    p.add_argument("--max-trials", type=int, help="override the config's maxTrialNumber")
+    p.add_argument("--concurrency", type=int, help="override the config's trialConcurrency")
+    p.add_argument("--port", type=int, help="web UI port (default: a free one)")
+    p.add_argument("--timeout", type=float, help="give up after this many seconds")
+    p.add_argument("--dense", help="reuse a dense checkpoint written by an earlier search")
+    p.add_argument("--dense-steps", type=int, default=300, help="dense training iterations")
+    p.add_argument("--dense-lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-train", type=int, default=256)
+    p.add_argument("--n-val", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--finetune-steps", type=int, default=100,
+                   help="default when the search space does not set finetune_steps")
+    p.add_argument("--report-every", type=int, default=25,
+                   help="fine-tuning steps between intermediate results")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per trial")
+    p.add_argument("--quick", action="store_true",
+                   help="2 tiny trials (small data, short training): a pipeline check")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        space = json.loads(Path(args.search_space).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        print(f"error: cannot read the search space {args.search_space}: {exc}", file=sys.stderr)
+        return 2
+    settings = SearchSettings(
+        task=args.task, dense=args.dense or "", seed=args.seed, n_train=args.n_train,
+        n_val=args.n_val, batch_size=args.batch_size, finetune_steps=args.finetune_steps,
+        report_every=args.report_every, threads=args.threads,
+    )
+    dense_steps, max_trials, concurrency = args.dense_steps, args.max_trials, args.concurrency
+    if args.quick:
+        settings.n_train, settings.n_val, settings.batch_size = 32, 16, 8
+        settings.report_every, settings.data_steps = 2, 2
+        dense_steps = min(dense_steps, 20)
+        max_trials, concurrency = 2, concurrency or 2
+        space = {k: v for k, v in space.items() if k != "finetune_steps"}
+        settings.finetune_steps = 4
+    try:
+        rows, text = run_search(
+            space, settings, args.out, dense_steps=dense_steps, dense_lr=args.dense_lr,
+            config_path=args.config, max_trials=max_trials, concurrency=concurrency,
+            port=args.port, timeout_s=args.timeout,
+        )
+    except TunerConnectionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except (ValueError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(text)
+    print(f"results in {Path(args.out).resolve()}")
+    return 0 if any(isinstance(r.get("final"), dict) for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
