@@ -1,6 +1,6 @@
 """Importance criteria. Importing this package registers every built-in criterion by name."""
 
-from . import blend, builtin, cdc, epruner, fisher  # noqa: F401  (registration on import)
+from . import blend, builtin, cap, cdc, epruner, fisher  # noqa: F401  (registration on import)
 from .blend import BlendImportance
 from .cdc import CDCImportance
 from .epruner import EPrunerImportance
