@@ -60,6 +60,49 @@ def build_graph(
         )
 
 
+def check_runs(model: nn.Module, example_inputs: Any, forward_fn: ForwardFn | None = None) -> None:
+    """Run ``example_inputs`` through ``model`` once (eval mode, modes restored, no grad).
+
+    Raises:
+        ValueError: the model does not run on them; the message says how to fix the inputs.
+    """
+    try:
+        with torch.no_grad(), preserved_modes(model):
+            model.eval()
+            (forward_fn or default_forward)(model, example_inputs)
+    except Exception as exc:
+        raise ValueError(
+            f"example_inputs could not be run through the model ({type(exc).__name__}: {exc}); "
+            "pass inputs of the right shape, or forward_fn=lambda model, x: ..."
+        ) from exc
+
+
+def checked_graph(
+    model: nn.Module,
+    example_inputs: Any,
+    forward_fn: ForwardFn | None = None,
+    output_transform: Callable | None = None,
+    **kwargs: Any,
+) -> tp.DependencyGraph:
+    """:func:`build_graph`, with a tracer failure reported apart from bad inputs.
+
+    Call :func:`check_runs` first: a model that runs but cannot be traced uses an operation
+    torch-pruning does not support.
+
+    Raises:
+        ValueError: torch-pruning could not trace the model.
+    """
+    try:
+        return build_graph(model, example_inputs, forward_fn, output_transform, **kwargs)
+    except Exception as exc:
+        raise ValueError(
+            "torch-pruning could not trace this model's channel dependencies "
+            f"({type(exc).__name__}: {exc}); the model runs, but an operation in it (channel "
+            "shuffle, an unusual reshape) is not supported: ignore the layers around it "
+            "(ignored_layers) or register a customized pruner"
+        ) from exc
+
+
 def output_layers(graph: tp.DependencyGraph) -> list[nn.Module]:
     """Conv/linear layers whose output channels reach a model output unchanged.
 

@@ -18,6 +18,8 @@ from .attention import detect_num_heads, sync_attention_attrs
 from .graph import (
     ForwardFn,
     build_graph,
+    check_runs,
+    checked_graph,
     count_macs_params,
     default_forward,
     output_layers,
@@ -259,27 +261,11 @@ def prune(
     else:
         raise ValueError(f"num_heads must be 'auto', None or a dict, got {num_heads!r}")
     fwd = forward_fn or default_forward
-    try:
-        with torch.no_grad(), preserved_modes(model):
-            model.eval()
-            fwd(model, example_inputs)
-    except Exception as exc:
-        raise ValueError(
-            f"example_inputs could not be run through the model ({type(exc).__name__}: {exc}); "
-            "pass inputs of the right shape, or forward_fn=lambda model, x: ..."
-        ) from exc
-    try:
-        # Tracing runs the model once more in eval mode (modes restored), no weight changes.
-        graph = build_graph(model, example_inputs, fwd, output_transform,
-                            unwrapped_parameters=unwrapped_parameters,
-                            customized_pruners=customized_pruners)
-    except Exception as exc:
-        raise ValueError(
-            "torch-pruning could not trace this model's channel dependencies "
-            f"({type(exc).__name__}: {exc}); the model runs, but an operation in it (channel "
-            "shuffle, an unusual reshape) is not supported: ignore the layers around it "
-            "(ignored_layers) or register a customized pruner"
-        ) from exc
+    check_runs(model, example_inputs, fwd)
+    # Tracing runs the model once more in eval mode (modes restored), no weight changes.
+    graph = checked_graph(model, example_inputs, fwd, output_transform,
+                          unwrapped_parameters=unwrapped_parameters,
+                          customized_pruners=customized_pruners)
     outputs = output_layers(graph) if protect_outputs else []
     del graph
 

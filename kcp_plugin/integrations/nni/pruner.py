@@ -35,7 +35,14 @@ from nni.compression.base.wrapper import ModuleWrapper
 from nni.compression.utils.evaluator import Evaluator, TensorHook, TorchEvaluator
 
 from ...attention import detect_num_heads
-from ...graph import ForwardFn, build_graph, default_forward, output_layers, preserved_modes
+from ...graph import (
+    ForwardFn,
+    check_runs,
+    checked_graph,
+    default_forward,
+    output_layers,
+    preserved_modes,
+)
 from ...importance.kcp import KCPImportance
 from ...pruning import _backward, resolve_importance
 from ...registry import importance_info, list_importances
@@ -205,21 +212,9 @@ class KCPPluginPruner(Pruner):
             raise ValueError("pass example_inputs=... (or an evaluator with dummy_input): the "
                              "dependency graph of coupled layers is traced from them")
         fwd = forward_fn or default_forward
-        try:
-            with torch.no_grad(), preserved_modes(model):
-                model.eval()
-                fwd(model, example_inputs)
-        except Exception as exc:
-            raise ValueError(
-                f"example_inputs could not be run through the model ({type(exc).__name__}: "
-                f"{exc}); pass inputs of the right shape, or forward_fn=lambda model, x: ..."
-            ) from exc
+        check_runs(model, example_inputs, fwd)
         shadow = copy.deepcopy(model)
-        try:
-            graph = build_graph(shadow, example_inputs, fwd)
-        except Exception as exc:
-            raise ValueError("torch-pruning could not trace this model's channel dependencies "
-                             f"({type(exc).__name__}: {exc})") from exc
+        graph = checked_graph(shadow, example_inputs, fwd)
 
         settings, excluded = self._selected_layers(model, config)
         modules = dict(shadow.named_modules())

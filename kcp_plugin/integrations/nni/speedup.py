@@ -25,7 +25,8 @@ import torch.nn as nn
 from ...attention import detect_num_heads
 from ...graph import (
     ForwardFn,
-    build_graph,
+    check_runs,
+    checked_graph,
     count_macs_params,
     default_forward,
     output_layers,
@@ -208,24 +209,10 @@ def speedup(
     _check_unwrapped(model)
     modules = _check_masks(model, masks)
     fwd = forward_fn or default_forward
-    try:
-        with torch.no_grad(), preserved_modes(model):
-            model.eval()
-            fwd(model, example_inputs)
-    except Exception as exc:
-        raise ValueError(
-            f"example_inputs could not be run through the model ({type(exc).__name__}: {exc}); "
-            "pass inputs of the right shape, or forward_fn=lambda model, x: ..."
-        ) from exc
-    try:
-        graph = build_graph(model, example_inputs, fwd, output_transform,
-                            customized_pruners=customized_pruners,
-                            unwrapped_parameters=unwrapped_parameters)
-    except Exception as exc:
-        raise ValueError(
-            "torch-pruning could not trace this model's channel dependencies "
-            f"({type(exc).__name__}: {exc})"
-        ) from exc
+    check_runs(model, example_inputs, fwd)
+    graph = checked_graph(model, example_inputs, fwd, output_transform,
+                          customized_pruners=customized_pruners,
+                          unwrapped_parameters=unwrapped_parameters)
     protected: dict[nn.Module, str] = {}
     if protect_outputs:
         protected.update({m: "a model output layer" for m in output_layers(graph)})
