@@ -11,7 +11,9 @@ EXTRAS = {
     "torchvision": ["torchvision"],
     "nni": ["nni==3.0", "tensorboard"],
     # mmcv 2.1.0 must be built from source against the installed torch: tools/install_mmcv.sh
-    "mmseg": ["mmengine==0.10.7", "mmsegmentation==1.2.2", "ftfy", "regex"],
+    # mmengine 0.10.7 resolves `mmseg::` config bases with pkg_resources (gone in setuptools 81)
+    "mmseg": ["mmengine==0.10.7", "mmsegmentation==1.2.2", "ftfy", "regex",
+              "setuptools>=77,<81"],
     "bench": ["matplotlib", "scikit-learn"],
     "dev": ["pytest>=8", "ruff>=0.6", "matplotlib", "scikit-learn"],
 }

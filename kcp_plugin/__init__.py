@@ -38,3 +38,22 @@ __all__ = [
     "save_pruned",
     "track_pruning",
 ]
+
+# mmengine resolves ``type='kcp_plugin.PruningHook'`` in a config that never imported the
+# integration by importing ``kcp_plugin`` and reading the attribute (its registry's
+# ``get_object_from_string`` fallback). These names load the mmseg integration on first access,
+# so ``import kcp_plugin`` itself still needs only torch and torch-pruning.
+_LAZY = {
+    name: "kcp_plugin.integrations.mmseg"
+    for name in ("PruningHook", "RegularizedOptimWrapper", "AmpRegularizedOptimWrapper",
+                 "PrunedSegmentor", "GeneratedSegDataset")
+}
+
+
+def __getattr__(name: str):
+    """Load an integration's public type on first access (PEP 562)."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'kcp_plugin' has no attribute {name!r}")

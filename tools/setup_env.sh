@@ -21,4 +21,10 @@ fi
 # (see ../shared/reference/environment.md); pin them before anything can pull another torch.
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 .venv/bin/python -m pip install -q -e ".[${extras}]" "torch==2.14.1" "torchvision==0.29.1"
+case ",$extras," in
+  *,mmseg,*)
+    # mmengine 0.10.7 resolves `mmseg::` config bases with pkg_resources, which setuptools
+    # >= 81 no longer ships (torch 2.14 needs >= 77). mmcv itself: tools/install_mmcv.sh.
+    .venv/bin/python -m pip install -q "setuptools>=77,<81" "torch==2.14.1" ;;
+esac
 echo "$want" > "$stamp"

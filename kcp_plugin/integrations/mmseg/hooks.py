@@ -1,0 +1,427 @@
+"""``PruningHook``: structural pruning inside an mmengine ``Runner`` (one-shot or scheduled).
+
+Add it to an mmseg config::
+
+    custom_hooks = [dict(type='kcp_plugin.PruningHook', importance='kcp',
+                         target_macs_ratio=0.5,
+                         schedule=dict(num_prunes=4, start=0, every=500))]
+
+Where it acts in mmengine's ``Runner.train()`` (build optim wrapper -> param schedulers ->
+``before_run`` -> init weights -> load/resume -> ``before_train`` -> iterations):
+
+* ``before_run``: loads of state dicts into the model raise on size mismatches from now on.
+* ``after_load_checkpoint`` (``load_from`` / ``resume``, before weights are copied in): replays
+  the checkpoint's pruning plan on the model, so the pruned weights fit, and restores the
+  schedule.
+* ``before_train``: builds the :class:`kcp_plugin.schedule.PruningScheduler` on the unwrapped
+  model (after weights are loaded).
+* ``before_train_iter``: at the schedule's pruning points (counted in iterations, or in epochs
+  with ``by_epoch=True``), prunes. In distributed training rank 0 decides and the plan is
+  broadcast, so every rank reaches the same structure whatever the criterion.
+* after every structural change, what holds the old parameters is rebuilt: the optimizer
+  (:func:`kcp_plugin.rebuild_optimizer`: the same object, state carried, so parameter schedulers
+  and an LR already scaled by ``auto_scale_lr`` stay valid), the DDP wrapper (re-made around the
+  pruned module, which also re-broadcasts rank 0's weights), ``EMAHook``'s averaged copy (pruned
+  by the same plan, averages kept) and a regularizing optimizer wrapper's regularizer.
+* ``before_save_checkpoint``: stores the plan (plain data), the dense MACs and the scheduler
+  state in ``checkpoint['meta']['kcp_plugin']``.
+"""
+
+from __future__ import annotations
+
+import collections
+import difflib
+import inspect
+import json
+import os.path as osp
+from typing import Any
+
+import torch
+import torch.nn as nn
+from mmengine.dist import broadcast_object_list, get_dist_info
+from mmengine.hooks import EMAHook, Hook
+from mmengine.model import is_model_wrapper
+from mmengine.optim import OptimWrapper, OptimWrapperDict
+from torch.nn.parallel import DistributedDataParallel
+
+from kcp_plugin import count_macs_params, get_plan, importance_info, prune, rebuild_optimizer
+from kcp_plugin.graph import preserved_modes
+from kcp_plugin.plan import validate_plan
+from kcp_plugin.schedule import MODES, RAMPS, PruningScheduler
+
+from .checkpoint import raise_on_size_mismatch
+from .optim_wrapper import _RegularizerMixin
+from .registry import HOOKS
+from .structure import example_inputs, output_convs, sync_structure, trace_forward, unwrap
+
+__all__ = ["PruningHook", "META_KEY"]
+
+META_KEY = "kcp_plugin"
+_SCHEDULE_KEYS = {"num_prunes": 1, "start": 0, "every": 1, "ramp": "linear", "mode": "hard",
+                  "decay": "linear", "decay_rate": 3.0, "by_epoch": False}
+# prune() arguments the hook sets itself
+_OWN_ARGS = {"model", "example_inputs", "importance", "target_macs_ratio", "pruning_ratio",
+             "ignored_layers", "forward_fn", "importance_kwargs", "loss_fn", "progress",
+             "dry_run", "iterative_steps", "data", "data_steps", "step_fn"}
+
+
+@HOOKS.register_module()
+class PruningHook(Hook):
+    """Prune an mmseg segmentor during training with any registered criterion.
+
+    Args:
+        importance: Criterion name from :func:`kcp_plugin.list_importances`.
+        importance_kwargs: Arguments of the criterion.
+        target_macs_ratio: Fraction of the dense model's MACs kept at the end, in (0, 1]
+            (measured on the deployed, tensor-mode network at ``input_shape``).
+        pruning_ratio: Channel ratio instead (one pruning point only).
+        schedule: When to prune: ``num_prunes`` points, the first at ``start``, then every
+            ``every`` iterations (epochs with ``by_epoch=True``), following ``ramp``
+            (``linear``/``exponential``/``agp``/``asfp``), ``mode`` ``hard``/``soft``/``decay``
+            with ``decay``/``decay_rate`` (see :class:`kcp_plugin.schedule.PruningScheduler`).
+            Default: one-shot, before the first iteration.
+        input_shape: Input used for tracing and MACs: ``(H, W)`` or ``(N, C, H, W)``; default
+            the data preprocessor's ``size`` (the training crop), else 512 x 512.
+        ignored_layers: Layer names never pruned (the heads' ``conv_seg`` always are).
+        prune_kwargs: Further :func:`kcp_plugin.prune` arguments (``round_to``,
+            ``global_pruning``, ``max_pruning_ratio``, ``macs_tolerance``...).
+        data_steps: For data-driven criteria (``fisher``, ``cdc``, ``cap``): statistics are
+            collected at each pruning point on the last ``data_steps`` training batches
+            (kept as the data loader gave them; preprocessed when collected).
+    """
+
+    priority = "ABOVE_NORMAL"  # before EMAHook (NORMAL) and CheckpointHook (VERY_LOW)
+
+    def __init__(
+        self,
+        importance: str = "kcp",
+        importance_kwargs: dict[str, Any] | None = None,
+        target_macs_ratio: float | None = None,
+        pruning_ratio: float | None = None,
+        schedule: dict[str, Any] | None = None,
+        input_shape: tuple[int, ...] | list[int] | None = None,
+        ignored_layers: list[str] | None = None,
+        prune_kwargs: dict[str, Any] | None = None,
+        data_steps: int = 8,
+    ):
+        # ---- everything is validated here, when the config is built, before any model exists
+        info = importance_info(importance)  # unknown names list the valid ones
+        if not isinstance(data_steps, int) or isinstance(data_steps, bool) or data_steps < 1:
+            raise ValueError(f"data_steps must be an integer >= 1, got {data_steps!r}")
+        if info.name == "hessian":
+            raise ValueError("importance 'hessian' needs per-sample losses, which mmseg's "
+                             "loss dicts do not give; use 'taylor' for a gradient criterion")
+        from kcp_plugin import get_importance
+
+        get_importance(info.name, **(importance_kwargs or {}))  # checks the arguments
+        if (target_macs_ratio is None) == (pruning_ratio is None):
+            raise ValueError("give exactly one of target_macs_ratio (fraction of MACs kept) or "
+                             "pruning_ratio (fraction of channels removed)")
+        if target_macs_ratio is not None and not (
+                isinstance(target_macs_ratio, (int, float)) and 0 < target_macs_ratio <= 1):
+            raise ValueError(f"target_macs_ratio must be in (0, 1], got {target_macs_ratio!r}")
+        if pruning_ratio is not None and not (
+                isinstance(pruning_ratio, (int, float)) and 0 <= pruning_ratio < 1):
+            raise ValueError(f"pruning_ratio must be in [0, 1), got {pruning_ratio!r}")
+        sched = dict(_SCHEDULE_KEYS)
+        if schedule is not None:
+            if not isinstance(schedule, dict):
+                raise TypeError(f"schedule must be a dict, got {type(schedule).__name__}")
+            unknown = sorted(set(schedule) - set(_SCHEDULE_KEYS))
+            if unknown:
+                raise ValueError(f"unknown schedule keys {', '.join(unknown)}; valid: "
+                                 f"{', '.join(sorted(_SCHEDULE_KEYS))}")
+            sched.update(schedule)
+        for key in ("num_prunes", "every"):
+            if not isinstance(sched[key], int) or sched[key] < 1:
+                raise ValueError(f"schedule {key} must be an integer >= 1, got {sched[key]!r}")
+        if not isinstance(sched["start"], int) or sched["start"] < 0:
+            raise ValueError(f"schedule start must be an integer >= 0, got {sched['start']!r}")
+        if sched["ramp"] not in RAMPS:
+            raise ValueError(f"schedule ramp must be one of {', '.join(RAMPS)}")
+        if sched["mode"] not in MODES:
+            raise ValueError(f"schedule mode must be one of {', '.join(MODES)}")
+        if pruning_ratio is not None and (sched["num_prunes"] != 1 or sched["mode"] != "hard"):
+            raise ValueError("pruning_ratio prunes once (num_prunes=1, mode='hard'); use "
+                             "target_macs_ratio for iterative or soft schedules")
+        prune_kwargs = dict(prune_kwargs or {})
+        accepted = set(inspect.signature(prune).parameters) - _OWN_ARGS
+        bad = sorted(set(prune_kwargs) - accepted)
+        if bad:
+            raise ValueError(f"prune_kwargs: {', '.join(bad)} cannot be set here; accepted: "
+                             f"{', '.join(sorted(accepted))}")
+        if ignored_layers is not None and (
+                isinstance(ignored_layers, str)
+                or not all(isinstance(n, str) for n in ignored_layers)):
+            raise TypeError("ignored_layers must be a list of layer names")
+        self.importance = info.name
+        self.importance_kwargs = dict(importance_kwargs or {})
+        self.needs_grad = info.requires_grad
+        self.needs_data = info.requires_data
+        self.data_steps = data_steps
+        self._recent: collections.deque = collections.deque(maxlen=data_steps)
+        self.target_macs_ratio = target_macs_ratio
+        self.pruning_ratio = pruning_ratio
+        self.schedule = sched
+        self.input_shape = tuple(input_shape) if input_shape is not None else None
+        self.ignored_layers = list(ignored_layers or [])
+        self.prune_kwargs = prune_kwargs
+        self.scheduler: PruningScheduler | None = None
+        self.macs_dense: int | None = None
+        self.calls = 0  # schedule calls done (for pruning_ratio, which has no scheduler)
+        self._inputs: torch.Tensor | None = None
+        self._loaded: dict[str, Any] | None = None
+        self._batch: Any = None
+
+    # ------------------------------------------------------------------ helpers
+    def _model(self, runner) -> nn.Module:
+        return unwrap(runner.model)
+
+    def _example(self, runner) -> torch.Tensor:
+        model = self._model(runner)
+        if self._inputs is None or self._inputs.device != _device(model):
+            self._inputs = example_inputs(model, self.input_shape)
+        return self._inputs
+
+    def _protected(self, model: nn.Module) -> list[str]:
+        names = dict(model.named_modules())
+        for name in self.ignored_layers:
+            if name not in names:
+                close = difflib.get_close_matches(name, list(names), n=3)
+                hint = f"; close matches: {', '.join(close)}" if close else ""
+                raise ValueError(f"PruningHook ignored_layers: the model has no layer {name!r}"
+                                 f"{hint}")
+        return list(dict.fromkeys(self.ignored_layers + output_convs(model)))
+
+    def _loss_fn(self, model: nn.Module) -> torch.Tensor:
+        """Loss of the current training batch (for gradient criteria such as ``taylor``).
+
+        Runs in eval mode: no batch statistics enter the scores, and SyncBN does not wait for
+        the other ranks (only rank 0 scores in distributed training).
+        """
+        if self._batch is None:
+            raise RuntimeError("no training batch to compute the loss of")
+        with preserved_modes(model):
+            model.eval()
+            data = model.data_preprocessor(self._batch, True)
+            losses = model(**data, mode="loss")
+            loss, _ = model.parse_losses(losses)
+        return loss
+
+    def _data_kwargs(self, runner) -> dict[str, Any]:
+        """``prune`` arguments that feed a data-driven criterion the recent training batches."""
+        if not self.needs_data:
+            return {}
+        return {"data": _RecentBatches(self, runner), "step_fn": _loss_step}
+
+    # ------------------------------------------------------------------ hook stages
+    def before_run(self, runner) -> None:
+        model = self._model(runner)
+        raise_on_size_mismatch(model)
+        self._protected(model)  # unknown ignored layers fail now, not at the first prune
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        state = (checkpoint.get("meta") or {}).get(META_KEY)
+        if state is None:
+            return
+        plan = validate_plan(state["plan"])
+        model = self._model(runner)
+        if sync_structure(model, plan, self._example(runner)):
+            runner.logger.info(f"kcp_plugin: replayed a pruning plan of "
+                               f"{len(plan['history'])} steps from the checkpoint")
+            self._after_change(runner)
+        self._loaded = dict(state, resumed=bool(getattr(runner, "_resume", False)))
+
+    def before_train(self, runner) -> None:
+        model = self._model(runner)
+        inputs = self._example(runner)
+        loaded = self._loaded or {}
+        if self.target_macs_ratio is not None:
+            kwargs = dict(self.prune_kwargs)
+            kwargs["ignored_layers"] = self._protected(model)
+            kwargs.update(self._data_kwargs(runner))
+            s = self.schedule
+            self.scheduler = PruningScheduler(
+                model, inputs, self.importance, target_macs_ratio=self.target_macs_ratio,
+                num_prunes=s["num_prunes"], start=s["start"], every=s["every"], ramp=s["ramp"],
+                mode=s["mode"], decay=s["decay"], decay_rate=s["decay_rate"],
+                forward_fn=trace_forward, importance_kwargs=self.importance_kwargs or None,
+                loss_fn=self._loss_fn if self.needs_grad else None, prune_kwargs=kwargs,
+            )
+            if loaded.get("resumed") and loaded.get("scheduler"):
+                self.scheduler.load_state_dict(loaded["scheduler"])
+            self.macs_dense = self.scheduler.macs_dense
+        else:
+            self.calls = int(loaded.get("calls", 0)) if loaded.get("resumed") else 0
+            self.macs_dense = count_macs_params(model, inputs, trace_forward)[0]
+        if loaded.get("macs_dense"):
+            # MACs of the original network: targets stay relative to it after load_from too
+            self.macs_dense = int(loaded["macs_dense"])
+            if self.scheduler is not None:
+                self.scheduler.macs_dense = self.macs_dense
+        self._log_macs(runner, "before training")
+
+    def before_train_iter(self, runner, batch_idx: int, data_batch: Any = None) -> None:
+        by_epoch = self.schedule["by_epoch"]
+        if by_epoch and batch_idx != 0:
+            return
+        self._batch = data_batch
+        if self.needs_data and data_batch is not None:
+            self._recent.append(data_batch)
+        try:
+            self._step(runner, runner.epoch if by_epoch else runner.iter)
+        finally:
+            self._batch = None
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        model = self._model(runner)
+        checkpoint.setdefault("meta", {})[META_KEY] = {
+            "plan": get_plan(model),
+            "macs_dense": self.macs_dense,
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "calls": self.calls,
+            "importance": self.importance,
+        }
+
+    # ------------------------------------------------------------------ pruning
+    def _point_at(self, call: int) -> bool:
+        if self.scheduler is not None:
+            return self.scheduler.point_at(call) is not None
+        return call == self.schedule["start"] and self.calls <= call
+
+    def _prune_here(self, runner, call: int) -> None:
+        """This rank's part of a pruning point (all of it outside distributed training)."""
+        model = self._model(runner)
+        if self.scheduler is not None:
+            self.scheduler.calls = call
+            self.scheduler.step()
+        else:
+            prune(model, self._example(runner), self.importance,
+                  pruning_ratio=self.pruning_ratio, ignored_layers=self._protected(model),
+                  forward_fn=trace_forward, importance_kwargs=self.importance_kwargs or None,
+                  loss_fn=self._loss_fn if self.needs_grad else None, progress=False,
+                  **self._data_kwargs(runner), **self.prune_kwargs)
+            self.calls = call + 1
+
+    def _step(self, runner, call: int) -> None:
+        if self.scheduler is None and self.pruning_ratio is None:
+            return  # before_train has not run (e.g. a validation-only runner)
+        if not self._point_at(call):
+            if self.scheduler is not None:  # keep its counter in step (saved in checkpoints)
+                self.scheduler.calls = call + 1
+            return
+        model = self._model(runner)
+        before = len(get_plan(model)["history"])
+        rank, world = get_dist_info()
+        if world == 1:
+            self._prune_here(runner, call)
+        else:
+            # Rank 0 decides (its scores, its batch), every rank replays the same plan.
+            message: list[Any] = [None]
+            if rank == 0:
+                try:
+                    self._prune_here(runner, call)
+                    message = [{"plan": get_plan(model)}]
+                except Exception as exc:
+                    message = [{"error": f"{type(exc).__name__}: {exc}"}]
+                    broadcast_object_list(message, src=0)
+                    raise
+            broadcast_object_list(message, src=0)
+            if "error" in message[0]:
+                raise RuntimeError(f"pruning failed on rank 0: {message[0]['error']}")
+            if rank != 0:
+                sync_structure(model, message[0]["plan"], self._example(runner))
+                if self.scheduler is not None:
+                    self.scheduler.calls = call + 1
+                else:
+                    self.calls = call + 1
+        self._after_change(runner, changed=len(get_plan(model)["history"]) != before)
+        unit = "epoch" if self.schedule["by_epoch"] else "iter"
+        self._log_macs(runner, f"after pruning at {unit} {call}")
+
+    def _after_change(self, runner, changed: bool = True) -> None:
+        """Re-point everything that held the model's old parameters.
+
+        ``changed=False`` (a soft pruning point: weights scaled, structure kept) only re-makes
+        the DDP wrapper, to give every rank rank 0's weights.
+        """
+        model = self._model(runner)
+        plan = get_plan(model)
+        wrapper = runner.optim_wrapper
+        if isinstance(wrapper, OptimWrapperDict):
+            raise NotImplementedError("PruningHook supports a single optimizer wrapper, not "
+                                      "OptimWrapperDict")
+        if changed and isinstance(wrapper, OptimWrapper):  # (a config dict in test runs)
+            rebuild_optimizer(wrapper.optimizer, model)
+        if isinstance(wrapper, _RegularizerMixin):
+            finished = self.scheduler.finished if self.scheduler is not None else \
+                self.calls > self.schedule["start"]
+            if changed or finished:
+                wrapper.reset_regularizer(active=not finished)
+        if is_model_wrapper(runner.model) and (changed or get_dist_info()[1] > 1):
+            if not isinstance(runner.model, DistributedDataParallel):
+                raise NotImplementedError(
+                    f"PruningHook re-wraps DistributedDataParallel models after pruning; "
+                    f"{type(runner.model).__name__} is not supported")
+            # DDP's reducer holds the old parameters; a new wrapper also broadcasts rank 0's
+            # weights, which keeps soft-pruned weights identical on every rank.
+            runner.model = runner.wrap_model(runner.cfg.get("model_wrapper_cfg"), model)
+        if not changed:
+            return
+        for hook in runner.hooks:
+            ema = getattr(hook, "ema_model", None) if isinstance(hook, EMAHook) else None
+            if ema is not None and sync_structure(ema.module, plan, self._example(runner)):
+                ema.avg_parameters = (ema.module.state_dict() if ema.update_buffers
+                                      else dict(ema.module.named_parameters()))
+        if runner.rank == 0 and plan["history"]:
+            with open(osp.join(runner.work_dir, "kcp_pruning_plan.json"), "w") as f:
+                json.dump(plan, f)
+
+    def _log_macs(self, runner, when: str) -> None:
+        model = self._model(runner)
+        inputs = self._example(runner)
+        macs, params = count_macs_params(model, inputs, lambda m, x: m(x, mode="tensor"))
+        dense = self.macs_dense or macs
+        runner.message_hub.update_info("kcp_plugin/macs", macs)
+        runner.message_hub.update_info("kcp_plugin/params", params)
+        runner.logger.info(f"kcp_plugin: {when}: {macs / 1e9:.4g} GMACs "
+                           f"({macs / dense:.3f} of dense), {params / 1e6:.4g} M params")
+
+
+class _RecentBatches:
+    """The hook's last training batches as ``(inputs, labels, data_samples)``, preprocessed
+    when iterated (each pruning point sees the batches of its own time).
+
+    Iterable any number of times, as prune() requires for iterative collection.
+    """
+
+    def __init__(self, hook: PruningHook, runner: Any):
+        self.hook, self.runner = hook, runner
+
+    def __len__(self) -> int:
+        return len(self.hook._recent)
+
+    def __iter__(self):
+        if not self.hook._recent:
+            raise ValueError("PruningHook: a data-driven criterion needs training batches, and "
+                             "none were seen before this pruning point")
+        model = unwrap(self.runner.model)
+        for batch in list(self.hook._recent):
+            with torch.no_grad():
+                data = model.data_preprocessor(batch, True)
+            samples = data["data_samples"]
+            labels = torch.stack([s.gt_sem_seg.data.squeeze(0) for s in samples]).long()
+            yield data["inputs"], labels, samples
+
+
+def _loss_step(model: nn.Module, batch: tuple) -> torch.Tensor:
+    """mmseg's own training loss of a preprocessed batch (decode + auxiliary heads)."""
+    inputs, _, samples = batch
+    # through forward(), not model.loss(): the statistics hooks count a batch per forward call
+    loss, _ = model.parse_losses(model(inputs, samples, mode="loss"))
+    return loss
+
+
+def _device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")

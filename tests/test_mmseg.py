@@ -1,0 +1,541 @@
+"""mmsegmentation / mmengine integration, with the real mmseg, mmengine Runner and mmcv ops.
+
+End to end on kcp_plugin's generated scenes with a narrow FCN-ResNet18 (the CPU recipe in
+configs/mmseg): train with the pruning hook, resume mid-schedule, test from the deploy config
+(in-process and with mmseg's own tools/test.py), DDP with 2 gloo processes; plus the pieces
+(safe checkpoint loading, size checks, config validation, regularizing optimizer wrappers, the
+R50 recipes' models).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import pickle
+import shutil
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from mmengine.config import Config
+from mmengine.hooks import EMAHook, Hook
+from mmengine.registry import HOOKS, MODELS, OPTIM_WRAPPERS
+from mmengine.runner import Runner
+from mmengine.runner.checkpoint import _load_checkpoint, load_checkpoint
+
+import kcp_plugin
+import kcp_plugin.integrations.mmseg as kmm
+from kcp_plugin import count_macs_params, get_plan
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs" / "mmseg"
+RECIPE = CONFIGS / "fcn_r18-tiny_kcp50_generated-64x64_cpu.py"
+DEPLOY = CONFIGS / "fcn_r18-tiny_kcp50_generated-64x64_cpu_deploy.py"
+R50_RECIPES = sorted(CONFIGS.glob("*_r50-d8_kcp50_*.py"))
+MAX_ITERS = 30
+CKPT_EVERY = 15  # iter_15 lies between the pruning points at 10 and 20
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convs gain nothing from intra-op threads, and on a busy 2-core machine OpenMP
+    spinning makes each iteration many times slower (measured: 7 s vs 0.3 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+SUBPROCESS_ENV = {
+    **os.environ, "OMP_NUM_THREADS": "1",
+    "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+}
+
+
+def _deploy_forward(model, x):
+    return model(x, mode="tensor")
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("kcp_generated"))
+
+
+def recipe_cfg(work_dir, data_root: str, path: Path = RECIPE) -> Config:
+    """The CPU recipe made deterministic (no flips, no dropout) and quiet, in ``work_dir``."""
+    cfg = Config.fromfile(str(path))
+    cfg.work_dir = str(work_dir)
+    cfg.experiment_name = f"kcp-test-{uuid.uuid4().hex[:8]}"
+    cfg.visualizer.name = cfg.experiment_name
+    for loader in (cfg.train_dataloader, cfg.val_dataloader):
+        split = "train" if loader is cfg.train_dataloader else "val"
+        loader.dataset.data_root = f"{data_root}/{split}"
+    cfg.train_dataloader.dataset.pipeline = cfg.test_pipeline
+    cfg.test_dataloader = cfg.val_dataloader
+    model = cfg.model.model if cfg.model.type == "kcp_plugin.PrunedSegmentor" else cfg.model
+    model.decode_head.dropout_ratio = 0.0
+    model.auxiliary_head.dropout_ratio = 0.0
+    cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=MAX_ITERS, val_interval=MAX_ITERS)
+    cfg.param_scheduler = [dict(type="PolyLR", eta_min=1e-4, power=0.9, begin=0,
+                                end=MAX_ITERS, by_epoch=False)]
+    cfg.default_hooks.checkpoint = dict(type="CheckpointHook", by_epoch=False,
+                                        interval=CKPT_EVERY)
+    cfg.default_hooks.logger = dict(type="LoggerHook", interval=1000)
+    cfg.log_level = "WARNING"
+    cfg.randomness = dict(seed=0)
+    return cfg
+
+
+def _with_ema(cfg: Config) -> Config:
+    cfg.custom_hooks = list(cfg.custom_hooks) + [
+        dict(type="EMAHook", ema_type="ExponentialMovingAverage", momentum=0.01)]
+    return cfg
+
+
+def _unwrapped(runner: Runner) -> nn.Module:
+    return kmm.structure.unwrap(runner.model)
+
+
+@pytest.fixture(scope="module")
+def trained(one_thread, tmp_path_factory, data_root):
+    """The recipe trained uninterrupted for MAX_ITERS iterations (with an EMA copy)."""
+    work = tmp_path_factory.mktemp("run_a")
+    runner = Runner.from_cfg(_with_ema(recipe_cfg(work, data_root)))
+    runner.train()
+    losses = runner.message_hub.get_scalar("train/loss").data[0]
+    ema = next(h for h in runner.hooks if isinstance(h, EMAHook)).ema_model.module
+    val_miou = runner.message_hub.get_scalar("val/mIoU").current()
+    return {"runner": runner, "work": work, "losses": losses, "ema": ema, "val_miou": val_miou}
+
+
+# --------------------------------------------------------------------------- end to end
+def test_training_prunes_to_the_target_and_learns(trained):
+    runner = trained["runner"]
+    model = _unwrapped(runner)
+    x = kmm.example_inputs(model)
+    dense = MODELS.build(copy.deepcopy(runner.cfg.model))
+    macs_dense = count_macs_params(dense, x, _deploy_forward)[0]
+    macs = count_macs_params(model, x, _deploy_forward)[0]
+    assert abs(macs / macs_dense - 0.5) < 0.03, macs / macs_dense
+    assert len(get_plan(model)["history"]) > 0
+    # output convs keep all classes; the auxiliary head was pruned along with the backbone
+    assert model.decode_head.conv_seg.out_channels == 5
+    assert model.auxiliary_head.conv_seg.out_channels == 5
+    assert model.auxiliary_head.convs[0].conv.in_channels == \
+        model.backbone.layer3[-1].conv2.out_channels < 32
+    # loss falls although the network lost half its MACs on the way
+    losses = trained["losses"]
+    assert len(losses) == MAX_ITERS
+    assert losses[-5:].mean() < 0.8 * losses[:5].mean(), losses
+    # the optimizer holds exactly the pruned parameters, with their momentum
+    opt = runner.optim_wrapper.optimizer
+    held = [p for g in opt.param_groups for p in g["params"]]
+    assert {id(p) for p in held} == {id(p) for p in model.parameters()}
+    assert all(opt.state[p]["momentum_buffer"].shape == p.shape for p in held if p in opt.state)
+    # the EMA copy has the same pruned structure
+    ema = next(h for h in runner.hooks if isinstance(h, EMAHook)).ema_model.module
+    assert {k: v.shape for k, v in ema.state_dict().items()} == \
+        {k: v.shape for k, v in model.state_dict().items()}
+    # the plan the hook wrote for deployment is the model's plan
+    with open(Path(trained["work"]) / "kcp_pruning_plan.json") as f:
+        assert json.load(f) == get_plan(model)
+
+
+def test_resume_mid_schedule_matches_uninterrupted(trained, tmp_path, data_root):
+    src = Path(trained["work"]) / f"iter_{CKPT_EVERY}.pth"
+    meta = _load_checkpoint(str(src))["meta"]["kcp_plugin"]
+    assert meta["scheduler"]["calls"] == CKPT_EVERY  # saved between pruning points
+    shutil.copy(src, tmp_path / src.name)
+    cfg = _with_ema(recipe_cfg(tmp_path, data_root))
+    cfg.resume = True
+    cfg.load_from = str(tmp_path / src.name)
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    a, b = _unwrapped(trained["runner"]), _unwrapped(runner)
+    assert get_plan(b) == get_plan(a)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        torch.testing.assert_close(sb[key], sa[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_deploy_config_reproduces_the_trained_model(trained, data_root):
+    from mmseg.apis import inference_model, init_model
+
+    ckpt = str(Path(trained["work"]) / f"iter_{MAX_ITERS}.pth")
+    # with EMAHook, mmengine saves the averaged weights as the checkpoint's model weights
+    trained_model = copy.deepcopy(trained["ema"]).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = trained_model(x, mode="tensor")
+    for plan in (ckpt, str(Path(trained["work"]) / "kcp_pruning_plan.json")):
+        cfg = recipe_cfg(trained["work"], data_root, DEPLOY)
+        cfg.model.plan = plan
+        model = init_model(cfg, ckpt, device="cpu")
+        with torch.no_grad():
+            torch.testing.assert_close(model(x, mode="tensor"), expected)
+    img = (torch.rand(64, 64, 3) * 255).to(torch.uint8).numpy()
+    result = inference_model(model, img)
+    assert result.pred_sem_seg.data.shape == (1, 64, 64)
+
+
+def test_mmseg_test_script_runs_the_deploy_config(trained, data_root, tmp_path):
+    """mmseg's own tools/test.py, in a fresh process, on the pruned checkpoint."""
+    ckpt = str(Path(trained["work"]) / f"iter_{MAX_ITERS}.pth")
+    spec = importlib.util.find_spec("mmseg")
+    script = Path(spec.submodule_search_locations[0]) / ".mim" / "tools" / "test.py"
+    opts = [f"model.plan={ckpt}", f"test_dataloader.dataset.data_root={data_root}/val"]
+    out = subprocess.run(
+        [sys.executable, str(script), str(DEPLOY), ckpt, "--work-dir", str(tmp_path),
+         "--cfg-options", *opts],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+        env=SUBPROCESS_ENV,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    log = out.stdout + out.stderr
+    # the same mIoU as the validation at the end of training (same weights, same images)
+    assert f"mIoU: {trained['val_miou']:.4f}" in log, log[-2000:]
+
+
+def test_training_config_also_tests_the_pruned_checkpoint(trained, tmp_path, data_root):
+    """With the hook in the config, loading replays the plan: Runner.test() on the training
+    config gives the validation result of the end of training."""
+    cfg = recipe_cfg(tmp_path, data_root)
+    cfg.load_from = str(Path(trained["work"]) / f"iter_{MAX_ITERS}.pth")
+    metrics = Runner.from_cfg(cfg).test()
+    assert metrics["mIoU"] == pytest.approx(trained["val_miou"], abs=1e-6)
+
+
+def test_loading_a_pruned_checkpoint_without_its_plan_raises(trained, tmp_path):
+    ckpt = str(Path(trained["work"]) / f"iter_{MAX_ITERS}.pth")
+    dense = MODELS.build(copy.deepcopy(trained["runner"].cfg.model))
+    # mmengine alone would only warn and keep random weights
+    kmm.checkpoint.raise_on_size_mismatch(dense)
+    with pytest.raises(RuntimeError, match="differ in shape"):
+        load_checkpoint(dense, ckpt, map_location="cpu")
+
+
+def test_ddp_two_processes_reach_the_same_structure(tmp_path, data_root):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(port),
+           str(REPO / "tests" / "mmseg_ddp.py"), str(tmp_path), data_root]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
+                         env=SUBPROCESS_ENV)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["world_size"] == 2 for r in ranks)
+    assert ranks[0]["plan"]["history"], "nothing was pruned"
+    assert ranks[0]["plan"] == ranks[1]["plan"]
+    assert ranks[0]["macs"] == ranks[1]["macs"]
+    assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-6)
+
+
+# --------------------------------------------------------------------------- registry / config
+def test_types_resolve_with_the_scope_prefix_and_without_custom_imports():
+    """A fresh interpreter that never imported the integration builds kcp_plugin.* types."""
+    code = (
+        "import sys\n"
+        "from mmengine.registry import HOOKS, MODELS, OPTIM_WRAPPERS, DATASETS\n"
+        "assert 'kcp_plugin.integrations.mmseg' not in sys.modules\n"
+        "h = HOOKS.build(dict(type='kcp_plugin.PruningHook', target_macs_ratio=0.5))\n"
+        "print(type(h).__module__, type(h).__name__)\n"
+        "assert OPTIM_WRAPPERS.get('kcp_plugin.RegularizedOptimWrapper') is not None\n"
+        "assert MODELS.get('kcp_plugin.PrunedSegmentor') is not None\n"
+        "assert DATASETS.get('kcp_plugin.GeneratedSegDataset') is not None\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=REPO, env=SUBPROCESS_ENV, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "kcp_plugin.integrations.mmseg.hooks PruningHook" in out.stdout
+
+
+def test_types_resolve_through_custom_imports(tmp_path):
+    cfg_file = tmp_path / "cfg.py"
+    cfg_file.write_text(
+        "custom_imports = dict(imports=['kcp_plugin.integrations.mmseg'], "
+        "allow_failed_imports=False)\n"
+        "custom_hooks = [dict(type='PruningHook', importance='l1', pruning_ratio=0.3,"
+        " _scope_='kcp_plugin')]\n"
+    )
+    code = (
+        "import sys\n"
+        "from mmengine.config import Config\n"
+        "from mmengine.registry import HOOKS\n"
+        f"cfg = Config.fromfile({str(cfg_file)!r})\n"
+        "assert 'kcp_plugin.integrations.mmseg' in sys.modules\n"
+        "hook = HOOKS.build(cfg.custom_hooks[0])\n"
+        "print(type(hook).__name__, hook.pruning_ratio)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=REPO, env=SUBPROCESS_ENV, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "PruningHook 0.3" in out.stdout
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(importance="kcpp", target_macs_ratio=0.5), "Did you mean 'kcp'"),
+    (dict(importance="l1", importance_kwargs={"p": 3}, target_macs_ratio=0.5),
+     "does not accept p"),
+    (dict(target_macs_ratio=0.5, pruning_ratio=0.2), "exactly one of"),
+    (dict(target_macs_ratio=1.5), r"in \(0, 1\]"),
+    (dict(target_macs_ratio=0.5, schedule=dict(num_prune=2)), "unknown schedule keys num_prune"),
+    (dict(target_macs_ratio=0.5, schedule=dict(ramp="cosine")), "ramp must be one of"),
+    (dict(pruning_ratio=0.3, schedule=dict(num_prunes=3)), "prunes once"),
+    (dict(target_macs_ratio=0.5, prune_kwargs=dict(loss_fn=None)), "loss_fn cannot be set"),
+    (dict(importance="hessian", target_macs_ratio=0.5), "per-sample losses"),
+    (dict(importance="fisher", target_macs_ratio=0.5, data_steps=0), "data_steps must be"),
+])
+def test_hook_rejects_bad_configs_when_built(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        HOOKS.build(dict(type="kcp_plugin.PruningHook", **kwargs))
+
+
+def test_unknown_ignored_layer_fails_before_training(tmp_path, data_root):
+    cfg = recipe_cfg(tmp_path, data_root)
+    cfg.custom_hooks = [dict(type="kcp_plugin.PruningHook", target_macs_ratio=0.5,
+                             ignored_layers=["decode_head.conv_sag"])]
+    runner = Runner.from_cfg(cfg)
+    with pytest.raises(ValueError, match="close matches: decode_head.conv_seg"):
+        runner.train()
+    assert not list(tmp_path.glob("iter_*.pth"))
+
+
+def test_r50_recipes_compose_mmseg_configs_and_prune_their_models():
+    """The FCN / DeepLabV3 / PSPNet R50 recipes: mmseg's configs, the hook, a real prune."""
+    assert len(R50_RECIPES) == 6
+    seen = set()
+    for path in R50_RECIPES:
+        cfg = Config.fromfile(str(path))
+        seen.add((cfg.model.decode_head.type, cfg.train_dataloader.dataset.type))
+        hook = HOOKS.build(copy.deepcopy(cfg.custom_hooks[0]))
+        assert isinstance(hook, kmm.PruningHook) and hook.target_macs_ratio == 0.5
+        assert cfg.load_from.startswith("https://download.openmmlab.com/mmsegmentation/")
+    assert {h for h, _ in seen} == {"FCNHead", "ASPPHead", "PSPHead"}
+    assert {d for _, d in seen} == {"CityscapesDataset", "ADE20KDataset"}
+    # one full prune of a real R50-D8 (PSPNet: pyramid pooling and auxiliary head)
+    cfg = Config.fromfile(str(CONFIGS / "pspnet_r50-d8_kcp50_4xb2-40k_cityscapes-512x1024.py"))
+    model_cfg = copy.deepcopy(cfg.model)
+    for part in ("backbone", "decode_head", "auxiliary_head"):
+        model_cfg[part]["norm_cfg"] = dict(type="BN", requires_grad=True)
+    model = MODELS.build(model_cfg)
+    x = kmm.example_inputs(model, (64, 64))
+    report = kcp_plugin.prune(model, x, "kcp", target_macs_ratio=0.5, forward_fn=kmm.trace_forward,
+                              ignored_layers=kmm.output_convs(model), round_to=8, progress=False)
+    assert abs(report.macs_after / report.macs_before - 0.5) < 0.03
+    assert model.decode_head.conv_seg.out_channels == 19
+    assert model.auxiliary_head.conv_seg.out_channels == 19
+    model.train()
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+
+    sample = SegDataSample(gt_sem_seg=PixelData(data=torch.randint(0, 19, (1, 64, 64))))
+    sample.set_metainfo(dict(img_shape=(64, 64), ori_shape=(64, 64), pad_shape=(64, 64)))
+    losses = model(x.repeat(2, 1, 1, 1), [sample, copy.deepcopy(sample)], mode="loss")
+    assert set(losses) >= {"decode.loss_ce", "aux.loss_ce"}
+
+
+# --------------------------------------------------------------------------- checkpoints
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+class _EvilGetattr:
+    """Asks the restricted getattr for something other than a HistoryBuffer statistic."""
+
+    def __reduce__(self):
+        from mmengine.logging.history_buffer import HistoryBuffer
+
+        return (getattr, (HistoryBuffer, "__init__"))
+
+
+@pytest.mark.parametrize("payload, match", [
+    (_Evil(), "system"),
+    (_EvilGetattr(), "not allowed"),
+])
+def test_loader_refuses_checkpoints_with_code(tmp_path, payload, match):
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": {}, "meta": {"x": payload}}, path)
+    with pytest.raises(pickle.UnpicklingError, match=match):
+        _load_checkpoint(str(path))
+
+
+def test_loader_reads_mmengine_checkpoints_with_history_buffers(trained):
+    ckpt = _load_checkpoint(str(Path(trained["work"]) / f"iter_{CKPT_EVERY}.pth"))
+    buf = ckpt["message_hub"]["log_scalars"]["train/loss"]
+    assert type(buf).__name__ == "HistoryBuffer" and buf.mean() > 0
+    assert buf.statistics("mean") == buf.mean()
+    assert kcp_plugin.plan.validate_plan(ckpt["meta"]["kcp_plugin"]["plan"])
+
+
+# --------------------------------------------------------------------------- pruning variants
+def test_pruning_ratio_taylor_with_greg1_regularized_optimizer(tmp_path, data_root):
+    """One-shot channel-ratio prune at iteration 4 with a gradient criterion; GReg-1 runs
+    through the optimizer wrapper until then and is dropped after."""
+    cfg = recipe_cfg(tmp_path, data_root)
+    cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=6, val_interval=1000)
+    cfg.param_scheduler = []
+    cfg.default_hooks.checkpoint = dict(type="CheckpointHook", by_epoch=False, interval=1000)
+    cfg.optim_wrapper = dict(type="kcp_plugin.RegularizedOptimWrapper",
+                             optimizer=dict(type="SGD", lr=0.01, momentum=0.9),
+                             regularizer=dict(type="greg1", pruning_ratio=0.3, delta=0.05,
+                                              interval=1))
+    cfg.custom_hooks = [dict(type="kcp_plugin.PruningHook", importance="taylor",
+                             pruning_ratio=0.3, schedule=dict(start=4))]
+
+    seen = {}
+
+    class Spy(Hook):  # records the regularizer's progress just before the prune
+        def before_train_iter(self, runner, batch_idx, data_batch=None):
+            if runner.iter == 4:
+                seen["iteration"] = runner.optim_wrapper.regularizer.iteration
+
+    runner = Runner.from_cfg(cfg)
+    runner.register_hook(Spy(), priority="VERY_HIGH")
+    runner.train()
+    model = _unwrapped(runner)
+    assert seen["iteration"] == 4
+    assert runner.optim_wrapper.regularizer is None
+    assert runner.optim_wrapper.regularizer_active is False
+    assert model.backbone.layer1[0].conv1.out_channels < 8
+    assert model.decode_head.conv_seg.out_channels == 5
+
+
+@pytest.mark.parametrize("importance, schedule", [
+    ("fisher", dict(num_prunes=2, start=2, every=2)),
+    ("cdc", dict(start=3)),
+])
+def test_data_driven_criteria_collect_on_recent_training_batches(tmp_path, data_root, monkeypatch,
+                                                                 importance, schedule):
+    """fisher (gradients of mmseg's own loss) and cdc (per-pixel labels from the data samples)
+    collect statistics on the last training batches at every pruning point."""
+    cfg = recipe_cfg(tmp_path, data_root)
+    cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=6, val_interval=1000)
+    cfg.param_scheduler = []
+    cfg.default_hooks.checkpoint = dict(type="CheckpointHook", by_epoch=False, interval=1000)
+    cfg.custom_hooks = [dict(type="kcp_plugin.PruningHook", importance=importance,
+                             target_macs_ratio=0.5, schedule=schedule, data_steps=2)]
+    runner = Runner.from_cfg(cfg)
+    collected = []
+    real_collect = kcp_plugin.pruning.collect
+
+    def spy(model, data, imp, **kwargs):
+        batches = list(data)
+        collected.append((runner.iter, len(batches), batches[0][1].shape))
+        return real_collect(model, batches, imp, **kwargs)
+
+    monkeypatch.setattr(kcp_plugin.pruning, "collect", spy)
+    runner.train()
+    model = _unwrapped(runner)
+    n_points = schedule.get("num_prunes", 1)
+    assert len(collected) == n_points
+    # the point at iteration i sees the batches of iterations i-1 and i (the last two)
+    assert [n for _, n, _ in collected] == [2] * n_points
+    labels_shape = collected[0][2]
+    assert len(labels_shape) == 3  # per-pixel labels (N, H, W)
+    x = kmm.example_inputs(model, (64, 64))
+    macs = kcp_plugin.count_macs_params(model, x, lambda m, t: m(t, mode="tensor"))[0]
+    assert abs(macs / runner_hook(runner).macs_dense - 0.5) <= 0.03
+    assert model.decode_head.conv_seg.out_channels == 5
+
+
+def runner_hook(runner):
+    return next(h for h in runner.hooks if isinstance(h, kmm.PruningHook))
+
+
+def _tiny_segmentor() -> nn.Module:
+    cfg = Config.fromfile(str(RECIPE))
+    cfg.model.decode_head.dropout_ratio = 0.0  # deterministic forward passes
+    cfg.model.auxiliary_head.dropout_ratio = 0.0
+    torch.manual_seed(0)
+    return MODELS.build(cfg.model)
+
+
+def _seg_loss(model: nn.Module) -> torch.Tensor:
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    return model(x, mode="tensor").square().mean()
+
+
+def test_regularizer_adds_its_penalty_between_backward_and_step():
+    model = _tiny_segmentor()
+    wrapper = OPTIM_WRAPPERS.build(dict(
+        type="kcp_plugin.RegularizedOptimWrapper",
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+        regularizer=dict(type="greg1", pruning_ratio=0.5, delta=1.0, interval=1)))
+    with wrapper.optim_context(model):
+        loss = _seg_loss(model)
+    reg = wrapper.regularizer
+    reg.step()  # the penalty is on from the first step
+    grads = {}
+
+    def keep(_):
+        grads.update({n: p.grad.clone() for n, p in model.named_parameters()
+                      if p.grad is not None})
+
+    wrapper.optimizer.step = lambda *a, **k: keep(None)  # inspect the gradients step sees
+    wrapper.update_params(loss)
+    model.zero_grad()
+    _seg_loss(model).backward()
+    plain = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    changed = [n for n in plain if not torch.allclose(grads[n], plain[n])]
+    assert any(n.startswith("backbone.") for n in changed), "no penalty gradient was added"
+    # output channels of the heads' conv_seg are never regularized (their input columns are,
+    # as consumers of the channels before them)
+    assert "decode_head.conv_seg.bias" not in changed
+    assert "auxiliary_head.conv_seg.bias" not in changed
+
+
+def test_amp_wrapper_unscales_before_adding_penalties(monkeypatch):
+    """Same update with a loss scale of 1024 as without AMP: penalties see true gradients."""
+    from mmengine.optim.optimizer import amp_optimizer_wrapper
+
+    # AmpOptimWrapper refuses to be built without a GPU; its scaler is replaced by a CPU one.
+    monkeypatch.setattr(amp_optimizer_wrapper, "is_cuda_available", lambda: True)
+    results = []
+    for amp in (False, True):
+        model = _tiny_segmentor()
+        cfg = dict(type="kcp_plugin.AmpRegularizedOptimWrapper" if amp else
+                   "kcp_plugin.RegularizedOptimWrapper",
+                   optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                   regularizer=dict(type="greg1", pruning_ratio=0.5, delta=1.0, interval=1),
+                   clip_grad=dict(max_norm=1e6))
+        wrapper = OPTIM_WRAPPERS.build(cfg)
+        if amp:
+            wrapper.loss_scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        wrapper.bind_regularizer(model)  # (AMP's optim_context would autocast on the CPU)
+        loss = _seg_loss(model)
+        wrapper.regularizer.step()
+        wrapper.update_params(loss)
+        results.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    for name in results[0]:
+        torch.testing.assert_close(results[1][name], results[0][name], msg=name)
+
+
+def test_regularizer_config_errors_name_the_valid_choices():
+    with pytest.raises(ValueError, match="valid: greg1, greg2, increg, orthoreg"):
+        OPTIM_WRAPPERS.build(dict(type="kcp_plugin.RegularizedOptimWrapper",
+                                  optimizer=torch.optim.SGD([nn.Parameter(torch.ones(1))], 0.1),
+                                  regularizer=dict(type="l1reg")))
+    with pytest.raises(ValueError, match="does not accept rate"):
+        OPTIM_WRAPPERS.build(dict(type="kcp_plugin.RegularizedOptimWrapper",
+                                  optimizer=torch.optim.SGD([nn.Parameter(torch.ones(1))], 0.1),
+                                  regularizer=dict(type="greg1", rate=2)))
+
+
+def test_prunedsegmentor_rejects_a_checkpoint_without_plan(tmp_path):
+    model = _tiny_segmentor()
+    path = tmp_path / "plain.pth"
+    torch.save({"state_dict": model.state_dict(), "meta": {}}, path)
+    cfg = Config.fromfile(str(RECIPE))
+    with pytest.raises(ValueError, match="holds no kcp_plugin pruning plan"):
+        MODELS.build(dict(type="kcp_plugin.PrunedSegmentor", model=cfg.model, plan=str(path)))
