@@ -484,6 +484,16 @@ def _search_ratio(
             return 0.0, {}, trials
         m_hi = macs_kept(hi)
         if m_hi > target + tol:
+            # MACs kept are not always monotonic in the ratio: where a block's width is derived
+            # from a rounded ratio of another's (GhostNet's primary/cheap split), the largest
+            # ratio can round a layer back up. A few coarse ratios find a bracket in that case.
+            for r in (0.3, 0.5, 0.7):
+                if r < hi:
+                    m = macs_kept(r)
+                    if m <= target + tol:
+                        hi, m_hi = r, m
+                        break
+        if m_hi > target + tol:
             raise ValueError(
                 f"target_macs_ratio={target} is out of reach: pruning every prunable layer by "
                 f"max_pruning_ratio={hi} keeps {m_hi:.3f} of the MACs (protected layers: "

@@ -37,6 +37,22 @@ def test_prune_save_and_reload_end_to_end(tmp_path, capsys):
     assert model(x).shape == (1, 5)
 
 
+def test_timm_model_goes_through_the_timm_integration_and_reloads(tmp_path, capsys):
+    """timm specs are pruned by the timm integration: plain prune() leaves ``num_features`` /
+    ``embed_dim`` stale, so ``reset_classifier`` builds a head of the dense width."""
+    out = tmp_path / "vit.pt"
+    code = main(["--model", "timm:vit_tiny_patch16_224", "--model-arg", "img_size=32",
+                 "--model-arg", "depth=2", "--input-shape", "1,3,32,32", "--importance", "kcp",
+                 "--target-macs", "0.6", "--out", str(out), "--latency-runs", "0", "-q"])
+    assert code == 0, capsys.readouterr().err
+    model, meta = load_spec_checkpoint(out)
+    x = torch.randn(2, 3, 32, 32)
+    assert model.num_features == model.head.in_features < 192
+    assert torch.isfinite(model(x)).all() and model(x).shape == (2, 1000)
+    model.reset_classifier(7)
+    assert model(x).shape == (2, 7)
+
+
 def test_stereo_style_two_inputs_and_iterative_steps(tmp_path, capsys):
     code = main(["--model", "module:conftest:ResBlockNet", "--input-shape", "1,3,16,16",
                  "--pruning-ratio", "0.5", "--iterative-steps", "2", "--importance", "l2",

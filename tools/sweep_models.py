@@ -13,8 +13,19 @@ Exceptions are caught per model and criterion; the error type, message and the l
 frame inside kcp_plugin / torch_pruning are recorded. A spec may carry its own input size as
 ``SPEC@SIZE`` (e.g. ``timm:vit_tiny_patch16_224@224``); others use ``--size``.
 
+timm models go through the timm integration (``kcp_plugin.integrations.timm``: custom pruners,
+refusals of unsupported architectures, head bookkeeping), and their round trip is the timm user's
+one: the state dict (which carries the plan) is saved as a timm checkpoint and reloaded with
+``timm.create_model("kcp_pruned", base=NAME, checkpoint_path=...)``; ``reset_classifier`` is
+checked as well. ``--timm-registry`` sweeps a built-in selection of timm architectures across
+families (see ``--list-timm``), with a baseline row per model: torch-pruning's own magnitude
+pruner used the way its timm examples do (uniform channel ratio 0.3, classifier ignored, qkv head
+counts given and head attributes updated), with no kcp_plugin code involved.
+
     python tools/sweep_models.py --threads 2 --json sweep.json
     python tools/sweep_models.py --models torchvision:resnet18,timm:convnext_atto --criteria kcp
+    python tools/sweep_models.py --timm-registry all --json timm.json --markdown timm.md
+    python tools/sweep_models.py --timm-registry vit,swin,resnet --criteria kcp
 """
 
 from __future__ import annotations
@@ -71,6 +82,82 @@ EXTRA_MODELS = ("torchvision:densenet121",)
 ALIASES = {"default": DEFAULT_MODELS, "extra": EXTRA_MODELS}
 DEFAULT_CRITERIA = ("l2", "kcp")
 OUR_CODE = ("kcp_plugin", "torch_pruning")
+BASELINE = "tp"  # pseudo-criterion: torch-pruning's own magnitude pruner, no kcp_plugin code
+BASELINE_RATIO = 0.3  # uniform channel ratio: about half the MACs on most models
+
+# (family, timm name, input side, model kwargs). The smallest variant of each family; small
+# inputs where the architecture allows (img_size for fixed-size transformers), which changes
+# no layer width, only the cost of tracing.
+TIMM_REGISTRY: tuple[tuple[str, str, int, dict[str, Any]], ...] = (
+    ("resnet", "resnet18", 64, {}),
+    ("resnet", "resnet50", 64, {}),
+    ("resnext", "resnext26ts", 64, {}),
+    ("resnext", "seresnext26d_32x4d", 64, {}),
+    ("regnet", "regnetx_002", 64, {}),
+    ("regnet", "regnety_002", 64, {}),
+    ("efficientnet", "efficientnet_b0", 64, {}),
+    ("efficientnet", "efficientnetv2_rw_t", 64, {}),
+    ("efficientnet", "mixnet_s", 64, {}),
+    ("mobilenet", "mobilenetv2_050", 64, {}),
+    ("mobilenet", "mobilenetv3_small_050", 64, {}),
+    ("mobilenet", "mobilenetv4_conv_small", 64, {}),
+    ("mobilenet", "lcnet_050", 64, {}),
+    ("convnext", "convnext_atto", 64, {}),
+    ("convnext", "convnextv2_atto", 64, {}),
+    ("vit", "vit_tiny_patch16_224", 64, {"img_size": 64}),
+    ("vit", "vit_small_patch16_224", 64, {"img_size": 64}),
+    ("deit", "deit_tiny_patch16_224", 64, {"img_size": 64}),
+    ("deit", "deit_tiny_distilled_patch16_224", 64, {"img_size": 64}),
+    ("swin", "swin_tiny_patch4_window7_224", 128, {"img_size": 128, "window_size": 4}),
+    ("swin", "swinv2_tiny_window8_256", 128, {"img_size": 128, "window_size": 4}),
+    ("edgenext", "edgenext_xx_small", 64, {}),
+    ("densenet", "densenet121", 64, {}),
+    ("dla", "dla34", 64, {}),
+    ("dpn", "dpn48b", 64, {}),
+    ("ghostnet", "ghostnet_050", 64, {}),
+    ("hgnet", "hgnetv2_b0", 64, {}),
+    ("cspnet", "cspresnet50", 64, {}),
+    ("vovnet", "ese_vovnet19b_dw", 64, {}),
+    ("rexnet", "rexnet_100", 64, {}),
+    ("res2net", "res2net50_14w_8s", 64, {}),
+    ("resnest", "resnest14d", 64, {}),
+    ("sknet", "skresnet18", 64, {}),
+    ("selecsls", "selecsls42b", 64, {}),
+    ("byobnet", "repvgg_a0", 64, {}),
+    ("byobnet", "mobileone_s0", 64, {}),
+    ("fastvit", "fastvit_t8", 64, {}),
+    ("levit", "levit_128s", 64, {"img_size": 64}),
+    ("efficientformer", "efficientformerv2_s0", 64, {"img_size": 64}),
+    ("metaformer", "poolformerv2_s12", 64, {}),
+    ("metaformer", "convformer_s18", 64, {}),
+    ("mobilevit", "mobilevit_xxs", 64, {}),
+    ("mobilevit", "mobilevitv2_050", 64, {}),
+    ("pvt", "pvt_v2_b0", 64, {}),
+    ("cait", "cait_xxs24_224", 64, {"img_size": 64}),
+    ("xcit", "xcit_nano_12_p16_224", 64, {"img_size": 64}),
+    ("mlp_mixer", "mixer_s32_224", 64, {"img_size": 64}),
+    ("mlp_mixer", "resmlp_12_224", 64, {"img_size": 64}),
+    ("mlp_mixer", "gmlp_ti16_224", 64, {"img_size": 64}),
+    ("efficientvit", "efficientvit_b0", 64, {}),
+    ("efficientvit", "efficientvit_m0", 64, {"img_size": 64}),
+    ("maxxvit", "coatnet_nano_rw_224", 64, {"img_size": 64}),
+    ("pit", "pit_ti_224", 64, {"img_size": 64}),
+    ("visformer", "visformer_tiny", 64, {"img_size": 64}),
+    ("nfnet", "nf_regnet_b0", 64, {}),
+    ("inception", "inception_v3", 96, {}),
+    ("hrnet", "hrnet_w18_small", 64, {}),
+    ("byobnet", "gernet_s", 64, {}),
+    ("focalnet", "focalnet_tiny_srf", 64, {}),
+    ("davit", "davit_tiny", 64, {}),
+    ("inception_next", "inception_next_atto", 64, {}),
+    ("starnet", "starnet_s050", 64, {}),
+    ("repvit", "repvit_m0_9", 64, {}),
+    ("fasternet", "fasternet_t0", 64, {}),
+    ("mambaout", "mambaout_femto", 64, {}),
+    ("eva", "eva02_tiny_patch14_224", 56, {"img_size": 56, "num_classes": 10}),
+    ("convit", "convit_tiny", 64, {"img_size": 64}),
+    ("tresnet", "tresnet_m", 64, {}),
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,10 +165,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Prune each model to a MACs target with each criterion; check output "
         "shapes, finiteness, MACs and the save/load round trip.",
     )
-    p.add_argument("--models", default="default",
+    p.add_argument("--models", default=None,
                    help="comma-separated specs (SOURCE:NAME[@SIZE]) or the aliases 'default' "
                    f"({len(DEFAULT_MODELS)} torchvision and timm models) and 'extra' "
-                   f"({', '.join(EXTRA_MODELS)}); default: default")
+                   f"({', '.join(EXTRA_MODELS)}); default: default, unless --timm-registry")
+    p.add_argument("--timm-registry", metavar="FAMILIES", default=None,
+                   help="sweep the built-in timm selection: 'all', or comma-separated families "
+                   "and/or model names (see --list-timm)")
+    p.add_argument("--list-timm", action="store_true",
+                   help="print the built-in timm selection (family, model, input, kwargs)")
+    p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"add the '{BASELINE}' row (torch-pruning alone, uniform ratio "
+                   f"{BASELINE_RATIO}); default: on for --timm-registry")
     p.add_argument("--criteria", default=",".join(DEFAULT_CRITERIA),
                    help=f"comma-separated registry names (default: {','.join(DEFAULT_CRITERIA)})")
     p.add_argument("--size", type=int, default=64,
@@ -96,6 +191,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and inputs")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--markdown", metavar="PATH", help="also write the markdown table to PATH")
     p.add_argument("--show-warnings", action="store_true",
                    help="show torch-pruning's 'Unwrapped parameters detected' warnings "
                    "(hidden by default: convnext layer_scale triggers one per trial)")
@@ -193,9 +289,82 @@ def time_limit(seconds: int):
         signal.signal(signal.SIGALRM, old)
 
 
-def check_one(base: torch.nn.Module, spec: str, x: torch.Tensor, criterion: str,
+def registry_entries(selection: str) -> list[dict[str, Any]]:
+    """Entries of :data:`TIMM_REGISTRY` selected by family or model name (or ``all``)."""
+    wanted = {w.strip() for w in selection.split(",") if w.strip()}
+    families = {f for f, *_ in TIMM_REGISTRY}
+    names = {n for _, n, *_ in TIMM_REGISTRY}
+    unknown = sorted(wanted - families - names - {"all"})
+    if unknown:
+        raise SystemExit(f"--timm-registry: unknown {', '.join(unknown)}; valid: all, families "
+                         f"{', '.join(sorted(families))}, or model names (see --list-timm)")
+    return [
+        {"spec": f"timm:{name}", "size": size, "kwargs": dict(kwargs), "family": family}
+        for family, name, size, kwargs in TIMM_REGISTRY
+        if "all" in wanted or family in wanted or name in wanted
+    ]
+
+
+def model_entries(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """What to sweep: ``--models`` specs, then ``--timm-registry`` entries."""
+    entries = []
+    models = args.models if args.models is not None else (
+        None if args.timm_registry else "default")
+    if models:
+        for item in expand_models(models):
+            spec, size = parse_spec(item, args.size)
+            entries.append({"spec": spec, "size": size, "kwargs": {}, "family": None})
+    if args.timm_registry:
+        entries.extend(registry_entries(args.timm_registry))
+    return entries
+
+
+def label(entry: dict[str, Any]) -> str:
+    """``timm:vit_tiny_patch16_224 (img_size=64)``."""
+    kw = ", ".join(f"{k}={v}" for k, v in entry["kwargs"].items())
+    return f"{entry['spec']} ({kw})" if kw else entry["spec"]
+
+
+def _timm_name(spec: str) -> str | None:
+    return spec.split(":", 1)[1] if spec.startswith("timm:") else None
+
+
+def baseline_prune(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """torch-pruning alone, as its timm examples use it; returns the fraction of MACs kept.
+
+    Magnitude (L2) importance, uniform channel ratio, the classifier ignored, qkv layers
+    registered with their head counts and the attention modules' head attributes updated
+    afterwards. No kcp_plugin code is involved.
+    """
+    heads = {m.qkv: m.num_heads for m in model.modules()
+             if isinstance(getattr(m, "qkv", None), torch.nn.Linear)
+             and isinstance(getattr(m, "num_heads", None), int)}
+    clf = model.get_classifier() if hasattr(model, "get_classifier") else None
+    ignored = [clf] if isinstance(clf, torch.nn.Module) else []
+    macs0 = tp.utils.count_ops_and_params(model, x)[0]
+    pruner = tp.pruner.MetaPruner(
+        model, x, importance=tp.importance.GroupMagnitudeImportance(p=2),
+        pruning_ratio=BASELINE_RATIO, ignored_layers=ignored, num_heads=heads,
+        in_channel_groups={}, out_channel_groups={},
+    )
+    pruner.step()
+    for m in model.modules():
+        qkv = getattr(m, "qkv", None)
+        if qkv in pruner.num_heads:
+            m.num_heads = pruner.num_heads[qkv]
+            head_dim = qkv.out_features // (3 * m.num_heads)
+            for attr, value in (("head_dim", head_dim), ("scale", head_dim**-0.5),
+                                ("attn_dim", head_dim * m.num_heads)):
+                if hasattr(m, attr):
+                    setattr(m, attr, value)
+    model.eval()
+    return tp.utils.count_ops_and_params(model, x)[0] / macs0
+
+
+def check_one(base: torch.nn.Module, entry: dict[str, Any], x: torch.Tensor, criterion: str,
               args: argparse.Namespace, workdir: str) -> dict[str, Any]:
     """Prune a copy of ``base`` with ``criterion`` and run every check."""
+    timm_name = _timm_name(entry["spec"])
     row: dict[str, Any] = {"criterion": criterion, "ok": False}
     stage = "forward (original)"
     t0 = time.perf_counter()
@@ -205,15 +374,25 @@ def check_one(base: torch.nn.Module, spec: str, x: torch.Tensor, criterion: str,
             with torch.no_grad():
                 before = named_tensors(model(x))
             stage = "prune"
-            report = kcp_plugin.prune(model, x, criterion, target_macs_ratio=args.target,
-                                      macs_tolerance=args.tolerance, progress=False)
+            if criterion == BASELINE:
+                row["macs_ratio"] = baseline_prune(model, x)
+            elif timm_name is not None:
+                from kcp_plugin.integrations.timm import prune_timm_model
+
+                report = prune_timm_model(model, criterion, example_inputs=x,
+                                          target_macs_ratio=args.target,
+                                          macs_tolerance=args.tolerance, progress=False)
+            else:
+                report = kcp_plugin.prune(model, x, criterion, target_macs_ratio=args.target,
+                                          macs_tolerance=args.tolerance, progress=False)
             row["prune_s"] = time.perf_counter() - t0
-            row["macs_ratio"] = report.macs_ratio
-            row["params_ratio"] = report.params_ratio
-            row["pruning_ratio"] = report.pruning_ratio
-            row["search_trials"] = len(report.search)
-            row["protected"] = len(report.protected)
-            row["macs_ok"] = abs(report.macs_ratio - args.target) <= args.tolerance
+            if criterion != BASELINE:
+                row["macs_ratio"] = report.macs_ratio
+                row["params_ratio"] = report.params_ratio
+                row["pruning_ratio"] = report.pruning_ratio
+                row["search_trials"] = len(report.search)
+                row["protected"] = len(report.protected)
+                row["macs_ok"] = abs(report.macs_ratio - args.target) <= args.tolerance
             stage = "forward (pruned)"
             model.eval()
             with torch.no_grad():
@@ -227,29 +406,55 @@ def check_one(base: torch.nn.Module, spec: str, x: torch.Tensor, criterion: str,
                     for k in before
                 }
             row["finite_ok"] = all(bool(torch.isfinite(v).all()) for v in after.values())
-            stage = "save/load"
-            path = os.path.join(workdir, "pruned.pt")
-            kcp_plugin.save_pruned(model, path)
-            loaded = kcp_plugin.load_pruned(
-                lambda: build_from_spec(spec), path, x
-            ).eval()
-            with torch.no_grad():
-                again = named_tensors(loaded(x))
-            row["roundtrip_ok"] = list(after) == list(again) and all(
-                torch.equal(after[k], again[k]) for k in after
-            )
-            same_shapes = list(after) == list(again) and all(
-                after[k].shape == again[k].shape for k in after
-            )
-            if not row["roundtrip_ok"] and same_shapes:
-                row["roundtrip_max_abs_diff"] = max(
-                    float((after[k] - again[k]).abs().max()) for k in after
+            checks = ["shape_ok", "finite_ok"]
+            if criterion != BASELINE:
+                stage = "save/load"
+                loaded = _round_trip(model, entry, x, workdir)
+                with torch.no_grad():
+                    again = named_tensors(loaded(x))
+                row["roundtrip_ok"] = list(after) == list(again) and all(
+                    torch.equal(after[k], again[k]) for k in after
                 )
-            row["ok"] = all(row[k] for k in ("macs_ok", "shape_ok", "finite_ok", "roundtrip_ok"))
+                same_shapes = list(after) == list(again) and all(
+                    after[k].shape == again[k].shape for k in after
+                )
+                if not row["roundtrip_ok"] and same_shapes:
+                    row["roundtrip_max_abs_diff"] = max(
+                        float((after[k] - again[k]).abs().max()) for k in after
+                    )
+                checks += ["macs_ok", "roundtrip_ok"]
+                if timm_name is not None:
+                    stage = "reset_classifier"
+                    from kcp_plugin.integrations.timm import check_reset_classifier
+
+                    check_reset_classifier(model, x)
+                    row["reset_ok"] = True
+            row["ok"] = all(row[k] for k in checks)
     except Exception as exc:  # TimeLimitExceeded included
         row["error"] = describe_error(exc, stage)
     row["time_s"] = time.perf_counter() - t0
     return row
+
+
+def _round_trip(model: torch.nn.Module, entry: dict[str, Any], x: torch.Tensor,
+                workdir: str) -> torch.nn.Module:
+    """Save the pruned model and rebuild it the way its users would."""
+    path = os.path.join(workdir, "pruned.pt")
+    timm_name = _timm_name(entry["spec"])
+    if timm_name is None:
+        kcp_plugin.save_pruned(model, path)
+        return kcp_plugin.load_pruned(
+            lambda: build_from_spec(entry["spec"], **entry["kwargs"]), path, x).eval()
+    import timm
+
+    from kcp_plugin.integrations.timm import install_plan_hooks
+
+    # A timm checkpoint as train.py writes it; the state dict carries the plan.
+    install_plan_hooks(model, base=timm_name, base_kwargs=entry["kwargs"],
+                       input_size=tuple(x.shape[1:]))
+    torch.save({"state_dict": model.state_dict(), "arch": "kcp_pruned"}, path)
+    return timm.create_model("kcp_pruned", base=timm_name, input_size=tuple(x.shape[1:]),
+                             checkpoint_path=path, **entry["kwargs"]).eval()
 
 
 def sweep(args: argparse.Namespace) -> dict[str, Any]:
@@ -257,43 +462,77 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     if not args.show_warnings:
         warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+        warnings.filterwarnings("ignore", category=UserWarning, module="timm")
     criteria = [c.strip() for c in args.criteria.split(",") if c.strip()]
     for c in criteria:
         kcp_plugin.get_importance(c)  # fail fast on a typo
+    entries = model_entries(args)
+    baseline = args.baseline if args.baseline is not None else bool(args.timm_registry)
     with open(inspect.getsourcefile(kcp_plugin.KCPImportance), "rb") as f:
         fingerprint = hashlib.sha256(f.read()).hexdigest()[:12]  # which KCP version ran
-    results = []
+    results: list[dict[str, Any]] = []
+    t_start = time.perf_counter()
+    meta = {
+        "target_macs_ratio": args.target, "tolerance": args.tolerance,
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "torch_pruning": tp.__version__, "timm": _version("timm"),
+        "python": platform.python_version(), "kcp_source_sha256": fingerprint,
+        "criteria": criteria, "baseline": baseline, "baseline_ratio": BASELINE_RATIO,
+    }
     with tempfile.TemporaryDirectory() as workdir:
-        for item in expand_models(args.models):
-            spec, size = parse_spec(item, args.size)
-            entry: dict[str, Any] = {"model": spec, "size": size, "rows": []}
+        for entry in entries:
+            spec, size = entry["spec"], entry["size"]
+            out: dict[str, Any] = {"model": spec, "label": label(entry), "size": size,
+                                   "kwargs": entry["kwargs"], "family": entry["family"],
+                                   "rows": []}
             t0 = time.perf_counter()
             try:
                 torch.manual_seed(args.seed)
-                base = build_from_spec(spec)
-                entry["params"] = sum(p.numel() for p in base.parameters())
+                base = build_from_spec(spec, **entry["kwargs"])
+                out["params"] = sum(p.numel() for p in base.parameters())
             except Exception as exc:
-                entry["error"] = describe_error(exc, "build")
+                out["error"] = describe_error(exc, "build")
                 base = None
             if base is not None:
                 x = torch.randn(args.batch, 3, size, size,
                                 generator=torch.Generator().manual_seed(args.seed))
-                for c in criteria:
-                    entry["rows"].append(check_one(base, spec, x, c, args, workdir))
-                    print(f"  {spec} [{c}]: {summary(entry['rows'][-1])}", file=sys.stderr,
-                          flush=True)
-            entry["time_s"] = time.perf_counter() - t0
-            results.append(entry)
-    return {
-        "target_macs_ratio": args.target, "tolerance": args.tolerance,
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "torch_pruning": tp.__version__, "python": platform.python_version(),
-        "kcp_source_sha256": fingerprint, "criteria": criteria, "results": results,
-    }
+                names = ([BASELINE] if baseline else []) + criteria
+                for c in names:
+                    out["rows"].append(check_one(base, entry, x, c, args, workdir))
+                    print(f"  {out['label']} [{c}]: {summary(out['rows'][-1])}",
+                          file=sys.stderr, flush=True)
+            out["time_s"] = time.perf_counter() - t0
+            results.append(out)
+            # written after every model, so an interrupted sweep keeps what it measured
+            write_outputs({**meta, "wall_s": time.perf_counter() - t_start,
+                           "results": results}, args)
+    return {**meta, "wall_s": time.perf_counter() - t_start, "results": results}
+
+
+def write_outputs(result: dict[str, Any], args: argparse.Namespace) -> str:
+    """Write ``--json`` / ``--markdown`` (if given); returns the markdown text."""
+    text = markdown(result)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text + "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2, default=str)
+    return text
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
 
 
 def _mark(v: Any) -> str:
     return "-" if v is None else ("yes" if v else "**no**")
+
+
+CHECKS = ("macs_ok", "shape_ok", "finite_ok", "roundtrip_ok")
 
 
 def summary(row: dict[str, Any]) -> str:
@@ -302,7 +541,7 @@ def summary(row: dict[str, Any]) -> str:
         return f"FAIL at {e['stage']}: {e['type']}: {e['message'][:120]}"
     if row["ok"]:
         return f"ok (MACs {row['macs_ratio']:.3f}, {row['time_s']:.1f} s)"
-    bad = [k[:-3] for k in ("macs_ok", "shape_ok", "finite_ok", "roundtrip_ok") if not row[k]]
+    bad = [k[:-3] for k in CHECKS if k in row and not row[k]]
     return f"check failed: {', '.join(bad)} (MACs {row['macs_ratio']:.3f})"
 
 
@@ -310,11 +549,12 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"target_macs_ratio {result['target_macs_ratio']} (tolerance {result['tolerance']}), "
         f"{result['threads']} threads, torch {result['torch']}, "
-        f"torch-pruning {result['torch_pruning']}, kcp.py sha256 {result['kcp_source_sha256']}",
+        f"torch-pruning {result['torch_pruning']}, timm {result.get('timm')}, "
+        f"kcp.py sha256 {result['kcp_source_sha256']}",
         "",
         "| model | input | criterion | result | MACs kept | params kept | shape | finite "
-        "| round trip | time (s) |",
-        "|---|---:|---|---|---:|---:|---|---|---|---:|",
+        "| round trip | reset head | time (s) |",
+        "|---|---:|---|---|---:|---:|---|---|---|---|---:|",
     ]
     failures = []
     for entry in result["results"]:
@@ -323,20 +563,27 @@ def markdown(result: dict[str, Any]) -> str:
             if "error" in row:
                 e = row["error"]
                 status = f"error ({e['stage']}): {e['type']}"
-                failures.append((entry["model"], row["criterion"], e))
+                if e["type"] == "UnsupportedModelError":
+                    status = "refused"
+                failures.append((entry.get("label", entry["model"]), row["criterion"], e))
             else:
                 status = "ok" if row["ok"] else "**check failed**"
             macs = f"{row['macs_ratio']:.3f}" if "macs_ratio" in row else "-"
             params = f"{row['params_ratio']:.3f}" if "params_ratio" in row else "-"
             lines.append(
-                f"| {entry['model']} | {entry['size']} | {row['criterion']} | {status} | {macs} "
-                f"| {params} | {_mark(row.get('shape_ok'))} | {_mark(row.get('finite_ok'))} "
-                f"| {_mark(row.get('roundtrip_ok'))} | {row['time_s']:.1f} |"
+                f"| {entry.get('label', entry['model'])} | {entry['size']} | {row['criterion']} "
+                f"| {status} | {macs} | {params} | {_mark(row.get('shape_ok'))} "
+                f"| {_mark(row.get('finite_ok'))} | {_mark(row.get('roundtrip_ok'))} "
+                f"| {_mark(row.get('reset_ok'))} | {row['time_s']:.1f} |"
             )
-    total = sum(e["time_s"] for e in result["results"])
-    n_ok = sum(r.get("ok", False) for e in result["results"] for r in e["rows"])
-    n_all = sum(max(len(e["rows"]), 1) for e in result["results"])
-    lines += ["", f"{n_ok}/{n_all} passed every check; total {total:.0f} s"]
+    n_ok = sum(r.get("ok", False) for e in result["results"] for r in e["rows"]
+               if r["criterion"] != BASELINE)
+    n_all = sum(max(len([r for r in e["rows"] if r["criterion"] != BASELINE]), 1)
+                for e in result["results"])
+    lines += ["", f"{n_ok}/{n_all} model-criterion pairs passed every check; "
+              f"wall time {result.get('wall_s', 0):.0f} s"]
+    if result.get("baseline"):
+        lines += ["", floor_summary(result)]
     if failures:
         lines += ["", "Errors:", ""]
         for model, crit, e in failures:
@@ -353,16 +600,47 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def floor_summary(result: dict[str, Any]) -> str:
+    """Models the baseline prunes, and whether every kcp_plugin criterion handles them too."""
+    handled, regressions, fixed, refused = 0, [], [], []
+    for entry in result["results"]:
+        rows = {r["criterion"]: r for r in entry["rows"]}
+        if BASELINE not in rows:
+            continue
+        ours = [r for c, r in rows.items() if c != BASELINE]
+        base_ok = rows[BASELINE].get("ok", False)
+        ours_ok = bool(ours) and all(r.get("ok", False) for r in ours)
+        name = entry.get("label", entry["model"])
+        if base_ok:
+            handled += 1
+            if not ours_ok:
+                regressions.append(name)
+        elif ours_ok:
+            fixed.append(name)
+        elif any(r.get("error", {}).get("type") == "UnsupportedModelError" for r in ours):
+            refused.append(name)
+    lines = [f"torch-pruning alone handles {handled} models; kcp_plugin fails on "
+             f"{len(regressions)} of them" + (f" ({', '.join(regressions)})" if regressions
+                                              else ""),
+             f"kcp_plugin handles {len(fixed)} models torch-pruning alone does not"
+             + (f": {', '.join(fixed)}" if fixed else ""),
+             f"refused with a stated cause: {len(refused)}"
+             + (f" ({', '.join(refused)})" if refused else "")]
+    return "\n".join(f"* {line}" for line in lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.list_timm:
+        for family, name, size, kwargs in TIMM_REGISTRY:
+            print(f"{family:16s} {name:36s} {size:4d} {kwargs or ''}")
+        return 0
     if not 0 < args.target <= 1 or math.isnan(args.target):
         raise SystemExit("--target must be in (0, 1]")
     result = sweep(args)
-    print(markdown(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2, default=str)
-    ok = all(r.get("ok", False) for e in result["results"] for r in e["rows"])
+    print(write_outputs(result, args))
+    ok = all(r.get("ok", False) for e in result["results"] for r in e["rows"]
+             if r["criterion"] != BASELINE)
     ok = ok and all(e["rows"] for e in result["results"])
     return 0 if ok else 1
 

@@ -1,0 +1,371 @@
+"""Which timm architectures prune correctly, and the per-architecture setup that makes them.
+
+Three kinds of help, all decided from the module types a model contains:
+
+* custom pruners (:mod:`.pruners`) for layers whose channel layout torch-pruning cannot trace;
+* protected blocks: where a block's channel layout cannot be pruned consistently but the rest of
+  the network can, every channel group that passes through the block (other than through the
+  sub-layers named as safe) is left unpruned, so the model is pruned only where it is correct;
+* refusals: architectures whose forward code breaks under channel pruning in ways neither can
+  fix are refused by :func:`check_supported` before the model is touched, with the cause.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch.nn as nn
+
+from .pruners import BlurPoolPruner, GroupNormPruner, PatchMergingPruner, ScalePruner
+
+__all__ = ["UnsupportedModelError", "check_supported", "pruning_setup", "protected_roots",
+           "PRUNERS", "PROTECTED", "REFUSED", "UNSAFE_LAYERS", "clear_caches"]
+
+
+class UnsupportedModelError(ValueError):
+    """A timm architecture that kcp_plugin cannot prune correctly (the model is untouched)."""
+
+
+def _timm_class(path: str) -> type | None:
+    """``"timm.models.x.Cls"`` -> the class, or ``None`` if this timm version lacks it."""
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return None
+
+
+# ---------------------------------------------------------------------- custom pruners
+PRUNERS: dict[str, Any] = {
+    "timm.models.swin_transformer.PatchMerging": PatchMergingPruner(),
+    "timm.models.swin_transformer_v2.PatchMerging": PatchMergingPruner(),
+    "timm.models.swin_transformer_v2_cr.PatchMerging": PatchMergingPruner(),
+    "timm.models.metaformer.Scale": ScalePruner(),
+    "timm.models.metaformer.GroupNorm1NoBias": GroupNormPruner(),
+    "timm.layers.blur_pool.BlurPool2d": BlurPoolPruner(),
+}
+
+
+# ---------------------------------------------------------------------- protected blocks
+# class path -> (which sub-layers are unsafe, their name prefixes, why). "except": all but the
+# listed sub-layers are unsafe; "only": only the listed ones are.
+PROTECTED: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "timm.models.edgenext.SplitTransposeBlock": (
+        "except", ("mlp.",),
+        "EdgeNeXt's split-transpose block cuts its channels into equal chunks chained by "
+        "additions (Res2Net style) and attends across channels (XCA); torch-pruning keeps "
+        "neither the chunks equal nor the heads aligned, so the channels flowing through it "
+        "(the stage widths) are kept and its MLP hidden width is pruned",
+    ),
+    "timm.models.cspnet.CrossStage": (
+        "only", ("conv_exp.",),
+        "a CSP stage splits its expansion conv's output in two halves by a stored size "
+        "(x.split(expand_chs // 2)); torch-pruning's split mapping prunes the halves "
+        "inconsistently (IndexError), so the expansion width is kept",
+    ),
+    "timm.models.cspnet.CrossStage3": (
+        "only", ("conv_exp.",),
+        "a CSP stage splits its expansion conv's output in two halves by a stored size "
+        "(x.split(expand_chs // 2)); torch-pruning's split mapping prunes the halves "
+        "inconsistently (IndexError), so the expansion width is kept",
+    ),
+    "timm.models.res2net.Bottle2neck": (
+        "only", ("convs.",),
+        "a Res2Net bottleneck splits its width into scales by a stored size and chains them by "
+        "additions; torch-pruning cannot keep the scales equal and aligned, so the split width "
+        "is kept and the bottleneck's outer widths are pruned",
+    ),
+    "timm.models.mlp_mixer.MixerBlock": (
+        "only", ("mlp_tokens.",),
+        "MLP-Mixer's token-mixing MLP is a Linear over the token axis (after a transpose); "
+        "torch-pruning follows the transpose as if tokens were channels and couples the token "
+        "widths with the channel groups (IndexError), so the token MLP is kept",
+    ),
+    "timm.models.mlp_mixer.ResBlock": (
+        "only", ("linear_tokens.",),
+        "ResMLP's token-mixing Linear acts on the token axis; torch-pruning couples its widths "
+        "with the channel groups (IndexError), so it is kept",
+    ),
+    "timm.models.mlp_mixer.SpatialGatingUnit": (
+        "except", (),
+        "gMLP's spatial gating unit chunks its input in two halves and mixes tokens with a "
+        "Linear over the token axis; torch-pruning prunes the halves unequally, so the gated "
+        "(hidden) width is kept",
+    ),
+    "timm.models.fasternet.Partial_conv3": (
+        "except", (),
+        "FasterNet's partial conv splits its input by stored sizes "
+        "(split(x, [dim_conv3, dim_untouched])) and convolves only the first part; "
+        "torch-pruning prunes the parts unevenly (IndexError), so the channels through it "
+        "(the stage widths) are kept and the MLP hidden width is pruned",
+    ),
+    "timm.models.swin_transformer.WindowAttention": (
+        "only", ("relative_position_bias_table.",),
+        "Swin's window attention adds a learned relative position bias (a table of one column "
+        "per head) to the attention logits; torch-pruning follows the logits as if they were "
+        "channels, couples that table with the qkv channels and, guessing its pruning "
+        "dimension, removes table rows or head columns, so the attention's inner (qkv / proj) "
+        "width is kept and the embedding and MLP widths are pruned",
+    ),
+    "timm.models.swin_transformer_v2.WindowAttention": (
+        "only", ("cpb_mlp.",),
+        "Swin V2's window attention adds a continuous position bias computed by cpb_mlp (one "
+        "value per head) to the attention logits; torch-pruning follows the logits as if they "
+        "were channels and couples that per-head output with the qkv channels (index errors "
+        "in its importance computation), so the attention's inner (qkv / proj) width is kept "
+        "and the embedding and MLP widths are pruned",
+    ),
+}
+
+
+def _depthwise_multiplier(m: nn.Module) -> bool:
+    """A grouped conv with one input channel per group and several outputs per group."""
+    return (isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1
+            and m.groups == m.in_channels and m.out_channels != m.in_channels)
+
+
+# Layer predicates (any architecture) whose channel groups are kept, and why.
+UNSAFE_LAYERS: tuple[tuple[Any, str], ...] = (
+    (_depthwise_multiplier,
+     "grouped convolutions with one input and several output channels per group (depthwise "
+     "with a channel multiplier, e.g. FastViT's downsampling) are indexed per input channel by "
+     "torch-pruning's importance and in-channel pruner, which then index past the weight "
+     "(IndexError); the channels on both sides of such a layer are kept"),
+)
+
+
+def protected_roots(model: nn.Module, example_inputs: Any,
+                    customized_pruners: dict[Any, Any] | None = None) -> list[nn.Module]:
+    """Root layers of the channel groups that pass through a protected block's unsafe parts
+    (its sub-layers or raw parameters).
+
+    Ignoring a group's root keeps the whole group (torch-pruning skips a group when any layer
+    whose outputs it would cut is ignored).
+    """
+    from ...graph import build_graph
+
+    unsafe: set[int] = set()
+    for path, (mode, prefixes, _) in PROTECTED.items():
+        cls = _timm_class(path)
+        if cls is None:
+            continue
+        for block in model.modules():
+            if isinstance(block, cls):
+                members = [(n, m) for n, m in block.named_modules() if m is not block]
+                members += list(block.named_parameters(recurse=False))  # raw parameters
+                for name, sub in members:
+                    listed = any((name + ".").startswith(p) for p in prefixes)
+                    if listed == (mode == "only"):
+                        unsafe.add(id(sub))
+    for predicate, _ in UNSAFE_LAYERS:
+        unsafe.update(id(m) for m in model.modules() if predicate(m))
+    if not unsafe:
+        return []
+    graph = build_graph(model, example_inputs, customized_pruners=customized_pruners)
+    roots = []
+    for group in graph.get_all_groups(root_module_types=[nn.modules.conv._ConvNd, nn.Linear]):
+        if any(id(dep.target.module) in unsafe for dep, _ in group):
+            roots.append(group[0].dep.target.module)
+    return roots
+
+
+# ---------------------------------------------------------------------- refusals
+# class path -> why pruning it breaks the model
+REFUSED: dict[str, str] = {
+    "timm.layers.mixed_conv2d.MixedConv2d": (
+        "MixedConv2d (MixNet's mixed-kernel conv) splits its input by a stored list of sizes "
+        "and concatenates the branch outputs; torch-pruning maps channels through chains of "
+        "these splits and concatenations unevenly, so the pruned branches no longer match the "
+        "split sizes (torch-pruning's own pruner fails the same way)"
+    ),
+    "timm.models.dpn.DualPathBlock": (
+        "a dual-path block slices one concatenation of its residual and dense paths at a stored "
+        "width (x[:, :num_1x1_c]); torch-pruning maps channel indices through these slices "
+        "wrongly (IndexError in its importance computation), and the paths share no safe "
+        "split point"
+    ),
+    "timm.models.rexnet.LinearBottleneck": (
+        "ReXNet adds the shortcut into a channel slice of a wider output "
+        "(cat([x[:, :in_chs] + shortcut, x[:, in_chs:]])); torch-pruning's dependency search "
+        "does not finish on it (over 5 minutes on ReXNet-1.0; its own timm benchmark skips "
+        "rexnet as stuck)"
+    ),
+    "timm.models.levit.Attention": (
+        "LeViT's attention splits each head of its qkv projection by stored key / value sizes "
+        "(view(B, N, heads, -1).split([key_dim, key_dim, val_dim])) and reshapes the result to "
+        "a stored width (val_attn_dim); torch-pruning keeps neither, and the input of the "
+        "projection after it is pruned apart from the values that feed it (IndexError in "
+        "torch-pruning's own pruner, shape errors with the plugin's protections)"
+    ),
+    "timm.models.cait.TalkingHeadAttn": (
+        "CaiT's talking-heads attention mixes the attention maps across heads with Linear "
+        "layers over the head axis, and its class attention reshapes q by the input width "
+        "(C // num_heads); torch-pruning couples head counts with channels (IndexError in its "
+        "own pruner)"
+    ),
+    "timm.models.cait.ClassAttn": (
+        "class attention reshapes q by the input width (C // num_heads) while q, k, v are "
+        "separate projections that torch-pruning prunes independently of that width"
+    ),
+    "timm.models.xcit.XCA": (
+        "cross-covariance attention attends across channels within each head with a per-head "
+        "temperature; torch-pruning treats it as token attention and mis-groups its channels "
+        "(torch-pruning's own pruner fails on it too)"
+    ),
+    "timm.models.pvt_v2.Attention": (
+        "PVT-v2's attention reshapes its spatially reduced input by the input width "
+        "(reshape(B, C, H, W)) and splits kv by a stored head_dim, with q and kv as separate "
+        "projections; torch-pruning prunes them independently and the shapes no longer match "
+        "(its own pruner fails the same way)"
+    ),
+    "timm.models.efficientvit_mit.LiteMLA": (
+        "EfficientViT's lite multi-scale attention aggregates qkv with grouped convs and "
+        "splits heads by a stored dim; torch-pruning's index mapping runs past the layer widths "
+        "(IndexError in its own pruner)"
+    ),
+    "timm.layers.std_conv.ScaledStdConv2d": (
+        "NFNet's scaled weight-standardized conv keeps a per-filter gain parameter that "
+        "torch-pruning does not prune with the filters, so the pruned conv fails (weight and "
+        "gain sizes differ; its own pruner fails the same way)"
+    ),
+    "timm.layers.std_conv.ScaledStdConv2dSame": (
+        "NFNet's scaled weight-standardized conv keeps a per-filter gain parameter that "
+        "torch-pruning does not prune with the filters, so the pruned conv fails"
+    ),
+    "timm.models.mambaout.GatedConvBlock": (
+        "MambaOut's gated conv block splits its expansion by stored sizes "
+        "(torch.split(x, split_indices)) into gate, identity and conv parts; torch-pruning "
+        "prunes the parts unevenly (index errors in its importance computation)"
+    ),
+    "timm.models.convit.GPSA": (
+        "ConViT's gated positional self-attention projects relative positions to one score per "
+        "head (pos_proj) and gates heads with a per-head parameter; torch-pruning couples those "
+        "per-head tensors with the embedding channels (IndexError in its own pruner)"
+    ),
+    "timm.models.davit.WindowAttention": (
+        "DaVit's window attention reshapes qkv by the input width "
+        "(reshape(B, N, 3, heads, C // heads)), which ties the attention's inner width to the "
+        "embedding width; torch-pruning prunes them independently and the reshape fails (its "
+        "own pruner fails the same way)"
+    ),
+    "timm.models.davit.ChannelAttention": (
+        "DaVit's channel attention reshapes qkv by the input width (C // heads) and attends "
+        "across channels; torch-pruning prunes the inner and embedding widths independently"
+    ),
+    "timm.models.eva.EvaAttention": (
+        "EVA's attention applies rotary position embeddings, which rotate fixed pairs of "
+        "channels inside each head by a frequency table of head_dim entries; torch-pruning "
+        "does not know that pairing (IndexError in its own pruner), and pruning inside heads "
+        "would break it"
+    ),
+    "timm.models.mobilevit.LinearSelfAttention": (
+        "MobileViT-v2's separable attention splits its qkv conv output by stored sizes "
+        "(split([1, embed_dim, embed_dim])); torch-pruning's split mapping leaves those sizes "
+        "stale and the pruned model fails in the split"
+    ),
+    "timm.layers.split_attn.SplitAttn": (
+        "ResNeSt's split attention runs a grouped conv over radix x channels and reshapes by "
+        "the radix (view(B, radix, C // radix)); torch-pruning's mapping across the radix "
+        "groups depends on which channels are removed: in our sweep l2 happened to give a "
+        "working model and kcp, at the same ratio, one that fails in that reshape"
+    ),
+    "timm.layers.selective_kernel.SelectiveKernel": (
+        "selective-kernel convs stack their paths (view(B, num_paths, C, H, W)) and weight them "
+        "with an attention over paths; torch-pruning maps the grouped path convs' channels "
+        "inconsistently and the pruned model no longer runs (its own pruner fails the same way)"
+    ),
+}
+
+
+def check_supported(model: nn.Module) -> None:
+    """Refuse architectures that cannot be pruned correctly, before anything is changed.
+
+    Raises:
+        UnsupportedModelError: naming the layer type, where it is, and why.
+    """
+    for path, cause in REFUSED.items():
+        cls = _timm_class(path)
+        if cls is None:
+            continue
+        for name, m in model.named_modules():
+            if isinstance(m, cls):
+                arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+                what = f"{arch} " if arch else ""
+                raise UnsupportedModelError(
+                    f"{what}cannot be pruned by kcp_plugin: it contains {path.split('.', 2)[-1]}"
+                    f" (first at {name!r}), and {cause}"
+                )
+
+
+class _CopyFreeCache(dict):
+    """A cache dict that deep-copies as empty (its values are recomputed on demand)."""
+
+    def __deepcopy__(self, memo: dict) -> _CopyFreeCache:
+        return type(self)()
+
+
+def _get_cache(self: nn.Module) -> _CopyFreeCache:
+    cache = self.__dict__.get("_kcp_bias_cache")
+    if cache is None:
+        cache = self.__dict__["_kcp_bias_cache"] = _CopyFreeCache()
+    return cache
+
+
+def _set_cache(self: nn.Module, value: dict) -> None:
+    self.__dict__["_kcp_bias_cache"] = _CopyFreeCache(value)
+
+
+_CACHE_CLASSES: dict[type, type] = {}
+
+
+def clear_caches(model: nn.Module) -> None:
+    """Make the bias caches of timm attention layers safe to deep-copy, and empty them.
+
+    LeViT / EfficientFormer(V2) attention layers cache ``attention_biases[:, idxs]`` in eval
+    mode. Filled while torch-pruning traces the model (autograd on), the cache holds a non-leaf
+    tensor, and the model can no longer be deep-copied, which the MACs search does. Such a layer
+    gets a subclass (same behaviour and state dict) whose ``attention_bias_cache`` is a dict
+    that deep-copies as empty; the layer simply recomputes the entry. Idempotent.
+    """
+    for m in model.modules():
+        cls = type(m)
+        if cls in _CACHE_CLASSES.values():
+            m.attention_bias_cache = {}
+            continue
+        if not isinstance(m.__dict__.get("attention_bias_cache"), dict):
+            continue
+        if cls not in _CACHE_CLASSES:
+            _CACHE_CLASSES[cls] = type(cls.__name__, (cls,), {
+                "__module__": cls.__module__, "__doc__": cls.__doc__,
+                "attention_bias_cache": property(_get_cache, _set_cache),
+            })
+        del m.__dict__["attention_bias_cache"]
+        m.__class__ = _CACHE_CLASSES[cls]
+        m.attention_bias_cache = {}
+
+
+def pruning_setup(model: nn.Module, example_inputs: Any = None) -> dict[str, Any]:
+    """Arguments that make :func:`kcp_plugin.prune` / ``apply_plan`` handle this timm model.
+
+    Args:
+        model: The timm model.
+        example_inputs: Tracing inputs; needed (for pruning, not for a plan replay) when the
+            model has protected blocks, whose groups are found on the dependency graph.
+
+    Returns:
+        ``{"customized_pruners": {...}, "unwrapped_parameters": {...},
+        "ignored_layers": [...], "prune_defaults": {...}}``.
+    """
+    clear_caches(model)
+    types = {type(m) for m in model.modules()}
+    pruners: dict[type, Any] = {}
+    for path, pruner in PRUNERS.items():
+        cls = _timm_class(path)
+        for t in types:  # torch-pruning looks pruners up by exact class
+            if cls is not None and issubclass(t, cls):
+                pruners.setdefault(t, pruner)
+    ignored = (protected_roots(model, example_inputs, pruners)
+               if example_inputs is not None else [])
+    return {"customized_pruners": pruners, "unwrapped_parameters": {}, "ignored_layers": ignored,
+            "prune_defaults": {}}

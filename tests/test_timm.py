@@ -1,0 +1,373 @@
+"""timm integration: the kcp_pruned entrypoint, checkpoints, ViT/Swin/MetaFormer/EdgeNeXt
+pruning, refusals, training-time pruning through tools/timm_train.py, and a sweep subset."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import kcp_plugin
+import kcp_plugin.integrations.timm as kt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"_tool_{name}", os.path.join(ROOT, "tools",
+                                                                               f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _x(side: int = 32, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(seed))
+
+
+def _macs(model: nn.Module, side: int = 32) -> int:
+    return kcp_plugin.count_macs_params(model, _x(side, batch=1))[0]
+
+
+@pytest.fixture(scope="module")
+def pruned_resnet():
+    torch.manual_seed(0)
+    model = timm.create_model("kcp_pruned", base="resnet18", num_classes=5,
+                              target_macs_ratio=0.5, input_size=32).eval()
+    return model
+
+
+# ---------------------------------------------------------------------- the entrypoint
+def test_entrypoint_prunes_keeps_cfg_and_reset_classifier(pruned_resnet):
+    dense = timm.create_model("resnet18", num_classes=5).eval()
+    ratio = _macs(pruned_resnet) / _macs(dense)
+    assert abs(ratio - 0.5) <= 0.02
+    assert type(pruned_resnet) is type(dense)  # the timm class itself, only narrower
+    # the base's data config is kept; only the architecture names the entrypoint
+    cfg, base_cfg = pruned_resnet.pretrained_cfg, dense.pretrained_cfg
+    for key in ("input_size", "mean", "std", "interpolation", "crop_pct", "classifier",
+                "first_conv"):
+        assert cfg[key] == base_cfg[key], key
+    assert cfg["architecture"] == "kcp_pruned"
+    data = timm.data.resolve_data_config({}, model=pruned_resnet)
+    assert data["mean"] == base_cfg["mean"] and data["input_size"] == base_cfg["input_size"]
+    # head bookkeeping follows the pruned width, so reset_classifier builds a fitting head
+    fc = pruned_resnet.get_classifier()
+    assert fc.in_features < dense.num_features
+    assert pruned_resnet.num_features == fc.in_features
+    clone = copy.deepcopy(pruned_resnet)
+    clone.reset_classifier(3)
+    assert clone(_x()).shape == (2, 3)
+    assert clone.get_classifier().in_features == fc.in_features
+
+
+def test_checkpoint_path_reload_is_exact(pruned_resnet, tmp_path):
+    x = _x()
+    with torch.no_grad():
+        expected = pruned_resnet(x)
+    sd = pruned_resnet.state_dict()
+    assert sd[kt.PLAN_KEY].dtype == torch.uint8  # the plan travels inside the state dict
+    path = tmp_path / "model_best.pth.tar"
+    torch.save({"epoch": 3, "arch": "kcp_pruned", "state_dict": sd}, path)  # train.py layout
+    again = timm.create_model("kcp_pruned", base="resnet18", num_classes=5,
+                              checkpoint_path=str(path)).eval()
+    with torch.no_grad():
+        assert torch.equal(again(x), expected)
+    # safetensors (what timm exports) carries it too
+    from safetensors.torch import save_file
+
+    st = tmp_path / "model.safetensors"
+    save_file(sd, str(st))
+    again = timm.create_model("kcp_pruned", base="resnet18", num_classes=5,
+                              checkpoint_path=str(st)).eval()
+    with torch.no_grad():
+        assert torch.equal(again(x), expected)
+    # a model pruned at creation with other settings is rebuilt to the checkpoint's plan
+    other = timm.create_model("kcp_pruned", base="resnet18", num_classes=5,
+                              pruning_ratio=0.2, input_size=32,
+                              checkpoint_path=str(path)).eval()
+    with torch.no_grad():
+        assert torch.equal(other(x), expected)
+    assert kcp_plugin.get_plan(other) == kcp_plugin.get_plan(pruned_resnet)
+
+
+def test_plan_kwarg_from_save_pruned_checkpoint(tmp_path):
+    torch.manual_seed(1)
+    model = timm.create_model("resnet18", num_classes=4).eval()
+    kt.prune_timm_model(model, "l2", pruning_ratio=0.4, input_size=32, progress=False)
+    path = tmp_path / "pruned.pt"
+    kcp_plugin.save_pruned(model, path)  # plan beside the state dict, not inside it
+    rebuilt = timm.create_model("kcp_pruned", base="resnet18", num_classes=4, plan=str(path),
+                                checkpoint_path=str(path)).eval()
+    x = _x()
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), model(x))
+    json_path = tmp_path / "plan.json"
+    json_path.write_text(json.dumps(kcp_plugin.get_plan(model)))
+    assert kt.read_plan(str(json_path)) == kcp_plugin.get_plan(model)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"base": "resnet_18"}, "close matches: resnet18"),
+    ({"base": "kcp_pruned"}, "not kcp_pruned itself"),
+    ({"target_macs_ratio": 0.5, "plan": {"format": "x"}}, "at most one of"),
+    ({"target_macs_ratio": 1.5}, r"target_macs_ratio must be in \(0, 1\]"),
+    ({"importance": "nope", "target_macs_ratio": 0.5}, "nope"),
+    ({"importance": "taylor", "target_macs_ratio": 0.5}, "reads gradients"),
+    ({"plan": "/nonexistent/plan.pt"}, "does not exist"),
+    ({"prune_kwargs": {"dry_run": True}, "target_macs_ratio": 0.5}, "not accepted"),
+])
+def test_entrypoint_rejects_bad_arguments(kwargs, match):
+    kwargs.setdefault("base", "resnet18")
+    with pytest.raises((ValueError, TypeError, FileNotFoundError), match=match):
+        timm.create_model("kcp_pruned", **kwargs)
+
+
+def test_dense_entrypoint_explains_missing_plan(pruned_resnet, tmp_path):
+    sd = {k: v for k, v in pruned_resnet.state_dict().items() if k != kt.PLAN_KEY}
+    path = tmp_path / "no_plan.pth"
+    torch.save(sd, path)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        timm.create_model("kcp_pruned", base="resnet18", num_classes=5,
+                          checkpoint_path=str(path))
+
+
+# ---------------------------------------------------------------------- attention models
+def test_vit_heads_stay_consistent_and_reload(tmp_path):
+    torch.manual_seed(0)
+    kw = dict(base="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=5)
+    model = timm.create_model("kcp_pruned", target_macs_ratio=0.5, **kw,
+                              prune_kwargs={"prune_num_heads": True,
+                                            "head_pruning_ratio": 0.34}).eval()
+    x = _x(32)
+    out = model(x)
+    assert out.shape == (2, 5) and torch.isfinite(out).all()
+    dense = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2,
+                              num_classes=5)
+    assert abs(_macs(model) / _macs(dense) - 0.5) <= 0.02
+    for blk in model.blocks:
+        attn = blk.attn
+        assert attn.num_heads < 3  # whole heads removed (of 3)
+        assert attn.qkv.out_features == 3 * attn.num_heads * attn.head_dim
+        assert attn.proj.in_features == attn.num_heads * attn.head_dim
+        assert attn.scale == pytest.approx(attn.head_dim ** -0.5)
+    assert model.embed_dim == model.num_features == model.head.in_features < dense.embed_dim
+    kt.check_reset_classifier(model, x)
+    path = tmp_path / "vit.pth"
+    torch.save({"state_dict": model.state_dict()}, path)
+    again = timm.create_model("kcp_pruned", checkpoint_path=str(path), **kw).eval()
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+
+
+def _swin_small(**extra):
+    return timm.create_model("swin_tiny_patch4_window7_224", img_size=32, window_size=2,
+                             depths=(1, 1, 1, 1), embed_dim=24, num_heads=(1, 2, 3, 6),
+                             num_classes=5, **extra).eval()
+
+
+def _metaformer_small():
+    from timm.models.metaformer import GroupNorm1NoBias, MetaFormer
+
+    return MetaFormer(depths=(1, 1, 1, 1), dims=(16, 24, 32, 48), norm_layers=GroupNorm1NoBias,
+                      use_mlp_head=False, num_classes=5).eval()
+
+
+def _edgenext_small():
+    return timm.create_model("edgenext_xx_small", depths=(1, 1, 2, 1), num_classes=5).eval()
+
+
+@pytest.mark.parametrize("build", [_swin_small, _metaformer_small, _edgenext_small],
+                         ids=["swin-patchmerging", "metaformer-scale-nobiasnorm",
+                              "edgenext-protected"])
+def test_custom_pruners_prune_and_replay(build):
+    torch.manual_seed(0)
+    model, x = build(), _x(32)
+    reference = copy.deepcopy(model)
+    report = kt.prune_timm_model(model, "kcp", example_inputs=x, target_macs_ratio=0.6,
+                                 progress=False)
+    assert abs(report.macs_ratio - 0.6) <= 0.02
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (2, 5) and torch.isfinite(out).all()
+    kt.check_reset_classifier(model, x)
+    kt.apply_timm_plan(reference, kcp_plugin.get_plan(model), x)
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(reference.eval()(x), out)
+
+
+def test_swin_patch_merging_keeps_four_copies_aligned():
+    torch.manual_seed(0)
+    model, x = _swin_small(), _x(32)
+    merge = model.layers[1].downsample
+    kept_norm = merge.norm.weight.detach().clone()
+    kt.prune_timm_model(model, "l2", example_inputs=x, pruning_ratio=0.5, progress=False)
+    dim = merge.dim
+    assert merge.norm.weight.shape[0] == merge.reduction.in_features == 4 * dim
+    # the four merged copies of each kept channel keep the same channel order
+    w = merge.norm.weight.detach().reshape(4, dim)
+    orig = kept_norm.reshape(4, -1)
+    for k in range(4):
+        assert all(any(torch.equal(w[k, j], v) for v in orig[k]) for j in range(dim))
+
+
+def test_unsupported_architecture_refused_untouched():
+    model = timm.create_model("mixnet_s", num_classes=5).eval()
+    params = [p for p in model.parameters()]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(kt.UnsupportedModelError, match="MixedConv2d"):
+        kt.prune_timm_model(model, "kcp", target_macs_ratio=0.5, input_size=32)
+    assert [p for p in model.parameters()] == params
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(kt.UnsupportedModelError, match="split sizes"):
+        timm.create_model("kcp_pruned", base="mixnet_s", target_macs_ratio=0.5)
+
+
+# ---------------------------------------------------------------------- training-time pruning
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """Two colour classes of noisy 16x16 images, train and validation splits."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("validation", 2)):
+        for c, colour in enumerate(((200, 40, 40), (40, 40, 200))):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                img = np.clip(np.array(colour)[None, None] + rng.normal(0, 30, (16, 16, 3)),
+                              0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f"{i}.png")
+    return root
+
+
+def test_timm_train_wrapper_prunes_iteratively_and_resumes(image_folder, tmp_path):
+    tool = _tool("timm_train")
+    cfg = tmp_path / "recipe.yaml"
+    cfg.write_text(
+        "model: resnet18\nnum_classes: 2\ninput_size: [3, 16, 16]\nbatch_size: 4\n"
+        "opt: sgd\nlr: 0.01\nsched: cosine\nwarmup_epochs: 0\nepochs: 2\nworkers: 0\n"
+        "model_ema: true\nlog_interval: 100\n"
+        "kcp_importance: kcp\nkcp_target_macs: 0.5\nkcp_num_prunes: 2\nkcp_start: 1\n"
+        "kcp_every: 1\n"
+    )
+    out = tmp_path / "run"
+    summary = tool.run_builtin([str(image_folder), "--config", str(cfg), "--output", str(out),
+                                "--max-steps", "3"])
+    assert summary["pruned_at_steps"] == [1, 2]
+    assert abs(summary["macs_ratio"] - 0.5) <= 0.02  # measured on the live model
+    ckpt = torch.load(summary["checkpoint"], map_location="cpu", weights_only=True)
+    # EMA copy pruned alike, its averages kept: it reloads into the same pruned structure
+    again = timm.create_model("kcp_pruned", base="resnet18", num_classes=2,
+                              checkpoint_path=summary["checkpoint"]).eval()  # uses the EMA
+    ema_sd = ckpt["state_dict_ema"]
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in ema_sd.items()
+               if k != kt.PLAN_KEY)
+    assert abs(_macs(again, 16) / summary["macs_dense"] - summary["macs_ratio"]) < 1e-9
+    # resume: the pruned structure is rebuilt from the checkpoint, the schedule is finished
+    resumed = tool.run_builtin([str(image_folder), "--config", str(cfg), "--output", str(out),
+                                "--resume", summary["checkpoint"], "--max-steps", "5"])
+    assert resumed["pruned_at_steps"] == [] and resumed["steps"] == 5
+    assert resumed["macs"] == summary["macs"]
+
+
+@pytest.mark.parametrize("name", ["resnet50_kcp", "deit_small_kcp", "resnet18_kcp_smoke"])
+def test_recipes_parse(name, tmp_path):
+    tool = _tool("timm_train")
+    path = os.path.join(ROOT, "configs", "timm", f"{name}.yaml")
+    args = tool.parse_builtin([str(tmp_path), "--config", path])
+    kcp, _ = tool.parse_kcp(["--config", path])
+    assert kcp.kcp_target_macs == args.kcp_target_macs and 0 < kcp.kcp_target_macs < 1
+    assert timm.is_model(args.model)
+    # flags override the YAML
+    kcp, _ = tool.parse_kcp(["--config", path, "--kcp-target-macs", "0.3"])
+    assert kcp.kcp_target_macs == 0.3
+
+
+FAKE_TRAIN_PY = '''
+"""Stands in for timm's train.py: same module-level names the wrapper relies on."""
+import sys
+import torch
+from timm import utils
+from timm.models import create_model
+
+def main():
+    out = sys.argv[sys.argv.index("--out") + 1]
+    model = create_model("resnet18", num_classes=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    ema = utils.ModelEmaV3(model, decay=0.9)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(4):
+        x = torch.randn(4, 3, 16, 16, generator=gen)
+        y = torch.randint(0, 3, (4,), generator=gen)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ema.update(model, step=step)
+    torch.save({"state_dict": model.state_dict(), "state_dict_ema": ema.module.state_dict()},
+               out)
+'''
+
+
+def test_timm_train_wrapper_drives_a_train_script(tmp_path):
+    tool = _tool("timm_train")
+    script = tmp_path / "train.py"
+    script.write_text(FAKE_TRAIN_PY)
+    out = tmp_path / "ckpt.pth"
+    kcp, rest = tool.parse_kcp(["--kcp-target-macs", "0.5", "--kcp-num-prunes", "2",
+                                "--kcp-start", "1", "--kcp-every", "2", "--kcp-input-size",
+                                "16", "--out", str(out)])
+    assert rest == ["--out", str(out)]
+    schedule = tool.run_train_script(str(script), kcp, rest)
+    assert schedule.pruned_at == [1, 3] and schedule.finished
+    model = timm.create_model("kcp_pruned", base="resnet18", num_classes=3,
+                              checkpoint_path=str(out)).eval()
+    dense = timm.create_model("resnet18", num_classes=3)
+    assert abs(_macs(model, 16) / _macs(dense, 16) - 0.5) <= 0.02
+    sys.modules.pop("timm_train_script", None)
+
+
+# ---------------------------------------------------------------------- sweep subset
+def test_sweep_subset(tmp_path):
+    sweep = _tool("sweep_models")
+    js, md = tmp_path / "s.json", tmp_path / "s.md"
+    code = sweep.main(["--timm-registry", "resnet18,mixnet_s", "--criteria", "kcp",
+                       "--threads", "2", "--json", str(js), "--markdown", str(md)])
+    result = json.loads(js.read_text())
+    rows = {(e["model"], r["criterion"]): r for e in result["results"] for r in e["rows"]}
+    assert rows["timm:resnet18", "tp"]["ok"] and rows["timm:resnet18", "kcp"]["ok"]
+    assert rows["timm:resnet18", "kcp"]["roundtrip_ok"] and rows["timm:resnet18", "kcp"][
+        "reset_ok"]
+    assert not rows["timm:mixnet_s", "tp"]["ok"]
+    assert rows["timm:mixnet_s", "kcp"]["error"]["type"] == "UnsupportedModelError"
+    assert code == 1  # mixnet is refused
+    text = md.read_text()
+    assert "| timm:mixnet_s | 64 | kcp | refused |" in text
+    assert "| timm:resnet18 | 64 | kcp | ok |" in text
+    assert "torch-pruning alone handles 1 models; kcp_plugin fails on 0 of them" in text
+
+
+def test_ghostnet_reaches_the_target_although_macs_are_not_monotonic():
+    """GhostNet's sliced concat makes the largest channel ratio keep more MACs than smaller
+    ones; the MACs search finds a bracket at coarser ratios instead of giving up."""
+    from kcp_plugin.integrations.timm.pruning import prune_timm_model
+
+    model = timm.create_model("ghostnet_050")
+    x = torch.randn(1, 3, 64, 64)
+    report = prune_timm_model(model, "kcp", example_inputs=x, target_macs_ratio=0.5,
+                              progress=False)
+    assert abs(report.macs_ratio - 0.5) <= 0.02
+    out = model(x)
+    assert out.shape == (1, 1000) and torch.isfinite(out).all()

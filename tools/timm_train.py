@@ -1,0 +1,487 @@
+#!/usr/bin/env python
+"""Train a timm model while pruning it with KCP (iterative, training-time): timm's recipe, no fork.
+
+timm's training loop has no callbacks, so pruning during training needs a wrapper. This one runs
+timm's own training code with a :class:`~kcp_plugin.integrations.timm.TimmPruningSchedule`
+attached to the optimizer (an optimizer step post-hook advances it; at each pruning point the
+model is pruned in place, the optimizer re-pointed with its state carried, EMA copies pruned
+alike). Two ways to run timm's code:
+
+* ``--train-script PATH/TO/train.py`` (or ``$KCP_TIMM_TRAIN_SCRIPT``): **your** timm
+  ``train.py``, unchanged. timm's pip package does not ship ``train.py`` (it lives in the
+  pytorch-image-models repository), so it is loaded from the path you give. The wrapper
+  captures the model from ``train.py``'s ``create_model`` call and the optimizer at its first
+  step, then calls ``train.main()`` with the remaining arguments. Checkpoints written by
+  ``train.py`` carry the pruning plan in their state dict, so they reload with
+  ``timm.create_model("kcp_pruned", base=..., checkpoint_path=...)``. ``--resume`` of a pruned
+  run is not supported in this mode (``train.py`` builds its optimizer before loading).
+* without it: a compact single-process loop built from timm's library pieces
+  (``timm.data.create_dataset/create_loader``, ``timm.optim.create_optimizer_v2``,
+  ``timm.scheduler.create_scheduler_v2``, ``timm.loss``, ``timm.utils.ModelEmaV3``,
+  ``accuracy``), taking ``train.py``'s argument names and YAML config for the common options
+  (listed by ``--help``). It saves ``last.pth.tar`` every epoch (state dict with plan,
+  optimizer, LR scheduler, pruning schedule, EMA) and resumes exactly with ``--resume``.
+
+Pruning options (``--kcp-*``) can also be set as ``kcp_*`` keys in the same YAML file
+(``--config``); command-line flags win. ``start`` / ``every`` count optimizer steps.
+
+    python tools/timm_train.py --config configs/timm/resnet50_kcp.yaml --data-dir /data/imagenet
+    python tools/timm_train.py --train-script ~/pytorch-image-models/train.py \\
+        --config configs/timm/resnet50_kcp.yaml /data/imagenet
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+_logger = logging.getLogger("timm_train")
+
+
+# ---------------------------------------------------------------------- pruning options
+def kcp_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("KCP pruning during training (also as kcp_* keys in the YAML)")
+    g.add_argument("--train-script", default=os.environ.get("KCP_TIMM_TRAIN_SCRIPT"),
+                   help="path to timm's train.py to run (default: the built-in loop)")
+    g.add_argument("--kcp-importance", default="kcp", help="registered criterion (default: kcp)")
+    g.add_argument("--kcp-target-macs", type=float, default=None,
+                   help="fraction of MACs kept at the end; unset: train without pruning")
+    g.add_argument("--kcp-num-prunes", type=int, default=4, help="pruning points (default: 4)")
+    g.add_argument("--kcp-start", type=int, default=0,
+                   help="optimizer step of the first pruning point (default: 0)")
+    g.add_argument("--kcp-every", type=int, default=100,
+                   help="optimizer steps between pruning points (default: 100)")
+    g.add_argument("--kcp-ramp", default="linear",
+                   help="linear | exponential | agp | asfp (default: linear)")
+    g.add_argument("--kcp-mode", default="hard", help="hard | soft | decay (default: hard)")
+    g.add_argument("--kcp-importance-kwargs", default=None,
+                   help="criterion arguments as a JSON / Python dict literal")
+    g.add_argument("--kcp-prune-kwargs", default=None,
+                   help="further kcp_plugin.prune arguments (round_to, global_pruning...) as a "
+                   "dict literal")
+    g.add_argument("--kcp-input-size", type=int, nargs="+", default=None,
+                   help="tracing input size (C H W or one side); default: the model's")
+    return p
+
+
+def _literal(value: Any, what: str) -> dict[str, Any] | None:
+    if value is None or isinstance(value, dict):
+        return value
+    try:
+        out = json.loads(value)
+    except ValueError:
+        try:
+            out = ast.literal_eval(value)
+        except (ValueError, SyntaxError) as exc:
+            raise SystemExit(f"{what}: not a dict literal: {value!r}") from exc
+    if not isinstance(out, dict):
+        raise SystemExit(f"{what}: expected a dict, got {value!r}")
+    return out
+
+
+def _config_path(argv: list[str]) -> str | None:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("-c", "--config", default="")
+    known, _ = p.parse_known_args(argv)
+    return known.config or None
+
+
+def read_yaml(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    import yaml
+
+    with open(path) as f:
+        cfg = yaml.safe_load(f) or {}
+    if not isinstance(cfg, dict):
+        raise SystemExit(f"{path}: a YAML mapping of argument names is expected")
+    return cfg
+
+
+def parse_kcp(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Our options (YAML ``kcp_*`` keys as defaults), and the arguments left for timm."""
+    parser = kcp_parser()
+    cfg = read_yaml(_config_path(argv))
+    valid = {a.dest for a in parser._actions}
+    defaults = {}
+    for key, value in cfg.items():
+        dest = key.replace("-", "_")
+        if dest.startswith("kcp_") and dest != "kcp_target_macs_ratio":
+            if dest not in valid:
+                raise SystemExit(f"{key}: unknown pruning option; valid: "
+                                 f"{', '.join(sorted(d for d in valid if d.startswith('kcp_')))}")
+            defaults[dest] = value
+        elif dest == "kcp_target_macs_ratio":
+            defaults["kcp_target_macs"] = value
+    parser.set_defaults(**defaults)
+    kcp, rest = parser.parse_known_args(argv)
+    kcp.kcp_importance_kwargs = _literal(kcp.kcp_importance_kwargs, "--kcp-importance-kwargs")
+    kcp.kcp_prune_kwargs = _literal(kcp.kcp_prune_kwargs, "--kcp-prune-kwargs")
+    if kcp.kcp_target_macs is not None and not 0 < kcp.kcp_target_macs <= 1:
+        raise SystemExit(f"--kcp-target-macs must be in (0, 1], got {kcp.kcp_target_macs}")
+    if kcp.kcp_input_size is not None:
+        kcp.kcp_input_size = kcp.kcp_input_size[0] if len(kcp.kcp_input_size) == 1 \
+            else tuple(kcp.kcp_input_size)
+    return kcp, rest
+
+
+def make_schedule(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  kcp: argparse.Namespace, emas: list[Any], input_size: Any = None) -> Any:
+    from kcp_plugin.integrations.timm import TimmPruningSchedule, default_inputs
+
+    x = default_inputs(model, kcp.kcp_input_size or input_size)
+    x = x.to(next(model.parameters()).device)
+    return TimmPruningSchedule(
+        model, optimizer, kcp.kcp_importance, target_macs_ratio=kcp.kcp_target_macs,
+        num_prunes=kcp.kcp_num_prunes, start=kcp.kcp_start, every=kcp.kcp_every,
+        ramp=kcp.kcp_ramp, mode=kcp.kcp_mode, example_inputs=x,
+        importance_kwargs=kcp.kcp_importance_kwargs, prune_kwargs=kcp.kcp_prune_kwargs,
+        emas=emas,
+    )
+
+
+# ---------------------------------------------------------------------- mode 1: timm's train.py
+@contextlib.contextmanager
+def _capture_emas(found: list[Any]):
+    """Record every timm EMA wrapper created while active."""
+    from timm.utils import model_ema
+
+    classes = [getattr(model_ema, n) for n in ("ModelEma", "ModelEmaV2", "ModelEmaV3")
+               if hasattr(model_ema, n)]
+    originals = {cls: cls.__init__ for cls in classes}
+
+    def wrap(cls, init):
+        def __init__(self, *args, **kwargs):
+            init(self, *args, **kwargs)
+            if type(self) is cls:
+                found.append(self)
+        return __init__
+
+    for cls, init in originals.items():
+        cls.__init__ = wrap(cls, init)
+    try:
+        yield
+    finally:
+        for cls, init in originals.items():
+            cls.__init__ = init
+
+
+def run_train_script(path: str, kcp: argparse.Namespace, argv: list[str]) -> Any:
+    """Run timm's own ``train.py`` (``main()``) with the pruning schedule attached."""
+    import kcp_plugin.integrations.timm as kt
+
+    if not os.path.isfile(path):
+        raise SystemExit(f"--train-script: {path} does not exist (timm's train.py is in the "
+                         "pytorch-image-models repository, not in the pip package)")
+    spec = importlib.util.spec_from_file_location("timm_train_script", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    if not hasattr(module, "main") or not hasattr(module, "create_model"):
+        raise SystemExit(f"{path} does not look like timm's train.py (needs main() and "
+                         "create_model imported at module level)")
+    state: dict[str, Any] = {}
+    emas: list[Any] = []
+    original_create = module.create_model
+
+    def create_model(*args: Any, **kwargs: Any) -> torch.nn.Module:
+        model = original_create(*args, **kwargs)
+        if "model" not in state:
+            state["model"] = model
+            if not model.__dict__.get("_kcp_timm_hooks"):
+                name = args[0] if args else kwargs.get("model_name")
+                kt.install_plan_hooks(model, base=name)
+        return model
+
+    def on_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        model = state.get("model")
+        if "schedule" in state or model is None or kcp.kcp_target_macs is None:
+            return
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        if not any(id(p) in held for p in model.parameters()):
+            return
+        schedule = make_schedule(model, optimizer, kcp, emas)
+        schedule.attach()
+        state["schedule"] = schedule
+        schedule.step()  # this step counts too
+
+    module.create_model = create_model
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    handle = register_optimizer_step_post_hook(on_step)
+    argv0 = sys.argv
+    sys.argv = [path, *argv]
+    try:
+        with _capture_emas(emas):
+            module.main()
+    finally:
+        sys.argv = argv0
+        handle.remove()
+    return state.get("schedule")
+
+
+# ---------------------------------------------------------------------- mode 2: built-in loop
+def builtin_parser() -> argparse.ArgumentParser:
+    """The subset of timm train.py's arguments the built-in loop understands (same names)."""
+    from timm.utils import ParseKwargs
+
+    p = argparse.ArgumentParser(
+        description="Train a timm model with KCP pruning during training (built-in loop; "
+        "pass --train-script to run timm's train.py instead).",
+        parents=[kcp_parser()],
+    )
+    p.add_argument("-c", "--config", default="", help="YAML file of argument defaults")
+    p.add_argument("data", nargs="?", default=None, metavar="DIR", help="dataset root")
+    g = p.add_argument_group("timm train.py arguments")
+    g.add_argument("--data-dir", default=None)
+    g.add_argument("--dataset", default="", help="timm dataset name ('' = image folder)")
+    g.add_argument("--train-split", default="train")
+    g.add_argument("--val-split", default="validation")
+    g.add_argument("--model", default="resnet50")
+    g.add_argument("--pretrained", action="store_true")
+    g.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs)
+    g.add_argument("--num-classes", type=int, default=None)
+    g.add_argument("--img-size", type=int, default=None)
+    g.add_argument("--input-size", type=int, nargs=3, default=None)
+    g.add_argument("--crop-pct", type=float, default=None)
+    g.add_argument("--mean", type=float, nargs="+", default=None)
+    g.add_argument("--std", type=float, nargs="+", default=None)
+    g.add_argument("--interpolation", default="")
+    g.add_argument("-b", "--batch-size", type=int, default=128)
+    g.add_argument("-vb", "--validation-batch-size", type=int, default=None)
+    g.add_argument("--opt", default="sgd")
+    g.add_argument("--opt-eps", type=float, default=None)
+    g.add_argument("--opt-betas", type=float, nargs="+", default=None)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=2e-5)
+    g.add_argument("--clip-grad", type=float, default=None)
+    g.add_argument("--sched", default="cosine")
+    g.add_argument("--sched-on-updates", action="store_true")
+    g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--lr-base", type=float, default=0.1)
+    g.add_argument("--lr-base-size", type=int, default=256)
+    g.add_argument("--warmup-lr", type=float, default=1e-5)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--epochs", type=int, default=300)
+    g.add_argument("--warmup-epochs", type=int, default=5)
+    g.add_argument("--cooldown-epochs", type=int, default=0)
+    g.add_argument("--decay-epochs", type=float, default=90)
+    g.add_argument("--decay-rate", type=float, default=0.1)
+    g.add_argument("--smoothing", type=float, default=0.1)
+    g.add_argument("--no-aug", action="store_true")
+    g.add_argument("--hflip", type=float, default=0.5)
+    g.add_argument("--drop", type=float, default=0.0)
+    g.add_argument("--drop-path", type=float, default=None)
+    g.add_argument("--model-ema", action="store_true")
+    g.add_argument("--model-ema-decay", type=float, default=0.9998)
+    g.add_argument("-j", "--workers", type=int, default=4)
+    g.add_argument("--output", default="")
+    g.add_argument("--experiment", default="")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--log-interval", type=int, default=50)
+    g.add_argument("--resume", default="")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many optimizer steps (smoke tests)")
+    return p
+
+
+def parse_builtin(argv: list[str]) -> argparse.Namespace:
+    parser = builtin_parser()
+    cfg = read_yaml(_config_path(argv))
+    valid = {a.dest for a in parser._actions}
+    defaults = {}
+    for key, value in cfg.items():
+        dest = key.replace("-", "_")
+        if dest == "kcp_target_macs_ratio":
+            dest = "kcp_target_macs"
+        if dest in valid:
+            defaults[dest] = value
+        else:
+            _logger.warning("config key %r is not used by the built-in loop (run timm's "
+                            "train.py with --train-script for its full option set)", key)
+    parser.set_defaults(**defaults)
+    args = parser.parse_args(argv)
+    args.data_dir = args.data_dir or args.data
+    if not args.data_dir:
+        parser.error("a dataset root is required (DIR or --data-dir)")
+    return args
+
+
+def _checkpoint(args: argparse.Namespace, model, optimizer, lr_scheduler, schedule, model_ema,
+                epoch: int, step: int, metric: float | None) -> dict[str, Any]:
+    return {
+        "epoch": epoch, "step": step, "arch": args.model, "metric": metric,
+        "state_dict": model.state_dict(),
+        "state_dict_ema": model_ema.module.state_dict() if model_ema is not None else None,
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": lr_scheduler.state_dict() if lr_scheduler is not None else None,
+        "kcp_schedule": schedule.state_dict() if schedule is not None else None,
+    }
+
+
+def run_builtin(argv: list[str]) -> dict[str, Any]:
+    """Train with a loop made of timm's library pieces; returns a summary."""
+    import timm
+    import timm.data
+    from timm.loss import LabelSmoothingCrossEntropy
+    from timm.optim import create_optimizer_v2, optimizer_kwargs
+    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+    from timm.utils import AverageMeter, ModelEmaV3, accuracy, dispatch_clip_grad
+
+    import kcp_plugin
+    import kcp_plugin.integrations.timm as kt
+
+    args = parse_builtin(argv)
+    kcp, _ = parse_kcp(argv)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    model_kwargs = dict(args.model_kwargs or {})
+    for key, value in (("num_classes", args.num_classes), ("drop_rate", args.drop),
+                       ("drop_path_rate", args.drop_path), ("img_size", args.img_size)):
+        if value is not None:
+            model_kwargs.setdefault(key, value)
+    model = timm.create_model(args.model, pretrained=args.pretrained, **model_kwargs)
+    if not model.__dict__.get("_kcp_timm_hooks"):
+        kt.install_plan_hooks(model, base=args.model, base_kwargs=model_kwargs,
+                              input_size=kcp.kcp_input_size)
+    resume = None
+    if args.resume:  # the plan in the state dict rebuilds the pruned structure first
+        resume = torch.load(args.resume, map_location="cpu", weights_only=True)
+        model.load_state_dict(resume["state_dict"])
+    model.to(device)
+
+    data_config = timm.data.resolve_data_config(vars(args), model=model)
+    train_set = timm.data.create_dataset(args.dataset, root=args.data_dir,
+                                         split=args.train_split, is_training=True,
+                                         batch_size=args.batch_size)
+    loader_kw = dict(input_size=data_config["input_size"], mean=data_config["mean"],
+                     std=data_config["std"], interpolation=data_config["interpolation"],
+                     num_workers=args.workers, device=device, use_prefetcher=False,
+                     persistent_workers=False)
+    train_loader = timm.data.create_loader(train_set, batch_size=args.batch_size,
+                                           is_training=True, no_aug=args.no_aug,
+                                           hflip=args.hflip, **loader_kw)
+    val_loader = None
+    if args.val_split and os.path.isdir(os.path.join(args.data_dir, args.val_split)):
+        val_set = timm.data.create_dataset(args.dataset, root=args.data_dir,
+                                           split=args.val_split, is_training=False,
+                                           batch_size=args.batch_size)
+        val_loader = timm.data.create_loader(
+            val_set, batch_size=args.validation_batch_size or args.batch_size,
+            is_training=False, crop_pct=data_config["crop_pct"], **loader_kw)
+
+    if args.lr is None:  # train.py's rule: lr = lr_base * batch / lr_base_size
+        args.lr = args.lr_base * args.batch_size / args.lr_base_size
+    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
+    lr_scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args),
+                                                   updates_per_epoch=len(train_loader))
+    model_ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
+    loss_fn = (LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing
+               else torch.nn.CrossEntropyLoss()).to(device)
+    schedule = None
+    if kcp.kcp_target_macs is not None:
+        schedule = make_schedule(model, optimizer, kcp, [model_ema] if model_ema else [],
+                                 input_size=data_config["input_size"]).attach()
+    start_epoch, step = 0, 0
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        if resume.get("lr_scheduler") and lr_scheduler is not None:
+            lr_scheduler.load_state_dict(resume["lr_scheduler"])
+        if schedule is not None and resume.get("kcp_schedule"):
+            schedule.load_state_dict(resume["kcp_schedule"])
+        if model_ema is not None and resume.get("state_dict_ema"):
+            model_ema.module.load_state_dict(resume["state_dict_ema"])
+        start_epoch, step = int(resume["epoch"]) + 1, int(resume["step"])
+
+    x = kt.default_inputs(model, kcp.kcp_input_size or data_config["input_size"]).to(device)
+    macs_dense = (schedule.scheduler.macs_dense if schedule is not None
+                  else kcp_plugin.count_macs_params(model, x)[0])
+    output = args.output or "output/train"
+    if args.experiment:
+        output = os.path.join(output, args.experiment)
+    os.makedirs(output, exist_ok=True)
+    top1 = None
+    t_start = time.time()
+    for epoch in range(start_epoch, num_epochs):
+        model.train()
+        losses = AverageMeter()
+        for i, (inputs, target) in enumerate(train_loader):
+            inputs, target = inputs.to(device), target.to(device)
+            loss = loss_fn(model(inputs), target)
+            optimizer.zero_grad()
+            loss.backward()
+            if args.clip_grad is not None:
+                dispatch_clip_grad(model.parameters(), args.clip_grad)
+            optimizer.step()  # the pruning schedule runs here (optimizer post-hook)
+            step += 1
+            if model_ema is not None:
+                model_ema.update(model, step=step)
+            lr_scheduler.step_update(num_updates=step)
+            losses.update(loss.item(), inputs.size(0))
+            if i % args.log_interval == 0:
+                _logger.info("epoch %d [%d/%d] loss %.4f lr %.3g", epoch, i, len(train_loader),
+                             losses.avg, optimizer.param_groups[0]["lr"])
+            if args.max_steps is not None and step >= args.max_steps:
+                break
+        if val_loader is not None:
+            model.eval()
+            meter = AverageMeter()
+            with torch.no_grad():
+                for inputs, target in val_loader:
+                    inputs, target = inputs.to(device), target.to(device)
+                    acc1 = accuracy(model(inputs), target, topk=(1,))[0]
+                    meter.update(acc1.item(), inputs.size(0))
+            top1 = meter.avg
+        lr_scheduler.step(epoch + 1, top1)
+        torch.save(_checkpoint(args, model, optimizer, lr_scheduler, schedule, model_ema, epoch,
+                               step, top1), os.path.join(output, "last.pth.tar"))
+        macs = kcp_plugin.count_macs_params(model, x)[0]
+        _logger.info("epoch %d done: loss %.4f top1 %s MACs kept %.3f", epoch, losses.avg,
+                     f"{top1:.2f}" if top1 is not None else "-", macs / macs_dense)
+        if args.max_steps is not None and step >= args.max_steps:
+            break
+    macs, params = kcp_plugin.count_macs_params(model, x)
+    summary = {
+        "model": args.model, "model_kwargs": model_kwargs, "steps": step,
+        "pruned_at_steps": schedule.pruned_at if schedule is not None else [],
+        "macs_dense": macs_dense, "macs": macs, "macs_ratio": macs / macs_dense,
+        "params": params, "top1": top1, "checkpoint": os.path.join(output, "last.pth.tar"),
+        "seconds": time.time() - t_start,
+    }
+    with open(os.path.join(output, "kcp_summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    import kcp_plugin.integrations.timm  # noqa: F401  registers kcp_pruned for both modes
+
+    kcp, rest = parse_kcp(argv)
+    if kcp.train_script:
+        run_train_script(kcp.train_script, kcp, rest)
+    else:
+        summary = run_builtin(argv)
+        print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
