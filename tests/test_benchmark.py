@@ -125,3 +125,32 @@ def test_data_driven_criteria_run_in_the_protocol():
         assert 0.0 <= row["value"] <= 100.0
     out = criterion_analysis(dense, task, next(iter(loader)), ["fisher", "cdc"], repeats=1)
     assert out["fisher"]["collect_s"] > 0 and -1 <= out["cdc"]["spearman_vs_l2"] <= 1
+
+
+def test_oneshot_with_compensation_repairs_the_pruned_model():
+    """The 'oneshot+comp' schedule prunes the same channels as 'oneshot', then refits the
+    consumers by least squares: right after the prune the outputs are closer to the dense
+    model's than without the repair."""
+    from kcp_plugin.bench.protocol import PROFILES, run_one
+
+    profile = PROFILES["quick"]
+    profile = type(profile)(**{**profile.__dict__, "finetune_steps": 0, "latency_runs": 0,
+                               "data_steps": 2})
+    task = get_task("segmentation")
+    train_ds, val_ds = task.splits(0, 16, 4)
+    loader, val = make_loader(train_ds, 4, 0), make_loader(val_ds, 4, 0, shuffle=False)
+    dense = task.build(0)
+    train(dense, task, loader, 20, 3e-3, progress=False)
+    dense.eval()
+    x = next(iter(loader))[0]
+    errors = {}
+    for schedule in ("oneshot", "oneshot+comp"):
+        row, model = run_one(dense, task, "l2", 0.5, schedule, profile, loader, val, 0)
+        assert row["schedule"] == schedule and abs(row["macs_ratio"] - 0.5) <= 0.02
+        with torch.no_grad():
+            errors[schedule] = (model.eval()(x) - dense(x)).pow(2).mean().item()
+        widths = row["widths"]
+        if schedule == "oneshot":
+            plain_widths = widths
+    assert widths == plain_widths  # same structure; only the kept weights change
+    assert errors["oneshot+comp"] < errors["oneshot"], errors

@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, help="override the profile's seeds")
     p.add_argument("--targets", nargs="+", type=float, help="fractions of MACs kept")
     p.add_argument("--iterative", nargs="*", help="criteria also run iteratively")
+    p.add_argument("--comp", nargs="*", help="criteria also run one-shot + compensation "
+                   "(least-squares repair of the pruned layers' consumers, docs/cap.md)")
     p.add_argument("--dense-steps", type=int, help="dense training iterations")
     p.add_argument("--finetune-steps", type=int, help="fine-tuning iterations after pruning")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -50,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     for field, value in (("tasks", args.tasks), ("criteria", args.criteria),
                          ("seeds", args.seeds), ("targets", args.targets),
                          ("iterative_criteria", args.iterative),
+                         ("comp_criteria", args.comp),
                          ("dense_steps", args.dense_steps),
                          ("finetune_steps", args.finetune_steps)):
         if value is not None:

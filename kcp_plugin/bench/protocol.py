@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..compensation import compensating
 from ..graph import build_graph, count_macs_params
 from ..latency import measure_latency
 from ..pruning import _backward, prune
@@ -35,6 +36,8 @@ class Profile:
     targets: list[float]  # fractions of MACs kept
     iterative_criteria: list[str] = field(default_factory=list)
     soft_criteria: list[str] = field(default_factory=list)  # also run with SFP and SRFP
+    # also run one-shot followed by least-squares compensation of the consumers (CaP's repair)
+    comp_criteria: list[str] = field(default_factory=list)
     iterative_steps: int = 3
     n_train: int = 256
     n_val: int = 64
@@ -188,9 +191,16 @@ def run_one(
     macs0 = count_macs_params(dense, task.example_inputs(), _forward_for(task))[0]
     start = time.perf_counter()
     prune_s = 0.0
-    if schedule == "oneshot":
+    if schedule in ("oneshot", "oneshot+comp"):
         t0 = time.perf_counter()
-        _prune_to(model, task, criterion, target, batch, kwargs, data_kwargs)
+        if schedule == "oneshot":
+            _prune_to(model, task, criterion, target, batch, kwargs, data_kwargs)
+        else:
+            # statistics of the dense model's consumer inputs, then the prune, then the repair
+            with compensating(model, train_loader, steps=profile.data_steps,
+                              forward_fn=_forward_for(task), step_fn=_step_fn(task),
+                              progress=False):
+                _prune_to(model, task, criterion, target, batch, kwargs, data_kwargs)
         prune_s += time.perf_counter() - t0
         after_prune = task.evaluate(model, val_loader)
         train(model, task, train_loader, profile.finetune_steps, profile.finetune_lr,
@@ -248,7 +258,8 @@ def run_benchmark(
     tasks = [get_task(t) for t in profile.tasks]
     result: dict[str, Any] = {"config": asdict(profile), "dense": [], "rows": [], "criteria": []}
     def schedules(c: str) -> list[str]:
-        return (["oneshot"] + (["iterative"] if c in profile.iterative_criteria else [])
+        return (["oneshot"] + (["oneshot+comp"] if c in profile.comp_criteria else [])
+                + (["iterative"] if c in profile.iterative_criteria else [])
                 + (["soft", "decay"] if c in profile.soft_criteria else []))
 
     runs = [(c, t, s) for t in profile.targets for c in profile.criteria for s in schedules(c)]

@@ -95,14 +95,14 @@ def plot_accuracy_vs_macs(result: dict[str, Any], path: str | os.PathLike, task:
     summary = [r for r in aggregate(result) if r["task"] == task and r["seeds"]]
     dense = [d["value"] for d in result["dense"] if d["task"] == task]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for schedule, style in (("oneshot", "-o"), ("iterative", "--s")):
+    for schedule, style in (("oneshot", "-o"), ("oneshot+comp", "-.^"), ("iterative", "--s")):
         for criterion in dict.fromkeys(r["criterion"] for r in summary):
             pts = sorted((r["macs_ratio"], r["value"], r["std"]) for r in summary
                          if r["criterion"] == criterion and r["schedule"] == schedule)
             if not pts:
                 continue
             xs, ys, es = zip(*pts)
-            label = criterion if schedule == "oneshot" else f"{criterion} (iterative)"
+            label = criterion if schedule == "oneshot" else f"{criterion} ({schedule})"
             ax.errorbar(xs, ys, yerr=es, fmt=style, capsize=3, label=label)
     if dense:
         ax.axhline(sum(dense) / len(dense), color="k", lw=1, ls=":", label="dense")
