@@ -367,5 +367,7 @@ def collect(
                 bar.update(1)
             bar.close()
     if not importance.collected:
-        raise ValueError("no statistics were collected: the hooked layers never ran")
+        raise ValueError("no statistics were collected: the hooked layers never ran, or "
+                         "step_fn did not call the model itself (batches are counted per "
+                         "model(...) call; a method such as model.loss(...) bypasses that)")
     return importance

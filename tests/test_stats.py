@@ -243,6 +243,24 @@ def test_data_driven_errors_leave_model_untouched():
     assert kcp_plugin.importance_info("cdc").requires_data
 
 
+def test_step_fn_that_bypasses_forward_gets_a_message_saying_so():
+    """Batches are counted per model(...) call: a step through another method collects
+    nothing, and the error names that cause instead of blaming the layers."""
+
+    class WithLoss(ResBlockNet):
+        def loss(self, x, y):
+            x = self.stem(x)
+            return F.cross_entropy(self.fc(self.pool(x).flatten(1)), y)
+
+    model = WithLoss()
+    batches = [(torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))]
+    imp = FisherImportance()
+    with pytest.raises(ValueError, match=r"model\.loss"):
+        kcp_plugin.collect(model, batches, imp, step_fn=lambda m, b: m.loss(*b))
+    kcp_plugin.collect(model, batches, imp, step_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1]))
+    assert imp.collected
+
+
 def test_collecting_context_manager_with_own_training_loop():
     torch.manual_seed(0)
     net = ResBlockNet()

@@ -593,7 +593,7 @@ def epruner_widths(
     Returns:
         ``{root layer name: pruning ratio}`` for every prunable group.
     """
-    from ..graph import build_graph, default_forward, output_layers
+    from ..graph import check_runs, checked_graph, default_forward, output_layers
     from ..progress import progress_bar
     from ..pruning import _resolve_layers
 
@@ -601,15 +601,10 @@ def epruner_widths(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     imp = EPrunerImportance(beta=beta, **(importance_kwargs or {}))
     ignored = _resolve_layers(model, ignored_layers, "ignored_layers")
-    try:
-        graph = build_graph(model, example_inputs, forward_fn or default_forward,
-                            output_transform, unwrapped_parameters=unwrapped_parameters,
-                            customized_pruners=customized_pruners)
-    except Exception as exc:
-        raise ValueError(
-            f"could not trace the model with example_inputs ({type(exc).__name__}: {exc}); "
-            "pass inputs of the right shape, or forward_fn=lambda model, x: ..."
-        ) from exc
+    check_runs(model, example_inputs, forward_fn or default_forward)
+    graph = checked_graph(model, example_inputs, forward_fn or default_forward,
+                          output_transform, unwrapped_parameters=unwrapped_parameters,
+                          customized_pruners=customized_pruners)
     protected = ignored + (output_layers(graph) if protect_outputs else [])
     skip = [m for p in protected for m in p.modules()]
     names = {m: n for n, m in model.named_modules()}
