@@ -154,3 +154,15 @@ def test_oneshot_with_compensation_repairs_the_pruned_model():
             plain_widths = widths
     assert widths == plain_widths  # same structure; only the kept weights change
     assert errors["oneshot+comp"] < errors["oneshot"], errors
+
+
+def test_latency_tool_writes_table_json_and_plot(tmp_path):
+    lat = _load_tool("bench_latency")
+    assert lat.main(["--tasks", "classification", "segmentation", "--targets", "0.5",
+                     "--scale", "1", "--runs", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "latency.json").read_text())["rows"]
+    assert [r["task"] for r in rows] == ["classification", "segmentation"]
+    for r in rows:
+        assert abs(r["macs_ratio"] - 0.5) <= 0.02 and r["dense_ms"] > 0 and r["pruned_ms"] > 0
+    assert "| classification | resnet20 | 32x32 |" in (tmp_path / "latency.md").read_text()
+    assert (tmp_path / "latency_vs_macs.png").read_bytes()[:4] == b"\x89PNG"
