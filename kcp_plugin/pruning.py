@@ -484,9 +484,10 @@ def _search_ratio(
             return 0.0, {}, trials
         m_hi = macs_kept(hi)
         if m_hi > target + tol:
-            # MACs kept are not always monotonic in the ratio: where a block's width is derived
-            # from a rounded ratio of another's (GhostNet's primary/cheap split), the largest
-            # ratio can round a layer back up. A few coarse ratios find a bracket in that case.
+            # MACs kept are not always monotonic in the ratio: where a block slices its output
+            # at a stored width (GhostNet's out[:, :out_chs]), which channels go decides the
+            # widths, and the largest ratio can keep more than smaller ones. A few coarse
+            # ratios find a bracket in that case.
             for r in (0.3, 0.5, 0.7):
                 if r < hi:
                     m = macs_kept(r)
