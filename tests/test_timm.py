@@ -371,3 +371,16 @@ def test_ghostnet_reaches_the_target_although_macs_are_not_monotonic():
     assert abs(report.macs_ratio - 0.5) <= 0.02
     out = model(x)
     assert out.shape == (1, 1000) and torch.isfinite(out).all()
+
+
+def test_resnest_split_attention_is_protected_not_refused():
+    """ResNeSt's radix reshape survives pruning only when its channels are kept: the block is
+    protected (the channel groups feeding it are not pruned) instead of refusing the model."""
+    from kcp_plugin.integrations.timm.support import check_supported, pruning_setup
+
+    model = timm.create_model("resnest14d")
+    check_supported(model)  # no UnsupportedModelError
+    names = {m: n for n, m in model.named_modules()}
+    ignored = {names[m] for m in pruning_setup(model, torch.randn(1, 3, 64, 64))["ignored_layers"]}
+    for i, block in enumerate(("layer1.0", "layer2.0", "layer3.0", "layer4.0")):
+        assert {f"{block}.conv1", f"{block}.conv2.fc1", f"{block}.conv2.fc2"} <= ignored, i

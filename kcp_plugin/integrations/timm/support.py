@@ -100,6 +100,14 @@ PROTECTED: dict[str, tuple[str, tuple[str, ...], str]] = {
         "torch-pruning prunes the parts unevenly (IndexError), so the channels through it "
         "(the stage widths) are kept and the MLP hidden width is pruned",
     ),
+    "timm.layers.split_attn.SplitAttn": (
+        "except", (),
+        "ResNeSt's split attention runs a grouped conv over radix x channels and reshapes by "
+        "the radix (view(B, radix, C // radix)); torch-pruning's mapping across the radix "
+        "groups depends on which channels are removed (l2 happened to give a working model, "
+        "kcp at the same ratio one that fails in that reshape), so the channels through it "
+        "are kept and the bottlenecks' outer widths are pruned",
+    ),
     "timm.models.swin_transformer.WindowAttention": (
         "only", ("relative_position_bias_table.",),
         "Swin's window attention adds a learned relative position bias (a table of one column "
@@ -263,12 +271,6 @@ REFUSED: dict[str, str] = {
         "MobileViT-v2's separable attention splits its qkv conv output by stored sizes "
         "(split([1, embed_dim, embed_dim])); torch-pruning's split mapping leaves those sizes "
         "stale and the pruned model fails in the split"
-    ),
-    "timm.layers.split_attn.SplitAttn": (
-        "ResNeSt's split attention runs a grouped conv over radix x channels and reshapes by "
-        "the radix (view(B, radix, C // radix)); torch-pruning's mapping across the radix "
-        "groups depends on which channels are removed: in our sweep l2 happened to give a "
-        "working model and kcp, at the same ratio, one that fails in that reshape"
     ),
     "timm.layers.selective_kernel.SelectiveKernel": (
         "selective-kernel convs stack their paths (view(B, num_paths, C, H, W)) and weight them "
