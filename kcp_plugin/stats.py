@@ -119,9 +119,12 @@ class StatsImportance(tp.importance.Importance):
         if any(n != names[0] for n in names):
             raise RuntimeError("ranks collected statistics on different layers or shapes: every "
                                "rank must run the same model on the same number of batches")
-        for tensor in self.state_tensors():
+        tensors = self.state_tensors()
+        for tensor in tensors:
             dist.all_reduce(tensor)
-        count = torch.tensor([self.samples], dtype=torch.long)
+        # on the statistics' device: NCCL reduces CUDA tensors only (gloo takes either)
+        device = tensors[0].device if tensors else torch.device("cpu")
+        count = torch.tensor([self.samples], dtype=torch.long, device=device)
         dist.all_reduce(count)
         self.samples = int(count)
 
