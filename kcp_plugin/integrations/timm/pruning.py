@@ -28,7 +28,7 @@ from ...graph import build_graph, preserved_modes
 from ...plan import apply_plan, extend_plan, get_plan, validate_plan
 from ...pruning import prune
 from ...report import PruneReport
-from .support import check_supported, clear_caches, pruning_setup
+from .support import check_supported, clear_caches, prune_arguments, pruning_setup
 
 __all__ = [
     "default_inputs",
@@ -232,17 +232,7 @@ def prune_timm_model(
     """
     check_supported(model)
     x = example_inputs if example_inputs is not None else default_inputs(model, input_size)
-    setup = pruning_setup(model, x)
-    kwargs = dict(prune_kwargs)
-    kwargs["customized_pruners"] = {**setup["customized_pruners"],
-                                    **(kwargs.get("customized_pruners") or {})}
-    kwargs["unwrapped_parameters"] = {**setup["unwrapped_parameters"],
-                                      **(kwargs.get("unwrapped_parameters") or {})} or None
-    if setup["ignored_layers"]:
-        kwargs["ignored_layers"] = list(setup["ignored_layers"]) + list(
-            kwargs.get("ignored_layers") or [])
-    for key, value in setup["prune_defaults"].items():
-        kwargs.setdefault(key, value)
+    kwargs = prune_arguments(model, x, prune_kwargs)
     if kwargs.get("dry_run"):
         return prune(model, x, importance, **kwargs)
     _head_map(model, x)  # decided on the current (consistent) widths, before they change

@@ -26,7 +26,7 @@ import torch.nn as nn
 from ...plan import extend_plan
 from ...schedule import PruningScheduler
 from .pruning import _head_map, default_inputs, replay_new_entries, sync_head_attrs
-from .support import check_supported, clear_caches, pruning_setup
+from .support import check_supported, clear_caches, prune_arguments
 
 __all__ = ["TimmPruningSchedule"]
 
@@ -96,15 +96,7 @@ class TimmPruningSchedule:
                                else default_inputs(model, input_size))
         self.emas = [_ema_module(e) for e in emas]
         self.user_on_prune = on_prune
-        setup = pruning_setup(model, self.example_inputs)
-        kwargs = dict(prune_kwargs or {})
-        kwargs["customized_pruners"] = {**setup["customized_pruners"],
-                                        **(kwargs.get("customized_pruners") or {})}
-        kwargs["unwrapped_parameters"] = {**setup["unwrapped_parameters"],
-                                          **(kwargs.get("unwrapped_parameters") or {})} or None
-        if setup["ignored_layers"]:
-            kwargs["ignored_layers"] = list(setup["ignored_layers"]) + list(
-                kwargs.get("ignored_layers") or [])
+        kwargs = prune_arguments(model, self.example_inputs, prune_kwargs)
         _head_map(model, self.example_inputs)
         self.scheduler = PruningScheduler(
             model, self.example_inputs, importance, target_macs_ratio=target_macs_ratio,
