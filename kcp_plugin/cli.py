@@ -23,7 +23,8 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_MODEL = 0, 1, 2, 3
 EPILOG = """\
 model specs:
   builtin:NAME        a model shipped with kcp_plugin (see --list-models)
-  timm:NAME           timm.create_model(NAME), random weights (needs kcp-plugin[timm])
+  timm:NAME           timm.create_model(NAME), random weights (needs kcp-plugin[timm]);
+                      pruned through kcp_plugin.integrations.timm (head bookkeeping)
   torchvision:NAME    torchvision.models.get_model(NAME, weights=None)
   module:PKG.MOD:FN   any function returning an nn.Module
 
