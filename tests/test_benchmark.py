@@ -166,3 +166,33 @@ def test_latency_tool_writes_table_json_and_plot(tmp_path):
         assert abs(r["macs_ratio"] - 0.5) <= 0.02 and r["dense_ms"] > 0 and r["pruned_ms"] > 0
     assert "| classification | resnet20 | 32x32 |" in (tmp_path / "latency.md").read_text()
     assert (tmp_path / "latency_vs_macs.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_dense_cache_reuses_the_trained_model(tmp_path):
+    """A second run with the same settings loads the dense model instead of training it; a
+    run without the cache trains the same model bit for bit (same machine and threads); other
+    training settings get their own entry."""
+    from kcp_plugin.bench.protocol import Profile, run_benchmark
+
+    profile = Profile(tasks=["segmentation"], seeds=[0], criteria=["l2"], targets=[0.5],
+                      n_train=8, n_val=4, batch_size=4, dense_steps=3, finetune_steps=1,
+                      latency_runs=0, dense_cache=str(tmp_path / "cache"))
+    first = run_benchmark(profile, progress=False)
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1 and "cached" not in first["dense"][0]
+    second = run_benchmark(profile, progress=False)
+    assert second["dense"][0]["cached"].endswith(".pt")
+    assert second["dense"][0]["value"] == first["dense"][0]["value"]
+    assert second["rows"][0]["value"] == first["rows"][0]["value"]
+    fresh = run_benchmark(Profile(**{**profile.__dict__, "dense_cache": None}), progress=False)
+    assert fresh["dense"][0]["value"] == first["dense"][0]["value"]
+    assert fresh["dense"][0]["last_loss"] == first["dense"][0]["last_loss"]
+    run_benchmark(Profile(**{**profile.__dict__, "dense_steps": 4}), progress=False)
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
+
+
+def test_benchmark_cli_rejects_bad_sizes(tmp_path, capsys):
+    bench = _load_tool("benchmark")
+    assert bench.main(["--quick", "--n-train", "0", "--out", str(tmp_path)]) == 2
+    assert "--n-train must be positive" in capsys.readouterr().err
+    assert bench.main(["--quick", "--finetune-steps", "-1", "--out", str(tmp_path)]) == 2
+    assert not (tmp_path / "partial.json").exists()

@@ -35,10 +35,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, help="override the profile's seeds")
     p.add_argument("--targets", nargs="+", type=float, help="fractions of MACs kept")
     p.add_argument("--iterative", nargs="*", help="criteria also run iteratively")
+    p.add_argument("--soft", nargs="*", help="criteria also run with the SFP (soft) and SRFP "
+                   "(decay) schedules")
     p.add_argument("--comp", nargs="*", help="criteria also run one-shot + compensation "
                    "(least-squares repair of the pruned layers' consumers, docs/cap.md)")
     p.add_argument("--dense-steps", type=int, help="dense training iterations")
     p.add_argument("--finetune-steps", type=int, help="fine-tuning iterations after pruning")
+    p.add_argument("--n-train", type=int, help="training images (pairs) per seed")
+    p.add_argument("--dense-cache", metavar="DIR", help="reuse dense models trained with the "
+                   "same settings and code from DIR (and save new ones there), so that a "
+                   "later run with other criteria, targets or fine-tuning skips dense training")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default="outputs/benchmark", help="output folder")
     p.add_argument("--summarize", metavar="JSON", help="only rebuild results.md and the plots "
@@ -52,14 +58,21 @@ def main(argv: list[str] | None = None) -> int:
     for field, value in (("tasks", args.tasks), ("criteria", args.criteria),
                          ("seeds", args.seeds), ("targets", args.targets),
                          ("iterative_criteria", args.iterative),
+                         ("soft_criteria", args.soft),
                          ("comp_criteria", args.comp),
                          ("dense_steps", args.dense_steps),
-                         ("finetune_steps", args.finetune_steps)):
+                         ("finetune_steps", args.finetune_steps),
+                         ("n_train", args.n_train), ("dense_cache", args.dense_cache)):
         if value is not None:
             setattr(profile, field, value)
     if any(not 0 < t <= 1 for t in profile.targets):
         print("benchmark: error: --targets must be fractions in (0, 1]", file=sys.stderr)
         return 2
+    for name in ("dense_steps", "finetune_steps", "n_train"):
+        if getattr(profile, name) < (1 if name == "n_train" else 0):
+            print(f"benchmark: error: --{name.replace('_', '-')} must be "
+                  f"{'positive' if name == 'n_train' else 'non-negative'}", file=sys.stderr)
+            return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)

@@ -5,9 +5,12 @@ equal MACs, fine-tune with the same budget, evaluate; plus criterion cost and si
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,6 +52,8 @@ class Profile:
     latency_runs: int = 10
     data_steps: int = 8  # batches of statistics for data-driven criteria (fisher, cdc, cap)
     criterion_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # folder of trained dense models, reused by later runs with the same training settings
+    dense_cache: str | None = None
 
 
 ALL_CRITERIA = ["kcp", "kcp_mean", "kcp_kmeans", "l1", "l2", "fpgm", "taylor", "hessian", "bn",
@@ -241,6 +246,67 @@ def run_one(
     return row, model
 
 
+def _dense_key(task: Task, seed: int, profile: Profile) -> str:
+    """What determines a trained dense model: the training settings and the code that builds,
+    feeds and trains it (a change to the models, data or training loop invalidates the cache)."""
+    root = Path(__file__).resolve().parents[1]
+    sources = sorted([*(root / "models").glob("*.py"), *(root / "data").glob("*.py"),
+                      root / "bench" / "training.py", root / "bench" / "tasks.py"])
+    digest = hashlib.sha256()
+    for path in sources:
+        digest.update(path.read_bytes())
+    settings = {
+        "task": task.name, "model": task.model, "model_kwargs": task.model_kwargs,
+        "data_kwargs": task.data_kwargs, "seed": seed, "n_train": profile.n_train,
+        "n_val": profile.n_val, "batch_size": profile.batch_size,
+        "dense_steps": profile.dense_steps, "lr": profile.lr, "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "code": digest.hexdigest(),
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _dense_model(task: Task, seed: int, profile: Profile, train_loader: Any, val_loader: Any,
+                 progress: bool | None) -> tuple[nn.Module, dict[str, Any]]:
+    """The trained dense model of ``task`` and ``seed`` with its result row; from
+    ``profile.dense_cache`` when a model trained with the same settings and code is there.
+
+    The cache holds a state dict (loaded with ``weights_only=True``) and the row as JSON; the
+    row's ``cached`` field says where a reused model came from. Latency is measured anew.
+    """
+    dense = task.build(seed)
+    cache = Path(profile.dense_cache) if profile.dense_cache else None
+    name = f"{task.model}_s{seed}_{_dense_key(task, seed, profile)}" if cache else ""
+    if cache and (cache / f"{name}.pt").is_file() and (cache / f"{name}.json").is_file():
+        dense.load_state_dict(torch.load(cache / f"{name}.pt", weights_only=True))
+        dense_row = json.loads((cache / f"{name}.json").read_text())
+        dense_row["cached"] = str(cache / f"{name}.pt")
+    else:
+        t0 = time.perf_counter()
+        losses = train(dense, task, train_loader, profile.dense_steps, profile.lr,
+                       desc=f"dense {task.name} seed {seed}", progress=progress)
+        macs, params = count_macs_params(dense, task.example_inputs(), _forward_for(task))
+        dense_row = {
+            "task": task.name, "model": task.model, "seed": seed, "macs": macs,
+            "params": params, "metric": task.metric,
+            **task.evaluate(dense, val_loader), "train_s": time.perf_counter() - t0,
+            "first_loss": sum(losses[:5]) / 5, "last_loss": sum(losses[-5:]) / 5,
+            "widths": layer_widths(dense),
+        }
+        dense_row["value"] = dense_row[task.metric]
+        if cache:
+            cache.mkdir(parents=True, exist_ok=True)
+            # write to temporary names first: an interrupted run leaves no half entry
+            torch.save(dense.state_dict(), cache / f"{name}.pt.tmp")
+            (cache / f"{name}.json.tmp").write_text(json.dumps(dense_row))
+            (cache / f"{name}.pt.tmp").replace(cache / f"{name}.pt")
+            (cache / f"{name}.json.tmp").replace(cache / f"{name}.json")
+    if profile.latency_runs:
+        dense_row["latency_ms"] = measure_latency(dense, task.example_inputs(),
+                                                  _forward_for(task),
+                                                  runs=profile.latency_runs, threads=1)
+    return dense, dense_row
+
+
 def run_benchmark(
     profile: Profile,
     on_row: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
@@ -271,24 +337,8 @@ def run_benchmark(
                 train_ds, val_ds = task.splits(seed, profile.n_train, profile.n_val)
                 train_loader = make_loader(train_ds, profile.batch_size, seed)
                 val_loader = make_loader(val_ds, profile.batch_size, seed, shuffle=False)
-                dense = task.build(seed)
-                t0 = time.perf_counter()
-                losses = train(dense, task, train_loader, profile.dense_steps, profile.lr,
-                               desc=f"dense {task.name} seed {seed}", progress=progress)
-                macs, params = count_macs_params(dense, task.example_inputs(),
-                                                 _forward_for(task))
-                dense_row = {
-                    "task": task.name, "model": task.model, "seed": seed, "macs": macs,
-                    "params": params, "metric": task.metric,
-                    **task.evaluate(dense, val_loader), "train_s": time.perf_counter() - t0,
-                    "first_loss": sum(losses[:5]) / 5, "last_loss": sum(losses[-5:]) / 5,
-                    "widths": layer_widths(dense),
-                }
-                if profile.latency_runs:
-                    dense_row["latency_ms"] = measure_latency(
-                        dense, task.example_inputs(), _forward_for(task),
-                        runs=profile.latency_runs, threads=1)
-                dense_row["value"] = dense_row[task.metric]
+                dense, dense_row = _dense_model(task, seed, profile, train_loader, val_loader,
+                                                progress)
                 result["dense"].append(dense_row)
                 analysis = criterion_analysis(dense, task, next(iter(train_loader)),
                                               profile.criteria)
