@@ -86,7 +86,9 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def plot_accuracy_vs_macs(result: dict[str, Any], path: str | os.PathLike, task: str) -> None:
-    """PNG: the task's metric against MACs kept, one line per criterion (one-shot), dense too."""
+    """PNG: the task's metric against MACs kept, one panel per schedule (one-shot, + compensation,
+    iterative, SFP, SRFP), one line per criterion in the same colour in every panel, and the dense
+    model's mean as a dotted line. Panels keep a study with many criteria readable."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,23 +96,37 @@ def plot_accuracy_vs_macs(result: dict[str, Any], path: str | os.PathLike, task:
 
     summary = [r for r in aggregate(result) if r["task"] == task and r["seeds"]]
     dense = [d["value"] for d in result["dense"] if d["task"] == task]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for schedule, style in (("oneshot", "-o"), ("oneshot+comp", "-.^"), ("iterative", "--s")):
-        for criterion in dict.fromkeys(r["criterion"] for r in summary):
+    order = ("oneshot", "oneshot+comp", "iterative", "soft", "decay")
+    schedules = [s for s in order if any(r["schedule"] == s for r in summary)]
+    schedules += sorted({r["schedule"] for r in summary} - set(order))
+    criteria = list(dict.fromkeys(r["criterion"] for r in summary))
+    cmap = plt.get_cmap("tab20")
+    colours = {c: cmap(i % 20) for i, c in enumerate(criteria)}
+    markers = "osD^v<>ph*XP"
+    n = max(1, len(schedules))
+    fig, axes = plt.subplots(1, n, figsize=(3.6 * n + 1.8, 4.2), sharey=True, squeeze=False)
+    for ax, schedule in zip(axes[0], schedules or [""]):
+        for i, criterion in enumerate(criteria):
             pts = sorted((r["macs_ratio"], r["value"], r["std"]) for r in summary
                          if r["criterion"] == criterion and r["schedule"] == schedule)
             if not pts:
                 continue
             xs, ys, es = zip(*pts)
-            label = criterion if schedule == "oneshot" else f"{criterion} ({schedule})"
-            ax.errorbar(xs, ys, yerr=es, fmt=style, capsize=3, label=label)
-    if dense:
-        ax.axhline(sum(dense) / len(dense), color="k", lw=1, ls=":", label="dense")
+            ax.errorbar(xs, ys, yerr=es, fmt="-" + markers[i % len(markers)], capsize=3,
+                        color=colours[criterion], ms=4, label=criterion)
+        if dense:
+            ax.axhline(sum(dense) / len(dense), color="k", lw=1, ls=":", label="dense")
+        ax.set_title(schedule, fontsize=9)
+        ax.set_xlabel("fraction of MACs kept")
     metric = summary[0]["metric"] if summary else ""
-    ax.set_xlabel("fraction of MACs kept")
-    ax.set_ylabel(metric + (" (lower is better)" if metric == "epe" else ""))
-    ax.set_title(f"{task}: {metric} after pruning and fine-tuning")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
+    axes[0][0].set_ylabel(metric + (" (lower is better)" if metric == "epe" else ""))
+    handles = {}
+    for ax in axes[0]:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    fig.legend(handles.values(), handles.keys(), loc="center right", fontsize=7)
+    fig.suptitle(f"{task}: {metric} after pruning and fine-tuning (mean ± spread over seeds)",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1 - 1.6 / (3.6 * n + 1.8), 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
