@@ -195,4 +195,5 @@ def test_benchmark_cli_rejects_bad_sizes(tmp_path, capsys):
     assert bench.main(["--quick", "--n-train", "0", "--out", str(tmp_path)]) == 2
     assert "--n-train must be positive" in capsys.readouterr().err
     assert bench.main(["--quick", "--finetune-steps", "-1", "--out", str(tmp_path)]) == 2
+    assert bench.main(["--quick", "--n-val", "0", "--out", str(tmp_path)]) == 2
     assert not (tmp_path / "partial.json").exists()

@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dense-steps", type=int, help="dense training iterations")
     p.add_argument("--finetune-steps", type=int, help="fine-tuning iterations after pruning")
     p.add_argument("--n-train", type=int, help="training images (pairs) per seed")
+    p.add_argument("--n-val", type=int, help="validation images (pairs) per seed")
     p.add_argument("--dense-cache", metavar="DIR", help="reuse dense models trained with the "
                    "same settings and code from DIR (and save new ones there), so that a "
                    "later run with other criteria, targets or fine-tuning skips dense training")
@@ -62,16 +63,18 @@ def main(argv: list[str] | None = None) -> int:
                          ("comp_criteria", args.comp),
                          ("dense_steps", args.dense_steps),
                          ("finetune_steps", args.finetune_steps),
-                         ("n_train", args.n_train), ("dense_cache", args.dense_cache)):
+                         ("n_train", args.n_train), ("n_val", args.n_val),
+                         ("dense_cache", args.dense_cache)):
         if value is not None:
             setattr(profile, field, value)
     if any(not 0 < t <= 1 for t in profile.targets):
         print("benchmark: error: --targets must be fractions in (0, 1]", file=sys.stderr)
         return 2
-    for name in ("dense_steps", "finetune_steps", "n_train"):
-        if getattr(profile, name) < (1 if name == "n_train" else 0):
+    for name in ("dense_steps", "finetune_steps", "n_train", "n_val"):
+        positive = name.startswith("n_")
+        if getattr(profile, name) < (1 if positive else 0):
             print(f"benchmark: error: --{name.replace('_', '-')} must be "
-                  f"{'positive' if name == 'n_train' else 'non-negative'}", file=sys.stderr)
+                  f"{'positive' if positive else 'non-negative'}", file=sys.stderr)
             return 2
     if args.threads:
         torch.set_num_threads(args.threads)
