@@ -70,7 +70,7 @@ class StatsImportance(tp.importance.Importance):
     @property
     def collected(self) -> bool:
         """Whether statistics from at least one batch are present."""
-        return self.samples > 0
+        return self.samples > 0 and bool(self._sums)
 
     def reset(self) -> None:
         """Forget all statistics."""
@@ -83,6 +83,7 @@ class StatsImportance(tp.importance.Importance):
         that need the dependency graph)."""
         self.detach()
         self.bind(model)
+        self._explicit_batches = False
         self._handles.append(model.register_forward_pre_hook(self._new_forward))
         for name, module in model.named_modules():
             if isinstance(module, self.layer_types) and self._wants(name, module):
@@ -169,8 +170,21 @@ class StatsImportance(tp.importance.Importance):
                 "first"
             )
 
+    def begin_batch(self) -> None:
+        """Mark the start of a batch, for loops that know their batches (``collect`` does).
+
+        Without it, batches are counted per top-level ``model(...)`` call, which is all the
+        ``collecting`` context can see; a step that goes through another method (mmseg's
+        ``model.loss(...)``) or calls the model twice per batch would be miscounted.
+        """
+        self._explicit_batches = True
+        self._flush()
+        self._pending = True
+
     # ------------------------------------------------------------------ hooks
     def _new_forward(self, module: nn.Module, args: Any) -> None:
+        if getattr(self, "_explicit_batches", False):
+            return
         self._flush()
         self._pending = True
 
@@ -235,9 +249,11 @@ def collecting(
     """Collect ``importance``'s statistics while the block runs the model (any training loop).
 
     For criteria that need gradients, the block must call ``loss.backward()``; for criteria that
-    need labels, call ``importance.set_labels(y)`` before each forward. On exit the hooks are
-    removed and, under ``torch.distributed``, the sums are all-reduced so every rank decides the
-    same. DDP wrappers are looked through.
+    need labels, call ``importance.set_labels(y)`` before each forward. A batch is one
+    top-level ``model(...)`` call unless the block calls ``importance.begin_batch()`` at the
+    start of each batch (needed when it runs the model through another method). On exit the
+    hooks are removed and, under ``torch.distributed``, the sums are all-reduced so every rank
+    decides the same. DDP wrappers are looked through.
 
     Args:
         model: The model (or its DDP wrapper).
@@ -349,6 +365,7 @@ def collect(
             for i, batch in enumerate(batches()):
                 if steps is not None and i >= steps:
                     break
+                importance.begin_batch()
                 if importance.needs_labels:
                     labels = labels_fn(batch) if labels_fn else _split_batch(batch)[1]
                     if labels is None:
@@ -370,7 +387,6 @@ def collect(
                 bar.update(1)
             bar.close()
     if not importance.collected:
-        raise ValueError("no statistics were collected: the hooked layers never ran, or "
-                         "step_fn did not call the model itself (batches are counted per "
-                         "model(...) call; a method such as model.loss(...) bypasses that)")
+        raise ValueError("no statistics were collected: the hooked layers never ran (step_fn "
+                         "must run the model's layers on the batch)")
     return importance

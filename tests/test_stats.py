@@ -243,22 +243,36 @@ def test_data_driven_errors_leave_model_untouched():
     assert kcp_plugin.importance_info("cdc").requires_data
 
 
-def test_step_fn_that_bypasses_forward_gets_a_message_saying_so():
-    """Batches are counted per model(...) call: a step through another method collects
-    nothing, and the error names that cause instead of blaming the layers."""
+def test_batches_are_counted_per_batch_whatever_the_step_calls():
+    """collect() marks batches itself: Fisher's statistics are the same whether the step calls
+    model(...), goes through another method (mmseg's model.loss) or also runs a gradient-free
+    forward; a step that never runs the layers is an error that says so."""
 
     class WithLoss(ResBlockNet):
         def loss(self, x, y):
-            x = self.stem(x)
-            return F.cross_entropy(self.fc(self.pool(x).flatten(1)), y)
+            return F.cross_entropy(self.forward(x), y, reduction="sum")
 
+    torch.manual_seed(0)
     model = WithLoss()
-    batches = [(torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))]
-    imp = FisherImportance()
-    with pytest.raises(ValueError, match=r"model\.loss"):
-        kcp_plugin.collect(model, batches, imp, step_fn=lambda m, b: m.loss(*b))
-    kcp_plugin.collect(model, batches, imp, step_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1]))
-    assert imp.collected
+    batches = _cls_data(3, 4)
+    ref = kcp_plugin.collect(model, batches, FisherImportance(normalize="none"))
+    via_loss = kcp_plugin.collect(model, batches, FisherImportance(normalize="none"),
+                                  step_fn=lambda m, b: m.loss(*b))
+
+    def twice(m, b):  # a second, gradient-free call (e.g. an EMA check) in the same batch
+        with torch.no_grad():
+            m(b[0])
+        return F.cross_entropy(m(b[0]), b[1], reduction="sum")
+
+    doubled = kcp_plugin.collect(model, batches, FisherImportance(normalize="none"),
+                                 step_fn=twice)
+    assert ref.samples == via_loss.samples == doubled.samples == 3
+    for got in (via_loss, doubled):
+        for a, b in zip(ref.state_tensors(), got.state_tensors(), strict=True):
+            torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="hooked layers never ran"):
+        kcp_plugin.collect(model, batches, FisherImportance(),
+                           step_fn=lambda m, b: torch.zeros((), requires_grad=True).sum())
 
 
 def test_collecting_context_manager_with_own_training_loop():

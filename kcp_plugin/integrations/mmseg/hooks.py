@@ -417,7 +417,8 @@ class _RecentBatches:
 def _loss_step(model: nn.Module, batch: tuple) -> torch.Tensor:
     """mmseg's own training loss of a preprocessed batch (decode + auxiliary heads)."""
     inputs, _, samples = batch
-    # through forward(), not model.loss(): the statistics hooks count a batch per forward call
+    # through forward(), as mmengine's train_step does (model.loss would do as well: collect()
+    # marks the batches itself)
     loss, _ = model.parse_losses(model(inputs, samples, mode="loss"))
     return loss
 
