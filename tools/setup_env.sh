@@ -12,11 +12,24 @@ if [ ! -x .venv/bin/python ]; then
   "$py" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
 fi
+# The stamp holds the hash of what decides the install and the extras installed so far. A
+# request for a subset of them returns at once; otherwise the union is installed, so that the
+# demo (fewer extras) and the test suite (all of them) do not undo each other's stamp.
 stamp=".venv/.kcp-installed"
-want="$(cat setup.py tools/setup_env.sh | sha256sum | cut -c1-16) $extras"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+hash="$(cat setup.py tools/setup_env.sh | sha256sum | cut -c1-16)"
+old_hash="" have=""
+if [ -f "$stamp" ]; then
+  read -r old_hash have < "$stamp" || true
+fi
+missing=""
+for extra in ${extras//,/ }; do
+  case ",$have," in *",$extra,"*) ;; *) missing="$missing $extra" ;; esac
+done
+if [ "$old_hash" = "$hash" ] && [ -z "$missing" ]; then
   exit 0
 fi
+extras="$(printf '%s\n' ${have//,/ } ${extras//,/ } | sort -u | paste -sd, -)"
+want="$hash $extras"
 # torch 2.14.1 / torchvision 0.29.1 are the pair that installs and imports together here
 # (see ../shared/reference/environment.md); pin them before anything can pull another torch.
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
