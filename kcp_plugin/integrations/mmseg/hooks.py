@@ -108,9 +108,6 @@ class PruningHook(Hook):
         info = importance_info(importance)  # unknown names list the valid ones
         if not isinstance(data_steps, int) or isinstance(data_steps, bool) or data_steps < 1:
             raise ValueError(f"data_steps must be an integer >= 1, got {data_steps!r}")
-        if info.name == "hessian":
-            raise ValueError("importance 'hessian' needs per-sample losses, which mmseg's "
-                             "loss dicts do not give; use 'taylor' for a gradient criterion")
         from kcp_plugin import get_importance
 
         get_importance(info.name, **(importance_kwargs or {}))  # checks the arguments
@@ -157,6 +154,9 @@ class PruningHook(Hook):
         self.importance = info.name
         self.importance_kwargs = dict(importance_kwargs or {})
         self.needs_grad = info.requires_grad
+        # Hessian accumulates one gradient per sample: mmseg's loss dicts are batch means, so
+        # the batch is split into single-sample losses
+        self.per_sample = info.name == "hessian"
         self.needs_data = info.requires_data
         self.data_steps = data_steps
         self._recent: collections.deque = collections.deque(maxlen=data_steps)
@@ -194,7 +194,8 @@ class PruningHook(Hook):
         return list(dict.fromkeys(self.ignored_layers + output_convs(model)))
 
     def _loss_fn(self, model: nn.Module) -> torch.Tensor:
-        """Loss of the current training batch (for gradient criteria such as ``taylor``).
+        """Loss of the current training batch (for gradient criteria such as ``taylor``; one
+        loss per sample for ``hessian``).
 
         Runs in eval mode: no batch statistics enter the scores, and SyncBN does not wait for
         the other ranks (only rank 0 scores in distributed training).
@@ -204,9 +205,13 @@ class PruningHook(Hook):
         with preserved_modes(model):
             model.eval()
             data = model.data_preprocessor(self._batch, True)
-            losses = model(**data, mode="loss")
-            loss, _ = model.parse_losses(losses)
-        return loss
+            if not self.per_sample:
+                loss, _ = model.parse_losses(model(**data, mode="loss"))
+                return loss
+            inputs, samples = data["inputs"], data["data_samples"]
+            return torch.stack([
+                model.parse_losses(model(inputs[i:i + 1], samples[i:i + 1], mode="loss"))[0]
+                for i in range(len(samples))])
 
     def _data_kwargs(self, runner) -> dict[str, Any]:
         """``prune`` arguments that feed a data-driven criterion the recent training batches."""
