@@ -196,4 +196,35 @@ def test_benchmark_cli_rejects_bad_sizes(tmp_path, capsys):
     assert "--n-train must be positive" in capsys.readouterr().err
     assert bench.main(["--quick", "--finetune-steps", "-1", "--out", str(tmp_path)]) == 2
     assert bench.main(["--quick", "--n-val", "0", "--out", str(tmp_path)]) == 2
+    assert bench.main(["--quick", "--criteria", "l2", "--scratch", "kcp", "--out",
+                       str(tmp_path)]) == 2
+    assert "scratch_criteria names kcp" in capsys.readouterr().err
+    assert bench.main(["--quick", "--criteria", "l2", "nope", "--out", str(tmp_path)]) == 2
+    assert "nope" in capsys.readouterr().err
     assert not (tmp_path / "partial.json").exists()
+
+
+def test_scratch_schedule_trains_the_pruned_widths_from_new_weights():
+    """'scratch' keeps the criterion's widths but none of its weights: it re-initialises the
+    pruned architecture and trains it for the dense + fine-tuning steps."""
+    from kcp_plugin.bench.protocol import PROFILES, run_one
+
+    profile = PROFILES["quick"]
+    profile = type(profile)(**{**profile.__dict__, "finetune_steps": 0, "dense_steps": 0,
+                               "latency_runs": 0})
+    task = get_task("segmentation")
+    train_ds, val_ds = task.splits(0, 8, 4)
+    loader, val = make_loader(train_ds, 4, 0), make_loader(val_ds, 4, 0, shuffle=False)
+    dense = task.build(0)
+    train(dense, task, loader, 5, 3e-3, progress=False)
+    rows = {}
+    for schedule in ("oneshot", "scratch"):
+        rows[schedule] = run_one(dense, task, "l2", 0.5, schedule, profile, loader, val, 0)
+    (one, one_model), (new, new_model) = rows["oneshot"], rows["scratch"]
+    assert new["schedule"] == "scratch" and new["widths"] == one["widths"]
+    assert abs(new["macs_ratio"] - 0.5) <= 0.02
+    for (name, a), b in zip(one_model.state_dict().items(), new_model.state_dict().values()):
+        if a.is_floating_point() and a.numel() > 1 and "running" not in name:
+            assert not torch.equal(a, b), name
+    fresh = task.build(0)  # the same seeded initialisation as a new model of these widths
+    assert new_model.state_dict().keys() == fresh.state_dict().keys()

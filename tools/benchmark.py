@@ -39,6 +39,10 @@ def _parser() -> argparse.ArgumentParser:
                    "(decay) schedules")
     p.add_argument("--comp", nargs="*", help="criteria also run one-shot + compensation "
                    "(least-squares repair of the pruned layers' consumers, docs/cap.md)")
+    p.add_argument("--scratch", nargs="*", help="criteria whose pruned architecture is also "
+                   "trained from scratch (re-initialised; dense + fine-tuning steps at the dense "
+                   "learning rate): does the criterion's choice of weights matter, or only the "
+                   "widths?")
     p.add_argument("--dense-steps", type=int, help="dense training iterations")
     p.add_argument("--finetune-steps", type=int, help="fine-tuning iterations after pruning")
     p.add_argument("--n-train", type=int, help="training images (pairs) per seed")
@@ -61,12 +65,21 @@ def main(argv: list[str] | None = None) -> int:
                          ("iterative_criteria", args.iterative),
                          ("soft_criteria", args.soft),
                          ("comp_criteria", args.comp),
+                         ("scratch_criteria", args.scratch),
                          ("dense_steps", args.dense_steps),
                          ("finetune_steps", args.finetune_steps),
                          ("n_train", args.n_train), ("n_val", args.n_val),
                          ("dense_cache", args.dense_cache)):
         if value is not None:
             setattr(profile, field, value)
+    if args.criteria is not None:
+        # the profile's own schedule lists follow a --criteria override; lists given on the
+        # command line are checked as given
+        for field, given in (("iterative_criteria", args.iterative), ("soft_criteria", args.soft),
+                             ("comp_criteria", args.comp), ("scratch_criteria", args.scratch)):
+            if given is None:
+                setattr(profile, field, [c for c in getattr(profile, field)
+                                         if c in args.criteria])
     if any(not 0 < t <= 1 for t in profile.targets):
         print("benchmark: error: --targets must be fractions in (0, 1]", file=sys.stderr)
         return 2
@@ -92,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = run_benchmark(profile, on_row=save_partial)
+    except ValueError as exc:  # bad criteria names: raised before any training
+        print(f"benchmark: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"\ninterrupted: {state['rows']} rows saved in {out / 'partial.json'}; "
               f"tables from them: --summarize {out / 'partial.json'}", file=sys.stderr)

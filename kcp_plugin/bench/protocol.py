@@ -41,6 +41,9 @@ class Profile:
     soft_criteria: list[str] = field(default_factory=list)  # also run with SFP and SRFP
     # also run one-shot followed by least-squares compensation of the consumers (CaP's repair)
     comp_criteria: list[str] = field(default_factory=list)
+    # also train the pruned architecture from scratch (dense + fine-tuning steps, dense lr): is
+    # what the criterion kept worth more than the widths it chose? (Liu et al., ICLR 2019)
+    scratch_criteria: list[str] = field(default_factory=list)
     iterative_steps: int = 3
     n_train: int = 256
     n_val: int = 64
@@ -177,6 +180,16 @@ def _prune_to(model: nn.Module, task: Task, criterion: str, target: float,
                  importance_kwargs=kwargs or None, progress=False, **data_kwargs)
 
 
+def _reinitialise(model: nn.Module, seed: int) -> None:
+    """Fresh random weights (and norm statistics) for every layer, seeded, shapes kept."""
+    torch.manual_seed(seed)
+    for module in model.modules():
+        if hasattr(module, "reset_running_stats"):
+            module.reset_running_stats()
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+
+
 def run_one(
     dense: nn.Module,
     task: Task,
@@ -196,7 +209,15 @@ def run_one(
     macs0 = count_macs_params(dense, task.example_inputs(), _forward_for(task))[0]
     start = time.perf_counter()
     prune_s = 0.0
-    if schedule in ("oneshot", "oneshot+comp"):
+    if schedule == "scratch":
+        t0 = time.perf_counter()
+        _prune_to(model, task, criterion, target, batch, kwargs, data_kwargs)
+        prune_s += time.perf_counter() - t0
+        _reinitialise(model, seed)
+        after_prune = task.evaluate(model, val_loader)
+        train(model, task, train_loader, profile.dense_steps + profile.finetune_steps,
+              profile.lr, desc=f"scratch {criterion}", progress=False)
+    elif schedule in ("oneshot", "oneshot+comp"):
         t0 = time.perf_counter()
         if schedule == "oneshot":
             _prune_to(model, task, criterion, target, batch, kwargs, data_kwargs)
@@ -321,10 +342,16 @@ def run_benchmark(
 
     for name in profile.criteria:
         importance_info(name)  # fail fast on a typo, before hours of training
+    for what in ("iterative_criteria", "soft_criteria", "comp_criteria", "scratch_criteria"):
+        extra = [c for c in getattr(profile, what) if c not in profile.criteria]
+        if extra:
+            raise ValueError(f"{what} names {', '.join(extra)}, which the run's criteria "
+                             f"({', '.join(profile.criteria)}) do not include")
     tasks = [get_task(t) for t in profile.tasks]
     result: dict[str, Any] = {"config": asdict(profile), "dense": [], "rows": [], "criteria": []}
     def schedules(c: str) -> list[str]:
         return (["oneshot"] + (["oneshot+comp"] if c in profile.comp_criteria else [])
+                + (["scratch"] if c in profile.scratch_criteria else [])
                 + (["iterative"] if c in profile.iterative_criteria else [])
                 + (["soft", "decay"] if c in profile.soft_criteria else []))
 

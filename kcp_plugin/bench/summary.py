@@ -87,8 +87,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 def plot_accuracy_vs_macs(result: dict[str, Any], path: str | os.PathLike, task: str) -> None:
     """PNG: the task's metric against MACs kept, one panel per schedule (one-shot, + compensation,
-    iterative, SFP, SRFP), one line per criterion in the same colour in every panel, and the dense
-    model's mean as a dotted line. Panels keep a study with many criteria readable."""
+    iterative, SFP, SRFP, from scratch), one line per criterion in the same colour in every
+    panel, and the dense model's mean as a dotted line. Panels keep many criteria readable."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,7 +96,7 @@ def plot_accuracy_vs_macs(result: dict[str, Any], path: str | os.PathLike, task:
 
     summary = [r for r in aggregate(result) if r["task"] == task and r["seeds"]]
     dense = [d["value"] for d in result["dense"] if d["task"] == task]
-    order = ("oneshot", "oneshot+comp", "iterative", "soft", "decay")
+    order = ("oneshot", "oneshot+comp", "iterative", "soft", "decay", "scratch")
     schedules = [s for s in order if any(r["schedule"] == s for r in summary)]
     schedules += sorted({r["schedule"] for r in summary} - set(order))
     criteria = list(dict.fromkeys(r["criterion"] for r in summary))
