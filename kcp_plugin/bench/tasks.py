@@ -135,6 +135,11 @@ TASKS: dict[str, Task] = {
         "segmentation", "deeplabv3_lite", {"num_classes": 5, "width": 8}, "miou", True,
         {"size": (64, 64), "num_classes": 5},
     ),
+    # twice the channels (4x the MACs): how much of the pruning gap is a lack of redundancy?
+    "segmentation_wide": Task(
+        "segmentation", "deeplabv3_lite", {"num_classes": 5, "width": 16}, "miou", True,
+        {"size": (64, 64), "num_classes": 5},
+    ),
     "segmentation_fcn": Task(
         "segmentation", "fcn_lite", {"num_classes": 5, "width": 8}, "miou", True,
         {"size": (64, 64), "num_classes": 5},
