@@ -228,3 +228,30 @@ def test_scratch_schedule_trains_the_pruned_widths_from_new_weights():
             assert not torch.equal(a, b), name
     fresh = task.build(0)  # the same seeded initialisation as a new model of these widths
     assert new_model.state_dict().keys() == fresh.state_dict().keys()
+
+
+def test_summarize_merges_runs_and_refuses_mixed_settings(tmp_path):
+    """--summarize merges seeds run apart (identical duplicates once) and refuses files whose
+    dense models or rows disagree: those are different studies."""
+    bench = _load_tool("benchmark")
+    dense = {"task": "segmentation", "model": "m", "seed": 0, "metric": "miou", "value": 40.0,
+             "miou": 40.0, "macs": 1e6, "params": 1e3, "latency_ms": 1.0}
+    row = {"task": "segmentation", "model": "m", "seed": 0, "criterion": "kcp",
+           "schedule": "oneshot", "target_macs": 0.3, "macs_ratio": 0.3, "metric": "miou",
+           "value": 30.0, "after_prune": 10.0, "dense_value": 40.0}
+
+    def write(name, dense_rows, rows):
+        path = tmp_path / name
+        path.write_text(json.dumps({"config": {}, "dense": dense_rows, "rows": rows,
+                                    "criteria": []}))
+        return str(path)
+
+    a = write("a.json", [dense], [row])
+    b = write("b.json", [dense, {**dense, "seed": 1, "value": 42.0}],
+              [row, {**row, "seed": 1, "value": 34.0, "dense_value": 42.0}])
+    assert bench.main(["--summarize", a, b, "--out", str(tmp_path / "m")]) == 0
+    merged = json.loads((tmp_path / "m" / "merged.json").read_text())
+    assert len(merged["dense"]) == 2 and len(merged["rows"]) == 2
+    assert "| 30% | oneshot | kcp | 32.00 ± " in (tmp_path / "m" / "results.md").read_text()
+    c = write("c.json", [{**dense, "value": 41.0}], [row])
+    assert bench.main(["--summarize", a, c, "--out", str(tmp_path / "x")]) == 2

@@ -7,6 +7,7 @@ Ctrl-C stops cleanly with what was done so far.
 
     python tools/benchmark.py --quick                 # minutes: smoke test of the pipeline
     python tools/benchmark.py --profile full          # the study in docs/benchmarks.md
+    python tools/benchmark.py --summarize run_s0/results.json run_s1/results.json --out all
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ def _parser() -> argparse.ArgumentParser:
                    "later run with other criteria, targets or fine-tuning skips dense training")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default="outputs/benchmark", help="output folder")
-    p.add_argument("--summarize", metavar="JSON", help="only rebuild results.md and the plots "
-                   "from a results.json or partial.json (e.g. of an interrupted run)")
+    p.add_argument("--summarize", metavar="JSON", nargs="+", help="only rebuild results.md "
+                   "and the plots from results.json / partial.json files (e.g. of an interrupted "
+                   "run, or of seeds run in parallel: their rows are merged into one table)")
     return p
 
 
@@ -94,8 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.summarize:
-        result = json.loads(Path(args.summarize).read_text())
+        try:
+            result = merge_results([Path(f) for f in args.summarize])
+        except ValueError as exc:
+            print(f"benchmark: error: {exc}", file=sys.stderr)
+            return 2
         write_summary(result, out)
+        (out / "merged.json").write_text(json.dumps(result, indent=1))
         return 0
     state = {"rows": 0}
 
@@ -116,6 +123,41 @@ def main(argv: list[str] | None = None) -> int:
     write_summary(result, out)
     print(f"results in {out}/ (results.json, results.md, *.png)")
     return 0
+
+
+def merge_results(paths: list[Path]) -> dict:
+    """One results structure from several runs (seeds run in parallel, or a run continued).
+
+    The same dense model (task, model, seed) or row (also criterion, schedule, target) may come
+    from more than one file only with the same value: anything else means the runs used other
+    settings (steps, data, machine), and averaging them would mix studies.
+
+    Raises:
+        ValueError: conflicting duplicates; the message names the entry and the files.
+    """
+    merged: dict = {"config": None, "dense": [], "rows": [], "criteria": []}
+    seen: dict[tuple, tuple[float, Path]] = {}
+    for path in paths:
+        result = json.loads(path.read_text())
+        merged["config"] = merged["config"] or result.get("config")
+        for kind, fields in (("dense", ("task", "model", "seed")),
+                             ("rows", ("task", "model", "seed", "criterion", "schedule",
+                                       "target_macs"))):
+            for entry in result[kind]:
+                key = (kind, *(entry.get(f) for f in fields))
+                value = entry.get("value", entry.get("error"))
+                if key in seen:
+                    if seen[key][0] != value:
+                        raise ValueError(f"{path} and {seen[key][1]} disagree on {kind} "
+                                         f"{dict(zip(fields, key[1:]))}: {value} vs "
+                                         f"{seen[key][0]}; they come from different settings")
+                    continue
+                seen[key] = (value, path)
+                merged[kind].append(entry)
+        known = {(c["task"], c["seed"], c["criterion"]) for c in merged["criteria"]}
+        merged["criteria"] += [c for c in result.get("criteria", [])
+                               if (c["task"], c["seed"], c["criterion"]) not in known]
+    return merged
 
 
 def write_summary(result: dict, out: Path) -> None:
