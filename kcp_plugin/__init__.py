@@ -11,7 +11,7 @@ from .plan import apply_plan, get_plan, load_pruned, read_checkpoint, save_prune
 from .pruning import prune, resolve_importance
 from .registry import get_importance, importance_info, list_importances, register_importance
 from .report import PruneReport
-from .stats import StatsImportance, collect, collecting
+from .stats import RecentBatches, StatsImportance, collect, collecting
 from .tracking import track_pruning
 
 __version__ = "0.1.0"
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "KCPImportance",
     "PruneReport",
+    "RecentBatches",
     "StatsImportance",
     "apply_plan",
     "collect",

@@ -30,9 +30,53 @@ import torch_pruning as tp
 from .graph import ForwardFn, default_forward, preserved_modes
 from .progress import progress_bar
 
-__all__ = ["StatsImportance", "collecting", "collect", "unwrap_model", "default_step"]
+__all__ = ["StatsImportance", "RecentBatches", "collecting", "collect", "unwrap_model",
+           "default_step"]
 
 StepFn = Callable[[nn.Module, Any], torch.Tensor | None]
+
+
+class RecentBatches:
+    """The last ``maxlen`` batches of a training loop, as ``data`` for a data-driven criterion
+    pruned during training (each pruning point collects on the batches of its own time).
+
+    Iterable any number of times (``prune`` collects again before every iterative step); an
+    optional ``transform`` runs on each batch when iterated, so raw batches are kept and
+    prepared only at a pruning point. Batches are kept as given (detach them; on the device).
+
+    Args:
+        maxlen: Number of batches kept (>= 1).
+        transform: ``transform(batch) -> batch`` applied when iterating.
+        owner: Name used in the error when a pruning point comes before any batch.
+    """
+
+    def __init__(self, maxlen: int, transform: Callable[[Any], Any] | None = None,
+                 owner: str = "the training loop"):
+        if not isinstance(maxlen, int) or isinstance(maxlen, bool) or maxlen < 1:
+            raise ValueError(f"maxlen must be an integer >= 1, got {maxlen!r}")
+        import collections
+
+        self._batches: collections.deque = collections.deque(maxlen=maxlen)
+        self.transform = transform
+        self.owner = owner
+
+    def add(self, batch: Any) -> None:
+        """Keep ``batch`` (the oldest one drops out)."""
+        self._batches.append(batch)
+
+    def clear(self) -> None:
+        """Forget every batch."""
+        self._batches.clear()
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def __iter__(self) -> Iterator[Any]:
+        if not self._batches:
+            raise ValueError(f"{self.owner}: a data-driven criterion needs training batches, "
+                             "and none were seen before this pruning point")
+        for batch in list(self._batches):
+            yield self.transform(batch) if self.transform is not None else batch
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -325,3 +325,16 @@ def test_ddp_statistics_are_all_reduced(tmp_path):
         for a, b, c in zip(r0[key], r1[key], ref.state_tensors()):
             assert torch.equal(a, b)  # every rank decides the same
             assert torch.allclose(a, c, rtol=1e-6)
+
+
+def test_recent_batches_keeps_the_last_ones_and_is_reiterable():
+    recent = kcp_plugin.RecentBatches(2, transform=lambda b: b * 10, owner="my loop")
+    with pytest.raises(ValueError, match="my loop: a data-driven criterion needs training"):
+        list(recent)
+    for i in range(3):
+        recent.add(i)
+    assert len(recent) == 2 and list(recent) == [10, 20] and list(recent) == [10, 20]
+    recent.clear()
+    assert len(recent) == 0
+    with pytest.raises(ValueError, match="maxlen"):
+        kcp_plugin.RecentBatches(0)

@@ -282,6 +282,51 @@ def test_timm_train_wrapper_prunes_iteratively_and_resumes(image_folder, tmp_pat
     assert resumed["macs"] == summary["macs"]
 
 
+@pytest.mark.parametrize("importance", ["fisher", "taylor", "hessian"])
+def test_timm_train_builtin_loop_feeds_gradient_and_data_criteria(image_folder, tmp_path,
+                                                                  monkeypatch, importance):
+    """The built-in loop keeps the last training batches: fisher collects on them at each
+    pruning point, taylor / hessian take the gradients of the latest one."""
+    import kcp_plugin.pruning
+
+    tool = _tool("timm_train")
+    seen = []
+    real_prune = kcp_plugin.pruning.prune
+
+    def spy(model, example_inputs, importance, **kwargs):
+        data = kwargs.get("data")
+        seen.append((len(list(data)) if data is not None else 0,
+                     kwargs.get("loss_fn") is not None))
+        return real_prune(model, example_inputs, importance, **kwargs)
+
+    monkeypatch.setattr(kcp_plugin.schedule, "prune", spy)
+    summary = tool.run_builtin([
+        str(image_folder), "--model", "resnet18", "--num-classes", "2", "--input-size", "3",
+        "16", "16", "--batch-size", "4", "--opt", "sgd", "--lr", "0.01", "--epochs", "1",
+        "--workers", "0", "--output", str(tmp_path / "run"), "--max-steps", "3",
+        "--kcp-importance", importance, "--kcp-target-macs", "0.5", "--kcp-num-prunes", "2",
+        "--kcp-start", "1", "--kcp-every", "1", "--kcp-data-steps", "2"])
+    assert summary["pruned_at_steps"] == [1, 2]
+    assert abs(summary["macs_ratio"] - 0.5) <= 0.02
+    if importance == "fisher":  # the point after step k sees batches k-1 and k
+        assert seen == [(2, False), (2, False)]
+    else:
+        assert seen == [(0, True), (0, True)]
+
+
+def test_timm_train_refuses_bad_pruning_options_before_training(tmp_path):
+    tool = _tool("timm_train")
+    with pytest.raises(SystemExit, match="kcp-importance.*nope"):
+        tool.parse_kcp(["--kcp-importance", "nope"])
+    with pytest.raises(SystemExit, match="kcp-data-steps"):
+        tool.parse_kcp(["--kcp-data-steps", "0"])
+    script = tmp_path / "train.py"
+    script.write_text("raise RuntimeError('must not run')\n")
+    kcp, rest = tool.parse_kcp(["--kcp-importance", "fisher", "--kcp-target-macs", "0.5"])
+    with pytest.raises(SystemExit, match="built-in loop.*data-free criterion: .*kcp"):
+        tool.run_train_script(str(script), kcp, rest)
+
+
 @pytest.mark.parametrize("name", ["resnet50_kcp", "deit_small_kcp", "resnet18_kcp_smoke"])
 def test_recipes_parse(name, tmp_path):
     tool = _tool("timm_train")

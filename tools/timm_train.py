@@ -76,6 +76,9 @@ def kcp_parser() -> argparse.ArgumentParser:
                    "dict literal")
     g.add_argument("--kcp-input-size", type=int, nargs="+", default=None,
                    help="tracing input size (C H W or one side); default: the model's")
+    g.add_argument("--kcp-data-steps", type=int, default=8,
+                   help="data-driven criteria (fisher, cdc, cap): training batches, the last "
+                   "ones before each pruning point, to collect on (default: 8; built-in loop)")
     return p
 
 
@@ -134,24 +137,60 @@ def parse_kcp(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     kcp.kcp_prune_kwargs = _literal(kcp.kcp_prune_kwargs, "--kcp-prune-kwargs")
     if kcp.kcp_target_macs is not None and not 0 < kcp.kcp_target_macs <= 1:
         raise SystemExit(f"--kcp-target-macs must be in (0, 1], got {kcp.kcp_target_macs}")
+    if kcp.kcp_data_steps < 1:
+        raise SystemExit(f"--kcp-data-steps must be >= 1, got {kcp.kcp_data_steps}")
+    from kcp_plugin import importance_info
+
+    try:
+        importance_info(kcp.kcp_importance)
+    except (KeyError, ValueError) as exc:  # the message lists the registered criteria
+        raise SystemExit(f"--kcp-importance: {exc}") from None
     if kcp.kcp_input_size is not None:
         kcp.kcp_input_size = kcp.kcp_input_size[0] if len(kcp.kcp_input_size) == 1 \
             else tuple(kcp.kcp_input_size)
     return kcp, rest
 
 
+def needs_batches(kcp: argparse.Namespace) -> bool:
+    """Whether the criterion reads gradients or data, so the loop must hand it batches."""
+    from kcp_plugin import importance_info
+
+    info = importance_info(kcp.kcp_importance)
+    return info.requires_grad or info.requires_data
+
+
 def make_schedule(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                  kcp: argparse.Namespace, emas: list[Any], input_size: Any = None) -> Any:
+                  kcp: argparse.Namespace, emas: list[Any], input_size: Any = None,
+                  recent: Any = None, loss_fn: Any = None) -> Any:
+    """The pruning schedule; ``recent`` (a :class:`kcp_plugin.RecentBatches` of ``(inputs,
+    target)``) and the training ``loss_fn`` feed gradient and data-driven criteria."""
+    from kcp_plugin import importance_info
     from kcp_plugin.integrations.timm import TimmPruningSchedule, default_inputs
 
     x = default_inputs(model, kcp.kcp_input_size or input_size)
     x = x.to(next(model.parameters()).device)
+    info = importance_info(kcp.kcp_importance)
+    prune_kwargs = dict(kcp.kcp_prune_kwargs or {})
+    grad_loss = None
+    if info.requires_data:
+        # summed over the batch: each sample's gradient is that of its own loss (Fisher)
+        prune_kwargs.update(data=recent, data_steps=kcp.kcp_data_steps,
+                            step_fn=lambda m, b: loss_fn(m(b[0]), b[1]) * b[0].shape[0])
+    elif info.requires_grad:
+        per_sample = info.name == "hessian"
+
+        def grad_loss(m: torch.nn.Module) -> torch.Tensor:  # the latest training batch
+            inputs, target = list(recent)[-1]
+            if per_sample:
+                return torch.nn.functional.cross_entropy(m(inputs), target, reduction="none")
+            return loss_fn(m(inputs), target)
+
     return TimmPruningSchedule(
         model, optimizer, kcp.kcp_importance, target_macs_ratio=kcp.kcp_target_macs,
         num_prunes=kcp.kcp_num_prunes, start=kcp.kcp_start, every=kcp.kcp_every,
         ramp=kcp.kcp_ramp, mode=kcp.kcp_mode, example_inputs=x,
-        importance_kwargs=kcp.kcp_importance_kwargs, prune_kwargs=kcp.kcp_prune_kwargs,
-        emas=emas,
+        importance_kwargs=kcp.kcp_importance_kwargs, prune_kwargs=prune_kwargs,
+        loss_fn=grad_loss, emas=emas,
     )
 
 
@@ -188,6 +227,14 @@ def run_train_script(path: str, kcp: argparse.Namespace, argv: list[str]) -> Any
     if not os.path.isfile(path):
         raise SystemExit(f"--train-script: {path} does not exist (timm's train.py is in the "
                          "pytorch-image-models repository, not in the pip package)")
+    if kcp.kcp_target_macs is not None and needs_batches(kcp):
+        from kcp_plugin import list_importances
+
+        free = [n for n in list_importances() if not needs_batches(
+            argparse.Namespace(kcp_importance=n))]
+        raise SystemExit(f"--kcp-importance {kcp.kcp_importance} reads gradients or data, which "
+                         "the wrapper cannot take from train.py's loop; use the built-in loop "
+                         f"(no --train-script) or a data-free criterion: {', '.join(free)}")
     spec = importlib.util.spec_from_file_location("timm_train_script", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -395,9 +442,13 @@ def run_builtin(argv: list[str]) -> dict[str, Any]:
     loss_fn = (LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing
                else torch.nn.CrossEntropyLoss()).to(device)
     schedule = None
+    recent = None
     if kcp.kcp_target_macs is not None:
+        if needs_batches(kcp):
+            recent = kcp_plugin.RecentBatches(kcp.kcp_data_steps, owner="timm_train")
         schedule = make_schedule(model, optimizer, kcp, [model_ema] if model_ema else [],
-                                 input_size=data_config["input_size"]).attach()
+                                 input_size=data_config["input_size"], recent=recent,
+                                 loss_fn=loss_fn).attach()
     start_epoch, step = 0, 0
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
@@ -423,6 +474,8 @@ def run_builtin(argv: list[str]) -> dict[str, Any]:
         losses = AverageMeter()
         for i, (inputs, target) in enumerate(train_loader):
             inputs, target = inputs.to(device), target.to(device)
+            if recent is not None and not schedule.finished:
+                recent.add((inputs.detach(), target.detach()))  # for the next pruning point
             loss = loss_fn(model(inputs), target)
             optimizer.zero_grad()
             loss.backward()

@@ -29,8 +29,8 @@ Where it acts in mmengine's ``Runner.train()`` (build optim wrapper -> param sch
 
 from __future__ import annotations
 
-import collections
 import difflib
+import functools
 import inspect
 import json
 import os.path as osp
@@ -48,6 +48,7 @@ from kcp_plugin import count_macs_params, get_plan, importance_info, prune, rebu
 from kcp_plugin.graph import preserved_modes
 from kcp_plugin.plan import validate_plan
 from kcp_plugin.schedule import MODES, RAMPS, PruningScheduler
+from kcp_plugin.stats import RecentBatches
 
 from .checkpoint import raise_on_size_mismatch
 from .optim_wrapper import _RegularizerMixin
@@ -159,7 +160,7 @@ class PruningHook(Hook):
         self.per_sample = info.name == "hessian"
         self.needs_data = info.requires_data
         self.data_steps = data_steps
-        self._recent: collections.deque = collections.deque(maxlen=data_steps)
+        self._recent = RecentBatches(data_steps, owner="PruningHook")
         self.target_macs_ratio = target_macs_ratio
         self.pruning_ratio = pruning_ratio
         self.schedule = sched
@@ -217,7 +218,8 @@ class PruningHook(Hook):
         """``prune`` arguments that feed a data-driven criterion the recent training batches."""
         if not self.needs_data:
             return {}
-        return {"data": _RecentBatches(self, runner), "step_fn": _loss_step}
+        self._recent.transform = functools.partial(_preprocess, unwrap(runner.model))
+        return {"data": self._recent, "step_fn": _loss_step}
 
     # ------------------------------------------------------------------ hook stages
     def before_run(self, runner) -> None:
@@ -268,11 +270,11 @@ class PruningHook(Hook):
 
     def before_train_iter(self, runner, batch_idx: int, data_batch: Any = None) -> None:
         by_epoch = self.schedule["by_epoch"]
+        if self.needs_data and data_batch is not None:
+            self._recent.add(data_batch)  # every batch: an epoch's point sees the last ones
         if by_epoch and batch_idx != 0:
             return
         self._batch = data_batch
-        if self.needs_data and data_batch is not None:
-            self._recent.append(data_batch)
         try:
             self._step(runner, runner.epoch if by_epoch else runner.iter)
         finally:
@@ -393,30 +395,14 @@ class PruningHook(Hook):
                            f"({macs / dense:.3f} of dense), {params / 1e6:.4g} M params")
 
 
-class _RecentBatches:
-    """The hook's last training batches as ``(inputs, labels, data_samples)``, preprocessed
-    when iterated (each pruning point sees the batches of its own time).
-
-    Iterable any number of times, as prune() requires for iterative collection.
-    """
-
-    def __init__(self, hook: PruningHook, runner: Any):
-        self.hook, self.runner = hook, runner
-
-    def __len__(self) -> int:
-        return len(self.hook._recent)
-
-    def __iter__(self):
-        if not self.hook._recent:
-            raise ValueError("PruningHook: a data-driven criterion needs training batches, and "
-                             "none were seen before this pruning point")
-        model = unwrap(self.runner.model)
-        for batch in list(self.hook._recent):
-            with torch.no_grad():
-                data = model.data_preprocessor(batch, True)
-            samples = data["data_samples"]
-            labels = torch.stack([s.gt_sem_seg.data.squeeze(0) for s in samples]).long()
-            yield data["inputs"], labels, samples
+def _preprocess(model: nn.Module, batch: Any) -> tuple[Any, torch.Tensor, Any]:
+    """A raw training batch as ``(inputs, per-pixel labels, data_samples)``, preprocessed by the
+    model's data preprocessor when a pruning point collects on it."""
+    with torch.no_grad():
+        data = model.data_preprocessor(batch, True)
+    samples = data["data_samples"]
+    labels = torch.stack([s.gt_sem_seg.data.squeeze(0) for s in samples]).long()
+    return data["inputs"], labels, samples
 
 
 def _loss_step(model: nn.Module, batch: tuple) -> torch.Tensor:
