@@ -255,3 +255,23 @@ def test_summarize_merges_runs_and_refuses_mixed_settings(tmp_path):
     assert "| 30% | oneshot | kcp | 32.00 ± " in (tmp_path / "m" / "results.md").read_text()
     c = write("c.json", [{**dense, "value": 41.0}], [row])
     assert bench.main(["--summarize", a, c, "--out", str(tmp_path / "x")]) == 2
+
+
+def test_rows_do_not_depend_on_the_rows_before_them():
+    """Each row fine-tunes on the same batch sequence: a row's result is the same whether it
+    runs first or after other rows (which consume the loader's shuffling state)."""
+    from kcp_plugin.bench.protocol import PROFILES, run_one
+
+    profile = PROFILES["quick"]
+    profile = type(profile)(**{**profile.__dict__, "finetune_steps": 3, "latency_runs": 0})
+    task = get_task("segmentation")
+    train_ds, val_ds = task.splits(0, 16, 4)
+    dense = task.build(0)
+    runs = {}
+    for order in (["l2"], ["random", "l2"]):
+        loader, val = make_loader(train_ds, 4, 0), make_loader(val_ds, 4, 0, shuffle=False)
+        for criterion in order:
+            row, model = run_one(dense, task, criterion, 0.5, "oneshot", profile, loader, val, 0)
+        runs[len(order)] = model.state_dict()
+    for key, value in runs[1].items():
+        assert torch.equal(value, runs[2][key]), key

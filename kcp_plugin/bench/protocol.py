@@ -201,8 +201,16 @@ def run_one(
     val_loader: Any,
     seed: int,
 ) -> tuple[dict[str, Any], nn.Module]:
-    """Prune a copy of ``dense`` to ``target`` MACs kept, fine-tune, evaluate; one result row."""
+    """Prune a copy of ``dense`` to ``target`` MACs kept, fine-tune, evaluate; one result row.
+
+    Every row starts from the same random state and a fresh loader seeded with ``seed``: each
+    criterion and schedule sees the same batches in the same order, whatever rows ran before
+    it (otherwise the shuffling state left by earlier rows, or by dense training that a cached
+    model skipped, would give each row its own batch order).
+    """
     model = copy.deepcopy(dense)
+    torch.manual_seed(seed)
+    train_loader = make_loader(train_loader.dataset, train_loader.batch_size, seed)
     batch = next(iter(train_loader))
     kwargs = profile.criterion_kwargs.get(criterion, {})
     data_kwargs = _criterion_data(task, criterion, train_loader, profile)
