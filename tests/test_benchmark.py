@@ -22,6 +22,18 @@ def _load_tool(name):
     return module
 
 
+def _small_run(n_train=16, **overrides):
+    """A tiny segmentation setup for run_one: (profile, task, train loader, val loader, dense)."""
+    from kcp_plugin.bench.protocol import PROFILES
+
+    profile = PROFILES["quick"]
+    profile = type(profile)(**{**profile.__dict__, "latency_runs": 0, **overrides})
+    task = get_task("segmentation")
+    train_ds, val_ds = task.splits(0, n_train, 4)
+    loader, val = make_loader(train_ds, 4, 0), make_loader(val_ds, 4, 0, shuffle=False)
+    return profile, task, loader, val, task.build(0)
+
+
 def test_spearman_known_answers():
     a = torch.tensor([1.0, 2.0, 3.0, 4.0])
     assert _spearman(a, a * 10) == pytest.approx(1.0)
@@ -109,15 +121,10 @@ def test_quick_profile_smoke(tmp_path):
 
 def test_data_driven_criteria_run_in_the_protocol():
     """fisher / cdc collect statistics from the training loader, one-shot and iterative."""
-    from kcp_plugin.bench.protocol import PROFILES, run_one
+    from kcp_plugin.bench.protocol import run_one
 
-    profile = PROFILES["quick"]
-    profile = type(profile)(**{**profile.__dict__, "finetune_steps": 4, "latency_runs": 0,
-                               "data_steps": 2, "iterative_steps": 2})
-    task = get_task("segmentation")
-    train_ds, val_ds = task.splits(0, 16, 4)
-    loader, val = make_loader(train_ds, 4, 0), make_loader(val_ds, 4, 0, shuffle=False)
-    dense = task.build(0)
+    profile, task, loader, val, dense = _small_run(finetune_steps=4, data_steps=2,
+                                                   iterative_steps=2)
     for criterion, schedule in (("fisher", "oneshot"), ("cdc", "oneshot"),
                                 ("fisher", "iterative")):
         row, model = run_one(dense, task, criterion, 0.5, schedule, profile, loader, val, 0)
@@ -131,15 +138,9 @@ def test_oneshot_with_compensation_repairs_the_pruned_model():
     """The 'oneshot+comp' schedule prunes the same channels as 'oneshot', then refits the
     consumers by least squares: right after the prune the outputs are closer to the dense
     model's than without the repair."""
-    from kcp_plugin.bench.protocol import PROFILES, run_one
+    from kcp_plugin.bench.protocol import run_one
 
-    profile = PROFILES["quick"]
-    profile = type(profile)(**{**profile.__dict__, "finetune_steps": 0, "latency_runs": 0,
-                               "data_steps": 2})
-    task = get_task("segmentation")
-    train_ds, val_ds = task.splits(0, 16, 4)
-    loader, val = make_loader(train_ds, 4, 0), make_loader(val_ds, 4, 0, shuffle=False)
-    dense = task.build(0)
+    profile, task, loader, val, dense = _small_run(finetune_steps=0, data_steps=2)
     train(dense, task, loader, 20, 3e-3, progress=False)
     dense.eval()
     x = next(iter(loader))[0]
@@ -207,15 +208,9 @@ def test_benchmark_cli_rejects_bad_sizes(tmp_path, capsys):
 def test_scratch_schedule_trains_the_pruned_widths_from_new_weights():
     """'scratch' keeps the criterion's widths but none of its weights: it re-initialises the
     pruned architecture and trains it for the dense + fine-tuning steps."""
-    from kcp_plugin.bench.protocol import PROFILES, run_one
+    from kcp_plugin.bench.protocol import run_one
 
-    profile = PROFILES["quick"]
-    profile = type(profile)(**{**profile.__dict__, "finetune_steps": 0, "dense_steps": 0,
-                               "latency_runs": 0})
-    task = get_task("segmentation")
-    train_ds, val_ds = task.splits(0, 8, 4)
-    loader, val = make_loader(train_ds, 4, 0), make_loader(val_ds, 4, 0, shuffle=False)
-    dense = task.build(0)
+    profile, task, loader, val, dense = _small_run(8, finetune_steps=0, dense_steps=0)
     train(dense, task, loader, 5, 3e-3, progress=False)
     rows = {}
     for schedule in ("oneshot", "scratch"):
@@ -260,16 +255,11 @@ def test_summarize_merges_runs_and_refuses_mixed_settings(tmp_path):
 def test_rows_do_not_depend_on_the_rows_before_them():
     """Each row fine-tunes on the same batch sequence: a row's result is the same whether it
     runs first or after other rows (which consume the loader's shuffling state)."""
-    from kcp_plugin.bench.protocol import PROFILES, run_one
+    from kcp_plugin.bench.protocol import run_one
 
-    profile = PROFILES["quick"]
-    profile = type(profile)(**{**profile.__dict__, "finetune_steps": 3, "latency_runs": 0})
-    task = get_task("segmentation")
-    train_ds, val_ds = task.splits(0, 16, 4)
-    dense = task.build(0)
     runs = {}
     for order in (["l2"], ["random", "l2"]):
-        loader, val = make_loader(train_ds, 4, 0), make_loader(val_ds, 4, 0, shuffle=False)
+        profile, task, loader, val, dense = _small_run(finetune_steps=3)
         for criterion in order:
             row, model = run_one(dense, task, criterion, 0.5, "oneshot", profile, loader, val, 0)
         runs[len(order)] = model.state_dict()
