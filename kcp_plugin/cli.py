@@ -156,9 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         info = importance_info(args.importance)
     except ValueError as exc:
         parser.error(str(exc))
-    if info.requires_grad or info.requires_data:
-        free = [n for n in list_importances() if not (importance_info(n).requires_grad
-                                                      or importance_info(n).requires_data)]
+    if not info.data_free:
+        free = [n for n in list_importances() if importance_info(n).data_free]
         parser.error(f"{info.name!r} scores channels from training data, which kcp-prune does "
                      "not have: use the Python API (kcp_plugin.prune(..., data=batches) or "
                      f"loss_fn=...) or a data-free criterion: {', '.join(free)}")

@@ -48,6 +48,12 @@ class CriterionInfo:
     summary: str
     requires_data: bool = False
 
+    @property
+    def data_free(self) -> bool:
+        """Scores from the weights alone (no gradients, no data): usable wherever no training
+        batches are at hand (the CLI, creation-time pruning)."""
+        return not (self.requires_grad or self.requires_data)
+
 
 _REGISTRY: dict[str, CriterionInfo] = {}
 

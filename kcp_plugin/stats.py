@@ -18,6 +18,7 @@ Statistics describe the model they were collected on: once channels are removed,
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -54,8 +55,6 @@ class RecentBatches:
                  owner: str = "the training loop"):
         if not isinstance(maxlen, int) or isinstance(maxlen, bool) or maxlen < 1:
             raise ValueError(f"maxlen must be an integer >= 1, got {maxlen!r}")
-        import collections
-
         self._batches: collections.deque = collections.deque(maxlen=maxlen)
         self.transform = transform
         self.owner = owner

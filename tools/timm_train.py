@@ -155,8 +155,7 @@ def needs_batches(kcp: argparse.Namespace) -> bool:
     """Whether the criterion reads gradients or data, so the loop must hand it batches."""
     from kcp_plugin import importance_info
 
-    info = importance_info(kcp.kcp_importance)
-    return info.requires_grad or info.requires_data
+    return not importance_info(kcp.kcp_importance).data_free
 
 
 def make_schedule(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -228,10 +227,9 @@ def run_train_script(path: str, kcp: argparse.Namespace, argv: list[str]) -> Any
         raise SystemExit(f"--train-script: {path} does not exist (timm's train.py is in the "
                          "pytorch-image-models repository, not in the pip package)")
     if kcp.kcp_target_macs is not None and needs_batches(kcp):
-        from kcp_plugin import list_importances
+        from kcp_plugin import importance_info, list_importances
 
-        free = [n for n in list_importances() if not needs_batches(
-            argparse.Namespace(kcp_importance=n))]
+        free = [n for n in list_importances() if importance_info(n).data_free]
         raise SystemExit(f"--kcp-importance {kcp.kcp_importance} reads gradients or data, which "
                          "the wrapper cannot take from train.py's loop; use the built-in loop "
                          f"(no --train-script) or a data-free criterion: {', '.join(free)}")
