@@ -17,6 +17,8 @@ import torch.nn as nn
 import torch_pruning as tp
 from torch_pruning import ops
 
+from .depgraph import DependencyGraph
+
 ForwardFn = Callable[[nn.Module, Any], Any]
 
 # Layers that consume a channel dimension and produce a new one: output detection stops there.
@@ -54,7 +56,7 @@ def build_graph(
     """Build torch-pruning's dependency graph in eval mode, leaving the model's modes intact."""
     with preserved_modes(model):
         model.eval()
-        return tp.DependencyGraph().build_dependency(
+        return DependencyGraph().build_dependency(
             model, example_inputs=example_inputs, forward_fn=forward_fn or default_forward,
             output_transform=output_transform, verbose=False, **kwargs,
         )

@@ -7,7 +7,9 @@ import copy
 import difflib
 import logging
 import math
+import warnings
 from collections.abc import Callable, Iterable
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -15,6 +17,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from .attention import detect_num_heads, sync_attention_attrs
+from .depgraph import Pruner
 from .graph import (
     ForwardFn,
     build_graph,
@@ -29,11 +32,22 @@ from .plan import extend_plan
 from .progress import progress_bar
 from .registry import importance_info
 from .report import PruneReport, layer_widths
+from .safety import (
+    ROOT_TYPES,
+    ProtectedGroup,
+    UnprunableError,
+    couplings,
+    group_layers,
+    input_layers,
+    invalid_groups,
+    output_signature,
+    verify_outputs,
+)
 from .snapshot import ModuleSnapshot
 from .stats import StatsImportance, StepFn, collect
 from .tracking import track_pruning
 
-__all__ = ["prune", "resolve_importance"]
+__all__ = ["prune", "resolve_importance", "UnprunableError"]
 
 logger = logging.getLogger(__name__)
 
@@ -266,25 +280,29 @@ def prune(
     graph = checked_graph(model, example_inputs, fwd, output_transform,
                           unwrapped_parameters=unwrapped_parameters,
                           customized_pruners=customized_pruners)
+    names = {m: n for n, m in model.named_modules()}
     outputs = output_layers(graph) if protect_outputs else []
+    inputs = input_layers(graph)
+    fixed = list(ignored) + [m for m in outputs + inputs if m not in ignored]
+    checks = invalid_groups(graph, fixed, names)
+    signature = output_signature(model, example_inputs, fwd)
     del graph
 
     # ---------------------------------------------------------------- pruning
     if dry_run:  # everything below happens on a copy; module references follow by name
+        model, remap = _copy_model(model)
+        fixed = [remap[m] for m in fixed]
+        checks = [(remap[m], record) for m, record in checks]
+        heads = {remap[m]: h for m, h in heads.items()}
+        ratio_dict = {remap[m]: v for m, v in ratio_dict.items()}
         names = {m: n for n, m in model.named_modules()}
-        model = copy.deepcopy(model)
-        by_name = dict(model.named_modules())
-        ignored = [by_name[names[m]] for m in ignored]
-        outputs = [by_name[names[m]] for m in outputs]
-        heads = {by_name[names[m]]: h for m, h in heads.items()}
-        ratio_dict = {by_name[names[m]]: v for m, v in ratio_dict.items()}
-    names = {m: n for n, m in model.named_modules()}
     selected: dict[str, list[int]] | None = {} if dry_run else None
     snapshot = ModuleSnapshot(model)
+    auto = [record for _, record in checks]  # groups the safety net keeps, and why
+    protected = fixed + [m for m, _ in checks]
     try:
         macs0, params0 = count_macs_params(model, example_inputs, fwd)
         widths0 = layer_widths(model)
-        protected = list(ignored) + [m for m in outputs if m not in ignored]
         settings = dict(
             example_inputs=example_inputs, importance=imp, forward_fn=fwd,
             output_transform=output_transform, global_pruning=global_pruning,
@@ -294,51 +312,217 @@ def prune(
             round_to=round_to, unwrapped_parameters=unwrapped_parameters,
             customized_pruners=customized_pruners, loss_fn=loss_fn, progress=progress,
             data=None if data is None else (data, data_steps, step_fn),
+            signature=signature,
         )
-        # With local pruning, each layer's width depends only on the ratio, not on the scores,
-        # so the MACs search can use a cheap scorer; the result is verified and, should the real
-        # criterion leave some group alone, searched again with the real criterion.
-        fast = target_macs_ratio is not None and not global_pruning
-        search: list[tuple[float, float]] = []
-        while True:
-            if target_macs_ratio is not None:
-                trial_settings = settings
-                if fast:
-                    trial_settings = {**settings, "importance":
-                                      tp.importance.GroupMagnitudeImportance(), "loss_fn": None,
-                                      "data": None}
-                ratio, extra, search = _search_ratio(
-                    model, names, protected, heads, ratio_dict, target_macs_ratio, macs0,
-                    macs_tolerance, trial_settings,
-                )
-            else:
-                ratio, extra = float(pruning_ratio or 0.0), {}
-            with track_pruning():
-                history, attrs = _run_pruner(
-                    model, protected, heads, {**extra, **ratio_dict}, ratio, record=selected,
-                    **settings
-                )
-            macs1, params1 = count_macs_params(model, example_inputs, fwd)
-            if fast and abs(macs1 / macs0 - target_macs_ratio) > macs_tolerance:
-                logger.info("criterion left some groups alone; searching with it instead")
+        for _attempt in range(_MAX_PROTECTED + 1):
+            try:
+                ratio, search, macs1, params1, history, attrs = _prune_to_target(
+                    model, names, protected, heads, ratio_dict, settings, target_macs_ratio,
+                    pruning_ratio, macs0, macs_tolerance, selected)
+                break
+            except _Broken as broken:
                 snapshot.restore()
                 if selected is not None:
                     selected.clear()
-                fast = False
-                continue
-            break
+                found = _find_culprit(model, names, protected, heads, ratio_dict, broken,
+                                      settings)
+                if found is None and isinstance(broken.__cause__, Exception):
+                    # not reproducible group by group, or failing with no group pruned (e.g.
+                    # the criterion's own error): the original error, model restored
+                    raise broken.__cause__ from None
+                if found is None:
+                    raise UnprunableError(
+                        f"pruning breaks this model ({broken.reason}), and no single channel "
+                        "group could be found responsible; protect the layers around the "
+                        "failing operation with ignored_layers=[...]" + _listing(auto),
+                        auto) from broken.__cause__
+                module, record = found
+                protected.append(module)
+                auto.append(record)
+        else:
+            raise UnprunableError(
+                f"more than {_MAX_PROTECTED} channel groups of this model break when pruned; "
+                "torch-pruning cannot trace it reliably" + _listing(auto), auto)
         plan = extend_plan(model, history, attrs)
+    except UnprunableError as exc:
+        snapshot.restore()
+        exc.protected = list(auto)
+        raise
+    except ValueError as exc:
+        snapshot.restore()
+        if auto and "out of reach" in str(exc):
+            raise UnprunableError(f"{exc}{_listing(auto)}", auto) from exc
+        raise
     except BaseException:
         snapshot.restore()
         raise
+    if auto:
+        warnings.warn(
+            f"kcp_plugin kept {len(auto)} channel group(s) unpruned, since pruning them would "
+            "break the model:" + _listing(auto), UserWarning, stacklevel=2)
     return PruneReport(
         importance=imp_name,
         macs_before=macs0, macs_after=macs1, params_before=params0, params_after=params1,
         pruning_ratio=ratio, target_macs_ratio=target_macs_ratio,
         iterative_steps=iterative_steps, widths_before=widths0,
-        widths_after=layer_widths(model), protected=sorted(names[m] for m in protected),
+        widths_after=layer_widths(model), protected=sorted(names[m] for m in fixed),
         search=search, plan=plan, selected=selected,
+        auto_protected=[asdict(r) for r in auto],
     )
+
+
+# At most this many groups are protected one by one after failing verification.
+_MAX_PROTECTED = 24
+
+
+def _listing(records: list[ProtectedGroup]) -> str:
+    if not records:
+        return ""
+    return "".join(f"\n  - {r.describe()}" for r in records) + (
+        "\n(pass these roots in ignored_layers to skip the checks, or lower the target)")
+
+
+class _Broken(Exception):
+    """A pruning trial (or the final prune) crashed or produced an unsound model."""
+
+    def __init__(self, reason: str, ratio: float, extra: dict[str, float]):
+        super().__init__(reason)
+        self.reason, self.ratio, self.extra = reason, ratio, extra
+
+
+def _copy_model(model: nn.Module) -> tuple[nn.Module, dict[nn.Module, nn.Module]]:
+    """A deep copy of ``model`` and the map from its modules to the copy's (by name)."""
+    clone = copy.deepcopy(model)
+    by_name = dict(clone.named_modules())
+    return clone, {m: by_name[n] for n, m in model.named_modules()}
+
+
+def _prune_to_target(
+    model: nn.Module,
+    names: dict[nn.Module, str],
+    protected: list[nn.Module],
+    heads: dict[nn.Module, int],
+    ratio_dict: dict[nn.Module, float],
+    settings: dict[str, Any],
+    target_macs_ratio: float | None,
+    pruning_ratio: float | None,
+    macs0: int,
+    macs_tolerance: float,
+    selected: dict[str, list[int]] | None,
+) -> tuple[float, list, int, int, list, dict]:
+    """Search the ratio (if a MACs target is given), prune ``model`` and verify it.
+
+    Raises:
+        _Broken: a trial or the final prune crashed or broke the model's outputs.
+    """
+    # With local pruning, each layer's width depends only on the ratio, not on the scores,
+    # so the MACs search can use a cheap scorer; the result is verified and, should the real
+    # criterion leave some group alone, searched again with the real criterion.
+    fast = target_macs_ratio is not None and not settings["global_pruning"]
+    search: list[tuple[float, float]] = []
+    snapshot = ModuleSnapshot(model)
+    while True:
+        if target_macs_ratio is not None:
+            trial_settings = settings
+            if fast:
+                trial_settings = {**settings, "importance":
+                                  tp.importance.GroupMagnitudeImportance(), "loss_fn": None,
+                                  "data": None}
+            ratio, extra, search = _search_ratio(
+                model, names, protected, heads, ratio_dict, target_macs_ratio, macs0,
+                macs_tolerance, trial_settings,
+            )
+        else:
+            ratio, extra = float(pruning_ratio or 0.0), {}
+        with track_pruning():
+            history, attrs = _checked_run(
+                model, protected, heads, {**extra, **ratio_dict}, ratio,
+                {names[m]: v for m, v in extra.items()}, record=selected, **settings)
+        macs1, params1 = count_macs_params(model, settings["example_inputs"],
+                                           settings["forward_fn"])
+        if fast and abs(macs1 / macs0 - target_macs_ratio) > macs_tolerance:
+            logger.info("criterion left some groups alone; searching with it instead")
+            snapshot.restore()
+            if selected is not None:
+                selected.clear()
+            fast = False
+            continue
+        return ratio, search, macs1, params1, history, attrs
+
+
+def _checked_run(model: nn.Module, protected: list[nn.Module], heads: dict[nn.Module, int],
+                 ratio_dict: dict[nn.Module, float], ratio: float, extra: dict[str, float],
+                 **settings: Any) -> tuple[list, dict[str, dict[str, Any]]]:
+    """:func:`_run_pruner`, then :func:`verify_outputs`; any failure becomes :class:`_Broken`."""
+    signature = settings.pop("signature")
+    try:
+        result = _run_pruner(model, protected, heads, ratio_dict, ratio, **settings)
+    except Exception as exc:  # torch-pruning's (or torch's) error on a mis-traced group
+        raise _Broken(f"{type(exc).__name__}: {_short(exc)}", ratio, extra) from exc
+    problem = verify_outputs(model, settings["example_inputs"], settings["forward_fn"],
+                             signature)
+    if problem is not None:
+        raise _Broken(problem, ratio, extra)
+    return result
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _find_culprit(
+    model: nn.Module,
+    names: dict[nn.Module, str],
+    protected: list[nn.Module],
+    heads: dict[nn.Module, int],
+    ratio_dict: dict[nn.Module, float],
+    broken: _Broken,
+    settings: dict[str, Any],
+) -> tuple[nn.Module, ProtectedGroup] | None:
+    """The channel group whose pruning breaks the model, found by bisection on copies.
+
+    The pruner yields its groups in a fixed order; pruning only the first ``k`` of them
+    (``k`` bisected between a prefix that works and one that breaks) finds the group after
+    which the model breaks. Returns its protectable layer (an output-pruned root layer of the
+    group) and a record of it, or ``None`` if the failure does not depend on the groups.
+    """
+    by_name = dict(model.named_modules())
+    seen: list[tuple[str, list[str], list[str]]] = []
+
+    def trial(limit: int | None) -> str | None:
+        clone, remap = _copy_model(model)
+        per_layer = {remap[m]: v for m, v in ratio_dict.items()}
+        for name, v in broken.extra.items():
+            per_layer.setdefault(remap[by_name[name]], v)
+        log = seen if limit is None else None
+        try:
+            _run_pruner(clone, [remap[m] for m in protected],
+                        {remap[m]: h for m, h in heads.items()}, per_layer, broken.ratio,
+                        limit=limit, groups_seen=log,
+                        **{**settings, "progress": False, "signature": None})
+        except Exception as exc:
+            return f"{type(exc).__name__}: {_short(exc)}"
+        return verify_outputs(clone, settings["example_inputs"], settings["forward_fn"],
+                              settings["signature"])
+
+    reason = trial(None)
+    if reason is None:
+        return None
+    if not seen or trial(0) is not None:  # fails with no group pruned: none is to blame
+        return None
+    lo, hi = 0, len(seen)  # trial(lo) works, trial(hi) breaks
+    last = reason
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        problem = trial(mid)
+        if problem is None:
+            lo = mid
+        else:
+            hi, last = mid, problem
+    root, layers, coupled = seen[hi - 1]
+    return by_name[root], ProtectedGroup(root=root, layers=layers, couplings=coupled,
+                                         reason=last)
 
 
 def _run_pruner(
@@ -366,18 +550,24 @@ def _run_pruner(
     data: tuple[Iterable[Any], int | None, StepFn | None] | None = None,
     desc: str = "pruning",
     record: dict[str, list[int]] | None = None,
+    limit: int | None = None,
+    groups_seen: list[tuple[str, list[str], list[str]]] | None = None,
+    signature: Any = None,
 ) -> tuple[list, dict[str, dict[str, Any]]]:
     """Run torch-pruning's pruner on ``model`` for all steps, then fix attention attributes.
 
     If ``record`` is a dict, it receives the output channels each layer loses (by name).
     ``data`` is ``(batches, steps, step_fn)`` for data-driven criteria, collected before each step.
+    ``limit``: prune only the first ``limit`` groups the pruner yields (over all steps; used to
+    find a group that breaks the model). ``groups_seen`` receives, for each group pruned, its
+    protectable layer's name, its layers and the operations coupling them.
 
     Returns:
         The pruning history and the attention attributes that were set (both for the plan).
     """
     heads = dict(heads)  # torch-pruning mutates (and shares) these dicts: always fresh copies
     with preserved_modes(model):
-        pruner = tp.pruner.BasePruner(
+        pruner = Pruner(
             model, example_inputs, importance=importance, global_pruning=global_pruning,
             pruning_ratio=ratio, pruning_ratio_dict=dict(ratio_dict) or None,
             max_pruning_ratio=max_pruning_ratio, iterative_steps=iterative_steps,
@@ -389,6 +579,8 @@ def _run_pruner(
             output_transform=output_transform,
         )
     steps = range(1, iterative_steps + 1)
+    names = {m: n for n, m in model.named_modules()}
+    pruned = 0
     for step in progress_bar(steps, enabled=progress, desc=desc):
         if hasattr(importance, "keep_ratio_hint"):
             done, after = ratio * (step - 1) / iterative_steps, ratio * step / iterative_steps
@@ -401,18 +593,39 @@ def _run_pruner(
                 collect(model, batches, importance, steps=data_steps, step_fn=step_fn,
                         example_inputs=example_inputs, forward_fn=forward_fn, progress=progress)
             importance.bind(model)
-        if record is None:
-            pruner.step()
-            continue
-        names = {m: n for n, m in model.named_modules()}
         for group in pruner.step(interactive=True):
-            for dep, idxs in group:
-                module = dep.target.module
-                if pruner.DG.is_out_channel_pruning_fn(dep.handler) and module in names \
-                        and isinstance(getattr(module, "weight", None), torch.Tensor):
-                    record.setdefault(names[module], []).extend(int(i) for i in idxs)
+            if limit is not None and pruned >= limit:
+                break
+            pruned += 1
+            if groups_seen is not None:
+                groups_seen.append(_group_entry(pruner.DG, group, names))
+            if record is not None:
+                for dep, idxs in group:
+                    module = dep.target.module
+                    if pruner.DG.is_out_channel_pruning_fn(dep.handler) and module in names \
+                            and isinstance(getattr(module, "weight", None), torch.Tensor):
+                        record.setdefault(names[module], []).extend(int(i) for i in idxs)
             group.prune()
     return pruner.pruning_history(), sync_attention_attrs(model, pruner.num_heads)
+
+
+def _group_entry(graph: Any, group: Any, names: dict[nn.Module, str]
+                 ) -> tuple[str, list[str], list[str]]:
+    """``(protectable layer, layers, couplings)`` of a group about to be pruned.
+
+    The protectable layer is the first output-pruned conv / linear: ignoring it makes
+    torch-pruning skip the whole group (for attention groups the pruning root is a downstream
+    input-pruned layer, which would not).
+    """
+    root = None
+    for item in group.items:
+        module = item.dep.target.module
+        if graph.is_out_channel_pruning_fn(item.dep.handler) and module in names \
+                and isinstance(module, ROOT_TYPES):
+            root = names[module]
+            break
+    layers = group_layers(group, names)
+    return root or layers[0], layers, couplings(group)
 
 
 def _backward(model: nn.Module, importance: Any, loss_fn: Callable) -> None:
@@ -464,9 +677,9 @@ def _search_ratio(
         per_layer = {by_name[names[m]]: v for m, v in ratio_dict.items()}
         for name, v in (extra or {}).items():
             per_layer.setdefault(by_name[name], v)
-        _run_pruner(
+        _checked_run(
             clone, [by_name[names[m]] for m in protected],
-            {by_name[names[m]]: h for m, h in heads.items()}, per_layer, r,
+            {by_name[names[m]]: h for m, h in heads.items()}, per_layer, r, dict(extra or {}),
             **{**settings, "progress": False},
         )
         kept = count_macs_params(clone, settings["example_inputs"], settings["forward_fn"])[0]

@@ -39,6 +39,9 @@ class PruneReport:
         plan: The model's cumulative pruning plan after this prune (plain data).
         latency_before_ms / latency_after_ms: CPU latency, if measured by the caller.
         selected: With ``dry_run``: output channels each layer would lose, by layer name.
+        auto_protected: Channel groups the safety net kept unpruned because pruning them would
+            break the model (see :class:`kcp_plugin.safety.ProtectedGroup`: ``root``,
+            ``layers``, ``couplings``, ``reason``), as plain dicts.
     """
 
     importance: str
@@ -57,6 +60,7 @@ class PruneReport:
     latency_before_ms: float | None = None
     latency_after_ms: float | None = None
     selected: dict[str, list[int]] | None = None
+    auto_protected: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def macs_ratio(self) -> float:

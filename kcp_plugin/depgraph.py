@@ -1,0 +1,359 @@
+"""torch-pruning's dependency graph with correct channel index mapping through split, chunk,
+cat and pixel shuffle.
+
+torch-pruning 1.6 (``torch_pruning/dependency/index_mapping.py``, ``shape_infer.py``) maps
+channel indices through these operations wrongly in four ways, which is where most of its
+``IndexError: index N is out of bounds`` reports come from:
+
+* ``update_split_index_mapping`` gives the ``i``-th *consumer* of a split the ``i``-th part,
+  but consumers are listed in graph-traversal order, not by the part they read (a split whose
+  second part is used first gets its offsets swapped); ``init_shape_information`` counts a
+  chunk's parts as its consumers, so a part read twice shifts every offset;
+* an edge from a split straight into a cat (``cat(x.chunk(2, 1))``) gets the split mapping in
+  slot 0 and the cat mapping in slot 1 in both directions, but the reverse direction must undo
+  the cat first: every index is filtered away or lands in the wrong part;
+* ``SplitPruner`` stores the new offsets on itself, not on the split, so after one pruning step
+  the mapping uses stale offsets (``iterative_steps > 1`` fails);
+* nothing keeps the parts of ``chunk`` equal, although the forward code re-splits the pruned
+  tensor evenly; and ``nn.PixelShuffle`` is treated as element-wise, although each output channel
+  is a block of ``r * r`` input channels.
+
+:class:`DependencyGraph` replaces the split / cat mappings with ones derived from autograd itself
+(each consumer's ``next_functions`` entry says which output of the split it reads, and every
+backward node records its forward output shapes), couples the parts of an equal split channel
+by channel (removing channel ``j`` of one part removes channel ``j`` of every part), and maps
+pixel shuffle block-wise. :class:`Pruner` is torch-pruning's ``BasePruner`` on this graph, with
+equal-split parts counted as channel groups, so a ratio removes the same channels of each part.
+Everything else is upstream's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import torch_pruning as tp
+from torch_pruning import _helpers, ops
+from torch_pruning.dependency import graph as _tp_graph
+from torch_pruning.dependency import index_mapping as _tp_mapping
+from torch_pruning.pruner.algorithms import base_pruner as _tp_base_pruner
+
+__all__ = ["DependencyGraph", "Pruner", "pruner_graph_class"]
+
+_HI = _helpers._HybridIndex
+
+
+# ---------------------------------------------------------------------- index mappings
+class _Shift:
+    """Add ``offset`` to every index (a part or cat input into the whole tensor)."""
+
+    def __init__(self, offset: int):
+        self.offset = offset
+
+    def __call__(self, idxs: list) -> list:
+        return [_HI(idx=i.idx + self.offset, root_idx=i.root_idx) for i in idxs]
+
+
+class _Window:
+    """Keep the indices in ``[offset, offset + size)``, shifted to start at 0 (whole -> part)."""
+
+    def __init__(self, offset: int, size: int):
+        self.offset, self.size = offset, size
+
+    def __call__(self, idxs: list) -> list:
+        lo, hi = self.offset, self.offset + self.size
+        return [_HI(idx=i.idx - lo, root_idx=i.root_idx) for i in idxs if lo <= i.idx < hi]
+
+
+class _Fold:
+    """Whole tensor -> one of ``n`` equal parts of ``size``: channel ``j`` of every part is ``j``.
+
+    Also pixel shuffle's input -> output (``size`` = number of output channels is not needed:
+    with ``block > 1`` index ``i`` becomes ``i // block``).
+    """
+
+    def __init__(self, size: int = 0, block: int = 1):
+        self.size, self.block = size, block
+
+    def __call__(self, idxs: list) -> list:
+        out, seen = [], set()
+        for i in idxs:
+            j = i.idx // self.block if self.block > 1 else i.idx % self.size
+            if j not in seen:  # parts / blocks collapse onto one index: keep its first root
+                seen.add(j)
+                out.append(_HI(idx=j, root_idx=i.root_idx))
+        return out
+
+
+class _Unfold:
+    """One equal part -> the whole tensor (channel ``j`` of every part), or a pixel-shuffle
+    output channel -> its block of ``block`` input channels."""
+
+    def __init__(self, size: int = 0, parts: int = 1, block: int = 1):
+        self.size, self.parts, self.block = size, parts, block
+
+    def __call__(self, idxs: list) -> list:
+        if self.block > 1:
+            b = self.block
+            return [_HI(idx=i.idx * b + k, root_idx=i.root_idx) for i in idxs for k in range(b)]
+        return [_HI(idx=i.idx + k * self.size, root_idx=i.root_idx)
+                for i in idxs for k in range(self.parts)]
+
+
+# ---------------------------------------------------------------------- graph
+def _channel_dim(grad_fn: Any) -> int | None:
+    """The normalized dimension a split / cat backward node works on (None if unknown)."""
+    dim = getattr(grad_fn, "_saved_dim", None)
+    try:
+        ndim = len(grad_fn._input_metadata[0].shape)
+    except (AttributeError, IndexError, RuntimeError):
+        return None
+    if not isinstance(dim, int) or not -ndim <= dim < ndim:
+        return None
+    return dim % ndim
+
+
+def _out_shape(grad_fn: Any, nr: int) -> tuple[int, ...] | None:
+    """Shape of forward output ``nr`` of the op whose backward node is ``grad_fn``."""
+    try:
+        return tuple(grad_fn._input_metadata[nr].shape)
+    except (AttributeError, IndexError, RuntimeError):
+        return None
+
+
+class DependencyGraph(tp.DependencyGraph):
+    """torch-pruning's ``DependencyGraph`` with split / chunk / cat / pixel-shuffle index
+    mapping derived from autograd (see the module docstring for the upstream defects).
+
+    After :meth:`build_dependency`, ``unmapped`` lists the split / cat nodes on the channel
+    dimension whose parts could not be determined: groups through them are not trustworthy.
+    """
+
+    def build_dependency(self, model: Any, example_inputs: Any, *args: Any,
+                         **kwargs: Any) -> DependencyGraph:
+        self._kcp_edges: dict[int, list[tuple[int, int]]] = {}
+        self.unmapped: list[Any] = []
+        super().build_dependency(model, example_inputs, *args, **kwargs)
+        self._kcp_analyse()
+        return self
+
+    # ------------------------------------------------------------------ analysis (once)
+    def _kcp_analyse(self) -> None:
+        """Record, for every split / cat / pixel-shuffle node, its parts and which part (or
+        cat position) each edge to a neighbour carries."""
+        self._kcp_ops: dict[Any, dict[str, Any]] = {}
+        for node in self.module2node.values():
+            gf = node.grad_fn
+            name = gf.name() if gf is not None and hasattr(gf, "name") else ""
+            if node.type == ops.OPTYPE.SPLIT and "Split" in name:
+                self._kcp_split(node, gf, name)
+            elif node.type == ops.OPTYPE.CONCAT:
+                self._kcp_cat(node, gf)
+            elif name in ("PixelShuffleBackward0", "PixelUnshuffleBackward0"):
+                self._kcp_shuffle(node, gf, name)
+
+    def _occurrences(self, consumer: Any, producer: Any) -> list[tuple[int, int]] | None:
+        """``(position in consumer's inputs, producer output number)`` for each edge from
+        ``producer`` into ``consumer``, in the order torch-pruning created those edges."""
+        gf = consumer.grad_fn
+        if gf is None or not hasattr(gf, "next_functions"):
+            return None
+        found = [(pos, nr) for pos, (f, nr) in enumerate(gf.next_functions)
+                 if f is not None and f is producer.grad_fn]
+        expected = sum(1 for n in consumer.inputs if n is producer)
+        return found if len(found) == expected else None
+
+    def _kcp_split(self, node: Any, gf: Any, name: str) -> None:
+        dim = _channel_dim(gf)
+        if dim != 1 or not node.enable_index_mapping:
+            return  # not on channels: upstream leaves it alone as well
+        n_out = len(getattr(gf, "_input_metadata", ()))
+        sizes = [(_out_shape(gf, k) or (0, 0))[1] for k in range(n_out)]
+        parts: dict[int, list[int]] = {}  # consumer node id -> parts it reads, edge order
+        for consumer in set(node.outputs):
+            occ = self._occurrences(consumer, node)
+            if occ is None or not sizes or 0 in sizes:
+                self.unmapped.append(node)
+                return
+            parts[id(consumer)] = [nr for _, nr in occ]
+        equal = "SplitBackward" in name and len(set(sizes)) == 1 and len(sizes) > 1
+        node.module.split_sizes = list(sizes)
+        node.module.offsets = [0, *_cumsum(sizes)]
+        self._kcp_ops[node] = {"kind": "split", "equal": equal, "parts": parts}
+
+    def _kcp_cat(self, node: Any, gf: Any) -> None:
+        dim = _channel_dim(gf)
+        if dim != 1 or not node.enable_index_mapping:
+            return
+        total = (_out_shape(gf, 0) or (0, 0))[1]
+        sizes: list[int | None] = []
+        for f, nr in gf.next_functions:
+            shape = _out_shape(f, nr) if f is not None else None
+            sizes.append(shape[1] if shape is not None and len(shape) > 1 else None)
+        unknown = [i for i, s in enumerate(sizes) if s is None]
+        if len(unknown) == 1:  # one input without a gradient (e.g. the model input itself)
+            sizes[unknown[0]] = total - sum(s for s in sizes if s is not None)
+        positions: dict[int, list[int]] = {}
+        for producer in set(node.inputs):
+            occ = self._occurrences(node, producer)
+            if occ is None or any(s is None for s in sizes):
+                self.unmapped.append(node)
+                return
+            positions[id(producer)] = [pos for pos, _ in occ]
+        node.module.concat_sizes = list(sizes)
+        self._kcp_ops[node] = {"kind": "cat", "positions": positions}
+
+    def _kcp_shuffle(self, node: Any, gf: Any, name: str) -> None:
+        out = _out_shape(gf, 0)
+        src = [(f, nr) for f, nr in gf.next_functions if f is not None]
+        inp = _out_shape(*src[0]) if len(src) == 1 else None
+        if out is None or inp is None or len(out) < 2 or len(inp) < 2:
+            self.unmapped.append(node)
+            return
+        shuffle = name.startswith("PixelShuffle")
+        block = inp[1] // out[1] if shuffle else out[1] // inp[1]
+        self._kcp_ops[node] = {"kind": "shuffle" if shuffle else "unshuffle", "block": block}
+
+    # ------------------------------------------------------------------ mapping (per group)
+    def _kcp_side(self, op_node: Any, other: Any, k: int, toward_op: bool) -> Any:
+        """The mapping an op contributes to its ``k``-th edge with ``other``.
+
+        ``toward_op``: the indices travel from ``other`` into the op (else out of it).
+        Returns ``False`` if the op is not one of ours, ``None`` for the identity.
+        """
+        info = self._kcp_ops.get(op_node)
+        if info is None:
+            return False
+        kind = info["kind"]
+        if kind == "split":
+            if other not in op_node.outputs:  # the split's input: same channel space
+                return None
+            m = op_node.module
+            part = info["parts"][id(other)][k]
+            size = m.split_sizes[part]
+            if info["equal"]:
+                n = len(m.split_sizes)
+                return _Unfold(size=size, parts=n) if toward_op else _Fold(size=size)
+            offset = sum(m.split_sizes[:part])
+            return _Shift(offset) if toward_op else _Window(offset, size)
+        if kind == "cat":
+            if other not in op_node.inputs:  # the cat's consumers: same channel space
+                return None
+            sizes = op_node.module.concat_sizes
+            pos = info["positions"][id(other)][k]
+            offset = sum(sizes[:pos])
+            return _Shift(offset) if toward_op else _Window(offset, sizes[pos])
+        # pixel (un)shuffle: the node's own channel space is its output's
+        if other not in op_node.inputs:
+            return None
+        b = info["block"]
+        if kind == "shuffle":  # input i -> output i // b; output j -> inputs of block j
+            return _Fold(block=b) if toward_op else _Unfold(block=b)
+        return _Unfold(block=b) if toward_op else _Fold(block=b)
+
+    def _kcp_update_mapping(self) -> None:
+        """Upstream's mapping for reshape / slice / expand / unbind, ours where a split, cat
+        or pixel shuffle is at either end of an edge (source side first, then target side)."""
+        _UPSTREAM_UPDATE(self)
+        if not self._kcp_ops:
+            return
+        for node in self.module2node.values():  # upstream's slice mapping may have been
+            if node.type == ops.OPTYPE.SLICE and any(n in self._kcp_ops for n in node.inputs):
+                _tp_mapping.update_slice_index_mapping(self, node)  # overwritten by a split's
+        for node in self.module2node.values():
+            counts: Counter = Counter()
+            for dep in node.dependencies:
+                src, tgt = dep.source, dep.target
+                if src not in self._kcp_ops and tgt not in self._kcp_ops:
+                    continue
+                k = counts[id(tgt)]
+                counts[id(tgt)] += 1
+                old = [m for m in dep.index_mapping if m is not None
+                       and not isinstance(m, _UPSTREAM_SPLIT_CAT)]
+                src_side = self._kcp_side(src, tgt, k, toward_op=False)
+                # the k-th edge src -> tgt is the k-th occurrence from tgt's point of view too
+                tgt_side = self._kcp_side(tgt, src, k, toward_op=True)
+                if src_side is False:  # e.g. a slice / reshape: keep upstream's own mapping
+                    src_side = old[0] if old and _upstream_owned(src) else None
+                if tgt_side is False:
+                    tgt_side = old[0] if old and _upstream_owned(tgt) else None
+                dep.index_mapping = [src_side, tgt_side]
+
+
+_UPSTREAM_SPLIT_CAT = (_tp_mapping._SplitIndexMapping, _tp_mapping._ConcatIndexMapping)
+
+
+def _upstream_owned(node: Any) -> bool:
+    return node.type in (ops.OPTYPE.SLICE, ops.OPTYPE.RESHAPE, ops.OPTYPE.EXPAND,
+                         ops.OPTYPE.UNBIND, ops.OPTYPE.LINEAR)
+
+
+def _cumsum(values: list[int]) -> list[int]:
+    out, total = [], 0
+    for v in values:
+        total += v
+        out.append(total)
+    return out
+
+
+# ``DependencyGraph.get_pruning_group`` calls ``index_mapping.update_index_mapping(self)`` before
+# every group (torch_pruning/dependency/graph.py). The module attribute is replaced by a
+# dispatcher that runs the corrected mapping for graphs of this class and upstream's unchanged
+# for every other graph, so torch-pruning used directly behaves as before.
+_UPSTREAM_UPDATE = getattr(_tp_mapping.update_index_mapping, "_kcp_upstream",
+                           _tp_mapping.update_index_mapping)
+
+
+def _update_index_mapping(graph: Any) -> None:
+    if isinstance(graph, DependencyGraph) and hasattr(graph, "_kcp_ops"):
+        graph._kcp_update_mapping()
+    else:
+        _UPSTREAM_UPDATE(graph)
+
+
+_update_index_mapping._kcp_upstream = _UPSTREAM_UPDATE  # type: ignore[attr-defined]
+_tp_mapping.update_index_mapping = _update_index_mapping
+_tp_graph.index_mapping = _tp_mapping
+
+
+# ---------------------------------------------------------------------- pruner
+@contextlib.contextmanager
+def pruner_graph_class() -> Iterator[None]:
+    """Make ``BasePruner.__init__`` build a :class:`DependencyGraph` (it constructs
+    ``dependency.DependencyGraph()`` itself, torch_pruning/pruner/algorithms/base_pruner.py)."""
+    module = _tp_base_pruner.dependency
+    old = module.DependencyGraph
+    module.DependencyGraph = DependencyGraph
+    try:
+        yield
+    finally:
+        module.DependencyGraph = old
+
+
+class Pruner(tp.pruner.BasePruner):
+    """torch-pruning's ``BasePruner`` on :class:`DependencyGraph`.
+
+    A group whose root channels are the whole input of an equal split (``chunk``) counts the
+    parts as channel groups, like a grouped conv: importance is averaged over the parts and the
+    same channels are removed from each, so the parts stay equal and the ratio is per part.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        with pruner_graph_class():
+            super().__init__(*args, **kwargs)
+
+    def _get_channel_groups(self, group: Any) -> int:
+        groups = super()._get_channel_groups(group)
+        ops_info = getattr(self.DG, "_kcp_ops", {})
+        for item in group.items:
+            info = ops_info.get(item.dep.target)
+            if not info or info["kind"] != "split" or not info["equal"]:
+                continue
+            sizes = item.dep.target.module.split_sizes
+            root_space = item.idxs == list(item.root_idxs) and len(item.idxs) == sum(sizes)
+            if root_space:
+                groups = math.lcm(groups, len(sizes))
+        return groups

@@ -1,0 +1,246 @@
+"""The safety net around torch-pruning: which groups are safe to prune, and is the result sound.
+
+torch-pruning traces a model once and trusts its index mapping; where the mapping is wrong
+(channels split by sizes written in the forward code, reshapes by stored widths, parameters it
+guesses the pruning dimension of), the pruned model crashes or silently computes something else.
+Instead of per-architecture lists, :func:`kcp_plugin.prune` uses three generic checks from here:
+
+* before pruning, every group the graph returns is validated (:func:`invalid_groups`): each
+  member's indices must lie inside its channel dimension, and no member may pass through a
+  split / cat whose parts could not be determined; a failing group is protected;
+* layers whose channels are the model's input channels (a depthwise conv applied to the image)
+  are protected like output layers (:func:`input_layers`);
+* after pruning (each trial copy and the final model), the forward pass is verified
+  (:func:`verify_outputs`: same output structure and shapes, finite values); when it fails, the
+  pruner bisects over its groups to find the one responsible, protects it and prunes the rest.
+
+A model that cannot reach its MACs target with what is safe is refused with
+:class:`UnprunableError`, which names the protected layers, the operations that couple them
+and the way out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+from torch_pruning import ops
+
+__all__ = [
+    "UnprunableError",
+    "ProtectedGroup",
+    "input_layers",
+    "invalid_groups",
+    "couplings",
+    "output_signature",
+    "verify_outputs",
+]
+
+ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+
+# Node types that change how channel indices map from one tensor to the next.
+_COUPLING_NAMES = {
+    ops.OPTYPE.SPLIT: "split/chunk",
+    ops.OPTYPE.CONCAT: "cat",
+    ops.OPTYPE.RESHAPE: "view/reshape",
+    ops.OPTYPE.UNBIND: "unbind",
+    ops.OPTYPE.SLICE: "slice",
+    ops.OPTYPE.EXPAND: "expand",
+    ops.OPTYPE.PARAMETER: "a raw parameter",
+    ops.OPTYPE.CUSTOMIZED: "a custom layer",
+    ops.OPTYPE.MHA: "multi-head attention",
+}
+
+
+class UnprunableError(ValueError):
+    """The model cannot be pruned to the request with the groups that are safe to prune.
+
+    Raised by kcp_plugin itself, before or after restoring the model (it is left unchanged).
+    ``protected`` lists the groups the safety net had to keep.
+    """
+
+    def __init__(self, message: str, protected: list[ProtectedGroup] | None = None):
+        super().__init__(message)
+        self.protected = list(protected or [])
+
+
+@dataclass
+class ProtectedGroup:
+    """A channel group the safety net kept unpruned, and why.
+
+    Attributes:
+        root: Qualified name of the group's root layer (pass it in ``ignored_layers``).
+        layers: Qualified names of the layers whose channels the group couples.
+        couplings: Operations coupling them that torch-pruning maps channels through
+            (``"split/chunk"``, ``"cat"``, ``"view/reshape"``...).
+        reason: What went wrong when the group was pruned, or why it was not tried.
+    """
+
+    root: str
+    layers: list[str]
+    couplings: list[str]
+    reason: str
+
+    def describe(self) -> str:
+        """One line for warnings and errors."""
+        via = f" through {', '.join(self.couplings)}" if self.couplings else ""
+        members = ", ".join(self.layers[:6]) + (" ..." if len(self.layers) > 6 else "")
+        return f"{self.root} (coupled with {members}{via}): {self.reason}"
+
+
+def couplings(group: Any) -> list[str]:
+    """Names of the index-changing operations a group passes through (sorted, unique)."""
+    found = set()
+    for item in group.items:
+        for node in (item.dep.source, item.dep.target):
+            name = _COUPLING_NAMES.get(node.type)
+            if name is None and node.grad_fn is not None and hasattr(node.grad_fn, "name"):
+                if "PixelShuffle" in node.grad_fn.name() or "PixelUnshuffle" in \
+                        node.grad_fn.name():
+                    name = "pixel shuffle"
+            if name:
+                found.add(name)
+    return sorted(found)
+
+
+def group_layers(group: Any, names: dict[Any, str]) -> list[str]:
+    """Qualified names of the modules (and raw parameters) a group touches, in group order."""
+    out: list[str] = []
+    for item in group.items:
+        module = item.dep.target.module
+        name = names.get(module)
+        if name is not None and name not in out:
+            out.append(name)
+    return out
+
+
+def describe_group(group: Any, names: dict[Any, str], reason: str) -> ProtectedGroup:
+    """A :class:`ProtectedGroup` record for a torch-pruning group."""
+    root = group[0].dep.target.module
+    return ProtectedGroup(root=names.get(root, type(root).__name__),
+                          layers=group_layers(group, names), couplings=couplings(group),
+                          reason=reason)
+
+
+def input_layers(graph: tp.DependencyGraph) -> list[nn.Module]:
+    """Grouped / depthwise convs that read the model input directly.
+
+    A depthwise conv's output channels are its input channels; applied to the image they are
+    the image's channels, which pruning cannot change (the first layer would then expect fewer
+    channels than the input has). Such layers are protected like output layers.
+    """
+    found = []
+    for module, node in graph.module2node.items():
+        if not isinstance(module, nn.modules.conv._ConvNd) or module.groups == 1:
+            continue
+        if not node.inputs:  # nothing upstream in the graph: it reads a model input
+            found.append(module)
+    return found
+
+
+def invalid_groups(
+    graph: tp.DependencyGraph, ignored: Iterable[nn.Module], names: dict[Any, str],
+) -> list[tuple[nn.Module, ProtectedGroup]]:
+    """Groups whose traced index mapping is inconsistent, with their root layers.
+
+    A group is inconsistent when a member's indices fall outside that member's channel count
+    on the side being pruned (torch-pruning mapped an index through a split / cat / reshape to
+    a channel that does not exist), or when it passes through a split / cat the graph could
+    not map (``DependencyGraph.unmapped``).
+    """
+    unmapped = {id(n) for n in getattr(graph, "unmapped", [])}
+    bad = []
+    for group in graph.get_all_groups(ignored_layers=list(ignored),
+                                      root_module_types=list(ROOT_TYPES)):
+        reason = None
+        for item in group.items:
+            dep = item.dep
+            if id(dep.target) in unmapped or id(dep.source) in unmapped:
+                reason = "it passes through a split or cat whose parts could not be traced"
+                break
+            if dep.target.type == ops.OPTYPE.PARAMETER or not item.idxs:
+                continue
+            out = graph.is_out_channel_pruning_fn(dep.handler)
+            try:
+                width = (graph.get_out_channels if out else graph.get_in_channels)(
+                    dep.target.module)
+            except Exception:  # a pruner that cannot tell: nothing to check against
+                width = None
+            if width is None:
+                continue
+            if max(item.idxs) >= width or min(item.idxs) < 0:
+                side = "output" if out else "input"
+                reason = (f"torch-pruning maps channel {max(item.idxs)} onto "
+                          f"{names.get(dep.target.module, dep.target.name)}, whose {side} has "
+                          f"{width} channels")
+                break
+        if reason is not None:
+            bad.append((group[0].dep.target.module, describe_group(group, names, reason)))
+    return bad
+
+
+def _tensors(out: Any, prefix: str = "out") -> dict[str, torch.Tensor]:
+    """Every tensor in a (nested) model output, by path."""
+    if isinstance(out, torch.Tensor):
+        return {prefix: out}
+    found: dict[str, torch.Tensor] = {}
+    if isinstance(out, dict):
+        items: Iterable = out.items()
+    elif isinstance(out, (list, tuple)):
+        items = enumerate(out)
+    elif hasattr(out, "__dict__") and not isinstance(out, nn.Module):
+        items = vars(out).items()  # e.g. mmseg data samples
+    else:
+        return found
+    for key, value in items:
+        found.update(_tensors(value, f"{prefix}.{key}"))
+    return found
+
+
+def output_signature(model: nn.Module, example_inputs: Any,
+                     forward_fn: Callable[[nn.Module, Any], Any]) -> dict[str, tuple[int, ...]]:
+    """Shapes of every output tensor of an eval-mode forward pass (modes restored)."""
+    from .graph import preserved_modes
+
+    with torch.no_grad(), preserved_modes(model):
+        model.eval()
+        out = forward_fn(model, example_inputs)
+    return {k: tuple(v.shape) for k, v in _tensors(out).items()}
+
+
+def verify_outputs(model: nn.Module, example_inputs: Any,
+                   forward_fn: Callable[[nn.Module, Any], Any],
+                   signature: dict[str, tuple[int, ...]]) -> str | None:
+    """Run the pruned model; return what is wrong with its outputs, or ``None`` if sound.
+
+    Checked: the forward pass runs, every output of the unpruned model is still there with the
+    same shape, and every output value is finite.
+    """
+    from .graph import preserved_modes
+
+    try:
+        with torch.no_grad(), preserved_modes(model):
+            model.eval()
+            out = forward_fn(model, example_inputs)
+    except Exception as exc:  # the point of the check: any failure of the pruned forward
+        return f"the pruned forward fails: {type(exc).__name__}: {_short(exc)}"
+    found = _tensors(out)
+    for key, shape in signature.items():
+        if key not in found:
+            return f"output {key} is missing after pruning"
+        if tuple(found[key].shape) != shape:
+            return (f"output {key} has shape {tuple(found[key].shape)} after pruning, "
+                    f"{shape} before")
+        value = found[key]
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            return f"output {key} has non-finite values after pruning"
+    return None
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
