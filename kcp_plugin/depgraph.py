@@ -339,6 +339,8 @@ class Pruner(tp.pruner.BasePruner):
     A group whose root channels are the whole input of an equal split (``chunk``) counts the
     parts as channel groups, like a grouped conv: importance is averaged over the parts and the
     same channels are removed from each, so the parts stay equal and the ratio is per part.
+    A group whose root channels feed a pixel shuffle scores each block of ``r * r`` channels
+    (one output channel) by its mean, so whole blocks are chosen.
     """
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -357,3 +359,24 @@ class Pruner(tp.pruner.BasePruner):
             if root_space:
                 groups = math.lcm(groups, len(sizes))
         return groups
+
+    def estimate_importance(self, group: Any) -> Any:
+        imp = super().estimate_importance(group)
+        block = _shuffle_block(self.DG, group)
+        if imp is not None and block > 1 and len(imp) % block == 0:
+            imp = imp.view(-1, block).mean(1).repeat_interleave(block)
+        return imp
+
+
+def _shuffle_block(graph: Any, group: Any) -> int:
+    """``r * r`` if the group's root channels are the input of a pixel shuffle, else 1."""
+    ops_info = getattr(graph, "_kcp_ops", {})
+    for item in group.items:
+        info = ops_info.get(item.dep.target)
+        if not info or info["kind"] != "shuffle" or item.dep.source not in item.dep.target.inputs:
+            continue
+        b = info["block"]
+        if len(group[0].idxs) == b * len(item.idxs) and all(
+                r // b == i for i, r in zip(item.idxs, item.root_idxs)):
+            return b
+    return 1

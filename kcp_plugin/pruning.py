@@ -324,8 +324,7 @@ def prune(
                 snapshot.restore()
                 if selected is not None:
                     selected.clear()
-                found = _find_culprit(model, names, protected, heads, ratio_dict, broken,
-                                      settings)
+                found = _find_culprit(model, names, protected, heads, ratio_dict, broken)
                 if found is None and isinstance(broken.__cause__, Exception):
                     # not reproducible group by group, or failing with no group pruned (e.g.
                     # the criterion's own error): the original error, model restored
@@ -385,9 +384,11 @@ def _listing(records: list[ProtectedGroup]) -> str:
 class _Broken(Exception):
     """A pruning trial (or the final prune) crashed or produced an unsound model."""
 
-    def __init__(self, reason: str, ratio: float, extra: dict[str, float]):
+    def __init__(self, reason: str, ratio: float, extra: dict[str, float],
+                 settings: dict[str, Any]):
         super().__init__(reason)
         self.reason, self.ratio, self.extra = reason, ratio, extra
+        self.settings = settings  # the pruner settings (criterion...) of the failing run
 
 
 def _copy_model(model: nn.Module) -> tuple[nn.Module, dict[nn.Module, nn.Module]]:
@@ -455,14 +456,15 @@ def _checked_run(model: nn.Module, protected: list[nn.Module], heads: dict[nn.Mo
                  **settings: Any) -> tuple[list, dict[str, dict[str, Any]]]:
     """:func:`_run_pruner`, then :func:`verify_outputs`; any failure becomes :class:`_Broken`."""
     signature = settings.pop("signature")
+    failing = {**settings, "signature": signature, "record": None}
     try:
         result = _run_pruner(model, protected, heads, ratio_dict, ratio, **settings)
     except Exception as exc:  # torch-pruning's (or torch's) error on a mis-traced group
-        raise _Broken(f"{type(exc).__name__}: {_short(exc)}", ratio, extra) from exc
+        raise _Broken(f"{type(exc).__name__}: {_short(exc)}", ratio, extra, failing) from exc
     problem = verify_outputs(model, settings["example_inputs"], settings["forward_fn"],
                              signature)
     if problem is not None:
-        raise _Broken(problem, ratio, extra)
+        raise _Broken(problem, ratio, extra, failing)
     return result
 
 
@@ -478,7 +480,6 @@ def _find_culprit(
     heads: dict[nn.Module, int],
     ratio_dict: dict[nn.Module, float],
     broken: _Broken,
-    settings: dict[str, Any],
 ) -> tuple[nn.Module, ProtectedGroup] | None:
     """The channel group whose pruning breaks the model, found by bisection on copies.
 
@@ -489,6 +490,7 @@ def _find_culprit(
     """
     by_name = dict(model.named_modules())
     seen: list[tuple[str, list[str], list[str]]] = []
+    settings = broken.settings  # the same criterion and options as the run that broke
 
     def trial(limit: int | None) -> str | None:
         clone, remap = _copy_model(model)

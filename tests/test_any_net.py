@@ -1,0 +1,390 @@
+"""Complex nets through the core prune: split / chunk / cat, pixel shuffle, depthwise convs on
+the input, and the safety net that protects what torch-pruning traces inconsistently.
+
+Every model here failed with an IndexError or a shape error inside torch-pruning before the
+plugin's own index mapping and safety net (kcp_plugin.depgraph, kcp_plugin.safety).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+import kcp_plugin
+from kcp_plugin.depgraph import DependencyGraph
+from kcp_plugin.safety import UnprunableError, invalid_groups
+
+
+def _conv(cin, cout, k=3, s=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, s, k // 2), nn.BatchNorm2d(cout), nn.SiLU())
+
+
+class Body(nn.Module):
+    """A prunable trunk in front of the pattern under test, so MACs targets are reachable."""
+
+    def __init__(self, cout):
+        super().__init__()
+        self.a = _conv(3, 32)
+        self.b = _conv(32, 48)
+        self.c = _conv(48, cout)
+
+    def forward(self, x):
+        return self.c(self.b(self.a(x)))
+
+
+class SplitSizes(nn.Module):
+    """conv + BN to 24 channels, torch.split(x, [8, 16]), a 1x1 conv per part, add or cat."""
+
+    def __init__(self, mode="cat"):
+        super().__init__()
+        self.mode = mode
+        self.body = Body(24)
+        self.p = nn.Conv2d(8, 32, 1)
+        self.q = nn.Conv2d(16, 32, 1)
+        self.mid = _conv(64 if mode == "cat" else 32, 32)
+        self.head = nn.Conv2d(32, 5, 1)
+
+    def forward(self, x):
+        a, b = torch.split(self.body(x), [8, 16], dim=1)
+        a, b = self.p(a), self.q(b)
+        y = torch.cat([a, b], 1) if self.mode == "cat" else a + b
+        return self.head(self.mid(y))
+
+
+class SplitTwoOutputs(nn.Module):
+    """conv to 24 channels split into [8, 16], each part an output conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = Body(24)
+        self.out_a = nn.Conv2d(8, 4, 1)
+        self.out_b = nn.Conv2d(16, 6, 1)
+
+    def forward(self, x):
+        a, b = torch.split(self.body(x), [8, 16], dim=1)
+        return self.out_a(a), self.out_b(b)
+
+
+class ChunkCat(nn.Module):
+    """``a, b = conv(x).chunk(2, 1); y = conv2(torch.cat([a, b], 1))`` (order swapped: b, a)."""
+
+    def __init__(self, swap=False):
+        super().__init__()
+        self.swap = swap
+        self.conv = _conv(3, 48)
+        self.conv2 = _conv(48, 48)
+        self.head = nn.Conv2d(48, 4, 1)
+
+    def forward(self, x):
+        a, b = self.conv(x).chunk(2, 1)
+        return self.head(self.conv2(torch.cat([b, a] if self.swap else [a, b], 1)))
+
+
+class ChunkToConvs(nn.Module):
+    """A chunk whose parts each feed their own conv (second part used first), then add."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = _conv(3, 64)
+        self.pa = _conv(32, 32)
+        self.pb = _conv(32, 32)
+        self.head = nn.Conv2d(32, 4, 1)
+
+    def forward(self, x):
+        a, b = self.conv(x).chunk(2, 1)
+        yb = self.pb(b)
+        return self.head(yb + self.pa(a))
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.cv1, self.cv2 = _conv(c, c), _conv(c, c)
+
+    def forward(self, x):
+        return x + self.cv2(self.cv1(x))
+
+
+class C2f(nn.Module):
+    """YOLOv8's C2f: chunk in two, bottlenecks appended to the parts, one cat."""
+
+    def __init__(self, c1, c2, n=2):
+        super().__init__()
+        self.c = c2 // 2
+        self.cv1 = _conv(c1, 2 * self.c, 1)
+        self.cv2 = _conv((2 + n) * self.c, c2, 1)
+        self.m = nn.ModuleList(Bottleneck(self.c) for _ in range(n))
+
+    def forward(self, x):
+        y = list(self.cv1(x).chunk(2, 1))
+        y.extend(m(y[-1]) for m in self.m)
+        return self.cv2(torch.cat(y, 1))
+
+
+class C2fNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = _conv(3, 32, 3, 2)
+        self.s1 = C2f(32, 64)
+        self.down = _conv(64, 96, 3, 2)
+        self.s2 = C2f(96, 96)
+        self.fc = nn.Linear(96, 10)
+
+    def forward(self, x):
+        x = self.s2(self.down(self.s1(self.stem(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+class PartialConv(nn.Module):
+    """FasterNet's partial conv: the first quarter through a 3x3 conv, the rest passed on."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.dim_conv3 = dim // 4
+        self.dim_untouched = dim - self.dim_conv3
+        self.partial_conv3 = nn.Conv2d(self.dim_conv3, self.dim_conv3, 3, 1, 1, bias=False)
+
+    def forward(self, x):
+        x1, x2 = torch.split(x, [self.dim_conv3, self.dim_untouched], dim=1)
+        return torch.cat((self.partial_conv3(x1), x2), 1)
+
+
+class PConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = Body(32)
+        self.spatial = PartialConv(32)
+        self.mlp = nn.Sequential(_conv(32, 96, 1), nn.Conv2d(96, 32, 1))
+        self.head = nn.Conv2d(32, 4, 1)
+
+    def forward(self, x):
+        x = self.body(x)
+        return self.head(x + self.mlp(self.spatial(x)))
+
+
+class Shuffle(nn.Module):
+    """conv(16 -> 16) -> PixelShuffle(2) -> conv(4 -> 16)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = _conv(3, 16)
+        self.conv = nn.Conv2d(16, 16, 3, padding=1)
+        self.ps = nn.PixelShuffle(2)
+        self.conv2 = _conv(4, 16)
+        self.head = nn.Conv2d(16, 3, 1)
+
+    def forward(self, x):
+        return self.head(self.conv2(self.ps(self.conv(self.inp(x)))))
+
+
+class DepthwiseOnInput(nn.Module):
+    """``Conv2d(3, 3, 3, groups=3)`` + BN + ReLU applied to the image, then a normal net."""
+
+    def __init__(self):
+        super().__init__()
+        self.dw = nn.Conv2d(3, 3, 3, padding=1, groups=3)
+        self.bn = nn.BatchNorm2d(3)
+        self.body = Body(32)
+        self.head = nn.Conv2d(32, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.body(torch.relu(self.bn(self.dw(x)))))
+
+
+def _outputs(model, x):
+    with torch.no_grad():
+        out = model.eval()(x)
+    return out if isinstance(out, tuple) else (out,)
+
+
+def _prune_and_check(model, x, **kwargs):
+    shapes = [o.shape for o in _outputs(model, x)]
+    report = kcp_plugin.prune(model, x, "kcp", progress=False, **kwargs)
+    out = _outputs(model, x)
+    assert [o.shape for o in out] == shapes
+    assert all(torch.isfinite(o).all() for o in out)
+    if "target_macs_ratio" in kwargs:
+        assert abs(report.macs_ratio - kwargs["target_macs_ratio"]) <= 0.02
+    return report
+
+
+def _round_trip(model, builder, x, tmp_path):
+    path = tmp_path / "pruned.pt"
+    kcp_plugin.save_pruned(model, path)
+    loaded = kcp_plugin.load_pruned(builder, path, x).eval()
+    for a, b in zip(_outputs(model, x), _outputs(loaded, x)):
+        assert torch.equal(a, b)
+
+
+X = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+# ---------------------------------------------------------------------- pruned correctly
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("builder", [ChunkCat, lambda: ChunkCat(swap=True), ChunkToConvs, C2fNet],
+                         ids=["chunk-cat", "chunk-cat-swapped", "chunk-to-convs", "c2f"])
+def test_chunked_channels_are_pruned_equally_per_part(builder, steps, tmp_path):
+    torch.manual_seed(0)
+    model = builder()
+    with _no_safety_warning():
+        report = _prune_and_check(model, X, target_macs_ratio=0.5, iterative_steps=steps)
+    assert report.auto_protected == []  # pruned through the chunk, not protected
+    for m in model.modules():  # every chunked producer keeps two equal halves
+        if isinstance(m, (ChunkCat, ChunkToConvs)):
+            assert m.conv[0].out_channels % 2 == 0 and m.conv[0].out_channels < 48 + 16
+        if isinstance(m, C2f):
+            assert m.cv1[0].out_channels == 2 * m.m[0].cv1[0].in_channels
+    assert report.macs_after < report.macs_before
+    _round_trip(model, builder, X, tmp_path)
+
+
+def test_chunk_parts_are_aligned_not_only_equal():
+    # Part b feeds pb, part a feeds pa: each consumer loses exactly the input channels its own
+    # part lost, and channel j of both parts goes together (the parts stay equal).
+    torch.manual_seed(0)
+    model = ChunkToConvs().eval()
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    report = kcp_plugin.prune(model, X, "l1", pruning_ratio_dict={"conv.0": 0.25},
+                              progress=False)
+    kept = model.conv[0].out_channels
+    assert kept == 48 and report.auto_protected == []
+    removed = sorted(set(range(64)) - _kept_rows(dense["conv.0.weight"], model.conv[0].weight))
+    half_a = [i for i in removed if i < 32]
+    half_b = [i - 32 for i in removed if i >= 32]
+    assert half_a == half_b  # channel j goes from both parts together
+    keep_a = [j for j in range(32) if j not in half_a]
+    torch.testing.assert_close(model.pa[0].weight, dense["pa.0.weight"][:, keep_a])
+    torch.testing.assert_close(model.pb[0].weight, dense["pb.0.weight"][:, keep_a])
+
+
+def _kept_rows(before, after):
+    rows = set()
+    for r in range(after.shape[0]):
+        match = [i for i in range(before.shape[0]) if torch.equal(before[i], after[r])]
+        rows.update(match[:1])
+    return rows
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_pixel_shuffle_removes_whole_blocks(steps, tmp_path):
+    torch.manual_seed(0)
+    model = Shuffle()
+    with _no_safety_warning():
+        report = _prune_and_check(model, X, pruning_ratio=0.5, iterative_steps=steps)
+    assert report.auto_protected == []
+    assert model.conv.out_channels % 4 == 0 and model.conv.out_channels < 16
+    assert model.conv2[0].in_channels == model.conv.out_channels // 4
+    _round_trip(model, Shuffle, X, tmp_path)
+
+
+def test_depthwise_conv_on_the_input_keeps_the_input_channels(tmp_path):
+    torch.manual_seed(0)
+    model = DepthwiseOnInput()
+    report = _prune_and_check(model, X, target_macs_ratio=0.5)
+    assert model.dw.in_channels == model.dw.out_channels == 3 and model.bn.num_features == 3
+    assert "dw" in report.protected and "head" in report.protected
+    assert model.body.a[0].out_channels < 32
+    _round_trip(model, DepthwiseOnInput, X, tmp_path)
+
+
+# ---------------------------------------------------------------------- protected, the rest pruned
+@pytest.mark.parametrize("mode", ["cat", "add"])
+def test_split_by_fixed_sizes_is_protected_and_the_rest_pruned(mode, tmp_path):
+    torch.manual_seed(0)
+    model = SplitSizes(mode)
+    with pytest.warns(UserWarning, match="kept 1 channel group"):
+        report = _prune_and_check(model, X, target_macs_ratio=0.5)
+    (kept,) = report.auto_protected
+    assert kept["root"] == "body.c.0" and "split/chunk" in kept["couplings"]
+    assert "split_with_sizes" in kept["reason"]
+    assert model.body.c[0].out_channels == 24 and model.mid[0].out_channels < 32
+    _round_trip(model, lambda: SplitSizes(mode), X, tmp_path)
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_split_into_two_outputs_with_iterative_steps(steps):
+    torch.manual_seed(0)
+    model = SplitTwoOutputs()
+    with pytest.warns(UserWarning, match="unpruned"):
+        report = _prune_and_check(model, X, target_macs_ratio=0.6, iterative_steps=steps)
+    assert [r["root"] for r in report.auto_protected] == ["body.c.0"]
+    assert model.out_a.in_channels == 8 and model.out_b.in_channels == 16
+
+
+def test_partial_conv_is_pruned_outside_its_split(tmp_path):
+    torch.manual_seed(0)
+    model = PConvNet()
+    with pytest.warns(UserWarning, match="unpruned"):
+        report = _prune_and_check(model, X, target_macs_ratio=0.5)
+    assert model.spatial.partial_conv3.in_channels == 8 and model.mlp[1].out_channels == 32
+    assert model.mlp[0][0].out_channels < 96  # the MLP hidden width is pruned
+    assert any("split/chunk" in r["couplings"] for r in report.auto_protected)
+    _round_trip(model, PConvNet, X, tmp_path)
+
+
+def test_refusal_names_the_layers_the_operation_and_the_way_out():
+    model = SplitSizes("cat").eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = list(model.parameters())
+    with pytest.raises(UnprunableError) as info:
+        kcp_plugin.prune(model, X, "kcp", target_macs_ratio=0.2, max_pruning_ratio=0.5,
+                         progress=False)
+    text = str(info.value)
+    assert "body.c.0" in text and "split/chunk" in text and "ignored_layers" in text
+    assert [g.root for g in info.value.protected] == ["body.c.0"]
+    assert list(model.parameters()) == params
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_protecting_the_reported_root_skips_the_checks():
+    model = SplitSizes("cat")
+    report = kcp_plugin.prune(model, X, "kcp", target_macs_ratio=0.5, progress=False,
+                              ignored_layers=["body.c.0"])
+    assert report.auto_protected == [] and model.body.c[0].out_channels == 24
+
+
+# ---------------------------------------------------------------------- graph internals
+def test_split_groups_are_consistent_on_the_plugin_graph_not_upstream():
+    # torch-pruning gives part [0, 8) to the consumer of the 16-channel part (and vice versa)
+    model = SplitSizes("cat").eval()
+    names = {m: n for n, m in model.named_modules()}
+    upstream = tp.DependencyGraph().build_dependency(model, example_inputs=X)
+    ours = DependencyGraph().build_dependency(model, example_inputs=X)
+    assert [r.root for _, r in invalid_groups(upstream, [], names)] == ["body.c.0"]
+    assert invalid_groups(ours, [], names) == []
+    group = ours.get_pruning_group(model.body.c[0], tp.prune_conv_out_channels, [0, 9])
+    by_layer = {names.get(i.dep.target.module): sorted(i.idxs) for i in group.items
+                if not tp.DependencyGraph.is_out_channel_pruning_fn(ours, i.dep.handler)}
+    assert by_layer["p"] == [0] and by_layer["q"] == [1]
+
+
+def test_upstream_torch_pruning_is_left_unchanged():
+    # the plugin's mapping applies to its own graph class only
+    model = ChunkCat().eval()
+    upstream = tp.DependencyGraph().build_dependency(model, example_inputs=X)
+    assert not isinstance(upstream, DependencyGraph)
+    with pytest.raises(IndexError):
+        pruner = tp.pruner.BasePruner(model, X, tp.importance.GroupMagnitudeImportance(),
+                                      pruning_ratio=0.5, ignored_layers=[model.head])
+        pruner.step()
+        model(X)
+
+
+class _no_safety_warning:
+    """Fail if the safety net had to protect anything (it must prune these nets through)."""
+
+    def __enter__(self):
+        import warnings
+
+        self._cm = warnings.catch_warnings(record=True)
+        self.caught = self._cm.__enter__()
+        warnings.simplefilter("always")
+        return self
+
+    def __exit__(self, *exc):
+        self._cm.__exit__(*exc)
+        safety = [w for w in self.caught if "unpruned" in str(w.message)]
+        assert not safety, safety[0].message
+        return False
