@@ -53,7 +53,15 @@ def build_graph(
     output_transform: Callable | None = None,
     **kwargs: Any,
 ) -> tp.DependencyGraph:
-    """Build torch-pruning's dependency graph in eval mode, leaving the model's modes intact."""
+    """Build the plugin's dependency graph (:class:`kcp_plugin.depgraph.DependencyGraph`) in
+    eval mode, leaving the model's modes intact.
+
+    Host libraries' custom pruners (:mod:`kcp_plugin.hosts`) are added to ``customized_pruners``
+    (given ones take precedence), so every graph of a model maps channels the same way.
+    """
+    from .hosts import host_pruners
+
+    kwargs["customized_pruners"] = host_pruners(model, kwargs.get("customized_pruners"))
     with preserved_modes(model):
         model.eval()
         return DependencyGraph().build_dependency(

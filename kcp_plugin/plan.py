@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from .attention import apply_attrs
 from .graph import ForwardFn, build_graph
+from .hosts import adapters_for
 
 __all__ = [
     "PLAN_FORMAT",
@@ -29,11 +30,18 @@ __all__ = [
     "save_pruned",
     "load_pruned",
     "read_checkpoint",
+    "CARRIED_PLAN_KEY",
+    "carried_plan",
+    "encode_plan",
+    "decode_plan",
 ]
 
 PLAN_FORMAT = "kcp_plugin.plan"
 PLAN_VERSION = 1
 _ATTR = "_kcp_pruning_plan"
+# State-dict key of a plan carried inside a model's own state dict (timm's ``kcp_pruned``
+# models: every checkpoint timm writes then describes its structure).
+CARRIED_PLAN_KEY = "kcp_pruning_plan"
 
 
 def empty_plan() -> dict[str, Any]:
@@ -84,6 +92,32 @@ def validate_plan(plan: Any) -> dict[str, Any]:
     return plan
 
 
+def encode_plan(plan: dict[str, Any]) -> torch.Tensor:
+    """A plan as a ``uint8`` tensor of its JSON text (storable in any state dict format)."""
+    data = json.dumps(plan, sort_keys=True, separators=(",", ":")).encode()
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
+
+
+def decode_plan(tensor: torch.Tensor) -> dict[str, Any]:
+    """Inverse of :func:`encode_plan`.
+
+    Raises:
+        ValueError: not a 1-D uint8 tensor holding a plan.
+    """
+    if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.uint8 or tensor.dim() != 1:
+        raise ValueError(f"{CARRIED_PLAN_KEY} must be a 1-D uint8 tensor of JSON text")
+    return validate_plan(json.loads(bytes(tensor.cpu().tolist()).decode()))
+
+
+def carried_plan(state_dict: Any) -> dict[str, Any] | None:
+    """The plan carried inside a state dict (key ending in :data:`CARRIED_PLAN_KEY`), if any."""
+    if isinstance(state_dict, dict):
+        for key, value in state_dict.items():
+            if isinstance(key, str) and key.split(".")[-1] == CARRIED_PLAN_KEY:
+                return decode_plan(value)
+    return None
+
+
 def apply_plan(
     model: nn.Module,
     plan: dict[str, Any],
@@ -95,7 +129,8 @@ def apply_plan(
     """Replay ``plan`` on an unpruned ``model`` in place, reproducing the pruned structure.
 
     Pass the same ``customized_pruners`` / ``unwrapped_parameters`` as when pruning, if any:
-    the replay must map channels the same way.
+    the replay must map channels the same way. Host libraries' pruners (timm's) are added
+    automatically, as :func:`kcp_plugin.prune` adds them.
 
     Raises:
         ValueError: the plan is malformed or names layers the model does not have; the model is
@@ -120,6 +155,8 @@ def apply_plan(
         history = [[n, bool(o), list(map(int, idx))] for n, o, idx in plan["history"]]
         graph.load_pruning_history(history)
         apply_attrs(model, plan["attrs"])
+        for host in adapters_for(model):
+            host.after_replay(model)
     except BaseException:
         snapshot.restore()
         raise
@@ -144,15 +181,33 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, extra: dict | None = 
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_pruned` without unpickling any code."""
+    """Read a checkpoint written by :func:`save_pruned`, or one whose state dict carries its
+    plan (a timm checkpoint of a ``kcp_pruned`` model), without unpickling any code.
+
+    Returns:
+        ``{"kcp_plugin": plan, "meta": {...}, "state_dict": {...}}``.
+
+    Raises:
+        ValueError: the file is not plain data, or holds no plan.
+    """
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as exc:  # weights_only refuses anything that is not plain data
         raise ValueError(f"{path} is not a plain-data kcp_plugin checkpoint: {exc}") from exc
+    if isinstance(payload, dict) and "kcp_plugin" not in payload:
+        # a checkpoint whose state dict carries the plan (timm's train.py output of a
+        # kcp_pruned model, or a bare state dict of one)
+        for key in ("state_dict_ema", "model_ema", "state_dict", "model", None):
+            sd = payload if key is None else payload.get(key)
+            plan = carried_plan(sd)
+            if plan is not None:
+                return {"kcp_plugin": plan, "meta": {}, "state_dict": sd}
     if not isinstance(payload, dict) or "kcp_plugin" not in payload or "state_dict" not in payload:
-        raise ValueError(f"{path} is not a kcp_plugin checkpoint (no 'kcp_plugin' plan)")
+        raise ValueError(
+            f"{path} is not a kcp_plugin checkpoint: it holds neither a 'kcp_plugin' plan "
+            f"(kcp_plugin.save_pruned) nor a state dict carrying one ({CARRIED_PLAN_KEY!r})")
     validate_plan(payload["kcp_plugin"])
     return payload
 
@@ -184,5 +239,8 @@ def load_pruned(
     model = model_or_builder if isinstance(model_or_builder, nn.Module) else model_or_builder()
     apply_plan(model, payload["kcp_plugin"], example_inputs, forward_fn, customized_pruners,
                unwrapped_parameters)
-    model.load_state_dict(payload["state_dict"], strict=strict)
+    # the plan a state dict may carry is the one just applied: it is not a weight
+    state = {k: v for k, v in payload["state_dict"].items()
+             if k.split(".")[-1] != CARRIED_PLAN_KEY}
+    model.load_state_dict(state, strict=strict)
     return model

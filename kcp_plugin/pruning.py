@@ -28,6 +28,7 @@ from .graph import (
     output_layers,
     preserved_modes,
 )
+from .hosts import adapters_for, host_pruners
 from .plan import extend_plan
 from .progress import progress_bar
 from .registry import importance_info
@@ -274,8 +275,15 @@ def prune(
             heads[layer] = value
     else:
         raise ValueError(f"num_heads must be 'auto', None or a dict, got {num_heads!r}")
+    hosts = adapters_for(model)  # timm & co.: refusals, custom pruners, protected blocks
+    for host in hosts:
+        host.check(model)
+    customized_pruners = host_pruners(model, customized_pruners)
     fwd = forward_fn or default_forward
     check_runs(model, example_inputs, fwd)
+    for host in hosts:
+        ignored += [m for m in host.protected(model, example_inputs, fwd, customized_pruners)
+                    if m not in ignored]
     # Tracing runs the model once more in eval mode (modes restored), no weight changes.
     graph = checked_graph(model, example_inputs, fwd, output_transform,
                           unwrapped_parameters=unwrapped_parameters,
@@ -299,6 +307,8 @@ def prune(
     selected: dict[str, list[int]] | None = {} if dry_run else None
     snapshot = ModuleSnapshot(model)
     auto = [record for _, record in checks]  # groups the safety net keeps, and why
+    for host in hosts:
+        host.before_prune(model, example_inputs)
     protected = fixed + [m for m, _ in checks]
     try:
         macs0, params0 = count_macs_params(model, example_inputs, fwd)
@@ -342,6 +352,10 @@ def prune(
             raise UnprunableError(
                 f"more than {_MAX_PROTECTED} channel groups of this model break when pruned; "
                 "torch-pruning cannot trace it reliably" + _listing(auto), auto)
+        if not dry_run:
+            for host in hosts:
+                for name, values in host.after_prune(model, example_inputs).items():
+                    attrs.setdefault(name, {}).update(values)
         plan = extend_plan(model, history, attrs)
     except UnprunableError as exc:
         snapshot.restore()

@@ -24,7 +24,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ...plan import get_plan, read_checkpoint, validate_plan
+from ...plan import CARRIED_PLAN_KEY as PLAN_KEY
+from ...plan import carried_plan as _plan_from_state_dict
+from ...plan import decode_plan, encode_plan, get_plan, read_checkpoint, validate_plan
 from ...pruning import resolve_importance
 from .pruning import apply_timm_plan, prune_timm_model
 from .support import check_supported
@@ -32,34 +34,12 @@ from .support import check_supported
 __all__ = ["kcp_pruned", "PLAN_KEY", "read_plan", "install_plan_hooks", "encode_plan",
            "decode_plan"]
 
-PLAN_KEY = "kcp_pruning_plan"
 _BUILD = "_kcp_timm_build"
 _HOOKED = "_kcp_timm_hooks"
 ENTRYPOINT = "kcp_pruned"
 
 
-def encode_plan(plan: dict[str, Any]) -> torch.Tensor:
-    """A plan as a ``uint8`` tensor of its JSON text (storable in any state dict format)."""
-    data = json.dumps(plan, sort_keys=True, separators=(",", ":")).encode()
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
-
-
-def decode_plan(tensor: torch.Tensor) -> dict[str, Any]:
-    """Inverse of :func:`encode_plan`."""
-    if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.uint8 or tensor.dim() != 1:
-        raise ValueError(f"{PLAN_KEY} must be a 1-D uint8 tensor of JSON text")
-    return validate_plan(json.loads(bytes(tensor.cpu().tolist()).decode()))
-
-
 # ---------------------------------------------------------------------- reading plans
-def _plan_from_state_dict(sd: Any) -> dict[str, Any] | None:
-    if isinstance(sd, dict):
-        for key, value in sd.items():
-            if isinstance(key, str) and key.split(".")[-1] == PLAN_KEY:
-                return decode_plan(value)
-    return None
-
-
 def read_plan(source: str | os.PathLike | dict[str, Any]) -> dict[str, Any]:
     """A pruning plan from a plan dict, a JSON file, or any checkpoint that carries one.
 

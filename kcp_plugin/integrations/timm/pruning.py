@@ -28,7 +28,7 @@ from ...graph import build_graph, preserved_modes
 from ...plan import apply_plan, extend_plan, get_plan, validate_plan
 from ...pruning import prune
 from ...report import PruneReport
-from .support import check_supported, clear_caches, prune_arguments, pruning_setup
+from .support import check_supported, pruning_setup
 
 __all__ = [
     "default_inputs",
@@ -232,16 +232,8 @@ def prune_timm_model(
     """
     check_supported(model)
     x = example_inputs if example_inputs is not None else default_inputs(model, input_size)
-    kwargs = prune_arguments(model, x, prune_kwargs)
-    if kwargs.get("dry_run"):
-        return prune(model, x, importance, **kwargs)
-    _head_map(model, x)  # decided on the current (consistent) widths, before they change
-    report = prune(model, x, importance, **kwargs)
-    clear_caches(model)
-    changed = sync_head_attrs(model, x)
-    if changed:
-        report.plan = extend_plan(model, [], changed)
-    return report
+    # the core applies the timm adapter (pruners, protected blocks, head attributes) itself
+    return prune(model, x, importance, **prune_kwargs)
 
 
 def apply_timm_plan(
@@ -257,11 +249,7 @@ def apply_timm_plan(
     """
     validate_plan(plan)
     x = example_inputs if example_inputs is not None else default_inputs(model, input_size)
-    setup = pruning_setup(model)
-    apply_plan(model, plan, x, customized_pruners=setup["customized_pruners"],
-               unwrapped_parameters=setup["unwrapped_parameters"] or None)
-    clear_caches(model)
-    return model
+    return apply_plan(model, plan, x)  # the core adds the timm pruners (kcp_plugin.hosts)
 
 
 def replay_new_entries(copy_model: nn.Module, model: nn.Module,

@@ -145,7 +145,8 @@ UNSAFE_LAYERS: tuple[tuple[Any, str], ...] = (
 
 
 def protected_roots(model: nn.Module, example_inputs: Any,
-                    customized_pruners: dict[Any, Any] | None = None) -> list[nn.Module]:
+                    customized_pruners: dict[Any, Any] | None = None,
+                    forward_fn: Any = None) -> list[nn.Module]:
     """Root layers of the channel groups that pass through a protected block's unsafe parts
     (its sub-layers or raw parameters).
 
@@ -171,7 +172,8 @@ def protected_roots(model: nn.Module, example_inputs: Any,
         unsafe.update(id(m) for m in model.modules() if predicate(m))
     if not unsafe:
         return []
-    graph = build_graph(model, example_inputs, customized_pruners=customized_pruners)
+    graph = build_graph(model, example_inputs, forward_fn,
+                        customized_pruners=customized_pruners)
     roots = []
     for group in graph.get_all_groups(root_module_types=[nn.modules.conv._ConvNd, nn.Linear]):
         if any(id(dep.target.module) in unsafe for dep, _ in group):
