@@ -388,3 +388,55 @@ class _no_safety_warning:
         safety = [w for w in self.caught if "unpruned" in str(w.message)]
         assert not safety, safety[0].message
         return False
+
+
+# ---------------------------------------------------------------------- one path (timm in core)
+def test_core_prune_applies_the_timm_knowledge_to_swin(tmp_path):
+    import timm
+    import kcp_plugin.integrations.timm  # noqa: F401  (registers kcp_pruned)
+
+    def build():
+        return timm.create_model("swin_tiny_patch4_window7_224", img_size=64, window_size=4,
+                                 embed_dim=24, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4),
+                                 num_classes=7).eval()
+
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    model = build()
+    report = kcp_plugin.prune(model, x, "kcp", target_macs_ratio=0.5, progress=False)
+    assert abs(report.macs_ratio - 0.5) <= 0.02 and model(x).shape == (1, 7)
+    # PatchMerging's custom pruner kept its four copies aligned: its norm width is 4 x C
+    merge = model.layers[1].downsample
+    assert merge.norm.normalized_shape[0] == 4 * model.layers[0].blocks[0].norm1.weight.shape[0]
+    assert model.num_features == model.head.fc.in_features  # head bookkeeping, in the plan
+    # the same knowledge on replay, with a plain builder and with the kcp_pruned entrypoint
+    path = tmp_path / "swin.pt"
+    kcp_plugin.save_pruned(model, path)
+    plain = kcp_plugin.load_pruned(build, path, x).eval()
+    assert torch.equal(plain(x), model(x)) and plain.num_features == model.num_features
+
+    entry = timm.create_model("kcp_pruned", base="swin_tiny_patch4_window7_224", img_size=64,
+                              window_size=4, embed_dim=24, depths=(1, 1, 2, 1),
+                              num_heads=(1, 2, 2, 4), num_classes=7, target_macs_ratio=0.5,
+                              input_size=64).eval()
+    kcp_plugin.save_pruned(entry, path)  # its state dict also carries the plan
+    for builder in (build, lambda: timm.create_model(
+            "kcp_pruned", base="swin_tiny_patch4_window7_224", img_size=64, window_size=4,
+            embed_dim=24, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4), num_classes=7)):
+        again = kcp_plugin.load_pruned(builder, path, x).eval()
+        assert torch.equal(again(x), entry(x))
+    # a timm-style checkpoint (a bare state dict carrying the plan) loads the same way
+    torch.save({"state_dict": entry.state_dict()}, tmp_path / "timm.pth.tar")
+    again = kcp_plugin.load_pruned(build, tmp_path / "timm.pth.tar", x).eval()
+    assert torch.equal(again(x), entry(x))
+
+
+def test_core_prune_refuses_what_the_timm_integration_refuses():
+    import timm
+    from kcp_plugin.integrations.timm import UnsupportedModelError
+
+    model = timm.create_model("mixnet_s", num_classes=3).eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UnsupportedModelError, match="MixedConv2d"):
+        kcp_plugin.prune(model, torch.randn(1, 3, 32, 32), "kcp", target_macs_ratio=0.5,
+                         progress=False)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
