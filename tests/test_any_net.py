@@ -393,6 +393,7 @@ class _no_safety_warning:
 # ---------------------------------------------------------------------- one path (timm in core)
 def test_core_prune_applies_the_timm_knowledge_to_swin(tmp_path):
     import timm
+
     import kcp_plugin.integrations.timm  # noqa: F401  (registers kcp_pruned)
 
     def build():
@@ -432,6 +433,7 @@ def test_core_prune_applies_the_timm_knowledge_to_swin(tmp_path):
 
 def test_core_prune_refuses_what_the_timm_integration_refuses():
     import timm
+
     from kcp_plugin.integrations.timm import UnsupportedModelError
 
     model = timm.create_model("mixnet_s", num_classes=3).eval()
