@@ -41,7 +41,7 @@ from torch_pruning.dependency import graph as _tp_graph
 from torch_pruning.dependency import index_mapping as _tp_mapping
 from torch_pruning.pruner.algorithms import base_pruner as _tp_base_pruner
 
-__all__ = ["DependencyGraph", "Pruner", "pruner_graph_class"]
+__all__ = ["DependencyGraph", "Pruner", "pruner_graph_class", "split_channel_groups"]
 
 _HI = _helpers._HybridIndex
 
@@ -129,13 +129,16 @@ class DependencyGraph(tp.DependencyGraph):
     mapping derived from autograd (see the module docstring for the upstream defects).
 
     After :meth:`build_dependency`, ``unmapped`` lists the split / cat nodes on the channel
-    dimension whose parts could not be determined: groups through them are not trustworthy.
+    dimension whose parts could not be determined, and ``fixed_splits`` the splits into parts
+    of unequal widths (``torch.split(x, [8, 16])``, FasterNet's ``[dim // 4, dim - dim // 4]``):
+    the forward code fixes those widths, or recomputes them from the new total, which no choice
+    of pruned channels can follow. Groups through either are not prunable.
     """
 
     def build_dependency(self, model: Any, example_inputs: Any, *args: Any,
                          **kwargs: Any) -> DependencyGraph:
-        self._kcp_edges: dict[int, list[tuple[int, int]]] = {}
         self.unmapped: list[Any] = []
+        self.fixed_splits: list[Any] = []
         super().build_dependency(model, example_inputs, *args, **kwargs)
         self._kcp_analyse()
         return self
@@ -179,7 +182,11 @@ class DependencyGraph(tp.DependencyGraph):
                 self.unmapped.append(node)
                 return
             parts[id(consumer)] = [nr for _, nr in occ]
-        equal = "SplitBackward" in name and len(set(sizes)) == 1 and len(sizes) > 1
+        # Equal parts (chunk, or split into equal sizes) stay equal when channel j of every
+        # part goes together; unequal parts cannot follow any pruning of the split's input.
+        equal = len(set(sizes)) == 1 and len(sizes) > 1
+        if not equal:
+            self.fixed_splits.append(node)
         node.module.split_sizes = list(sizes)
         node.module.offsets = [0, *_cumsum(sizes)]
         self._kcp_ops[node] = {"kind": "split", "equal": equal, "parts": parts}
@@ -348,17 +355,7 @@ class Pruner(tp.pruner.BasePruner):
             super().__init__(*args, **kwargs)
 
     def _get_channel_groups(self, group: Any) -> int:
-        groups = super()._get_channel_groups(group)
-        ops_info = getattr(self.DG, "_kcp_ops", {})
-        for item in group.items:
-            info = ops_info.get(item.dep.target)
-            if not info or info["kind"] != "split" or not info["equal"]:
-                continue
-            sizes = item.dep.target.module.split_sizes
-            root_space = item.idxs == list(item.root_idxs) and len(item.idxs) == sum(sizes)
-            if root_space:
-                groups = math.lcm(groups, len(sizes))
-        return groups
+        return math.lcm(super()._get_channel_groups(group), split_channel_groups(self.DG, group))
 
     def estimate_importance(self, group: Any) -> Any:
         imp = super().estimate_importance(group)
@@ -366,6 +363,25 @@ class Pruner(tp.pruner.BasePruner):
         if imp is not None and block > 1 and len(imp) % block == 0:
             imp = imp.view(-1, block).mean(1).repeat_interleave(block)
         return imp
+
+
+def split_channel_groups(graph: Any, group: Any) -> int:
+    """Channel groups an equal split imposes on a group (1 if none).
+
+    When the group's root channels are the whole input of a split into ``n`` equal parts,
+    the root channels form ``n`` contiguous equal slices that must lose the same positions:
+    the same contract as a grouped conv's channel groups in torch-pruning.
+    """
+    groups = 1
+    ops_info = getattr(graph, "_kcp_ops", {})
+    for item in group.items:
+        info = ops_info.get(item.dep.target)
+        if not info or info["kind"] != "split" or not info["equal"]:
+            continue
+        sizes = item.dep.target.module.split_sizes
+        if list(item.idxs) == list(item.root_idxs) and len(item.idxs) == sum(sizes):
+            groups = math.lcm(groups, len(sizes))
+    return groups
 
 
 def _shuffle_block(graph: Any, group: Any) -> int:

@@ -35,6 +35,7 @@ __all__ = [
     "ProtectedGroup",
     "input_layers",
     "invalid_groups",
+    "unsafe_layers",
     "couplings",
     "output_signature",
     "verify_outputs",
@@ -153,6 +154,7 @@ def invalid_groups(
     not map (``DependencyGraph.unmapped``).
     """
     unmapped = {id(n) for n in getattr(graph, "unmapped", [])}
+    fixed = {id(n): n for n in getattr(graph, "fixed_splits", [])}
     bad = []
     for group in graph.get_all_groups(ignored_layers=list(ignored),
                                       root_module_types=list(ROOT_TYPES)):
@@ -161,6 +163,12 @@ def invalid_groups(
             dep = item.dep
             if id(dep.target) in unmapped or id(dep.source) in unmapped:
                 reason = "it passes through a split or cat whose parts could not be traced"
+                break
+            if id(dep.target) in fixed:
+                sizes = fixed[id(dep.target)].module.split_sizes
+                reason = (f"the forward code splits these channels into parts of fixed, unequal "
+                          f"widths {list(sizes)} (torch.split by sizes), which pruning cannot "
+                          "change")
                 break
             if dep.target.type == ops.OPTYPE.PARAMETER or not item.idxs:
                 continue
@@ -181,6 +189,15 @@ def invalid_groups(
         if reason is not None:
             bad.append((group[0].dep.target.module, describe_group(group, names, reason)))
     return bad
+
+
+def unsafe_layers(graph: tp.DependencyGraph, names: dict[Any, str]) -> dict[nn.Module, str]:
+    """Layers whose channel groups must not be pruned, with the reason, for mask-based
+    pruners (NNI): the layers reading the model input and the roots of inconsistent groups."""
+    found = {m: "a layer reading the model input's channels" for m in input_layers(graph)}
+    for root, record in invalid_groups(graph, list(found), names):
+        found.setdefault(root, f"unsafe to prune: {record.reason}")
+    return found
 
 
 def _tensors(out: Any, prefix: str = "out") -> dict[str, torch.Tensor]:

@@ -298,7 +298,7 @@ def test_split_by_fixed_sizes_is_protected_and_the_rest_pruned(mode, tmp_path):
         report = _prune_and_check(model, X, target_macs_ratio=0.5)
     (kept,) = report.auto_protected
     assert kept["root"] == "body.c.0" and "split/chunk" in kept["couplings"]
-    assert "split_with_sizes" in kept["reason"]
+    assert "fixed, unequal widths [8, 16]" in kept["reason"]
     assert model.body.c[0].out_channels == 24 and model.mid[0].out_channels < 32
     _round_trip(model, lambda: SplitSizes(mode), X, tmp_path)
 
@@ -347,13 +347,15 @@ def test_protecting_the_reported_root_skips_the_checks():
 
 # ---------------------------------------------------------------------- graph internals
 def test_split_groups_are_consistent_on_the_plugin_graph_not_upstream():
-    # torch-pruning gives part [0, 8) to the consumer of the 16-channel part (and vice versa)
+    # torch-pruning gives part [0, 8) to the consumer of the 16-channel part (and vice versa);
+    # the plugin's graph maps each part to its own consumer
     model = SplitSizes("cat").eval()
     names = {m: n for n, m in model.named_modules()}
     upstream = tp.DependencyGraph().build_dependency(model, example_inputs=X)
     ours = DependencyGraph().build_dependency(model, example_inputs=X)
     assert [r.root for _, r in invalid_groups(upstream, [], names)] == ["body.c.0"]
-    assert invalid_groups(ours, [], names) == []
+    (_, record), = invalid_groups(ours, [], names)  # flagged for its fixed sizes instead
+    assert record.root == "body.c.0" and "fixed" in record.reason
     group = ours.get_pruning_group(model.body.c[0], tp.prune_conv_out_channels, [0, 9])
     by_layer = {names.get(i.dep.target.module): sorted(i.idxs) for i in group.items
                 if not tp.DependencyGraph.is_out_channel_pruning_fn(ours, i.dep.handler)}
@@ -442,3 +444,29 @@ def test_core_prune_refuses_what_the_timm_integration_refuses():
         kcp_plugin.prune(model, torch.randn(1, 3, 32, 32), "kcp", target_macs_ratio=0.5,
                          progress=False)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+# ---------------------------------------------------------------------- NNI masks and speedup
+@pytest.mark.parametrize("builder", [PConvNet, DepthwiseOnInput, SplitSizes, C2fNet],
+                         ids=["partial-conv", "depthwise-on-input", "split-sizes", "c2f"])
+def test_nni_pruner_masks_and_speedup_follow_the_same_safety_rules(builder, caplog):
+    from kcp_plugin.integrations.nni import KCPPruner, speedup
+
+    torch.manual_seed(0)
+    model = builder().eval()
+    shapes = [o.shape for o in _outputs(model, X)]
+    pruner = KCPPruner(model, [{"op_types": ["Conv2d"], "sparse_ratio": 0.5}], example_inputs=X)
+    _, masks = pruner.compress()
+    pruner.unwrap_model()
+    masked = {k for k, v in masks.items() if (v["weight"] == 0).any()}
+    report = speedup(model, masks, X)
+    assert [o.shape for o in _outputs(model, X)] == shapes
+    assert report.macs_after < report.macs_before
+    assert "disagree" not in caplog.text  # the plugin's own masks are coupled
+    if builder is DepthwiseOnInput:
+        assert "dw" not in masked and model.dw.out_channels == 3
+    if builder is PConvNet:  # the channels through the fixed-size split are kept
+        assert "body.c.0" not in masked and model.spatial.partial_conv3.in_channels == 8
+    if builder is C2fNet:  # chunk halves pruned equally
+        for c2f in (model.s1, model.s2):
+            assert c2f.cv1[0].out_channels == 2 * c2f.m[0].cv1[0].in_channels

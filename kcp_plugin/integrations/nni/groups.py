@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from ...depgraph import split_channel_groups
+
 __all__ = [
     "ChannelGroup",
     "GroupRequest",
@@ -132,7 +134,7 @@ def _channel_groups(graph: tp.DependencyGraph, group: Any) -> int:
             found.append(int(pruner.get_out_channel_groups(module) or 1))
         else:
             found.append(int(pruner.get_in_channel_groups(module) or 1))
-    return max(found)
+    return math.lcm(max(found), split_channel_groups(graph, group))
 
 
 def _has_channel_tensor(module: nn.Module) -> bool:

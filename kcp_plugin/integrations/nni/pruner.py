@@ -46,6 +46,7 @@ from ...graph import (
 from ...importance.kcp import KCPImportance
 from ...pruning import _backward, resolve_importance
 from ...registry import importance_info, list_importances
+from ...safety import unsafe_layers
 from ...stats import StatsImportance, StepFn, _split_batch, collect
 from .config import validate_config_list
 from .groups import (
@@ -225,6 +226,7 @@ class KCPPluginPruner(Pruner):
         if protect_outputs:
             protected.update({m: "a model output layer" for m in output_layers(graph)})
         protected.update({m: "an attention qkv projection" for m in detect_num_heads(shadow)})
+        protected.update(unsafe_layers(graph, {m: n for n, m in shadow.named_modules()}))
         groups = coupled_groups(shadow, graph, protected)
         active, extra = [], set()
         for group in groups:

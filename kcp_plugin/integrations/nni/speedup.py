@@ -30,10 +30,10 @@ from ...graph import (
     count_macs_params,
     default_forward,
     output_layers,
-    preserved_modes,
 )
 from ...plan import extend_plan
 from ...report import _human, layer_widths
+from ...safety import UnprunableError, output_signature, unsafe_layers, verify_outputs
 from ...snapshot import ModuleSnapshot
 from ...tracking import track_pruning
 from .groups import coupled_groups, masked_channels, removal_from_masks
@@ -217,6 +217,9 @@ def speedup(
     if protect_outputs:
         protected.update({m: "a model output layer" for m in output_layers(graph)})
     protected.update({m: "an attention qkv projection" for m in detect_num_heads(model)})
+    for module, reason in unsafe_layers(graph, {m: n for n, m in model.named_modules()}).items():
+        protected.setdefault(module, reason)
+    signature = output_signature(model, example_inputs, fwd)
     groups = coupled_groups(model, graph, protected)
     masked = {name: masked_channels(modules[name], masks[name], name) for name in masks}
     masked = {name: chans for name, chans in masked.items() if chans is not None}
@@ -262,9 +265,11 @@ def speedup(
                 pruner = graph.get_pruner_of_module(group.root)
                 graph.get_pruning_group(group.root, pruner.prune_out_channels, chosen).prune()
         plan = extend_plan(model, graph.pruning_history(), {})
-        with torch.no_grad(), preserved_modes(model):
-            model.eval()
-            fwd(model, example_inputs)
+        problem = verify_outputs(model, example_inputs, fwd, signature)
+        if problem is not None:
+            raise UnprunableError(
+                f"the masks cannot be applied physically: {problem}; the model is restored "
+                "(mask fewer layers, or exclude the layers around that operation)")
         macs1, params1 = count_macs_params(model, example_inputs, fwd)
     except BaseException:
         snapshot.restore()
