@@ -13,14 +13,20 @@ Exceptions are caught per model and criterion; the error type, message and the l
 frame inside kcp_plugin / torch_pruning are recorded. A spec may carry its own input size as
 ``SPEC@SIZE`` (e.g. ``timm:vit_tiny_patch16_224@224``); others use ``--size``.
 
-timm models go through the timm integration (``kcp_plugin.integrations.timm``: custom pruners,
-refusals of unsupported architectures, head bookkeeping), and their round trip is the timm user's
+By default (``--path core``) every model, timm's included, is pruned as a user of the core API
+would: ``kcp_plugin.prune`` (which applies the timm integration's knowledge itself) and
+``save_pruned`` / ``load_pruned`` with the plain builder. With ``--path timm``, timm models go
+through the timm integration (``prune_timm_model``) and their round trip is the timm user's
 one: the state dict (which carries the plan) is saved as a timm checkpoint and reloaded with
-``timm.create_model("kcp_pruned", base=NAME, checkpoint_path=...)``; ``reset_classifier`` is
-checked as well. ``--timm-registry`` sweeps a built-in selection of timm architectures across
-families (see ``--list-timm``), with a baseline row per model: torch-pruning's own magnitude
-pruner used the way its timm examples do (uniform channel ratio 0.3, classifier ignored, qkv head
-counts given and head attributes updated), with no kcp_plugin code involved.
+``timm.create_model("kcp_pruned", base=NAME, checkpoint_path=...)``. For timm models
+``reset_classifier`` is checked as well. Each row is classified ``ok``, ``refused`` (a
+ValueError / TypeError raised by kcp_plugin, model untouched), ``crash`` (any other exception),
+``timeout`` or ``check failed``.
+
+``--timm-registry`` sweeps a built-in selection of timm architectures across families (see
+``--list-timm``), with a baseline row per model: torch-pruning's own magnitude pruner used the
+way its timm examples do (uniform channel ratio 0.3, classifier ignored, qkv head counts given
+and head attributes updated), with no kcp_plugin code involved.
 
     python tools/sweep_models.py --threads 2 --json sweep.json
     python tools/sweep_models.py --models torchvision:resnet18,timm:convnext_atto --criteria kcp
@@ -177,6 +183,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=None,
                    help=f"add the '{BASELINE}' row (torch-pruning alone, uniform ratio "
                    f"{BASELINE_RATIO}); default: on for --timm-registry")
+    p.add_argument("--path", choices=("core", "timm"), default="core",
+                   help="how timm models are pruned: 'core' (default) as a user of the core "
+                   "API would (kcp_plugin.prune, save_pruned / load_pruned with the plain "
+                   "builder), 'timm' through the timm integration (prune_timm_model, a "
+                   "train.py-style checkpoint reloaded with timm.create_model('kcp_pruned', "
+                   "checkpoint_path=...))")
     p.add_argument("--criteria", default=",".join(DEFAULT_CRITERIA),
                    help=f"comma-separated registry names (default: {','.join(DEFAULT_CRITERIA)})")
     p.add_argument("--size", type=int, default=64,
@@ -247,6 +259,13 @@ def last_frame(exc: BaseException, ours_only: bool = True) -> str | None:
     return _frame(frames[-1]) if frames else None
 
 
+def _raised_in_plugin(exc: BaseException) -> bool:
+    """Whether the innermost frame of ``exc`` is kcp_plugin's own code."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    marker = f"{os.sep}kcp_plugin{os.sep}"
+    return bool(frames) and marker in os.path.abspath(frames[-1].filename)
+
+
 def describe_error(exc: BaseException, stage: str) -> dict[str, Any]:
     err = {
         "stage": stage,
@@ -254,6 +273,7 @@ def describe_error(exc: BaseException, stage: str) -> dict[str, Any]:
         "message": str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "",
         "where": last_frame(exc),
         "innermost": last_frame(exc, ours_only=False),
+        "raised_in_plugin": _raised_in_plugin(exc),
         "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
     }
     cause = exc.__cause__ or exc.__context__
@@ -376,7 +396,7 @@ def check_one(base: torch.nn.Module, entry: dict[str, Any], x: torch.Tensor, cri
             stage = "prune"
             if criterion == BASELINE:
                 row["macs_ratio"] = baseline_prune(model, x)
-            elif timm_name is not None:
+            elif timm_name is not None and args.path == "timm":
                 from kcp_plugin.integrations.timm import prune_timm_model
 
                 report = prune_timm_model(model, criterion, example_inputs=x,
@@ -409,7 +429,7 @@ def check_one(base: torch.nn.Module, entry: dict[str, Any], x: torch.Tensor, cri
             checks = ["shape_ok", "finite_ok"]
             if criterion != BASELINE:
                 stage = "save/load"
-                loaded = _round_trip(model, entry, x, workdir)
+                loaded = _round_trip(model, entry, x, workdir, args.path)
                 with torch.no_grad():
                     again = named_tensors(loaded(x))
                 row["roundtrip_ok"] = list(after) == list(again) and all(
@@ -432,16 +452,47 @@ def check_one(base: torch.nn.Module, entry: dict[str, Any], x: torch.Tensor, cri
             row["ok"] = all(row[k] for k in checks)
     except Exception as exc:  # TimeLimitExceeded included
         row["error"] = describe_error(exc, stage)
+        row["untouched"] = stage == "prune" and _same_state(base, model)
     row["time_s"] = time.perf_counter() - t0
+    row["status"] = classify(row)
     return row
 
 
+def _same_state(base: torch.nn.Module, model: Any) -> bool:
+    """Whether ``model`` (a copy of ``base``) still has exactly ``base``'s tensors."""
+    if not isinstance(model, torch.nn.Module):
+        return True  # failed before the copy existed
+    a, b = base.state_dict(), model.state_dict()
+    return a.keys() == b.keys() and all(
+        a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
+
+
+def _plugin_error(exc_info: dict[str, Any]) -> bool:
+    """Raised by kcp_plugin itself: a ValueError / TypeError (or subclass) whose raising frame
+    is in kcp_plugin (not a torch / torch-pruning error passed through)."""
+    plugin_types = {"ValueError", "TypeError", "UnprunableError", "UnsupportedModelError"}
+    return exc_info["type"] in plugin_types and bool(exc_info.get("raised_in_plugin"))
+
+
+def classify(row: dict[str, Any]) -> str:
+    """``ok``, ``refused`` (the plugin's own error, model untouched), ``timeout``, ``crash``
+    (any other exception) or ``check failed`` (it ran, a check did not pass)."""
+    if "error" in row:
+        e = row["error"]
+        if e["type"] == "TimeLimitExceeded":
+            return "timeout"
+        if e["stage"] == "prune" and row.get("untouched") and _plugin_error(e):
+            return "refused"
+        return "crash"
+    return "ok" if row["ok"] else "check failed"
+
+
 def _round_trip(model: torch.nn.Module, entry: dict[str, Any], x: torch.Tensor,
-                workdir: str) -> torch.nn.Module:
+                workdir: str, how: str = "core") -> torch.nn.Module:
     """Save the pruned model and rebuild it the way its users would."""
     path = os.path.join(workdir, "pruned.pt")
     timm_name = _timm_name(entry["spec"])
-    if timm_name is None:
+    if timm_name is None or how == "core":
         kcp_plugin.save_pruned(model, path)
         return kcp_plugin.load_pruned(
             lambda: build_from_spec(entry["spec"], **entry["kwargs"]), path, x).eval()
@@ -478,6 +529,7 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
         "torch_pruning": tp.__version__, "timm": _version("timm"),
         "python": platform.python_version(), "kcp_source_sha256": fingerprint,
         "criteria": criteria, "baseline": baseline, "baseline_ratio": BASELINE_RATIO,
+        "path": args.path,
     }
     with tempfile.TemporaryDirectory() as workdir:
         for entry in entries:
@@ -538,7 +590,8 @@ CHECKS = ("macs_ok", "shape_ok", "finite_ok", "roundtrip_ok")
 def summary(row: dict[str, Any]) -> str:
     if "error" in row:
         e = row["error"]
-        return f"FAIL at {e['stage']}: {e['type']}: {e['message'][:120]}"
+        status = row.get("status") or classify(row)
+        return f"{status} at {e['stage']}: {e['type']}: {e['message'][:120]}"
     if row["ok"]:
         return f"ok (MACs {row['macs_ratio']:.3f}, {row['time_s']:.1f} s)"
     bad = [k[:-3] for k in CHECKS if k in row and not row[k]]
@@ -560,14 +613,14 @@ def markdown(result: dict[str, Any]) -> str:
     for entry in result["results"]:
         rows = entry["rows"] or [{"criterion": "-", "error": entry.get("error"), "time_s": 0.0}]
         for row in rows:
+            status = row.get("status") or classify(row)
             if "error" in row:
                 e = row["error"]
-                status = f"error ({e['stage']}): {e['type']}"
-                if e["type"] == "UnsupportedModelError":
-                    status = "refused"
+                if status == "crash":
+                    status = f"**crash** ({e['stage']}): {e['type']}"
                 failures.append((entry.get("label", entry["model"]), row["criterion"], e))
-            else:
-                status = "ok" if row["ok"] else "**check failed**"
+            elif status != "ok":
+                status = f"**{status}**"
             macs = f"{row['macs_ratio']:.3f}" if "macs_ratio" in row else "-"
             params = f"{row['params_ratio']:.3f}" if "params_ratio" in row else "-"
             lines.append(
@@ -580,8 +633,15 @@ def markdown(result: dict[str, Any]) -> str:
                if r["criterion"] != BASELINE)
     n_all = sum(max(len([r for r in e["rows"] if r["criterion"] != BASELINE]), 1)
                 for e in result["results"])
-    lines += ["", f"{n_ok}/{n_all} model-criterion pairs passed every check; "
-              f"wall time {result.get('wall_s', 0):.0f} s"]
+    counts: dict[str, int] = {}
+    for e in result["results"]:
+        for r in e["rows"]:
+            if r["criterion"] != BASELINE:
+                key = r.get("status") or classify(r)
+                counts[key] = counts.get(key, 0) + 1
+    lines += ["", f"{n_ok}/{n_all} model-criterion pairs passed every check ("
+              + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+              + f"); wall time {result.get('wall_s', 0):.0f} s"]
     if result.get("baseline"):
         lines += ["", floor_summary(result)]
     if failures:
@@ -617,7 +677,7 @@ def floor_summary(result: dict[str, Any]) -> str:
                 regressions.append(name)
         elif ours_ok:
             fixed.append(name)
-        elif any(r.get("error", {}).get("type") == "UnsupportedModelError" for r in ours):
+        elif any((r.get("status") or classify(r)) == "refused" for r in ours):
             refused.append(name)
     lines = [f"torch-pruning alone handles {handled} models; kcp_plugin fails on "
              f"{len(regressions)} of them" + (f" ({', '.join(regressions)})" if regressions
