@@ -19,11 +19,12 @@ from typing import Any, Protocol
 
 import torch.nn as nn
 
-__all__ = ["HostAdapter", "HOSTS", "adapters_for", "host_pruners"]
+__all__ = ["HostAdapter", "HOSTS", "adapters_for", "host_forward", "host_pruners"]
 
 # top-level package of a model's module classes -> "module:attribute" of its adapter
 HOSTS: dict[str, str] = {
     "timm": "kcp_plugin.integrations.timm.adapter:ADAPTER",
+    "mmseg": "kcp_plugin.integrations.mmseg.adapter:ADAPTER",
 }
 
 
@@ -36,6 +37,9 @@ class HostAdapter(Protocol):
 
     def customized_pruners(self, model: nn.Module) -> dict[type, Any]:
         """torch-pruning pruners for layer types it cannot map channels through."""
+
+    def default_forward(self, model: nn.Module) -> Any:
+        """How to trace the model when the user gives no ``forward_fn`` (None: ``model(x)``)."""
 
     def protected(self, model: nn.Module, example_inputs: Any, forward_fn: Any,
                   customized_pruners: dict[type, Any]) -> list[nn.Module]:
@@ -64,6 +68,17 @@ def adapters_for(model: nn.Module) -> list[HostAdapter]:
             module, _, attr = target.partition(":")
             found.append(getattr(importlib.import_module(module), attr))
     return found
+
+
+def host_forward(model: nn.Module, given: Any = None) -> Any:
+    """``given``, else the first host's default trace for ``model``, else None."""
+    if given is not None:
+        return given
+    for adapter in adapters_for(model):
+        fwd = adapter.default_forward(model)
+        if fwd is not None:
+            return fwd
+    return None
 
 
 def host_pruners(model: nn.Module, given: dict[Any, Any] | None = None) -> dict[Any, Any]:

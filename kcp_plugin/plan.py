@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from .attention import apply_attrs
 from .graph import ForwardFn, build_graph
-from .hosts import adapters_for
+from .hosts import adapters_for, host_forward
 
 __all__ = [
     "PLAN_FORMAT",
@@ -148,6 +148,7 @@ def apply_plan(
             " - was it built with the same architecture and arguments?"
         )
     snapshot = ModuleSnapshot(model)
+    forward_fn = host_forward(model, forward_fn)  # e.g. mmseg's trace with auxiliary heads
     try:
         graph = build_graph(model, example_inputs, forward_fn,
                             customized_pruners=customized_pruners,

@@ -28,7 +28,7 @@ from .graph import (
     output_layers,
     preserved_modes,
 )
-from .hosts import adapters_for, host_pruners
+from .hosts import adapters_for, host_forward, host_pruners
 from .plan import extend_plan
 from .progress import progress_bar
 from .registry import importance_info
@@ -279,7 +279,7 @@ def prune(
     for host in hosts:
         host.check(model)
     customized_pruners = host_pruners(model, customized_pruners)
-    fwd = forward_fn or default_forward
+    fwd = host_forward(model, forward_fn) or default_forward
     check_runs(model, example_inputs, fwd)
     for host in hosts:
         ignored += [m for m in host.protected(model, example_inputs, fwd, customized_pruners)

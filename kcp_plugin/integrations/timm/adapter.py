@@ -33,6 +33,9 @@ class TimmAdapter:
     def customized_pruners(self, model: nn.Module) -> dict[type, Any]:
         return pruning_setup(model)["customized_pruners"]
 
+    def default_forward(self, model: nn.Module) -> Any:
+        return None
+
     def protected(self, model: nn.Module, example_inputs: Any, forward_fn: Any,
                   customized_pruners: dict[type, Any]) -> list[nn.Module]:
         return protected_roots(model, example_inputs, customized_pruners, forward_fn)
