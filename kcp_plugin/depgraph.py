@@ -24,7 +24,19 @@ backward node records its forward output shapes), couples the parts of an equal 
 by channel (removing channel ``j`` of one part removes channel ``j`` of every part), and maps
 pixel shuffle block-wise. :class:`Pruner` is torch-pruning's ``BasePruner`` on this graph, with
 equal-split parts counted as channel groups, so a ratio removes the same channels of each part.
-Everything else is upstream's.
+
+Group tracing itself is replaced too (torch-pruning's ``get_pruning_group`` does not finish on
+ReXNet, EfficientFormerV2, EfficientViT-M, CoAtNet, Visformer or FocalNet): upstream re-adds a
+member unless one with an *identical* index list exists, so through cat / slice / add loops
+the same channels arrive as ever new lists (3.6 M members for one ReXNet group) and indices
+shifted up by loops grow without bound; it recomputes every index mapping before every group;
+and its reshape guard reads ``grad_fn._saved_self_sizes``, which torch 2 names
+``_saved_self_sym_sizes``, so every reshape gets a flatten mapping and chained ones multiply
+index lists into the millions. Here a member is only re-visited with indices it has not had,
+indices outside a member's channel count are dropped *and recorded* (``group.clipped``: such a
+group is inconsistent and :mod:`kcp_plugin.safety` protects it), mappings are recomputed only
+when a channel count changed, and the reshape guard reads the torch-2 attribute. Everything
+else is upstream's.
 """
 
 from __future__ import annotations
@@ -33,12 +45,15 @@ import contextlib
 import math
 from collections import Counter
 from collections.abc import Iterator
+from numbers import Number
 from typing import Any
 
+import torch.nn as nn
 import torch_pruning as tp
 from torch_pruning import _helpers, ops
-from torch_pruning.dependency import graph as _tp_graph
 from torch_pruning.dependency import index_mapping as _tp_mapping
+from torch_pruning.dependency.dependency import Dependency
+from torch_pruning.dependency.group import Group
 from torch_pruning.pruner.algorithms import base_pruner as _tp_base_pruner
 
 __all__ = ["DependencyGraph", "Pruner", "pruner_graph_class", "split_channel_groups"]
@@ -139,8 +154,13 @@ class DependencyGraph(tp.DependencyGraph):
                          **kwargs: Any) -> DependencyGraph:
         self.unmapped: list[Any] = []
         self.fixed_splits: list[Any] = []
+        self._kcp_state: tuple | None = None
         super().build_dependency(model, example_inputs, *args, **kwargs)
         self._kcp_analyse()
+        for node in self.module2node.values():  # upstream's unguarded mappings: start afresh
+            for dep in node.dependencies:
+                dep.index_mapping = [None, None]
+        self._update_mapping_if_changed()
         return self
 
     # ------------------------------------------------------------------ analysis (once)
@@ -224,7 +244,7 @@ class DependencyGraph(tp.DependencyGraph):
         block = inp[1] // out[1] if shuffle else out[1] // inp[1]
         self._kcp_ops[node] = {"kind": "shuffle" if shuffle else "unshuffle", "block": block}
 
-    # ------------------------------------------------------------------ mapping (per group)
+    # ------------------------------------------------------------------ mapping
     def _kcp_side(self, op_node: Any, other: Any, k: int, toward_op: bool) -> Any:
         """The mapping an op contributes to its ``k``-th edge with ``other``.
 
@@ -264,7 +284,7 @@ class DependencyGraph(tp.DependencyGraph):
     def _kcp_update_mapping(self) -> None:
         """Upstream's mapping for reshape / slice / expand / unbind, ours where a split, cat
         or pixel shuffle is at either end of an edge (source side first, then target side)."""
-        _UPSTREAM_UPDATE(self)
+        self._upstream_update()
         if not self._kcp_ops:
             return
         for node in self.module2node.values():  # upstream's slice mapping may have been
@@ -289,6 +309,212 @@ class DependencyGraph(tp.DependencyGraph):
                     tgt_side = old[0] if old and _upstream_owned(tgt) else None
                 dep.index_mapping = [src_side, tgt_side]
 
+    def _upstream_update(self) -> None:
+        """``index_mapping.update_index_mapping`` (torch_pruning/dependency/index_mapping.py),
+        with the reshape step's size guard reading torch 2's ``_saved_self_sym_sizes``."""
+        for node in self.module2node.values():
+            t = node.type
+            if t == ops.OPTYPE.CONCAT:
+                _tp_mapping.update_concat_index_mapping(self, node)
+            elif t == ops.OPTYPE.SPLIT:
+                _tp_mapping.update_split_index_mapping(self, node)
+            elif t == ops.OPTYPE.RESHAPE:
+                gf = node.grad_fn
+                sizes = getattr(gf, "_saved_self_sym_sizes", None)
+                if sizes is not None and not hasattr(gf, "_saved_self_sizes"):
+                    node.grad_fn = _SizesProxy(gf, sizes)
+                try:
+                    _tp_mapping.update_reshape_index_mapping(self, node)
+                finally:
+                    node.grad_fn = gf
+            elif t == ops.OPTYPE.UNBIND:
+                _tp_mapping.update_unbind_index_mapping(self, node)
+            elif t == ops.OPTYPE.EXPAND:
+                _tp_mapping.update_expand_index_mapping(self, node)
+            elif t == ops.OPTYPE.SLICE:
+                _tp_mapping.update_slice_index_mapping(self, node)
+
+    def _channel_state(self) -> tuple:
+        """Everything the index mappings read that pruning can change (their cache key)."""
+        state = []
+        for module, node in self.module2node.items():
+            t, extra = node.type, None
+            if t == ops.OPTYPE.CONCAT:
+                extra = (_tup(module.concat_sizes), _tup(module.offsets))
+            elif t in (ops.OPTYPE.SPLIT, ops.OPTYPE.UNBIND):
+                extra = (_tup(module.split_sizes), _tup(module.offsets))
+            elif t == ops.OPTYPE.SLICE:
+                extra = (module.start, module.end, module.step, module.dim)
+            elif t == ops.OPTYPE.OUTPUT:
+                extra = _tup(module.shape)
+            state.append((id(node), _safe(self.get_out_channels, node),
+                          _safe(self.get_in_channels, node), extra))
+        return tuple(state)
+
+    def _update_mapping_if_changed(self) -> None:
+        if self._kcp_state is not None and self._channel_state() == self._kcp_state:
+            return
+        self._kcp_update_mapping()
+        self._kcp_state = self._channel_state()
+
+    def load_pruning_history(self, pruning_history: Any) -> None:
+        self._kcp_state = None
+        return super().load_pruning_history(pruning_history)
+
+    # ------------------------------------------------------------------ groups
+    def _index_bound(self, node: Any, handler: Any) -> int | None:
+        """Channel count of ``node`` on the side ``handler`` prunes, or None if unknown."""
+        t = node.type
+        if t == ops.OPTYPE.SPLIT:
+            sizes = node.module.split_sizes
+            return sum(sizes) if sizes and all(isinstance(v, int) for v in sizes) else None
+        if t in _NO_BOUND_TYPES:
+            return None
+        try:
+            if self.is_out_channel_pruning_fn(handler):
+                return self.get_out_channels(node)
+            if self.is_in_channel_pruning_fn(handler):
+                return self.get_in_channels(node)
+        except Exception:  # a pruner that cannot tell (no channel count)
+            return None
+        return None
+
+    def get_pruning_group(self, module: Any, pruning_fn: Any, idxs: Any) -> Any:
+        """Upstream's ``DependencyGraph.get_pruning_group`` (graph.py) with a terminating
+        traversal: its ``_fix_dependency_graph_non_recursive`` (same depth-first order), with
+        ``Group.has_pruning_op`` replaced by "only indices this member has not had yet" and
+        ``Group.add_and_merge`` (group.py) by a dict; out-of-range indices dropped and recorded
+        in ``group.clipped``."""
+        if module not in self.module2node:
+            raise ValueError(f"Module {module} is not in the dependency graph.")
+        if isinstance(module, ops.TORCH_CONV) and module.groups == module.out_channels \
+                and module.out_channels > 1:
+            pruning_fn = tp.pruner.function.prune_depthwise_conv_out_channels
+        if isinstance(idxs, Number):
+            idxs = [idxs]
+        idxs = [_HI(idx=int(i), root_idx=int(i)) for i in idxs]
+        self._update_mapping_if_changed()
+
+        root_node = self.module2node[module]
+        root_dep = Dependency(pruning_fn, pruning_fn, source=root_node, target=root_node)
+        items = [(root_dep, idxs)]
+        reached = {(root_node, pruning_fn): {i.idx for i in idxs}}
+        bounds: dict[Any, int | None] = {}
+        clipped: list[tuple[Any, int, int]] = []
+        visited = set()
+        stack = [(root_dep, idxs)]
+        while stack:
+            dep, cur = stack.pop()
+            node, fn = dep.target, dep.handler
+            visited.add(node)
+            for new_dep in node.dependencies:
+                if not new_dep.is_triggered_by(fn):
+                    continue
+                new = cur
+                for mapping in new_dep.index_mapping:
+                    if mapping is not None:
+                        new = mapping(new)
+                target, handler = new_dep.target, new_dep.handler
+                if new:
+                    key = (target, handler)
+                    if key not in bounds:
+                        bounds[key] = self._index_bound(target, handler)
+                    bound = bounds[key]
+                    if bound is not None and any(not 0 <= i.idx < bound for i in new):
+                        clipped.append((target, max(i.idx for i in new), bound))
+                        new = [i for i in new if 0 <= i.idx < bound]
+                if not new:
+                    continue
+                key = (target, handler)
+                have = reached.get(key)
+                if have is None:
+                    reached[key] = {i.idx for i in new}
+                elif target in visited:
+                    new = [i for i in new if i.idx not in have]
+                    if not new:
+                        continue
+                    have.update(i.idx for i in new)
+                else:  # not expanded yet: as upstream, add and push the whole list
+                    have.update(i.idx for i in new)
+                items.append((new_dep, new))
+                stack.append((new_dep, new))
+
+        merged: list[list[Any]] = []  # [dep, hybrid idxs, idx values seen]
+        slot: dict[Any, int] = {}
+        for dep, new in items:
+            if isinstance(dep.target.module, nn.Parameter) and any(
+                    dep.target.module is p for p in self.ignored_params):
+                continue
+            key = (dep.target, dep.handler)
+            if key not in slot:
+                slot[key] = len(merged)
+                merged.append([dep, [], set()])
+            entry = merged[slot[key]]
+            for index in new:
+                if index.idx not in entry[2]:
+                    entry[1].append(index)
+                    entry[2].add(index.idx)
+        group = Group()
+        group._DG = self
+        for dep, hybrid, _ in merged:
+            item = _helpers.GroupItem(dep, _helpers.to_plain_idxs(hybrid))
+            item.root_idxs = _helpers.to_root_idxs(hybrid)
+            group._group.append(item)
+        group.clipped = clipped
+        return group
+
+    def get_all_groups(self, ignored_layers: Any = (), root_module_types: Any = (
+            ops.TORCH_CONV, ops.TORCH_LINEAR)) -> Iterator[Any]:
+        """Upstream's ``DependencyGraph.get_all_groups`` with an identity set of visited layers
+        (upstream scans a list for every candidate root)."""
+        visited: dict[int, Any] = {}
+        ignored = list(ignored_layers) + list(self.IGNORED_LAYERS_IN_TRACING)
+        ignored_ids = {id(m) for m in ignored}
+        types = tuple(root_module_types)
+        for m in list(self.module2node.keys()):
+            if id(m) in ignored_ids or not isinstance(m, types) or id(m) in visited:
+                continue
+            pruner = self.get_pruner_of_module(m)
+            if pruner is None or pruner.get_out_channels(m) is None:
+                continue
+            group = self.get_pruning_group(m, pruner.prune_out_channels,
+                                           list(range(pruner.get_out_channels(m))))
+            prunable = True
+            for dep, _ in group:
+                if self.is_out_channel_pruning_fn(dep.handler):
+                    visited[id(dep.target.module)] = dep.target.module
+                    if id(dep.target.module) in ignored_ids:
+                        prunable = False
+            if prunable:
+                yield group
+
+
+class _SizesProxy:
+    """A backward node seen through the attribute name torch-pruning's reshape guard reads."""
+
+    def __init__(self, grad_fn: Any, sizes: Any):
+        self._grad_fn = grad_fn
+        self._saved_self_sizes = tuple(sizes)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grad_fn, name)
+
+
+_NO_BOUND_TYPES = {ops.OPTYPE.CONCAT, ops.OPTYPE.ELEMENTWISE, ops.OPTYPE.RESHAPE,
+                   ops.OPTYPE.UNBIND, ops.OPTYPE.EXPAND, ops.OPTYPE.SLICE, ops.OPTYPE.OUTPUT,
+                   ops.OPTYPE.CUSTOMIZED}
+
+
+def _tup(x: Any) -> tuple | None:
+    return None if x is None else tuple(x)
+
+
+def _safe(get_channels: Any, node: Any) -> Any:
+    try:
+        return get_channels(node)
+    except Exception as exc:  # no pruner for the module: part of the cache key as is
+        return ("error", type(exc).__name__)
+
 
 _UPSTREAM_SPLIT_CAT = (_tp_mapping._SplitIndexMapping, _tp_mapping._ConcatIndexMapping)
 
@@ -304,26 +530,6 @@ def _cumsum(values: list[int]) -> list[int]:
         total += v
         out.append(total)
     return out
-
-
-# ``DependencyGraph.get_pruning_group`` calls ``index_mapping.update_index_mapping(self)`` before
-# every group (torch_pruning/dependency/graph.py). The module attribute is replaced by a
-# dispatcher that runs the corrected mapping for graphs of this class and upstream's unchanged
-# for every other graph, so torch-pruning used directly behaves as before.
-_UPSTREAM_UPDATE = getattr(_tp_mapping.update_index_mapping, "_kcp_upstream",
-                           _tp_mapping.update_index_mapping)
-
-
-def _update_index_mapping(graph: Any) -> None:
-    if isinstance(graph, DependencyGraph) and hasattr(graph, "_kcp_ops"):
-        graph._kcp_update_mapping()
-    else:
-        _UPSTREAM_UPDATE(graph)
-
-
-_update_index_mapping._kcp_upstream = _UPSTREAM_UPDATE  # type: ignore[attr-defined]
-_tp_mapping.update_index_mapping = _update_index_mapping
-_tp_graph.index_mapping = _tp_mapping
 
 
 # ---------------------------------------------------------------------- pruner

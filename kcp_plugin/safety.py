@@ -159,7 +159,11 @@ def invalid_groups(
     for group in graph.get_all_groups(ignored_layers=list(ignored),
                                       root_module_types=list(ROOT_TYPES)):
         reason = None
-        for item in group.items:
+        for target, idx, width in getattr(group, "clipped", ()):
+            reason = (f"torch-pruning maps channel {idx} onto "
+                      f"{names.get(target.module, target.name)}, which has {width} channels")
+            break
+        for item in ([] if reason else group.items):
             dep = item.dep
             if id(dep.target) in unmapped or id(dep.source) in unmapped:
                 reason = "it passes through a split or cat whose parts could not be traced"
