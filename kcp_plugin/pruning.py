@@ -305,10 +305,10 @@ def prune(
         ratio_dict = {remap[m]: v for m, v in ratio_dict.items()}
         names = {m: n for n, m in model.named_modules()}
     selected: dict[str, list[int]] | None = {} if dry_run else None
+    for host in hosts:  # before the snapshot: a retry after a restore must still see it
+        host.before_prune(model, example_inputs)
     snapshot = ModuleSnapshot(model)
     auto = [record for _, record in checks]  # groups the safety net keeps, and why
-    for host in hosts:
-        host.before_prune(model, example_inputs)
     protected = fixed + [m for m, _ in checks]
     try:
         macs0, params0 = count_macs_params(model, example_inputs, fwd)
