@@ -470,3 +470,66 @@ def test_nni_pruner_masks_and_speedup_follow_the_same_safety_rules(builder, capl
     if builder is C2fNet:  # chunk halves pruned equally
         for c2f in (model.s1, model.s2):
             assert c2f.cv1[0].out_channels == 2 * c2f.m[0].cv1[0].in_channels
+
+
+# ---------------------------------------------------------------------- host adapters
+class FixedView(nn.Module):
+    """A reshape by a width written in the code: only the forward check can catch it."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = Body(32)
+        self.conv = _conv(32, 16)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        y = self.conv(self.body(x))
+        return self.fc(y.reshape(y.shape[0], 16, -1).mean(-1))
+
+
+class _RecordingAdapter:
+    """A host adapter that remembers the dense width before pruning (like timm's head map)."""
+
+    def check(self, model):
+        return None
+
+    def customized_pruners(self, model):
+        return {}
+
+    def default_forward(self, model):
+        return None
+
+    def protected(self, model, example_inputs, forward_fn, customized_pruners):
+        return []
+
+    def before_prune(self, model, example_inputs):
+        model.__dict__.setdefault("_dense_width", model.body.a[0].out_channels)
+
+    def after_prune(self, model, example_inputs):
+        model.dense_width = model.__dict__["_dense_width"]
+        return {"": {"dense_width": model.dense_width}}
+
+    def after_replay(self, model):
+        model.__dict__["_replayed"] = True
+
+
+RECORDING = _RecordingAdapter()
+
+
+def test_host_adapters_survive_the_safety_net_retry(monkeypatch, tmp_path):
+    # The fixed-width reshape breaks the forward: the pruner restores the model, finds the
+    # group and retries. What an adapter recorded before pruning must survive that restore.
+    from kcp_plugin import hosts
+
+    monkeypatch.setitem(hosts.HOSTS, __name__.split(".")[0], f"{__name__}:RECORDING")
+    torch.manual_seed(0)
+    model = FixedView()
+    with pytest.warns(UserWarning, match="unpruned"):
+        report = _prune_and_check(model, X, target_macs_ratio=0.5)
+    assert [r["root"] for r in report.auto_protected] == ["conv.0"]
+    assert "view/reshape" in report.auto_protected[0]["couplings"]
+    assert report.plan["attrs"][""] == {"dense_width": 32}  # recorded on the dense model
+    assert model.dense_width == 32 and model.body.a[0].out_channels < 32
+    kcp_plugin.save_pruned(model, tmp_path / "m.pt")
+    again = kcp_plugin.load_pruned(FixedView, tmp_path / "m.pt", X)
+    assert again.__dict__.get("_replayed") and again.dense_width == 32
