@@ -17,7 +17,13 @@ from typing import Any
 
 import torch.nn as nn
 
-from .pruners import BlurPoolPruner, GroupNormPruner, PatchMergingPruner, ScalePruner
+from .pruners import (
+    BlurPoolPruner,
+    GroupNormPruner,
+    PatchMergingPruner,
+    ScaledStdConvPruner,
+    ScalePruner,
+)
 
 __all__ = ["UnsupportedModelError", "check_supported", "pruning_setup", "prune_arguments",
            "protected_roots",
@@ -45,6 +51,8 @@ PRUNERS: dict[str, Any] = {
     "timm.models.metaformer.Scale": ScalePruner(),
     "timm.models.metaformer.GroupNorm1NoBias": GroupNormPruner(),
     "timm.layers.blur_pool.BlurPool2d": BlurPoolPruner(),
+    "timm.layers.std_conv.ScaledStdConv2d": ScaledStdConvPruner(),
+    "timm.layers.std_conv.ScaledStdConv2dSame": ScaledStdConvPruner(),
 }
 
 
@@ -234,15 +242,6 @@ REFUSED: dict[str, str] = {
         "EfficientViT's lite multi-scale attention aggregates qkv with grouped convs and "
         "splits heads by a stored dim; torch-pruning's index mapping runs past the layer widths "
         "(IndexError in its own pruner)"
-    ),
-    "timm.layers.std_conv.ScaledStdConv2d": (
-        "NFNet's scaled weight-standardized conv keeps a per-filter gain parameter that "
-        "torch-pruning does not prune with the filters, so the pruned conv fails (weight and "
-        "gain sizes differ; its own pruner fails the same way)"
-    ),
-    "timm.layers.std_conv.ScaledStdConv2dSame": (
-        "NFNet's scaled weight-standardized conv keeps a per-filter gain parameter that "
-        "torch-pruning does not prune with the filters, so the pruned conv fails"
     ),
     "timm.models.mambaout.GatedConvBlock": (
         "MambaOut's gated conv block splits its expansion by stored sizes "
