@@ -200,15 +200,17 @@ REFUSED: dict[str, str] = {
     ),
     "timm.models.dpn.DualPathBlock": (
         "a dual-path block slices one concatenation of its residual and dense paths at a stored "
-        "width (x[:, :num_1x1_c]); torch-pruning maps channel indices through these slices "
-        "wrongly (IndexError in its importance computation), and the paths share no safe "
-        "split point"
+        "width (x[:, :num_1x1_c]); once channels before that point are pruned, the stored "
+        "width selects other channels than the ones traced, which no output-shape check "
+        "reveals (the safety net prunes it to every check passing, so this refusal guards the "
+        "meaning, not the shapes)"
     ),
     "timm.models.rexnet.LinearBottleneck": (
-        "ReXNet adds the shortcut into a channel slice of a wider output "
-        "(cat([x[:, :in_chs] + shortcut, x[:, in_chs:]])); torch-pruning's dependency search "
-        "does not finish on it (over 5 minutes on ReXNet-1.0; its own timm benchmark skips "
-        "rexnet as stuck)"
+        "ReXNet adds the shortcut into a channel slice of a wider output at a stored width "
+        "(x[:, 0:in_channels] += shortcut); once channels before that point are pruned, the "
+        "stored width selects other channels than the ones traced, which no output-shape check "
+        "reveals (the safety net prunes it to every check passing, so this refusal guards the "
+        "meaning, not the shapes)"
     ),
     "timm.models.levit.Attention": (
         "LeViT's attention splits each head of its qkv projection by stored key / value sizes "
@@ -216,32 +218,6 @@ REFUSED: dict[str, str] = {
         "a stored width (val_attn_dim); torch-pruning keeps neither, and the input of the "
         "projection after it is pruned apart from the values that feed it (IndexError in "
         "torch-pruning's own pruner, shape errors with the plugin's protections)"
-    ),
-    "timm.models.cait.TalkingHeadAttn": (
-        "CaiT's talking-heads attention mixes the attention maps across heads with Linear "
-        "layers over the head axis, and its class attention reshapes q by the input width "
-        "(C // num_heads); torch-pruning couples head counts with channels (IndexError in its "
-        "own pruner)"
-    ),
-    "timm.models.cait.ClassAttn": (
-        "class attention reshapes q by the input width (C // num_heads) while q, k, v are "
-        "separate projections that torch-pruning prunes independently of that width"
-    ),
-    "timm.models.xcit.XCA": (
-        "cross-covariance attention attends across channels within each head with a per-head "
-        "temperature; torch-pruning treats it as token attention and mis-groups its channels "
-        "(torch-pruning's own pruner fails on it too)"
-    ),
-    "timm.models.pvt_v2.Attention": (
-        "PVT-v2's attention reshapes its spatially reduced input by the input width "
-        "(reshape(B, C, H, W)) and splits kv by a stored head_dim, with q and kv as separate "
-        "projections; torch-pruning prunes them independently and the shapes no longer match "
-        "(its own pruner fails the same way)"
-    ),
-    "timm.models.efficientvit_mit.LiteMLA": (
-        "EfficientViT's lite multi-scale attention aggregates qkv with grouped convs and "
-        "splits heads by a stored dim; torch-pruning's index mapping runs past the layer widths "
-        "(IndexError in its own pruner)"
     ),
     "timm.models.mambaout.GatedConvBlock": (
         "MambaOut's gated conv block splits its expansion by stored sizes "
@@ -268,11 +244,6 @@ REFUSED: dict[str, str] = {
         "channels inside each head by a frequency table of head_dim entries; torch-pruning "
         "does not know that pairing (IndexError in its own pruner), and pruning inside heads "
         "would break it"
-    ),
-    "timm.models.mobilevit.LinearSelfAttention": (
-        "MobileViT-v2's separable attention splits its qkv conv output by stored sizes "
-        "(split([1, embed_dim, embed_dim])); torch-pruning's split mapping leaves those sizes "
-        "stale and the pruned model fails in the split"
     ),
     "timm.layers.selective_kernel.SelectiveKernel": (
         "selective-kernel convs stack their paths (view(B, num_paths, C, H, W)) and weight them "
