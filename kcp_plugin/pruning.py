@@ -38,6 +38,7 @@ from .safety import (
     ProtectedGroup,
     UnprunableError,
     couplings,
+    describe_exception,
     group_layers,
     input_layers,
     invalid_groups,
@@ -474,17 +475,12 @@ def _checked_run(model: nn.Module, protected: list[nn.Module], heads: dict[nn.Mo
     try:
         result = _run_pruner(model, protected, heads, ratio_dict, ratio, **settings)
     except Exception as exc:  # torch-pruning's (or torch's) error on a mis-traced group
-        raise _Broken(f"{type(exc).__name__}: {_short(exc)}", ratio, extra, failing) from exc
+        raise _Broken(describe_exception(exc), ratio, extra, failing) from exc
     problem = verify_outputs(model, settings["example_inputs"], settings["forward_fn"],
                              signature)
     if problem is not None:
         raise _Broken(problem, ratio, extra, failing)
     return result
-
-
-def _short(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _find_culprit(
@@ -518,7 +514,7 @@ def _find_culprit(
                         limit=limit, groups_seen=log,
                         **{**settings, "progress": False, "signature": None})
         except Exception as exc:
-            return f"{type(exc).__name__}: {_short(exc)}"
+            return describe_exception(exc)
         return verify_outputs(clone, settings["example_inputs"], settings["forward_fn"],
                               settings["signature"])
 

@@ -37,6 +37,7 @@ __all__ = [
     "invalid_groups",
     "unsafe_layers",
     "couplings",
+    "describe_exception",
     "output_signature",
     "verify_outputs",
 ]
@@ -248,7 +249,7 @@ def verify_outputs(model: nn.Module, example_inputs: Any,
             model.eval()
             out = forward_fn(model, example_inputs)
     except Exception as exc:  # the point of the check: any failure of the pruned forward
-        return f"the pruned forward fails: {type(exc).__name__}: {_short(exc)}"
+        return f"the pruned forward fails: {describe_exception(exc)}"
     found = _tensors(out)
     for key, shape in signature.items():
         if key not in found:
@@ -262,6 +263,8 @@ def verify_outputs(model: nn.Module, example_inputs: Any,
     return None
 
 
-def _short(exc: BaseException, limit: int = 300) -> str:
+def describe_exception(exc: BaseException, limit: int = 300) -> str:
+    """``"Type: message"`` on one line, the message cut to ``limit`` characters."""
     text = " ".join(str(exc).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}"
