@@ -151,7 +151,10 @@ def count_macs_params(
 
     torch-pruning's counter deep-copies the model and divides by a batch size it guesses from the
     input; routing the call through a wrapper with a batch-1 dummy makes the count the plain
-    total of the user's own forward, whatever form its inputs take.
+    total of the user's own forward, whatever form its inputs take. Its ``nn.MultiheadAttention``
+    hook reads query / key / value from the positional inputs only (torch_pruning/utils/
+    op_counter.py, ``multihead_attention_counter_hook``) and fails when they are passed by
+    keyword, as mmcv's attention wrappers do; they are captured by a pre-hook here instead.
     """
     fwd = forward_fn or default_forward
 
@@ -163,6 +166,43 @@ def count_macs_params(
         def forward(self, dummy: torch.Tensor) -> Any:
             return fwd(self.inner, example_inputs)
 
-    with preserved_modes(model), torch.no_grad():
+    with preserved_modes(model), torch.no_grad(), _mha_keyword_inputs(model):
         macs, params = tp.utils.count_ops_and_params(_Forward(model), torch.zeros(1))
     return int(macs), int(params)
+
+
+_MHA_ARGS = ("query", "key", "value")
+
+
+@contextlib.contextmanager
+def _mha_keyword_inputs(model: nn.Module) -> Iterator[None]:
+    """Let torch-pruning's MultiheadAttention MACs hook see inputs passed by keyword."""
+    from torch_pruning.utils import op_counter
+
+    upstream = op_counter.MODULES_MAPPING.get(nn.MultiheadAttention)
+    attention = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    if upstream is None or not attention:
+        yield
+        return
+
+    def counter(module: nn.Module, inputs: tuple, output: Any) -> None:
+        if len(inputs) < 3:
+            inputs = module.__dict__.get("_kcp_mha_inputs", inputs)
+        if len(inputs) >= 3:
+            upstream(module, tuple(inputs[:3]), output)
+
+    def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        values = list(args[:3]) + [kwargs[k] for k in _MHA_ARGS[len(args):] if k in kwargs]
+        module.__dict__["_kcp_mha_inputs"] = tuple(values)
+
+    handles = [m.register_forward_pre_hook(capture, with_kwargs=True) for m in attention]
+    mapping = op_counter.MODULES_MAPPING
+    op_counter.MODULES_MAPPING = {**mapping, nn.MultiheadAttention: counter}
+    try:
+        yield
+    finally:
+        op_counter.MODULES_MAPPING = mapping
+        for handle in handles:
+            handle.remove()
+        for m in attention:
+            m.__dict__.pop("_kcp_mha_inputs", None)

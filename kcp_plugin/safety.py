@@ -151,10 +151,13 @@ def invalid_groups(
 
     A group is inconsistent when a member's indices fall outside that member's channel count
     on the side being pruned (torch-pruning mapped an index through a split / cat / reshape to
-    a channel that does not exist), or when it passes through a split / cat the graph could
-    not map (``DependencyGraph.unmapped``).
+    a channel that does not exist, or the plugin's graph dropped such indices: ``clipped``),
+    when it passes through a split / cat the graph could not map (``unmapped``) or a split
+    into fixed unequal widths, or when magnitude importance cannot read the members' weights
+    at the traced indices.
     """
     unmapped = {id(n) for n in getattr(graph, "unmapped", [])}
+    probe = tp.importance.GroupMagnitudeImportance()
     fixed = {id(n): n for n in getattr(graph, "fixed_splits", [])}
     bad = []
     for group in graph.get_all_groups(ignored_layers=list(ignored),
@@ -191,6 +194,12 @@ def invalid_groups(
                           f"{names.get(dep.target.module, dep.target.name)}, whose {side} has "
                           f"{width} channels")
                 break
+        if reason is None:
+            try:  # the cheapest criterion reads every member's weights by the traced indices
+                probe(group)
+            except Exception as exc:  # an index torch-pruning mapped past a weight
+                reason = ("reading its members' weights at the traced channel indices fails "
+                          f"({describe_exception(exc)})")
         if reason is not None:
             bad.append((group[0].dep.target.module, describe_group(group, names, reason)))
     return bad

@@ -533,3 +533,27 @@ def test_host_adapters_survive_the_safety_net_retry(monkeypatch, tmp_path):
     kcp_plugin.save_pruned(model, tmp_path / "m.pt")
     again = kcp_plugin.load_pruned(FixedView, tmp_path / "m.pt", X)
     assert again.__dict__.get("_replayed") and again.dense_width == 32
+
+
+class KeywordAttention(nn.Module):
+    """nn.MultiheadAttention called with keyword arguments, as mmcv's wrappers call it."""
+
+    def __init__(self, keyword=True):
+        super().__init__()
+        self.keyword = keyword
+        self.inp = nn.Linear(8, 32)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.out = nn.Linear(32, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        y = self.attn(query=h, key=h, value=h)[0] if self.keyword else self.attn(h, h, h)[0]
+        return self.out(y)
+
+
+def test_macs_of_attention_called_by_keyword():
+    # torch-pruning's MACs hook unpacks positional (q, k, v) and raised on keyword calls
+    x = torch.randn(1, 5, 8)
+    keyword, positional = KeywordAttention(True).eval(), KeywordAttention(False).eval()
+    assert kcp_plugin.count_macs_params(keyword, x) == kcp_plugin.count_macs_params(positional, x)
+    assert kcp_plugin.count_macs_params(keyword, x)[0] > 5 * (8 * 32 + 32 * 3)  # attention counted
