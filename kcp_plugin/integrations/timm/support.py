@@ -109,14 +109,6 @@ PROTECTED: dict[str, tuple[str, tuple[str, ...], str]] = {
         "torch-pruning prunes the parts unevenly (IndexError), so the channels through it "
         "(the stage widths) are kept and the MLP hidden width is pruned",
     ),
-    "timm.layers.split_attn.SplitAttn": (
-        "except", (),
-        "ResNeSt's split attention runs a grouped conv over radix x channels and reshapes by "
-        "the radix (view(B, radix, C // radix)); torch-pruning's mapping across the radix "
-        "groups depends on which channels are removed (l2 happened to give a working model, "
-        "kcp at the same ratio one that fails in that reshape), so the channels through it "
-        "are kept and the bottlenecks' outer widths are pruned",
-    ),
     "timm.models.swin_transformer.WindowAttention": (
         "only", ("relative_position_bias_table.",),
         "Swin's window attention adds a learned relative position bias (a table of one column "
@@ -218,16 +210,6 @@ REFUSED: dict[str, str] = {
         "a stored width (val_attn_dim); torch-pruning keeps neither, and the input of the "
         "projection after it is pruned apart from the values that feed it (IndexError in "
         "torch-pruning's own pruner, shape errors with the plugin's protections)"
-    ),
-    "timm.models.mambaout.GatedConvBlock": (
-        "MambaOut's gated conv block splits its expansion by stored sizes "
-        "(torch.split(x, split_indices)) into gate, identity and conv parts; torch-pruning "
-        "prunes the parts unevenly (index errors in its importance computation)"
-    ),
-    "timm.models.convit.GPSA": (
-        "ConViT's gated positional self-attention projects relative positions to one score per "
-        "head (pos_proj) and gates heads with a per-head parameter; torch-pruning couples those "
-        "per-head tensors with the embedding channels (IndexError in its own pruner)"
     ),
     "timm.models.davit.WindowAttention": (
         "DaVit's window attention reshapes qkv by the input width "
