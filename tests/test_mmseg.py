@@ -566,3 +566,18 @@ def test_prunedsegmentor_rejects_a_checkpoint_without_plan(tmp_path):
     cfg = Config.fromfile(str(RECIPE))
     with pytest.raises(ValueError, match="holds no kcp_plugin pruning plan"):
         MODELS.build(dict(type="kcp_plugin.PrunedSegmentor", model=cfg.model, plan=str(path)))
+
+
+def test_sweep_mmseg_prunes_a_packaged_config_through_the_hook(tmp_path):
+    """tools/sweep_mmseg.py on one family of mmseg's own configs (run as a process: the tool
+    refuses network connections process-wide)."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "sweep.json"
+    proc = subprocess.run(
+        [sys.executable, str(root / "tools" / "sweep_mmseg.py"), "--families", "fcn",
+         "--size", "64", "--timeout", "240", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["family"] == "fcn" and row["status"] == "ok", row
+    assert abs(row["macs_ratio"] - 0.5) <= 0.02 and row["shape_ok"] and row["finite_ok"]

@@ -57,20 +57,21 @@ import math
 import os
 import platform
 import re
-import signal
 import socket
 import sys
 import tempfile
 import time
 import traceback
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch_pruning as tp
 
 import kcp_plugin
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sweep_models import TimeLimitExceeded, time_limit  # noqa: E402  (one timer for both)
 
 TRACKED = ("kcp_plugin", "torch_pruning", "mmseg", "mmcv", "mmengine")
 NOT_FAMILIES = {"_base_": "shared base configs, not a family"}
@@ -165,34 +166,6 @@ def raised_by_kcp(exc: BaseException) -> bool:
     """Whether the innermost frame of ``exc`` (not of its cause) is kcp_plugin code."""
     frames = traceback.extract_tb(exc.__traceback__)
     return bool(frames) and f"{os.sep}kcp_plugin{os.sep}" in frames[-1].filename
-
-
-class TimeLimitExceeded(BaseException):
-    """A row ran past ``--timeout``.
-
-    A ``BaseException``, as ``KeyboardInterrupt``: ``kcp_plugin.prune`` treats any
-    ``Exception`` inside the pruner as a broken prune and bisects the channel groups for a
-    culprit before re-raising, which would run well past the limit.
-    """
-
-
-@contextlib.contextmanager
-def time_limit(seconds: int) -> Iterator[None]:
-    """Raise ``TimeLimitExceeded`` in the main thread after ``seconds`` (POSIX; else no limit)."""
-    if seconds <= 0 or not hasattr(signal, "SIGALRM"):
-        yield
-        return
-
-    def handler(signum, frame):
-        raise TimeLimitExceeded(f"gave up after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, handler)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def refuse_network() -> None:

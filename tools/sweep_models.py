@@ -286,8 +286,13 @@ def describe_error(exc: BaseException, stage: str) -> dict[str, Any]:
     return err
 
 
-class TimeLimitExceeded(Exception):
-    """A model and criterion ran past ``--timeout``."""
+class TimeLimitExceeded(BaseException):
+    """A row ran past ``--timeout``.
+
+    A ``BaseException``, as ``KeyboardInterrupt``: ``kcp_plugin.prune`` treats any
+    ``Exception`` raised while pruning as a broken prune and bisects for the responsible group
+    before re-raising, which would run well past the limit.
+    """
 
 
 @contextlib.contextmanager
@@ -450,7 +455,7 @@ def check_one(base: torch.nn.Module, entry: dict[str, Any], x: torch.Tensor, cri
                     check_reset_classifier(model, x)
                     row["reset_ok"] = True
             row["ok"] = all(row[k] for k in checks)
-    except Exception as exc:  # TimeLimitExceeded included
+    except (Exception, TimeLimitExceeded) as exc:
         row["error"] = describe_error(exc, stage)
         row["untouched"] = stage == "prune" and _same_state(base, model)
     row["time_s"] = time.perf_counter() - t0
