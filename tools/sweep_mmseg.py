@@ -71,7 +71,12 @@ import torch_pruning as tp
 import kcp_plugin
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sweep_models import TimeLimitExceeded, time_limit  # noqa: E402  (one timer for both)
+from sweep_models import (  # noqa: E402  (the timm sweep's helpers, shared)
+    TimeLimitExceeded,
+    _version,
+    named_tensors,
+    time_limit,
+)
 
 TRACKED = ("kcp_plugin", "torch_pruning", "mmseg", "mmcv", "mmengine")
 NOT_FAMILIES = {"_base_": "shared base configs, not a family"}
@@ -404,21 +409,6 @@ class HookRunner:
         self.message_hub = _MessageHub()
 
 
-def named_tensors(out: Any, prefix: str = "out") -> dict[str, torch.Tensor]:
-    """Flatten a model output (tensor, dict, tuple/list, nested) into named tensors."""
-    if isinstance(out, torch.Tensor):
-        return {prefix: out}
-    items: list[tuple[Any, Any]] = []
-    if isinstance(out, dict):
-        items = list(out.items())
-    elif isinstance(out, (tuple, list)):
-        items = list(enumerate(out))
-    found: dict[str, torch.Tensor] = {}
-    for k, v in items:
-        found.update(named_tensors(v, f"{prefix}[{k!r}]"))
-    return found
-
-
 def _tensor_forward(model: torch.nn.Module, x: torch.Tensor) -> Any:
     return model(x, mode="tensor")
 
@@ -697,13 +687,6 @@ def write_outputs(result: dict[str, Any], args: argparse.Namespace) -> str:
             with open(path, "w") as f:
                 f.write(content)
     return text
-
-
-def _version(module: str) -> str | None:
-    try:
-        return __import__(module).__version__
-    except ImportError:
-        return None
 
 
 def _git_state() -> dict[str, Any]:
