@@ -34,7 +34,9 @@ class PruneReport:
         target_macs_ratio: The requested fraction of MACs kept, if any.
         iterative_steps: Number of pruning steps.
         widths_before / widths_after: Output width of each conv/linear layer, by name.
-        protected: Names of the layers left unpruned (output layers and ``ignored_layers``).
+        protected: Names of the layers left unpruned: output layers, depthwise convs reading
+            the model input, ``ignored_layers`` and host-library protections (timm blocks,
+            mmseg ``conv_seg``); groups the safety net kept are in ``auto_protected``.
         search: ``(channel ratio, MACs kept)`` for each trial of the MACs-target search.
         plan: The model's cumulative pruning plan after this prune (plain data).
         latency_before_ms / latency_after_ms: CPU latency, if measured by the caller.
