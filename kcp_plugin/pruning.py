@@ -360,12 +360,9 @@ def prune(
         plan = extend_plan(model, history, attrs)
     except UnprunableError as exc:
         snapshot.restore()
-        exc.protected = list(auto)
-        raise
-    except ValueError as exc:
-        snapshot.restore()
-        if auto and "out of reach" in str(exc):
+        if auto and not exc.protected:  # the search's refusal: name what the net kept
             raise UnprunableError(f"{exc}{_listing(auto)}", auto) from exc
+        exc.protected = list(auto)
         raise
     except BaseException:
         snapshot.restore()
@@ -413,6 +410,21 @@ def _copy_model(model: nn.Module) -> tuple[nn.Module, dict[nn.Module, nn.Module]
     return clone, {m: by_name[n] for n, m in model.named_modules()}
 
 
+def _trial_copy(
+    model: nn.Module, protected: list[nn.Module], heads: dict[nn.Module, int],
+    ratio_dict: dict[nn.Module, float], extra: dict[str, float] | None,
+) -> tuple[nn.Module, list[nn.Module], dict[nn.Module, int], dict[nn.Module, float]]:
+    """A copy of ``model`` to prune in a trial, with the pruner arguments moved onto it:
+    ``(copy, protected, heads, per-layer ratios)``; ``extra`` per-layer ratios are by name."""
+    clone, remap = _copy_model(model)
+    by_name = dict(clone.named_modules())
+    per_layer = {remap[m]: v for m, v in ratio_dict.items()}
+    for name, v in (extra or {}).items():
+        per_layer.setdefault(by_name[name], v)
+    return (clone, [remap[m] for m in protected], {remap[m]: h for m, h in heads.items()},
+            per_layer)
+
+
 def _prune_to_target(
     model: nn.Module,
     names: dict[nn.Module, str],
@@ -445,7 +457,7 @@ def _prune_to_target(
                                   tp.importance.GroupMagnitudeImportance(), "loss_fn": None,
                                   "data": None}
             ratio, extra, search = _search_ratio(
-                model, names, protected, heads, ratio_dict, target_macs_ratio, macs0,
+                model, protected, heads, ratio_dict, target_macs_ratio, macs0,
                 macs_tolerance, trial_settings,
             )
         else:
@@ -501,18 +513,15 @@ def _find_culprit(
     by_name = dict(model.named_modules())
     seen: list[tuple[str, list[str], list[str]]] = []
     settings = broken.settings  # the same criterion and options as the run that broke
+    run_settings = {k: v for k, v in settings.items() if k != "signature"}
 
     def trial(limit: int | None) -> str | None:
-        clone, remap = _copy_model(model)
-        per_layer = {remap[m]: v for m, v in ratio_dict.items()}
-        for name, v in broken.extra.items():
-            per_layer.setdefault(remap[by_name[name]], v)
+        clone, kept_layers, clone_heads, per_layer = _trial_copy(
+            model, protected, heads, ratio_dict, broken.extra)
         log = seen if limit is None else None
         try:
-            _run_pruner(clone, [remap[m] for m in protected],
-                        {remap[m]: h for m, h in heads.items()}, per_layer, broken.ratio,
-                        limit=limit, groups_seen=log,
-                        **{**settings, "progress": False, "signature": None})
+            _run_pruner(clone, kept_layers, clone_heads, per_layer, broken.ratio,
+                        limit=limit, groups_seen=log, **{**run_settings, "progress": False})
         except Exception as exc:
             return describe_exception(exc)
         return verify_outputs(clone, settings["example_inputs"], settings["forward_fn"],
@@ -564,7 +573,6 @@ def _run_pruner(
     record: dict[str, list[int]] | None = None,
     limit: int | None = None,
     groups_seen: list[tuple[str, list[str], list[str]]] | None = None,
-    signature: Any = None,
 ) -> tuple[list, dict[str, dict[str, Any]]]:
     """Run torch-pruning's pruner on ``model`` for all steps, then fix attention attributes.
 
@@ -657,7 +665,6 @@ def _backward(model: nn.Module, importance: Any, loss_fn: Callable) -> None:
 
 def _search_ratio(
     model: nn.Module,
-    names: dict[nn.Module, str],
     protected: list[nn.Module],
     heads: dict[nn.Module, int],
     ratio_dict: dict[nn.Module, float],
@@ -684,16 +691,10 @@ def _search_ratio(
     def macs_kept(r: float, extra: dict[str, float] | None = None) -> float:
         if r == 0.0 and not extra:
             return 1.0
-        clone = copy.deepcopy(model)
-        by_name = dict(clone.named_modules())
-        per_layer = {by_name[names[m]]: v for m, v in ratio_dict.items()}
-        for name, v in (extra or {}).items():
-            per_layer.setdefault(by_name[name], v)
-        _checked_run(
-            clone, [by_name[names[m]] for m in protected],
-            {by_name[names[m]]: h for m, h in heads.items()}, per_layer, r, dict(extra or {}),
-            **{**settings, "progress": False},
-        )
+        clone, kept_layers, clone_heads, per_layer = _trial_copy(
+            model, protected, heads, ratio_dict, extra)
+        _checked_run(clone, kept_layers, clone_heads, per_layer, r, dict(extra or {}),
+                     **{**settings, "progress": False})
         kept = count_macs_params(clone, settings["example_inputs"], settings["forward_fn"])[0]
         trials.append((r, kept / macs0))
         bar.update(1)
@@ -720,7 +721,7 @@ def _search_ratio(
                         hi, m_hi = r, m
                         break
         if m_hi > target + tol:
-            raise ValueError(
+            raise UnprunableError(
                 f"target_macs_ratio={target} is out of reach: pruning every prunable layer by "
                 f"max_pruning_ratio={hi} keeps {m_hi:.3f} of the MACs (protected layers: "
                 f"{len(protected)}). Raise max_pruning_ratio or protect fewer layers."
@@ -766,7 +767,7 @@ def _search_ratio(
             if abs(m - target) <= tol:
                 return lo, {dict(model.named_modules())[n]: v for n, v in extra.items()}, trials
             a, b = (k, b) if m > target else (a, k)
-        raise ValueError(
+        raise UnprunableError(
             f"could not reach target_macs_ratio={target} within {tol}: the closest setting "
             f"keeps {best[1]:.4f} of the MACs: channel counts are too coarse (few channels per "
             f"layer, round_to={settings['round_to']}); loosen macs_tolerance, lower round_to, "
