@@ -25,7 +25,7 @@ from .pruners import (
     ScalePruner,
 )
 
-__all__ = ["UnsupportedModelError", "check_supported", "pruning_setup", "prune_arguments",
+__all__ = ["UnsupportedModelError", "check_supported", "pruning_setup",
            "protected_roots",
            "PRUNERS", "PROTECTED", "REFUSED", "UNSAFE_LAYERS", "clear_caches"]
 
@@ -325,22 +325,3 @@ def pruning_setup(model: nn.Module, example_inputs: Any = None) -> dict[str, Any
     ignored = (protected_roots(model, example_inputs, pruners)
                if example_inputs is not None else [])
     return {"customized_pruners": pruners, "unwrapped_parameters": {}, "ignored_layers": ignored}
-
-
-def prune_arguments(model: nn.Module, example_inputs: Any,
-                    prune_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The user's :func:`kcp_plugin.prune` arguments merged with :func:`pruning_setup`'s.
-
-    The timm pruners, unwrapped parameters and protected roots are added to the user's own
-    (theirs win on the same module type or parameter).
-    """
-    setup = pruning_setup(model, example_inputs)
-    kwargs = dict(prune_kwargs or {})
-    kwargs["customized_pruners"] = {**setup["customized_pruners"],
-                                    **(kwargs.get("customized_pruners") or {})}
-    kwargs["unwrapped_parameters"] = {**setup["unwrapped_parameters"],
-                                      **(kwargs.get("unwrapped_parameters") or {})} or None
-    if setup["ignored_layers"]:
-        kwargs["ignored_layers"] = list(setup["ignored_layers"]) + list(
-            kwargs.get("ignored_layers") or [])
-    return kwargs

@@ -23,10 +23,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ...plan import extend_plan
 from ...schedule import PruningScheduler
-from .pruning import _head_map, default_inputs, replay_new_entries, sync_head_attrs
-from .support import check_supported, clear_caches, prune_arguments
+from .pruning import _head_map, default_inputs, replay_new_entries
+from .support import check_supported
 
 __all__ = ["TimmPruningSchedule"]
 
@@ -96,7 +95,7 @@ class TimmPruningSchedule:
                                else default_inputs(model, input_size))
         self.emas = [_ema_module(e) for e in emas]
         self.user_on_prune = on_prune
-        kwargs = prune_arguments(model, self.example_inputs, prune_kwargs)
+        kwargs = dict(prune_kwargs or {})  # kcp_plugin.prune applies the timm adapter itself
         _head_map(model, self.example_inputs)
         self.scheduler = PruningScheduler(
             model, self.example_inputs, importance, target_macs_ratio=target_macs_ratio,
@@ -134,10 +133,7 @@ class TimmPruningSchedule:
             self.pruned_at.append(self.scheduler.calls - 1)
 
     def _after_prune(self, scheduler: PruningScheduler) -> None:
-        clear_caches(self.model)
-        changed = sync_head_attrs(self.model, self.example_inputs)
-        if changed:
-            extend_plan(self.model, [], changed)
+        # caches and head attributes were handled by kcp_plugin.prune's timm adapter
         for module in self.emas:
             replay_new_entries(module, self.model, self.example_inputs)
         if self.user_on_prune is not None:
