@@ -122,6 +122,8 @@ class _Unfold:
 def _channel_dim(grad_fn: Any) -> int | None:
     """The normalized dimension a split / cat backward node works on (None if unknown)."""
     dim = getattr(grad_fn, "_saved_dim", None)
+    if isinstance(dim, int) and dim >= 2 ** 63:  # a negative dim (chunk(2, dim=-1)) comes
+        dim -= 2 ** 64  # back as an unsigned 64-bit value (what upstream calls uninitialized)
     try:
         ndim = len(grad_fn._input_metadata[0].shape)
     except (AttributeError, IndexError, RuntimeError):
@@ -154,7 +156,8 @@ class DependencyGraph(tp.DependencyGraph):
                          **kwargs: Any) -> DependencyGraph:
         self.unmapped: list[Any] = []
         self.fixed_splits: list[Any] = []
-        self._kcp_state: tuple | None = None
+        self._kcp_fresh = False
+        self._kcp_pruners: dict[int, tuple[Any, Any]] = {}
         super().build_dependency(model, example_inputs, *args, **kwargs)
         self._kcp_analyse()
         for node in self.module2node.values():  # upstream's unguarded mappings: start afresh
@@ -189,12 +192,62 @@ class DependencyGraph(tp.DependencyGraph):
         expected = sum(1 for n in consumer.inputs if n is producer)
         return found if len(found) == expected else None
 
-    def _kcp_split(self, node: Any, gf: Any, name: str) -> None:
+    def _on_channels(self, node: Any, gf: Any) -> int | None:
+        """The dimension a split / cat node works on if it is the channel dimension, else
+        None. Dimension 1 is channels, as upstream assumes (NCHW; upstream turns mapping off
+        for a ViT's token concatenation). The last dimension of a 3-D or larger tensor is channels
+        when the nearest layer reading (or else producing) it works on the last dimension
+        (``nn.Linear``, ``nn.LayerNorm``): a SwiGLU MLP's ``fc1(x).chunk(2, dim=-1)``, a
+        channels-last block's split. Upstream maps only dimension 1 and lets any other
+        split or cat pass channels through unchanged."""
         dim = _channel_dim(gf)
-        if dim != 1 or not node.enable_index_mapping:
+        if dim is None:
+            return None
+        if dim == 1:
+            return 1 if node.enable_index_mapping else None
+        ndim = len(gf._input_metadata[0].shape)
+        if ndim >= 3 and dim == ndim - 1 and self._layout_near(node) == "last":
+            # upstream's build turns index mapping off for every split / cat downstream of a
+            # 3-D parameter (a ViT's pos_embed; graph.py, "corner case for pruning ViT"):
+            # aimed at the token concatenation on dimension 1, not at this one
+            node.enable_index_mapping = True
+            return dim
+        return None
+
+    def _layout_near(self, node: Any, depth: int = 8) -> str | None:
+        """``"last"`` or ``"first"``: the channel layout of the nearest layer reached from
+        ``node`` through ops that keep the layout (consumers first, then producers); None if
+        a reshape / permute comes first or no such layer is found within ``depth`` steps."""
+        for side in ("outputs", "inputs"):
+            frontier, seen = list(getattr(node, side)), {node}
+            for _ in range(depth):
+                nxt = []
+                for n in frontier:
+                    if n in seen:
+                        continue
+                    seen.add(n)
+                    m = n.module
+                    if isinstance(m, (nn.Linear, nn.LayerNorm)):
+                        return "last"
+                    if isinstance(m, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm,
+                                      nn.GroupNorm)):
+                        return "first"
+                    name = n.grad_fn.name() if n.grad_fn is not None and hasattr(
+                        n.grad_fn, "name") else ""
+                    if n.type == ops.OPTYPE.RESHAPE or any(
+                            k in name for k in ("Permute", "Transpose", "View", "Reshape")):
+                        continue  # the layout may change here: no evidence past it
+                    if n.type in (ops.OPTYPE.ELEMENTWISE, ops.OPTYPE.SPLIT, ops.OPTYPE.CONCAT):
+                        nxt.extend(getattr(n, side))
+                frontier = nxt
+        return None
+
+    def _kcp_split(self, node: Any, gf: Any, name: str) -> None:
+        dim = self._on_channels(node, gf)
+        if dim is None:
             return  # not on channels: upstream leaves it alone as well
         n_out = len(getattr(gf, "_input_metadata", ()))
-        sizes = [(_out_shape(gf, k) or (0, 0))[1] for k in range(n_out)]
+        sizes = [(_out_shape(gf, k) or (0,) * (dim + 1))[dim] for k in range(n_out)]
         parts: dict[int, list[int]] = {}  # consumer node id -> parts it reads, edge order
         for consumer in set(node.outputs):
             occ = self._occurrences(consumer, node)
@@ -212,14 +265,14 @@ class DependencyGraph(tp.DependencyGraph):
         self._kcp_ops[node] = {"kind": "split", "equal": equal, "parts": parts}
 
     def _kcp_cat(self, node: Any, gf: Any) -> None:
-        dim = _channel_dim(gf)
-        if dim != 1 or not node.enable_index_mapping:
+        dim = self._on_channels(node, gf)
+        if dim is None:
             return
-        total = (_out_shape(gf, 0) or (0, 0))[1]
+        total = (_out_shape(gf, 0) or (0,) * (dim + 1))[dim]
         sizes: list[int | None] = []
         for f, nr in gf.next_functions:
             shape = _out_shape(f, nr) if f is not None else None
-            sizes.append(shape[1] if shape is not None and len(shape) > 1 else None)
+            sizes.append(shape[dim] if shape is not None and len(shape) > dim else None)
         unknown = [i for i, s in enumerate(sizes) if s is None]
         if len(unknown) == 1:  # one input without a gradient (e.g. the model input itself)
             sizes[unknown[0]] = total - sum(s for s in sizes if s is not None)
@@ -334,31 +387,36 @@ class DependencyGraph(tp.DependencyGraph):
             elif t == ops.OPTYPE.SLICE:
                 _tp_mapping.update_slice_index_mapping(self, node)
 
-    def _channel_state(self) -> tuple:
-        """Everything the index mappings read that pruning can change (their cache key)."""
-        state = []
-        for module, node in self.module2node.items():
-            t, extra = node.type, None
-            if t == ops.OPTYPE.CONCAT:
-                extra = (_tup(module.concat_sizes), _tup(module.offsets))
-            elif t in (ops.OPTYPE.SPLIT, ops.OPTYPE.UNBIND):
-                extra = (_tup(module.split_sizes), _tup(module.offsets))
-            elif t == ops.OPTYPE.SLICE:
-                extra = (module.start, module.end, module.step, module.dim)
-            elif t == ops.OPTYPE.OUTPUT:
-                extra = _tup(module.shape)
-            state.append((id(node), _safe(self.get_out_channels, node),
-                          _safe(self.get_in_channels, node), extra))
-        return tuple(state)
+    def get_pruner_of_module(self, module: Any) -> Any:
+        """Upstream's lookup (graph.py), cached per module: it runs ``ops.module2type``'s
+        chain of ``isinstance`` checks on every call, and the channel-state key below asks for
+        every node's pruner before each group is traced (most of the trace time on
+        transformers). The pruner tables are fixed once the graph is built."""
+        cache = getattr(self, "_kcp_pruners", None)
+        if cache is None:
+            return super().get_pruner_of_module(module)
+        entry = cache.get(id(module))
+        if entry is None or entry[0] is not module:  # the module is kept: its id stays its own
+            entry = cache[id(module)] = (module, super().get_pruner_of_module(module))
+        return entry[1]
+
+    def register_customized_layer(self, layer_type_or_instance: Any, layer_pruner: Any) -> None:
+        self._kcp_pruners = {}  # the tables change: forget cached lookups
+        super().register_customized_layer(layer_type_or_instance, layer_pruner)
 
     def _update_mapping_if_changed(self) -> None:
-        if self._kcp_state is not None and self._channel_state() == self._kcp_state:
+        """Recompute the index mappings if a group of this graph was pruned since the last
+        time. Upstream recomputes them before every ``get_pruning_group``; a transformer's
+        ``get_all_groups`` then spends most of its time there. Channel counts change only
+        through ``Group.prune`` (which :class:`_Group` reports) or ``load_pruning_history``;
+        a pruning function called on a layer directly, outside any group, is not seen."""
+        if self._kcp_fresh:
             return
         self._kcp_update_mapping()
-        self._kcp_state = self._channel_state()
+        self._kcp_fresh = True
 
     def load_pruning_history(self, pruning_history: Any) -> None:
-        self._kcp_state = None
+        self._kcp_fresh = False
         return super().load_pruning_history(pruning_history)
 
     # ------------------------------------------------------------------ groups
@@ -454,7 +512,7 @@ class DependencyGraph(tp.DependencyGraph):
                 if index.idx not in entry[2]:
                     entry[1].append(index)
                     entry[2].add(index.idx)
-        group = Group()
+        group = _Group()
         group._DG = self
         for dep, hybrid, _ in merged:
             item = _helpers.GroupItem(dep, _helpers.to_plain_idxs(hybrid))
@@ -489,6 +547,18 @@ class DependencyGraph(tp.DependencyGraph):
                 yield group
 
 
+class _Group(Group):
+    """torch-pruning's ``Group`` that tells its graph when it pruned (channel counts, and so
+    the index mappings, changed)."""
+
+    def prune(self, idxs: Any = None, record_history: bool = True) -> None:
+        try:
+            super().prune(idxs, record_history)
+        finally:
+            if self._DG is not None:
+                self._DG._kcp_fresh = False
+
+
 class _SizesProxy:
     """A backward node seen through the attribute name torch-pruning's reshape guard reads."""
 
@@ -503,17 +573,6 @@ class _SizesProxy:
 _NO_BOUND_TYPES = {ops.OPTYPE.CONCAT, ops.OPTYPE.ELEMENTWISE, ops.OPTYPE.RESHAPE,
                    ops.OPTYPE.UNBIND, ops.OPTYPE.EXPAND, ops.OPTYPE.SLICE, ops.OPTYPE.OUTPUT,
                    ops.OPTYPE.CUSTOMIZED}
-
-
-def _tup(x: Any) -> tuple | None:
-    return None if x is None else tuple(x)
-
-
-def _safe(get_channels: Any, node: Any) -> Any:
-    try:
-        return get_channels(node)
-    except Exception as exc:  # no pruner for the module: part of the cache key as is
-        return ("error", type(exc).__name__)
 
 
 _UPSTREAM_SPLIT_CAT = (_tp_mapping._SplitIndexMapping, _tp_mapping._ConcatIndexMapping)

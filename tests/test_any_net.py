@@ -193,6 +193,37 @@ class DepthwiseOnInput(nn.Module):
         return self.head(self.body(torch.relu(self.bn(self.dw(x)))))
 
 
+class GluTokens(nn.Module):
+    """A ViT-like token net: patch conv, a 3-D position embedding, a SwiGLU MLP that chunks
+    its hidden width on the last dimension (``fc1(x).chunk(2, dim=-1)``), a head. Upstream
+    maps only dimension-1 splits, and turns mapping off below a 3-D parameter, so it coupled
+    fc1's 64 outputs with fc2's 32 inputs one to one (IndexError)."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 32, 4, 4)
+        self.pos = nn.Parameter(torch.randn(1, 16, 32) * 0.02)
+        self.norm = nn.LayerNorm(32)
+        self.fc1 = nn.Linear(32, 128)
+        self.fc2 = nn.Linear(64, 32)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        a, b = self.fc1(self.norm(x)).chunk(2, dim=-1)
+        x = x + self.fc2(nn.functional.silu(a) * b)
+        return self.head(x.mean(1))
+
+
+class NegativeDimChunk(ChunkToConvs):
+    """ChunkToConvs with ``chunk(2, dim=-3)`` on NCHW: the same channel split, recorded by
+    autograd as an unsigned 64-bit dimension that upstream takes for uninitialised."""
+
+    def forward(self, x):
+        a, b = self.conv(x).chunk(2, dim=-3)
+        return self.head(self.pb(b) + self.pa(a))
+
+
 def _outputs(model, x):
     with torch.no_grad():
         out = model.eval()(x)
@@ -223,8 +254,10 @@ X = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
 # ---------------------------------------------------------------------- pruned correctly
 @pytest.mark.parametrize("steps", [1, 3])
-@pytest.mark.parametrize("builder", [ChunkCat, lambda: ChunkCat(swap=True), ChunkToConvs, C2fNet],
-                         ids=["chunk-cat", "chunk-cat-swapped", "chunk-to-convs", "c2f"])
+@pytest.mark.parametrize("builder", [ChunkCat, lambda: ChunkCat(swap=True), ChunkToConvs, C2fNet,
+                                     NegativeDimChunk],
+                         ids=["chunk-cat", "chunk-cat-swapped", "chunk-to-convs", "c2f",
+                              "chunk-negative-dim"])
 def test_chunked_channels_are_pruned_equally_per_part(builder, steps, tmp_path):
     torch.manual_seed(0)
     model = builder()
@@ -238,6 +271,18 @@ def test_chunked_channels_are_pruned_equally_per_part(builder, steps, tmp_path):
             assert m.cv1[0].out_channels == 2 * m.m[0].cv1[0].in_channels
     assert report.macs_after < report.macs_before
     _round_trip(model, builder, X, tmp_path)
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_swiglu_chunk_on_the_last_dimension_prunes_both_halves(steps, tmp_path):
+    torch.manual_seed(0)
+    model = GluTokens()
+    with _no_safety_warning():
+        report = _prune_and_check(model, X, pruning_ratio=0.5, iterative_steps=steps)
+    assert report.auto_protected == []
+    hidden = model.fc1.out_features
+    assert hidden < 128 and hidden % 2 == 0 and model.fc2.in_features == hidden // 2
+    _round_trip(model, GluTokens, X, tmp_path)
 
 
 def test_chunk_parts_are_aligned_not_only_equal():
@@ -431,6 +476,26 @@ def test_core_prune_applies_the_timm_knowledge_to_swin(tmp_path):
     torch.save({"state_dict": entry.state_dict()}, tmp_path / "timm.pth.tar")
     again = kcp_plugin.load_pruned(build, tmp_path / "timm.pth.tar", x).eval()
     assert torch.equal(again(x), entry(x))
+
+
+def test_core_prune_eva_prunes_its_swiglu_mlp_and_keeps_rotary_heads(tmp_path):
+    # EVA-02 was refused whole: rotary embeddings pair channels inside each head. Now its
+    # attention's inner width is kept (timm adapter) and its SwiGLU MLP, chunked on the last
+    # dimension below a 3-D pos_embed, is pruned in equal halves (kcp_plugin.depgraph).
+    import timm
+
+    def build():
+        torch.manual_seed(0)
+        return timm.create_model("eva02_tiny_patch14_224", img_size=28, depth=2,
+                                 num_classes=5).eval()
+
+    model, x = build(), torch.randn(1, 3, 28, 28)
+    report = _prune_and_check(model, x, target_macs_ratio=0.5)
+    for block in model.blocks:
+        assert block.attn.qkv.out_features == 576  # 3 x heads x head_dim, as built
+        assert block.mlp.fc1.out_features == 2 * block.mlp.fc2.in_features < 1024
+    assert report.macs_after < report.macs_before
+    _round_trip(model, build, x, tmp_path)
 
 
 def test_core_prune_refuses_what_the_timm_integration_refuses():

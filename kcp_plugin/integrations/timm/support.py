@@ -58,7 +58,8 @@ PRUNERS: dict[str, Any] = {
 
 # ---------------------------------------------------------------------- protected blocks
 # class path -> (which sub-layers are unsafe, their name prefixes, why). "except": all but the
-# listed sub-layers are unsafe; "only": only the listed ones are.
+# listed sub-layers are unsafe; "only": only the listed ones are; "outputs": the listed
+# sub-layers' output channels are kept (their input channels are pruned with the rest).
 PROTECTED: dict[str, tuple[str, tuple[str, ...], str]] = {
     "timm.models.edgenext.SplitTransposeBlock": (
         "except", ("mlp.",),
@@ -125,6 +126,13 @@ PROTECTED: dict[str, tuple[str, tuple[str, ...], str]] = {
         "in its importance computation), so the attention's inner (qkv / proj) width is kept "
         "and the embedding and MLP widths are pruned",
     ),
+    "timm.models.eva.EvaAttention": (
+        "outputs", ("qkv.", "q_proj.", "k_proj.", "v_proj."),
+        "EVA's attention applies rotary position embeddings, which rotate fixed pairs of "
+        "channels inside each head by a frequency table of head_dim entries; torch-pruning "
+        "does not know that pairing (IndexError in its own pruner), so the attention's inner "
+        "(q / k / v) width is kept and the embedding and MLP widths are pruned",
+    ),
 }
 
 
@@ -156,6 +164,7 @@ def protected_roots(model: nn.Module, example_inputs: Any,
     from ...graph import build_graph
 
     unsafe: set[int] = set()
+    unsafe_out: set[int] = set()  # only their output channels are kept
     for path, (mode, prefixes, _) in PROTECTED.items():
         cls = _timm_class(path)
         if cls is None:
@@ -166,17 +175,21 @@ def protected_roots(model: nn.Module, example_inputs: Any,
                 members += list(block.named_parameters(recurse=False))  # raw parameters
                 for name, sub in members:
                     listed = any((name + ".").startswith(p) for p in prefixes)
-                    if listed == (mode == "only"):
+                    if mode == "outputs" and listed:
+                        unsafe_out.add(id(sub))
+                    elif mode != "outputs" and listed == (mode == "only"):
                         unsafe.add(id(sub))
     for predicate, _ in UNSAFE_LAYERS:
         unsafe.update(id(m) for m in model.modules() if predicate(m))
-    if not unsafe:
+    if not unsafe and not unsafe_out:
         return []
     graph = build_graph(model, example_inputs, forward_fn,
                         customized_pruners=customized_pruners)
     roots = []
     for group in graph.get_all_groups(root_module_types=[nn.modules.conv._ConvNd, nn.Linear]):
-        if any(id(dep.target.module) in unsafe for dep, _ in group):
+        if any(id(dep.target.module) in unsafe or (
+                id(dep.target.module) in unsafe_out
+                and graph.is_out_channel_pruning_fn(dep.handler)) for dep, _ in group):
             roots.append(group[0].dep.target.module)
     return roots
 
@@ -220,12 +233,6 @@ REFUSED: dict[str, str] = {
     "timm.models.davit.ChannelAttention": (
         "DaVit's channel attention reshapes qkv by the input width (C // heads) and attends "
         "across channels; torch-pruning prunes the inner and embedding widths independently"
-    ),
-    "timm.models.eva.EvaAttention": (
-        "EVA's attention applies rotary position embeddings, which rotate fixed pairs of "
-        "channels inside each head by a frequency table of head_dim entries; torch-pruning "
-        "does not know that pairing (IndexError in its own pruner), and pruning inside heads "
-        "would break it"
     ),
     "timm.layers.selective_kernel.SelectiveKernel": (
         "selective-kernel convs stack their paths (view(B, num_paths, C, H, W)) and weight them "
