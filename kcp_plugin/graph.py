@@ -9,7 +9,8 @@ come back as they were (torch-pruning's tracer calls ``model.eval()`` and never 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+import difflib
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from torch_pruning import ops
 from .depgraph import DependencyGraph
 
 ForwardFn = Callable[[nn.Module, Any], Any]
+LayerRef = nn.Module | str | type
 
 # Layers that consume a channel dimension and produce a new one: output detection stops there.
 _CHANNEL_MIXERS = (ops.OPTYPE.CONV, ops.OPTYPE.LINEAR, ops.OPTYPE.LSTM, ops.OPTYPE.MHA,
@@ -33,6 +35,46 @@ def default_forward(model: nn.Module, inputs: Any) -> Any:
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)
     return model(inputs)
+
+
+def resolve_layers(model: nn.Module, refs: Iterable[LayerRef] | LayerRef | None,
+                   what: str) -> list[nn.Module]:
+    """The modules of ``model`` named by ``refs``: module objects, qualified names, or module
+    types (every instance).
+
+    Args:
+        model: The model the references point into.
+        refs: One reference or an iterable of them; None for none.
+        what: The argument's name, for error messages (e.g. ``"ignored_layers"``).
+
+    Raises:
+        ValueError: a name the model does not have (with close matches), or a module that is
+            not part of the model.
+        TypeError: a reference of another kind.
+    """
+    if refs is None:
+        return []
+    if isinstance(refs, (nn.Module, str, type)):
+        refs = [refs]
+    named = dict(model.named_modules())
+    members = {id(m) for m in named.values()}
+    out: list[nn.Module] = []
+    for ref in refs:
+        if isinstance(ref, str):
+            if ref not in named:
+                close = difflib.get_close_matches(ref, list(named), n=3)
+                hint = f"; close matches: {', '.join(close)}" if close else ""
+                raise ValueError(f"{what}: the model has no layer named {ref!r}{hint}")
+            out.append(named[ref])
+        elif isinstance(ref, type) and issubclass(ref, nn.Module):
+            out.extend(m for m in named.values() if isinstance(m, ref))
+        elif isinstance(ref, nn.Module):
+            if id(ref) not in members:
+                raise ValueError(f"{what}: {type(ref).__name__} object is not part of the model")
+            out.append(ref)
+        else:
+            raise TypeError(f"{what}: expected modules, layer names or module types, got {ref!r}")
+    return out
 
 
 @contextlib.contextmanager

@@ -389,13 +389,13 @@ def test_hessian_scores_from_per_sample_losses(tmp_path, data_root, monkeypatch)
                              target_macs_ratio=0.5, schedule=dict(start=2))]
     runner = Runner.from_cfg(cfg)
     losses = []
-    real_backward = kcp_plugin.pruning._backward
+    real_backward = kcp_plugin.run.populate_gradients
 
     def spy(model, importance, loss_fn):
         losses.append(loss_fn(model).detach())
         return real_backward(model, importance, loss_fn)
 
-    monkeypatch.setattr(kcp_plugin.pruning, "_backward", spy)
+    monkeypatch.setattr(kcp_plugin.run, "populate_gradients", spy)
     runner.train()
     model = _unwrapped(runner)
     assert losses and all(loss.shape == (cfg.train_dataloader.batch_size,) for loss in losses)

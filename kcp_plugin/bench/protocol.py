@@ -19,9 +19,10 @@ import torch.nn as nn
 from ..compensation import compensating
 from ..graph import build_graph, count_macs_params
 from ..latency import measure_latency
-from ..pruning import _backward, prune
+from ..pruning import prune
 from ..registry import get_importance, importance_info
 from ..report import layer_widths
+from ..run import populate_gradients
 from ..stats import StatsImportance, collect
 from .tasks import Task, get_task
 from .training import make_loader, train
@@ -121,7 +122,7 @@ def criterion_analysis(
         imp = get_importance(name)
         loss_fn = _criterion_loss_fn(task, name, batch)
         if loss_fn is not None:
-            _backward(model, imp, loss_fn)
+            populate_gradients(model, imp, loss_fn)
         collect_s = 0.0
         if isinstance(imp, StatsImportance):
             start = time.perf_counter()

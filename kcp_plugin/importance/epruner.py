@@ -593,14 +593,13 @@ def epruner_widths(
     Returns:
         ``{root layer name: pruning ratio}`` for every prunable group.
     """
-    from ..graph import check_runs, checked_graph, default_forward, output_layers
+    from ..graph import check_runs, checked_graph, default_forward, output_layers, resolve_layers
     from ..progress import progress_bar
-    from ..pruning import _resolve_layers
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     imp = EPrunerImportance(beta=beta, **(importance_kwargs or {}))
-    ignored = _resolve_layers(model, ignored_layers, "ignored_layers")
+    ignored = resolve_layers(model, ignored_layers, "ignored_layers")
     check_runs(model, example_inputs, forward_fn or default_forward)
     graph = checked_graph(model, example_inputs, forward_fn or default_forward,
                           output_transform, unwrapped_parameters=unwrapped_parameters,

@@ -44,8 +44,9 @@ from ...graph import (
     preserved_modes,
 )
 from ...importance.kcp import KCPImportance
-from ...pruning import _backward, resolve_importance
+from ...pruning import resolve_importance
 from ...registry import importance_info, list_importances
+from ...run import populate_gradients
 from ...safety import unsafe_layers
 from ...stats import StatsImportance, StepFn, _split_batch, collect
 from .config import validate_config_list
@@ -381,7 +382,7 @@ class KCPPluginPruner(Pruner):
             if self._loss_fn is not None:
                 with preserved_modes(shadow):
                     shadow.eval()
-                    _backward(shadow, self.importance, self._loss_fn)
+                    populate_gradients(shadow, self.importance, self._loss_fn)
             else:
                 self._grads_to_shadow()
         if self._needs_data:

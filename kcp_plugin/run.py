@@ -1,0 +1,237 @@
+"""One torch-pruning run on a model: its settings, the run, its verification, trial copies.
+
+:func:`kcp_plugin.prune` searches a MACs target with trial runs on copies, runs the final
+prune, and bisects over groups when a run breaks the model; every one of those is a
+:func:`run_pruner` call with the same :class:`RunSettings`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from .attention import sync_attention_attrs
+from .depgraph import Pruner
+from .graph import ForwardFn, preserved_modes
+from .progress import progress_bar
+from .safety import ROOT_TYPES, couplings, describe_exception, group_layers, verify_outputs
+from .stats import StatsImportance, StepFn, collect
+
+__all__ = ["RunSettings", "BrokenRun", "run_pruner", "checked_run", "trial_copy",
+           "copy_model", "populate_gradients"]
+
+# ``(protectable layer, layers, couplings)`` of a pruned group, by name
+GroupEntry = tuple[str, list[str], list[str]]
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything a pruner run takes besides the model and the layers it must skip.
+
+    Attributes mirror :func:`kcp_plugin.prune`'s arguments of the same names; ``data`` is
+    ``(batches, data_steps, step_fn)`` for data-driven criteria, and ``signature`` the
+    unpruned model's output signature (:func:`kcp_plugin.safety.output_signature`) that a
+    pruned model must keep.
+    """
+
+    example_inputs: Any
+    importance: tp.importance.Importance
+    forward_fn: ForwardFn
+    output_transform: Callable | None
+    global_pruning: bool
+    isomorphic: bool
+    prune_num_heads: bool
+    head_pruning_ratio: float
+    max_pruning_ratio: float
+    iterative_steps: int
+    round_to: int | None
+    unwrapped_parameters: dict | None
+    customized_pruners: dict | None
+    loss_fn: Callable | None
+    progress: bool | None
+    data: tuple[Iterable[Any], int | None, StepFn | None] | None
+    signature: Any
+
+
+class BrokenRun(Exception):
+    """A pruner run crashed, or the model it left fails :func:`verify_outputs`.
+
+    Attributes:
+        reason: What failed, one line.
+        ratio: The channel ratio of the run.
+        extra: Per-layer ratios (by layer name) the run added to the user's.
+        settings: The settings of the run (the same criterion and options are used to find
+            the group responsible).
+    """
+
+    def __init__(self, reason: str, ratio: float, extra: dict[str, float],
+                 settings: RunSettings):
+        super().__init__(reason)
+        self.reason, self.ratio, self.extra, self.settings = reason, ratio, extra, settings
+
+
+def copy_model(model: nn.Module) -> tuple[nn.Module, dict[nn.Module, nn.Module]]:
+    """A deep copy of ``model`` and the map from its modules to the copy's (by name)."""
+    clone = copy.deepcopy(model)
+    by_name = dict(clone.named_modules())
+    return clone, {m: by_name[n] for n, m in model.named_modules()}
+
+
+def trial_copy(
+    model: nn.Module, protected: list[nn.Module], heads: dict[nn.Module, int],
+    ratio_dict: dict[nn.Module, float], extra: dict[str, float] | None,
+) -> tuple[nn.Module, list[nn.Module], dict[nn.Module, int], dict[nn.Module, float]]:
+    """A copy of ``model`` to prune in a trial, with the pruner arguments moved onto it:
+    ``(copy, protected, heads, per-layer ratios)``; ``extra`` per-layer ratios are by name."""
+    clone, remap = copy_model(model)
+    by_name = dict(clone.named_modules())
+    per_layer = {remap[m]: v for m, v in ratio_dict.items()}
+    for name, v in (extra or {}).items():
+        per_layer.setdefault(by_name[name], v)
+    return (clone, [remap[m] for m in protected], {remap[m]: h for m, h in heads.items()},
+            per_layer)
+
+
+def checked_run(model: nn.Module, protected: list[nn.Module], heads: dict[nn.Module, int],
+                ratio_dict: dict[nn.Module, float], ratio: float, extra: dict[str, float],
+                settings: RunSettings, record: dict[str, list[int]] | None = None,
+                ) -> tuple[list, dict[str, dict[str, Any]]]:
+    """:func:`run_pruner`, then :func:`verify_outputs`.
+
+    Raises:
+        BrokenRun: the run raised (torch-pruning's or torch's error on a mis-traced group), or
+            the pruned outputs changed shape or stopped being finite.
+    """
+    try:
+        result = run_pruner(model, protected, heads, ratio_dict, ratio, settings, record=record)
+    except Exception as exc:
+        raise BrokenRun(describe_exception(exc), ratio, extra, settings) from exc
+    problem = verify_outputs(model, settings.example_inputs, settings.forward_fn,
+                             settings.signature)
+    if problem is not None:
+        raise BrokenRun(problem, ratio, extra, settings)
+    return result
+
+
+def run_pruner(
+    model: nn.Module,
+    protected: list[nn.Module],
+    heads: dict[nn.Module, int],
+    ratio_dict: dict[nn.Module, float],
+    ratio: float,
+    settings: RunSettings,
+    *,
+    desc: str = "pruning",
+    record: dict[str, list[int]] | None = None,
+    limit: int | None = None,
+    groups_seen: list[GroupEntry] | None = None,
+) -> tuple[list, dict[str, dict[str, Any]]]:
+    """Run torch-pruning's pruner on ``model`` for all steps, then fix attention attributes.
+
+    Args:
+        model: Pruned in place.
+        protected: Layers passed to torch-pruning as ``ignored_layers``.
+        heads: qkv layer -> head count (torch-pruning's ``num_heads``).
+        ratio_dict: Per-layer channel ratios.
+        ratio: The channel ratio of every other layer.
+        settings: The rest of the pruner's arguments.
+        desc: Progress-bar label.
+        record: If a dict, receives the output channels each layer loses (by name).
+        limit: Prune only the first ``limit`` groups the pruner yields (over all steps; used
+            to find a group that breaks the model).
+        groups_seen: Receives, for each group pruned, its protectable layer's name, its
+            layers and the operations coupling them.
+
+    Returns:
+        The pruning history and the attention attributes that were set (both for the plan).
+    """
+    s = settings
+    heads = dict(heads)  # torch-pruning mutates (and shares) these dicts: always fresh copies
+    with preserved_modes(model):
+        pruner = Pruner(
+            model, s.example_inputs, importance=s.importance, global_pruning=s.global_pruning,
+            pruning_ratio=ratio, pruning_ratio_dict=dict(ratio_dict) or None,
+            max_pruning_ratio=s.max_pruning_ratio, iterative_steps=s.iterative_steps,
+            ignored_layers=list(protected), round_to=s.round_to, isomorphic=s.isomorphic,
+            num_heads=heads, prune_num_heads=s.prune_num_heads,
+            head_pruning_ratio=s.head_pruning_ratio, in_channel_groups={},
+            out_channel_groups={}, customized_pruners=s.customized_pruners,
+            unwrapped_parameters=s.unwrapped_parameters, forward_fn=s.forward_fn,
+            output_transform=s.output_transform,
+        )
+    steps = range(1, s.iterative_steps + 1)
+    names = {m: n for n, m in model.named_modules()}
+    importance = s.importance
+    pruned = 0
+    for step in progress_bar(steps, enabled=s.progress, desc=desc):
+        if hasattr(importance, "keep_ratio_hint"):
+            done, after = ratio * (step - 1) / s.iterative_steps, ratio * step / s.iterative_steps
+            importance.keep_ratio_hint = (1 - after) / max(1 - done, 1e-9)
+        if s.loss_fn is not None:
+            populate_gradients(model, importance, s.loss_fn)
+        if isinstance(importance, StatsImportance):
+            if s.data is not None:
+                batches, data_steps, step_fn = s.data
+                collect(model, batches, importance, steps=data_steps, step_fn=step_fn,
+                        example_inputs=s.example_inputs, forward_fn=s.forward_fn,
+                        progress=s.progress)
+            importance.bind(model)
+        for group in pruner.step(interactive=True):
+            if limit is not None and pruned >= limit:
+                break
+            pruned += 1
+            if groups_seen is not None:
+                groups_seen.append(_group_entry(pruner.DG, group, names))
+            if record is not None:
+                for dep, idxs in group:
+                    module = dep.target.module
+                    if pruner.DG.is_out_channel_pruning_fn(dep.handler) and module in names \
+                            and isinstance(getattr(module, "weight", None), torch.Tensor):
+                        record.setdefault(names[module], []).extend(int(i) for i in idxs)
+            group.prune()
+    return pruner.pruning_history(), sync_attention_attrs(model, pruner.num_heads)
+
+
+def _group_entry(graph: Any, group: Any, names: dict[nn.Module, str]) -> GroupEntry:
+    """``(protectable layer, layers, couplings)`` of a group about to be pruned.
+
+    The protectable layer is the first output-pruned conv / linear: ignoring it makes
+    torch-pruning skip the whole group (for attention groups the pruning root is a downstream
+    input-pruned layer, which would not).
+    """
+    root = None
+    for item in group.items:
+        module = item.dep.target.module
+        if graph.is_out_channel_pruning_fn(item.dep.handler) and module in names \
+                and isinstance(module, ROOT_TYPES):
+            root = names[module]
+            break
+    layers = group_layers(group, names)
+    return root or layers[0], layers, couplings(group)
+
+
+def populate_gradients(model: nn.Module, importance: Any,
+                       loss_fn: Callable[[nn.Module], torch.Tensor]) -> None:
+    """Back-propagate ``loss_fn(model)`` for a gradient-based criterion.
+
+    torch-pruning's ``GroupHessianImportance`` accumulates one gradient per sample, so for it
+    ``loss_fn`` returns per-sample losses (shape ``(N,)``) and each is back-propagated alone;
+    any other criterion gets ``loss.sum().backward()``. Gradients are zeroed first.
+    """
+    model.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        loss = loss_fn(model)
+        if isinstance(importance, tp.importance.GroupHessianImportance):
+            importance.zero_grad()
+            for sample_loss in loss.reshape(-1):
+                model.zero_grad(set_to_none=True)
+                sample_loss.backward(retain_graph=True)
+                importance.accumulate_grad(model)
+        else:
+            loss.sum().backward()

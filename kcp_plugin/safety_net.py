@@ -1,0 +1,136 @@
+"""The safety net around a prune: when a run breaks the model, find the channel group
+responsible by bisection, keep it, and prune the rest.
+
+torch-pruning traces some models inconsistently (see :mod:`kcp_plugin.depgraph`); the checks
+in :mod:`kcp_plugin.safety` catch what can be seen before pruning, this catches what only a
+pruned forward shows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch.nn as nn
+
+from .run import BrokenRun, GroupEntry, RunSettings, run_pruner, trial_copy
+from .safety import ProtectedGroup, UnprunableError, describe_exception, verify_outputs
+from .search import prune_to_target
+from .snapshot import ModuleSnapshot
+
+__all__ = ["MAX_PROTECTED", "find_culprit", "listing", "prune_protecting"]
+
+# At most this many groups are protected one by one after failing verification.
+MAX_PROTECTED = 24
+
+
+def listing(records: list[ProtectedGroup]) -> str:
+    """The protected groups as an indented list for an error or warning ("" if none)."""
+    if not records:
+        return ""
+    return "".join(f"\n  - {r.describe()}" for r in records) + (
+        "\n(pass these roots in ignored_layers to skip the checks, or lower the target)")
+
+
+def prune_protecting(
+    model: nn.Module,
+    names: dict[nn.Module, str],
+    snapshot: ModuleSnapshot,
+    protected: list[nn.Module],
+    auto: list[ProtectedGroup],
+    heads: dict[nn.Module, int],
+    ratio_dict: dict[nn.Module, float],
+    settings: RunSettings,
+    target_macs_ratio: float | None,
+    pruning_ratio: float | None,
+    macs0: int,
+    macs_tolerance: float,
+    selected: dict[str, list[int]] | None,
+) -> tuple[float, list, int, int, list, dict]:
+    """:func:`prune_to_target`, and on a broken run: restore ``model`` from ``snapshot``,
+    find the group responsible, append it to ``protected`` (its record to ``auto``), retry.
+
+    Returns:
+        :func:`prune_to_target`'s result.
+
+    Raises:
+        UnprunableError: no single group is responsible, or more than :data:`MAX_PROTECTED`
+            groups break.
+        Exception: the run's own error when it fails with no group pruned (e.g. the
+            criterion's), model restored.
+    """
+    for _attempt in range(MAX_PROTECTED + 1):
+        try:
+            return prune_to_target(model, names, protected, heads, ratio_dict, settings,
+                                   target_macs_ratio, pruning_ratio, macs0, macs_tolerance,
+                                   selected)
+        except BrokenRun as broken:
+            snapshot.restore()
+            if selected is not None:
+                selected.clear()
+            found = find_culprit(model, protected, heads, ratio_dict, broken)
+            if found is None and isinstance(broken.__cause__, Exception):
+                # not reproducible group by group, or failing with no group pruned (e.g.
+                # the criterion's own error): the original error, model restored
+                raise broken.__cause__ from None
+            if found is None:
+                raise UnprunableError(
+                    f"pruning breaks this model ({broken.reason}), and no single channel "
+                    "group could be found responsible; protect the layers around the "
+                    "failing operation with ignored_layers=[...]" + listing(auto),
+                    auto) from broken.__cause__
+            module, record = found
+            protected.append(module)
+            auto.append(record)
+    raise UnprunableError(
+        f"more than {MAX_PROTECTED} channel groups of this model break when pruned; "
+        "torch-pruning cannot trace it reliably" + listing(auto), auto)
+
+
+def find_culprit(
+    model: nn.Module,
+    protected: list[nn.Module],
+    heads: dict[nn.Module, int],
+    ratio_dict: dict[nn.Module, float],
+    broken: BrokenRun,
+) -> tuple[nn.Module, ProtectedGroup] | None:
+    """The channel group whose pruning breaks the model, found by bisection on copies.
+
+    The pruner yields its groups in a fixed order; pruning only the first ``k`` of them
+    (``k`` bisected between a prefix that works and one that breaks) finds the group after
+    which the model breaks. Returns its protectable layer (an output-pruned root layer of the
+    group) and a record of it, or ``None`` if the failure does not depend on the groups.
+    """
+    by_name = dict(model.named_modules())
+    seen: list[GroupEntry] = []
+    settings = broken.settings  # the same criterion and options as the run that broke
+
+    def trial(limit: int | None) -> str | None:
+        clone, kept_layers, clone_heads, per_layer = trial_copy(
+            model, protected, heads, ratio_dict, broken.extra)
+        log = seen if limit is None else None
+        try:
+            run_pruner(clone, kept_layers, clone_heads, per_layer, broken.ratio,
+                       replace(settings, progress=False),
+                       limit=limit, groups_seen=log)
+        except Exception as exc:
+            return describe_exception(exc)
+        return verify_outputs(clone, settings.example_inputs, settings.forward_fn,
+                              settings.signature)
+
+    reason = trial(None)
+    if reason is None:
+        return None
+    if not seen or trial(0) is not None:  # fails with no group pruned: none is to blame
+        return None
+    lo, hi = 0, len(seen)  # trial(lo) works, trial(hi) breaks
+    last = reason
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        problem = trial(mid)
+        if problem is None:
+            lo = mid
+        else:
+            hi, last = mid, problem
+    root, layers, coupled = seen[hi - 1]
+    return by_name[root], ProtectedGroup(root=root, layers=layers, couplings=coupled,
+                                         reason=last)

@@ -1,0 +1,207 @@
+"""The MACs search: which channel ratio keeps a target fraction of a model's MACs.
+
+Each trial prunes a deep copy (:func:`kcp_plugin.run.checked_run`) and counts its MACs; the
+search is regula falsi on the ratio, then a group-by-group mix of the two bracketing ratios
+where single channels are worth more than the tolerance.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import replace
+
+import torch.nn as nn
+import torch_pruning as tp
+
+from .graph import build_graph, count_macs_params
+from .progress import progress_bar
+from .run import RunSettings, checked_run, trial_copy
+from .safety import UnprunableError
+from .snapshot import ModuleSnapshot
+from .tracking import track_pruning
+
+__all__ = ["prune_to_target", "search_ratio"]
+
+logger = logging.getLogger(__name__)
+
+
+def prune_to_target(
+    model: nn.Module,
+    names: dict[nn.Module, str],
+    protected: list[nn.Module],
+    heads: dict[nn.Module, int],
+    ratio_dict: dict[nn.Module, float],
+    settings: RunSettings,
+    target_macs_ratio: float | None,
+    pruning_ratio: float | None,
+    macs0: int,
+    macs_tolerance: float,
+    selected: dict[str, list[int]] | None,
+) -> tuple[float, list, int, int, list, dict]:
+    """Search the ratio (if a MACs target is given), prune ``model`` and verify it.
+
+    Raises:
+        BrokenRun: a trial or the final prune crashed or broke the model's outputs.
+    """
+    # With local pruning, each layer's width depends only on the ratio, not on the scores,
+    # so the MACs search can use a cheap scorer; the result is verified and, should the real
+    # criterion leave some group alone, searched again with the real criterion.
+    fast = target_macs_ratio is not None and not settings.global_pruning
+    search: list[tuple[float, float]] = []
+    snapshot = ModuleSnapshot(model)
+    while True:
+        if target_macs_ratio is not None:
+            trial_settings = settings
+            if fast:
+                trial_settings = replace(
+                    settings, importance=tp.importance.GroupMagnitudeImportance(),
+                    loss_fn=None, data=None)
+            ratio, extra, search = search_ratio(
+                model, protected, heads, ratio_dict, target_macs_ratio, macs0,
+                macs_tolerance, trial_settings,
+            )
+        else:
+            ratio, extra = float(pruning_ratio or 0.0), {}
+        with track_pruning():
+            history, attrs = checked_run(
+                model, protected, heads, {**extra, **ratio_dict}, ratio,
+                {names[m]: v for m, v in extra.items()}, settings, record=selected)
+        macs1, params1 = count_macs_params(model, settings.example_inputs, settings.forward_fn)
+        if fast and abs(macs1 / macs0 - target_macs_ratio) > macs_tolerance:
+            logger.info("criterion left some groups alone; searching with it instead")
+            snapshot.restore()
+            if selected is not None:
+                selected.clear()
+            fast = False
+            continue
+        return ratio, search, macs1, params1, history, attrs
+
+
+def search_ratio(
+    model: nn.Module,
+    protected: list[nn.Module],
+    heads: dict[nn.Module, int],
+    ratio_dict: dict[nn.Module, float],
+    target: float,
+    macs0: int,
+    tol: float,
+    settings: RunSettings,
+    max_trials: int = 14,
+) -> tuple[float, dict[nn.Module, float], list[tuple[float, float]]]:
+    """Find pruning settings whose pruned model keeps ``target`` of the MACs (within ``tol``).
+
+    Each trial prunes a deep copy with the given criterion and settings. First the uniform
+    channel ratio: MACs kept fall monotonically with it, roughly as ``(1 - r)^2``, so regula
+    falsi on ``sqrt(MACs kept)`` brackets the answer in a few trials. On narrow networks one
+    channel per layer can be worth more than the tolerance; then the two bracketing ratios are
+    mixed: the first ``k`` groups (in graph order) get the higher one, and ``k`` is bisected,
+    which moves the MACs in steps of single groups.
+
+    Returns:
+        ``(ratio, extra per-layer ratios, trials as (ratio, MACs kept))``.
+    """
+    trials: list[tuple[float, float]] = []
+
+    def macs_kept(r: float, extra: dict[str, float] | None = None) -> float:
+        if r == 0.0 and not extra:
+            return 1.0
+        clone, kept_layers, clone_heads, per_layer = trial_copy(
+            model, protected, heads, ratio_dict, extra)
+        checked_run(clone, kept_layers, clone_heads, per_layer, r, dict(extra or {}),
+                    replace(settings, progress=False))
+        kept = count_macs_params(clone, settings.example_inputs, settings.forward_fn)[0]
+        trials.append((r, kept / macs0))
+        bar.update(1)
+        bar.set_postfix(ratio=f"{r:.3f}", macs=f"{kept / macs0:.3f}")
+        return kept / macs0
+
+    bar = progress_bar(enabled=settings.progress, total=max_trials + 8,
+                       desc="searching channel ratio")
+    try:
+        lo, m_lo = 0.0, 1.0
+        hi = settings.max_pruning_ratio
+        if abs(1.0 - target) <= tol:
+            return 0.0, {}, trials
+        m_hi = macs_kept(hi)
+        if m_hi > target + tol:
+            # MACs kept are not always monotonic in the ratio: where a block slices its output
+            # at a stored width (GhostNet's out[:, :out_chs]), which channels go decides the
+            # widths, and the largest ratio can keep more than smaller ones. A few coarse
+            # ratios find a bracket in that case.
+            for r in (0.3, 0.5, 0.7):
+                if r < hi:
+                    m = macs_kept(r)
+                    if m <= target + tol:
+                        hi, m_hi = r, m
+                        break
+        if m_hi > target + tol:
+            raise UnprunableError(
+                f"target_macs_ratio={target} is out of reach: pruning every prunable layer by "
+                f"max_pruning_ratio={hi} keeps {m_hi:.3f} of the MACs (protected layers: "
+                f"{len(protected)}). Raise max_pruning_ratio or protect fewer layers."
+            )
+        if abs(m_hi - target) <= tol:
+            return hi, {}, trials
+        bracket = [(lo, m_lo), (hi, m_hi)]
+        side = 0
+        f_lo, f_hi = math.sqrt(m_lo), math.sqrt(m_hi)
+        for _ in range(max_trials - 1):
+            # regula falsi on sqrt(MACs) with the Illinois modification
+            g_lo, g_hi = f_lo - math.sqrt(target), f_hi - math.sqrt(target)
+            r = hi - g_hi * (hi - lo) / (g_hi - g_lo) if g_hi != g_lo else (lo + hi) / 2
+            if not lo < r < hi or hi - lo < 1e-4:
+                r = (lo + hi) / 2
+            m = macs_kept(r)
+            if abs(m - target) <= tol:
+                return r, {}, trials
+            if m > target:
+                lo, m_lo, f_lo = r, m, math.sqrt(m)
+                if side == -1:
+                    f_hi = math.sqrt(target) + (f_hi - math.sqrt(target)) / 2
+                side = -1
+            else:
+                hi, m_hi, f_hi = r, m, math.sqrt(m)
+                if side == 1:
+                    f_lo = math.sqrt(target) + (f_lo - math.sqrt(target)) / 2
+                side = 1
+            bracket = [(lo, m_lo), (hi, m_hi)]
+            if hi - lo < 1e-3:
+                break
+        # Mix the bracketing ratios group by group.
+        (lo, m_lo), (hi, m_hi) = bracket
+        roots = _group_roots(model, protected, settings)
+        best = min(bracket, key=lambda t: abs(t[1] - target))
+        a, b = 0, len(roots)
+        while b - a > 1:
+            k = (a + b) // 2
+            extra = {roots[j]: hi for j in range(k)}
+            m = macs_kept(lo, extra)
+            if abs(m - target) < abs(best[1] - target):
+                best = (lo, m)
+            if abs(m - target) <= tol:
+                return lo, {dict(model.named_modules())[n]: v for n, v in extra.items()}, trials
+            a, b = (k, b) if m > target else (a, k)
+        raise UnprunableError(
+            f"could not reach target_macs_ratio={target} within {tol}: the closest setting "
+            f"keeps {best[1]:.4f} of the MACs: channel counts are too coarse (few channels per "
+            f"layer, round_to={settings.round_to}); loosen macs_tolerance, lower round_to, "
+            "or use global_pruning"
+        )
+    finally:
+        bar.close()
+
+
+def _group_roots(model: nn.Module, protected: list[nn.Module], settings: RunSettings) -> list:
+    """Names of the root layers of the prunable groups, in torch-pruning's order."""
+    graph = build_graph(model, settings.example_inputs, settings.forward_fn,
+                        settings.output_transform)
+    names = {m: n for n, m in model.named_modules()}
+    ignored = [m for p in protected for m in p.modules()]
+    roots = []
+    for group in graph.get_all_groups(ignored_layers=ignored,
+                                      root_module_types=[nn.modules.conv._ConvNd, nn.Linear]):
+        root = group[0].dep.target.module
+        if root in names:
+            roots.append(names[root])
+    return roots
