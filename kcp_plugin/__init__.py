@@ -9,7 +9,13 @@ from .latency import measure_latency
 from .optim import rebuild_optimizer
 from .plan import apply_plan, get_plan, load_pruned, read_checkpoint, save_pruned
 from .pruning import prune, resolve_importance
-from .registry import get_importance, importance_info, list_importances, register_importance
+from .registry import (
+    criterion_arguments,
+    get_importance,
+    importance_info,
+    list_importances,
+    register_importance,
+)
 from .report import PruneReport
 from .stats import RecentBatches, StatsImportance, collect, collecting
 from .tracking import track_pruning
@@ -25,6 +31,7 @@ __all__ = [
     "collect",
     "collecting",
     "count_macs_params",
+    "criterion_arguments",
     "get_importance",
     "get_plan",
     "importance_info",

@@ -182,15 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     example = inputs[0] if len(inputs) == 1 else tuple(inputs)
 
     latency_before = _latency(model, example, args.latency_runs)
-    prune_fn = prune
-    if args.model.startswith("timm:"):
-        # timm models need the integration's pruners, head bookkeeping and refusals
-        from .integrations.timm.pruning import prune_timm_model
-
-        def prune_fn(model, example, importance, **kwargs):
-            return prune_timm_model(model, importance, example_inputs=example, **kwargs)
-    try:
-        report = prune_fn(
+    try:  # timm models: the core applies the timm integration itself (kcp_plugin.hosts)
+        report = prune(
             model, example, args.importance,
             importance_kwargs=dict(args.importance_arg) or None,
             target_macs_ratio=args.target_macs, pruning_ratio=args.pruning_ratio,

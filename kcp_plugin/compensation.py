@@ -46,8 +46,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .consumers import ConsumerLayout, ridge
 from .graph import ForwardFn
-from .importance.cap import CaPImportance, ConsumerLayout, _ridge
+from .importance.cap import CaPImportance
 from .progress import progress_bar
 from .stats import StepFn, collect, unwrap_model
 from .tracking import lineage
@@ -270,7 +271,7 @@ def _compensate_layer(module: nn.Module, stats: CaPImportance, name: str,
                 + torch.arange(k)).reshape(-1)
         total = float(torch.trace(wb @ cov @ wb.t()))
         a = cov[dims][:, dims]
-        a = a + _ridge(a, eps) * torch.eye(len(dims), dtype=a.dtype)
+        a = a + ridge(a, eps) * torch.eye(len(dims), dtype=a.dtype)
         bmat = cov[dims] @ wb.t()  # [|S|, rows]
         w_new = torch.linalg.solve(a, bmat).t() if len(dims) else wb[:, :0]
         kept_dims = set(dims.tolist())

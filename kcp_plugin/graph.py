@@ -9,7 +9,6 @@ come back as they were (torch-pruning's tracer calls ``model.eval()`` and never 
 from __future__ import annotations
 
 import contextlib
-import difflib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch_pruning as tp
 from torch_pruning import ops
 
 from .depgraph import DependencyGraph
+from .hints import did_you_mean
 
 ForwardFn = Callable[[nn.Module, Any], Any]
 LayerRef = nn.Module | str | type
@@ -62,9 +62,8 @@ def resolve_layers(model: nn.Module, refs: Iterable[LayerRef] | LayerRef | None,
     for ref in refs:
         if isinstance(ref, str):
             if ref not in named:
-                close = difflib.get_close_matches(ref, list(named), n=3)
-                hint = f"; close matches: {', '.join(close)}" if close else ""
-                raise ValueError(f"{what}: the model has no layer named {ref!r}{hint}")
+                raise ValueError(f"{what}: the model has no layer named {ref!r}"
+                                 f"{did_you_mean(ref, named)}")
             out.append(named[ref])
         elif isinstance(ref, type) and issubclass(ref, nn.Module):
             out.extend(m for m in named.values() if isinstance(m, ref))

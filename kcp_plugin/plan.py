@@ -54,7 +54,7 @@ def get_plan(model: nn.Module) -> dict[str, Any]:
     return copy.deepcopy(getattr(model, _ATTR, None) or empty_plan())
 
 
-def _set_plan(model: nn.Module, plan: dict[str, Any]) -> None:
+def set_plan(model: nn.Module, plan: dict[str, Any]) -> None:
     # Stored in __dict__ directly: a plain attribute, not a submodule/parameter/buffer.
     model.__dict__[_ATTR] = plan
 
@@ -69,7 +69,7 @@ def extend_plan(
     )
     for name, values in attrs.items():
         plan["attrs"].setdefault(name, {}).update(values)
-    _set_plan(model, plan)
+    set_plan(model, plan)
     return plan
 
 
@@ -161,7 +161,7 @@ def apply_plan(
     except BaseException:
         snapshot.restore()
         raise
-    _set_plan(model, copy.deepcopy(plan))
+    set_plan(model, copy.deepcopy(plan))
     return model
 
 

@@ -4,21 +4,28 @@ Criteria are registered by name, the way timm registers model entrypoints: a fac
 ``Importance`` class) is decorated with :func:`register_importance` and later built with
 :func:`get_importance`. Integrations (NNI, mmseg, timm, the benchmark) never construct criteria
 themselves, so a criterion registered once is available everywhere.
+
+The built-in criteria (:mod:`kcp_plugin.importance`) register themselves when ``kcp_plugin``
+is imported (its ``__init__`` imports them); this module imports only :mod:`kcp_plugin.hints`, so
+the criteria can import it for the decorator without a cycle.
 """
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch_pruning as tp
 
+from .hints import did_you_mean
+
 __all__ = [
     "CriterionInfo",
+    "KeepRatioAware",
+    "criterion_arguments",
     "register_importance",
     "get_importance",
     "list_importances",
@@ -40,6 +47,9 @@ class CriterionInfo:
         summary: One line shown by ``kcp-prune --list-importances``.
         requires_data: The criterion scores from statistics collected on data
             (a :class:`kcp_plugin.stats.StatsImportance`): pass ``data`` to ``prune``.
+        per_sample_loss: With ``requires_grad``: the loss must be one value per sample
+            (shape ``(N,)``), each back-propagated alone (torch-pruning's
+            ``GroupHessianImportance`` accumulates per-sample gradients).
     """
 
     name: str
@@ -47,12 +57,26 @@ class CriterionInfo:
     requires_grad: bool
     summary: str
     requires_data: bool = False
+    per_sample_loss: bool = False
 
     @property
     def data_free(self) -> bool:
         """Scores from the weights alone (no gradients, no data): usable wherever no training
         batches are at hand (the CLI, creation-time pruning)."""
         return not (self.requires_grad or self.requires_data)
+
+
+@runtime_checkable
+class KeepRatioAware(Protocol):
+    """A criterion whose scores depend on how many channels a step keeps (KCP's
+    representative clusters, a blend of such criteria).
+
+    Before every pruning step, :func:`kcp_plugin.prune` sets ``keep_ratio_hint`` to the
+    fraction of the current channels that step keeps (``(1 - after) / (1 - done)`` for the
+    cumulative ratios done before and after the step).
+    """
+
+    keep_ratio_hint: float | None
 
 
 _REGISTRY: dict[str, CriterionInfo] = {}
@@ -63,6 +87,7 @@ def register_importance(
     *,
     requires_grad: bool = False,
     requires_data: bool = False,
+    per_sample_loss: bool = False,
     summary: str | None = None,
     override: bool = False,
 ) -> Callable[[F], F]:
@@ -72,6 +97,7 @@ def register_importance(
         name: Registry name; defaults to the factory's ``__name__`` in lower case.
         requires_grad: Whether the criterion needs gradients before scoring.
         requires_data: Whether the criterion collects statistics on data before scoring.
+        per_sample_loss: Whether its loss must be per sample (see :class:`CriterionInfo`).
         summary: One-line description; defaults to the first docstring line.
         override: Replace an existing entry instead of raising.
 
@@ -89,7 +115,8 @@ def register_importance(
                 f"importance {key!r} is already registered; pass override=True to replace it"
             )
         doc = summary or (inspect.getdoc(factory) or "").split("\n")[0]
-        _REGISTRY[key] = CriterionInfo(key, factory, requires_grad, doc, requires_data)
+        _REGISTRY[key] = CriterionInfo(key, factory, requires_grad, doc, requires_data,
+                                       per_sample_loss)
         return factory
 
     return decorator
@@ -97,9 +124,8 @@ def register_importance(
 
 def _unknown(name: str) -> ValueError:
     valid = sorted(_REGISTRY)
-    close = difflib.get_close_matches(name.lower(), valid, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return ValueError(f"unknown importance {name!r}.{hint} Valid names: {', '.join(valid)}")
+    return ValueError(f"unknown importance {name!r}{did_you_mean(name.lower(), valid, n=1)}. "
+                      f"Valid names: {', '.join(valid)}")
 
 
 def importance_info(name: str) -> CriterionInfo:
@@ -108,7 +134,6 @@ def importance_info(name: str) -> CriterionInfo:
     Raises:
         ValueError: ``name`` is not registered; the message lists the valid names.
     """
-    _ensure_builtins()
     if not isinstance(name, str):
         raise TypeError(f"importance name must be a string, got {type(name).__name__}")
     try:
@@ -140,13 +165,62 @@ def get_importance(name: str, **kwargs: Any) -> tp.importance.Importance:
     return info.factory(**kwargs)
 
 
+Reduction = str  # "mean", "sum" or "none" (per sample), as in torch's losses
+LossOf = Callable[[Any, Any, Reduction], Any]
+
+
+def criterion_arguments(
+    info: CriterionInfo,
+    loss: LossOf,
+    *,
+    batch: Any = None,
+    batches: Any = None,
+    data_steps: int | None = None,
+    step_fn: Callable[[Any, Any], Any] | None = None,
+) -> dict[str, Any]:
+    """The :func:`kcp_plugin.prune` keyword arguments that feed criterion ``info``.
+
+    Every integration (mmseg hook, NNI search, benchmark, timm training) builds these here, so
+    what a criterion needs is decided once, by its :class:`CriterionInfo`.
+
+    Args:
+        info: The criterion (:func:`importance_info`).
+        loss: ``loss(model, batch, reduction)``: the training loss of ``batch``, reduced by
+            ``"mean"``, ``"sum"`` or ``"none"`` (one value per sample).
+        batch: The batch a gradient criterion back-propagates: a batch, or a callable
+            returning the current one when ``prune`` asks (a training loop's latest batch).
+        batches: The batches a data-driven criterion collects statistics on.
+        data_steps: Batches per collection (default: all of ``batches``).
+        step_fn: ``step_fn(model, batch) -> loss`` for the collection; default
+            ``loss(model, batch, "sum")`` (each sample's gradient is that of its own loss).
+
+    Returns:
+        ``{}`` for a data-free criterion; ``{"loss_fn": ...}`` for a gradient criterion
+        (per-sample losses where ``info.per_sample_loss``); ``{"data", "data_steps",
+        "step_fn"}`` for a data-driven one.
+
+    Raises:
+        ValueError: the criterion needs ``batch`` or ``batches`` and it was not given.
+    """
+    if info.requires_data:
+        if batches is None:
+            raise ValueError(f"importance {info.name!r} collects statistics on data: "
+                             "pass batches=<training batches>")
+        return {"data": batches, "data_steps": data_steps,
+                "step_fn": step_fn or (lambda model, b: loss(model, b, "sum"))}
+    if info.requires_grad:
+        if batch is None:
+            raise ValueError(f"importance {info.name!r} reads gradients: pass batch=<a "
+                             "training batch> (or a callable returning the current one)")
+        reduction = "none" if info.per_sample_loss else "mean"
+
+        def loss_fn(model: Any) -> Any:
+            return loss(model, batch() if callable(batch) else batch, reduction)
+
+        return {"loss_fn": loss_fn}
+    return {}
+
+
 def list_importances(pattern: str = "*") -> list[str]:
     """Names of the registered criteria matching a shell-style ``pattern``, sorted."""
-    _ensure_builtins()
     return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern.lower()))
-
-
-def _ensure_builtins() -> None:
-    # The built-in criteria register themselves on import; importing here (not at module top)
-    # avoids a cycle, since those modules import this one for the decorator.
-    from . import importance  # noqa: F401

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from .graph import ForwardFn, build_graph, default_forward, output_layers
-from .importance.views import CONSUMER_FNS, NORM_FNS, PRODUCER_FNS
+from .views import CONSUMER_FNS, NORM_FNS, PRODUCER_FNS
 
 __all__ = ["ChannelGroup", "channel_groups", "GReg1", "GReg2", "OrthoReg", "IncReg"]
 

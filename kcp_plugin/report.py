@@ -8,7 +8,7 @@ from typing import Any
 
 import torch.nn as nn
 
-__all__ = ["PruneReport", "layer_widths"]
+__all__ = ["PruneReport", "SizeReport", "human_count", "layer_widths"]
 
 
 def layer_widths(model: nn.Module) -> dict[str, int]:
@@ -22,8 +22,51 @@ def layer_widths(model: nn.Module) -> dict[str, int]:
     return widths
 
 
+class SizeReport:
+    """What every report of a structural change shares (:class:`PruneReport`, NNI's
+    ``SpeedupReport``): MACs and parameter counts before and after, their ratios, the
+    plain-data form and the before / after table. Subclasses are dataclasses with the fields
+    ``macs_before``, ``macs_after``, ``params_before`` and ``params_after``."""
+
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+
+    @property
+    def macs_ratio(self) -> float:
+        """Fraction of MACs kept."""
+        return self.macs_after / max(self.macs_before, 1)
+
+    @property
+    def params_ratio(self) -> float:
+        """Fraction of parameters kept."""
+        return self.params_after / max(self.params_before, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (JSON-compatible)."""
+        d = asdict(self)
+        d["macs_ratio"] = self.macs_ratio
+        d["params_ratio"] = self.params_ratio
+        return d
+
+    def size_table(self, extra_rows: list[tuple[str, str, str, float]] = ()) -> str:
+        """Rows ``(name, before, after, fraction kept)`` for MACs, parameters and
+        ``extra_rows``, aligned for terminals and logs."""
+        rows = [
+            ("MACs", human_count(self.macs_before), human_count(self.macs_after),
+             self.macs_ratio),
+            ("Params", human_count(self.params_before), human_count(self.params_after),
+             self.params_ratio),
+            *extra_rows,
+        ]
+        lines = [f"{'':<12} {'before':>12} {'after':>12} {'kept':>8}"]
+        lines += [f"{n:<12} {b:>12} {a:>12} {r:>8.1%}" for n, b, a, r in rows]
+        return "\n".join(lines)
+
+
 @dataclass
-class PruneReport:
+class PruneReport(SizeReport):
     """Result of :func:`kcp_plugin.prune`.
 
     Attributes:
@@ -64,29 +107,9 @@ class PruneReport:
     selected: dict[str, list[int]] | None = None
     auto_protected: list[dict[str, Any]] = field(default_factory=list)
 
-    @property
-    def macs_ratio(self) -> float:
-        """Fraction of MACs kept."""
-        return self.macs_after / max(self.macs_before, 1)
-
-    @property
-    def params_ratio(self) -> float:
-        """Fraction of parameters kept."""
-        return self.params_after / max(self.params_before, 1)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-data form (JSON-compatible)."""
-        d = asdict(self)
-        d["macs_ratio"] = self.macs_ratio
-        d["params_ratio"] = self.params_ratio
-        return d
-
     def table(self) -> str:
         """A before/after table for terminals and logs."""
-        rows = [
-            ("MACs", _human(self.macs_before), _human(self.macs_after), self.macs_ratio),
-            ("Params", _human(self.params_before), _human(self.params_after), self.params_ratio),
-        ]
+        rows = []
         if self.latency_before_ms is not None and self.latency_after_ms is not None:
             rows.append((
                 "CPU latency",
@@ -94,12 +117,10 @@ class PruneReport:
                 f"{self.latency_after_ms:.2f} ms",
                 self.latency_after_ms / max(self.latency_before_ms, 1e-9),
             ))
-        lines = [f"{'':<12} {'before':>12} {'after':>12} {'kept':>8}"]
-        lines += [f"{n:<12} {b:>12} {a:>12} {r:>8.1%}" for n, b, a, r in rows]
         head = f"importance: {self.importance}; channel pruning ratio {self.pruning_ratio:.3f}"
         if self.target_macs_ratio is not None:
             head += f" (searched for {self.target_macs_ratio:.1%} of MACs)"
-        return head + "\n" + "\n".join(lines)
+        return head + "\n" + self.size_table(rows)
 
     def plot_widths(self, path: str | os.PathLike, title: str | None = None) -> None:
         """Write a PNG bar chart of each layer's width before and after pruning."""
@@ -125,7 +146,8 @@ class PruneReport:
         plt.close(fig)
 
 
-def _human(n: float) -> str:
+def human_count(n: float) -> str:
+    """``n`` with a G / M / K suffix and two decimals (``1.23M``), or as an integer below 1000."""
     for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= scale:
             return f"{n / scale:.2f}{unit}"

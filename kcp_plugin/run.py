@@ -20,6 +20,7 @@ from .attention import sync_attention_attrs
 from .depgraph import Pruner
 from .graph import ForwardFn, preserved_modes
 from .progress import progress_bar
+from .registry import KeepRatioAware
 from .safety import ROOT_TYPES, couplings, describe_exception, group_layers, verify_outputs
 from .stats import StatsImportance, StepFn, collect
 
@@ -170,7 +171,7 @@ def run_pruner(
     importance = s.importance
     pruned = 0
     for step in progress_bar(steps, enabled=s.progress, desc=desc):
-        if hasattr(importance, "keep_ratio_hint"):
+        if isinstance(importance, KeepRatioAware):
             done, after = ratio * (step - 1) / s.iterative_steps, ratio * step / s.iterative_steps
             importance.keep_ratio_hint = (1 - after) / max(1 - done, 1e-9)
         if s.loss_fn is not None:

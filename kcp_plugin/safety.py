@@ -1,4 +1,5 @@
-"""The safety net around torch-pruning: which groups are safe to prune, and is the result sound.
+"""Safety checks around torch-pruning: which groups are safe to prune, and is the result sound
+(the recovery loop that uses them when a run breaks is :mod:`kcp_plugin.safety_net`).
 
 torch-pruning traces a model once and trusts its index mapping; where the mapping is wrong
 (channels split by sizes written in the forward code, reshapes by stored widths, parameters it

@@ -31,10 +31,37 @@ from .graph import ForwardFn, count_macs_params, default_forward
 from .optim import rebuild_optimizer
 from .pruning import prune, resolve_importance
 
-__all__ = ["PruningScheduler", "ramp_targets", "RAMPS", "MODES"]
+__all__ = ["PruningScheduler", "ramp_targets", "resolve_mode", "RAMPS", "MODES", "MODE_ALIASES"]
 
 RAMPS = ("linear", "exponential", "agp", "asfp")
 MODES = ("hard", "soft", "decay")
+# The papers' names for the modes: SFP (He et al. 2018) is "soft"; SRFP / ASRFP (Cai et al.
+# 2021, soft filter pruning with decaying, asymptotic rates) are "decay", ASRFP with the
+# "asfp" ramp.
+MODE_ALIASES = {"sfp": ("soft", None), "srfp": ("decay", None), "asrfp": ("decay", "asfp")}
+
+
+def resolve_mode(mode: str, ramp: str = "linear") -> tuple[str, str]:
+    """``(mode, ramp)`` for a mode or its paper name (``"SFP"``, ``"SRFP"``, ``"ASRFP"``,
+    any case); ASRFP sets the ``"asfp"`` ramp.
+
+    Raises:
+        ValueError: an unknown mode (the message lists modes and names), or ASRFP with a ramp
+            other than ``"asfp"`` (or the default ``"linear"``).
+    """
+    if not isinstance(mode, str):
+        raise ValueError(f"mode must be a string, got {mode!r}")
+    key = mode.lower()
+    if key in MODES:
+        return key, ramp
+    if key not in MODE_ALIASES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)} (or the papers' names "
+                         f"{', '.join(n.upper() for n in MODE_ALIASES)}); got {mode!r}")
+    canonical, fixed_ramp = MODE_ALIASES[key]
+    if fixed_ramp is not None and ramp not in ("linear", fixed_ramp):
+        raise ValueError(f"mode {mode!r} is decay with the {fixed_ramp!r} ramp; got "
+                         f"ramp={ramp!r}")
+    return canonical, fixed_ramp or ramp
 
 
 def ramp_targets(
@@ -82,7 +109,8 @@ class PruningScheduler:
         start: Call index of the first pruning point.
         every: Calls between pruning points.
         ramp: ``"linear"``, ``"exponential"`` or ``"agp"`` (see :func:`ramp_targets`).
-        mode: ``"hard"``, ``"soft"`` (SFP) or ``"decay"`` (SRFP).
+        mode: ``"hard"``, ``"soft"`` (SFP) or ``"decay"`` (SRFP); the papers' names
+            ``"SFP"``, ``"SRFP"`` and ``"ASRFP"`` (decay on the ``"asfp"`` ramp) work too.
         decay: For ``mode="decay"``: ``"linear"`` or ``"exponential"`` decrease of ``alpha``.
         decay_rate: Rate of the exponential decay, ``alpha_i = exp(-rate * (i + 1) / n)``
             (the linear decay is ``1 - (i + 1) / n``; the last point is a hard prune).
@@ -119,8 +147,7 @@ class PruningScheduler:
     ):
         if not isinstance(target_macs_ratio, (int, float)) or not 0 < target_macs_ratio <= 1:
             raise ValueError(f"target_macs_ratio must be in (0, 1], got {target_macs_ratio!r}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+        mode, ramp = resolve_mode(mode, ramp)
         if decay not in ("linear", "exponential"):
             raise ValueError(f"decay must be 'linear' or 'exponential'; got {decay!r}")
         for name, value, low in (("num_prunes", num_prunes, 1), ("start", start, 0),

@@ -255,21 +255,21 @@ class StatsImportance(tp.importance.Importance):
         return hook
 
 
-def _per_channel(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+def per_channel_sum(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     """``[N, C]``: a consumer input summed over everything but batch and channel."""
     if isinstance(module, nn.Linear):
         return x.reshape(x.shape[0], -1, x.shape[-1]).sum(1)
     return x.flatten(2).sum(2)
 
 
-def _channels_last(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+def channels_last(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     """``[N, positions, C]`` view of a consumer input."""
     if isinstance(module, nn.Linear):
         return x.reshape(x.shape[0], -1, x.shape[-1])
     return x.flatten(2).transpose(1, 2)
 
 
-def _resize_labels(labels: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+def resize_labels(labels: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     """Nearest-neighbour resize of per-pixel labels ``[N, *S]`` to a feature map's size."""
     if tuple(labels.shape[1:]) == tuple(size):
         return labels
@@ -319,7 +319,7 @@ def collecting(
     importance.all_reduce()
 
 
-def _split_batch(batch: Any) -> tuple[Any, Any]:
+def split_batch(batch: Any) -> tuple[Any, Any]:
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
         return batch[0], batch[1]
     if isinstance(batch, dict) and "inputs" in batch:
@@ -336,7 +336,7 @@ def default_step(model: nn.Module, batch: Any, forward_fn: ForwardFn | None = No
     (``targets [N]``) and segmentation nets (``[N, K, H, W]`` logits, ``[N, H, W]`` targets, 255
     ignored). Other tasks pass their own ``step_fn``.
     """
-    inputs, targets = _split_batch(batch)
+    inputs, targets = split_batch(batch)
     out = (forward_fn or default_forward)(model, inputs)
     if not need_loss:
         return None
@@ -393,7 +393,7 @@ def collect(
     except StopIteration:
         raise ValueError("data yielded no batches") from None
     if example_inputs is None:
-        example_inputs = _split_batch(first)[0]
+        example_inputs = split_batch(first)[0]
     total = steps if steps is not None else (len(data) if hasattr(data, "__len__") else None)
 
     def batches() -> Iterator[Any]:
@@ -410,7 +410,7 @@ def collect(
                     break
                 importance.begin_batch()
                 if importance.needs_labels:
-                    labels = labels_fn(batch) if labels_fn else _split_batch(batch)[1]
+                    labels = labels_fn(batch) if labels_fn else split_batch(batch)[1]
                     if labels is None:
                         raise ValueError(f"{type(importance).__name__} needs labels: batches "
                                          "must be (inputs, labels), or pass labels_fn")

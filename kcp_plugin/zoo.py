@@ -121,11 +121,6 @@ def load_spec_checkpoint(
         shapes = meta.get("input_shapes") or []
         inputs = [torch.zeros(*s) for s in shapes]
         example_inputs = inputs[0] if len(inputs) == 1 else tuple(inputs)
-    if meta["model"].startswith("timm:"):
-        from .integrations.timm.pruning import apply_timm_plan
-
-        apply_timm_plan(model, payload["kcp_plugin"], example_inputs)
-    else:
-        apply_plan(model, payload["kcp_plugin"], example_inputs)
+    apply_plan(model, payload["kcp_plugin"], example_inputs)  # host knowledge: kcp_plugin.hosts
     model.load_state_dict(payload["state_dict"], strict=True)
     return model.eval(), meta

@@ -224,6 +224,74 @@ class NegativeDimChunk(ChunkToConvs):
         return self.head(self.pb(b) + self.pa(a))
 
 
+class BertStyleAttention(nn.Module):
+    """transformers' ``BertSelfAttention``, reduced: separate query / key / value, heads split
+    by the stored ``num_attention_heads`` / ``attention_head_size`` / ``all_head_size``."""
+
+    def __init__(self, hidden=64, heads=4):
+        super().__init__()
+        self.num_attention_heads = heads
+        self.attention_head_size = hidden // heads
+        self.all_head_size = heads * self.attention_head_size
+        self.query = nn.Linear(hidden, self.all_head_size)
+        self.key = nn.Linear(hidden, self.all_head_size)
+        self.value = nn.Linear(hidden, self.all_head_size)
+
+    def _heads(self, x):
+        shape = (*x.shape[:-1], self.num_attention_heads, self.attention_head_size)
+        return x.view(shape).permute(0, 2, 1, 3)
+
+    def forward(self, h):
+        q, k, v = self._heads(self.query(h)), self._heads(self.key(h)), self._heads(self.value(h))
+        a = (q @ k.transpose(-1, -2) / self.attention_head_size ** 0.5).softmax(-1)
+        c = (a @ v).permute(0, 2, 1, 3).contiguous()
+        return c.view(*c.shape[:-2], self.all_head_size)
+
+
+class ClipStyleAttention(nn.Module):
+    """transformers' ``CLIPAttention``, reduced: q_proj / k_proj / v_proj / out_proj,
+    ``num_heads``, ``head_dim``, ``embed_dim`` (the inner width) and ``scale``."""
+
+    def __init__(self, hidden=64, heads=4):
+        super().__init__()
+        self.embed_dim, self.num_heads = hidden, heads
+        self.head_dim = hidden // heads
+        self.scale = self.head_dim ** -0.5
+        self.q_proj, self.k_proj = nn.Linear(hidden, hidden), nn.Linear(hidden, hidden)
+        self.v_proj, self.out_proj = nn.Linear(hidden, hidden), nn.Linear(hidden, hidden)
+
+    def forward(self, h):
+        b, n, _ = h.shape
+
+        def heads(x):
+            return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+        q, k, v = heads(self.q_proj(h) * self.scale), heads(self.k_proj(h)), heads(self.v_proj(h))
+        c = (q @ k.transpose(-1, -2)).softmax(-1) @ v
+        return self.out_proj(c.transpose(1, 2).reshape(b, n, self.embed_dim))
+
+
+class TokenNet(nn.Module):
+    """Two post-norm transformer layers around one of the attentions above, on tokens."""
+
+    def __init__(self, attention=BertStyleAttention):
+        super().__init__()
+        self.embed = nn.Linear(12, 64)
+        self.attn = nn.ModuleList([attention(), attention()])
+        self.proj = nn.ModuleList([nn.Linear(64, 64), nn.Linear(64, 64)])
+        self.norm = nn.ModuleList([nn.LayerNorm(64), nn.LayerNorm(64)])
+        self.fc1 = nn.ModuleList([nn.Linear(64, 256), nn.Linear(64, 256)])
+        self.fc2 = nn.ModuleList([nn.Linear(256, 64), nn.Linear(256, 64)])
+        self.head = nn.Linear(64, 5)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for i in range(2):
+            x = self.norm[i](x + self.proj[i](self.attn[i](x)))
+            x = x + self.fc2[i](torch.relu(self.fc1[i](x)))
+        return self.head(x.mean(1))
+
+
 def _outputs(model, x):
     with torch.no_grad():
         out = model.eval()(x)
@@ -283,6 +351,34 @@ def test_swiglu_chunk_on_the_last_dimension_prunes_both_halves(steps, tmp_path):
     hidden = model.fc1.out_features
     assert hidden < 128 and hidden % 2 == 0 and model.fc2.in_features == hidden // 2
     _round_trip(model, GluTokens, X, tmp_path)
+
+
+@pytest.mark.parametrize("whole_heads", [False, True], ids=["within-heads", "whole-heads"])
+@pytest.mark.parametrize("attention", [BertStyleAttention, ClipStyleAttention],
+                         ids=["bert-style", "clip-style"])
+def test_separate_qkv_attention_is_pruned_per_head(attention, whole_heads, tmp_path):
+    # Before: nothing knew these heads; torch-pruning cut the value projection across heads and
+    # the stored head size broke the view (the safety net kept the group), q / k stayed whole.
+    torch.manual_seed(0)
+    model, x = TokenNet(attention), torch.randn(2, 10, 12)
+    kwargs = dict(prune_num_heads=True, head_pruning_ratio=0.5) if whole_heads else {}
+    with _no_safety_warning():
+        report = _prune_and_check(model, x, target_macs_ratio=0.6, **kwargs)
+    assert report.auto_protected == []
+    for attn in model.attn:
+        heads = getattr(attn, "num_attention_heads", getattr(attn, "num_heads", None))
+        dim = getattr(attn, "attention_head_size", getattr(attn, "head_dim", None))
+        names = ("query", "key", "value") if attention is BertStyleAttention else (
+            "q_proj", "k_proj", "v_proj")
+        assert all(getattr(attn, n).out_features == heads * dim for n in names)
+        if whole_heads:
+            assert heads == 2  # half the heads removed whole (the rest may also narrow)
+        else:
+            assert heads == 4 and dim < 16  # every head keeps the same positions
+        if attention is ClipStyleAttention:
+            assert attn.embed_dim == heads * dim and attn.scale == pytest.approx(dim ** -0.5)
+    assert model(torch.randn(3, 7, 12)).shape == (3, 5)  # other batch and sequence sizes
+    _round_trip(model, lambda: TokenNet(attention), x, tmp_path)
 
 
 def test_chunk_parts_are_aligned_not_only_equal():

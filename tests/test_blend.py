@@ -12,12 +12,8 @@ from conftest import ResBlockNet, TinySeg
 
 import kcp_plugin
 from kcp_plugin.graph import build_graph
-from kcp_plugin.importance.blend import (
-    BlendImportance,
-    average_ranks,
-    cluster_criteria,
-    search_blend_weights,
-)
+from kcp_plugin.importance.blend import BlendImportance, average_ranks, cluster_criteria
+from kcp_plugin.recipes import search_blend_weights
 
 
 class TwoConv(nn.Module):

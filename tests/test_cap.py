@@ -21,14 +21,10 @@ from kcp_plugin.compensation import (
     compensate,
     compensating,
 )
-from kcp_plugin.importance.cap import (
-    CaPImportance,
-    greedy_selection,
-    layout_of,
-    sample_features,
-)
-from kcp_plugin.importance.views import CONSUMER_FNS
+from kcp_plugin.consumers import layout_of, sample_features
+from kcp_plugin.importance.cap import CaPImportance, greedy_selection
 from kcp_plugin.models import build_model
+from kcp_plugin.views import CONSUMER_FNS
 
 
 def _smooth_images(n: int, size: int = 16, channels: int = 3, seed: int = 0) -> torch.Tensor:

@@ -15,16 +15,14 @@ from sklearn.cluster import AffinityPropagation
 
 import kcp_plugin
 import kcp_plugin.importance.epruner as ep
-from kcp_plugin.graph import build_graph
-from kcp_plugin.importance.epruner import (
-    EPrunerImportance,
+from kcp_plugin.affinity import (
     affinity_propagation,
-    cluster_rows,
-    epruner_prune,
-    epruner_widths,
     median_preference,
     squared_distance_similarity,
 )
+from kcp_plugin.graph import build_graph
+from kcp_plugin.importance.epruner import EPrunerImportance, cluster_rows
+from kcp_plugin.recipes import epruner_prune, epruner_widths
 
 
 def _sklearn_ap(S: torch.Tensor, pref: torch.Tensor, **kw):

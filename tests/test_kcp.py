@@ -12,7 +12,7 @@ from conftest import ResBlockNet, Tiny3D, TinySeg
 
 from kcp_plugin import KCPImportance, get_importance
 from kcp_plugin.importance.kcp import kmeans
-from kcp_plugin.importance.views import consumer_rows, producer_rows
+from kcp_plugin.views import consumer_rows, producer_rows
 
 VARIANTS = [dict(centre="representative"), dict(centre="mean"), dict(centre="kmeans"),
             dict(centre="mean", prune="far"), dict(centre="representative", sides="both")]

@@ -283,7 +283,7 @@ def test_types_resolve_through_custom_imports(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(importance="kcpp", target_macs_ratio=0.5), "Did you mean 'kcp'"),
+    (dict(importance="kcpp", target_macs_ratio=0.5), "close matches: kcp"),
     (dict(importance="l1", importance_kwargs={"p": 3}, target_macs_ratio=0.5),
      "does not accept p"),
     (dict(target_macs_ratio=0.5, pruning_ratio=0.2), "exactly one of"),
@@ -454,14 +454,14 @@ def test_data_driven_criteria_collect_on_recent_training_batches(tmp_path, data_
                              target_macs_ratio=0.5, schedule=schedule, data_steps=2)]
     runner = Runner.from_cfg(cfg)
     collected = []
-    real_collect = kcp_plugin.pruning.collect
+    real_collect = kcp_plugin.run.collect
 
     def spy(model, data, imp, **kwargs):
         batches = list(data)
         collected.append((runner.iter, len(batches), batches[0][1].shape))
         return real_collect(model, batches, imp, **kwargs)
 
-    monkeypatch.setattr(kcp_plugin.pruning, "collect", spy)
+    monkeypatch.setattr(kcp_plugin.run, "collect", spy)
     runner.train()
     model = _unwrapped(runner)
     n_points = schedule.get("num_prunes", 1)

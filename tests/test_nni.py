@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import nni
 import pytest
@@ -22,8 +23,8 @@ from nni.compression.base.compressor import Pruner as NNIPruner
 from nni.compression.pruning import AGPPruner, L1NormPruner, LinearPruner
 
 import kcp_plugin
+from kcp_plugin.bench import nni_search as search
 from kcp_plugin.integrations import nni as knni
-from kcp_plugin.integrations.nni import search
 from kcp_plugin.integrations.nni.groups import masked_channels
 from kcp_plugin.models import build_model, example_inputs
 
@@ -382,7 +383,7 @@ def test_search_space_is_checked_before_any_experiment():
 
 
 def kcp_plugin_root():
-    return search.REPO_ROOT
+    return Path(__file__).resolve().parents[1]
 
 
 def test_tuner_that_does_not_connect_gives_a_clear_error(tmp_path):

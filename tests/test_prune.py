@@ -105,7 +105,7 @@ def test_report_contents_and_plot(tmp_path):
     (dict(target_macs_ratio=0.5, pruning_ratio=0.5), "not both"),
     (dict(target_macs_ratio=1.5), r"target_macs_ratio must be in \(0.0, 1.0\]"),
     (dict(pruning_ratio=1.0), r"pruning_ratio must be in \[0.0, 1.0\)"),
-    (dict(pruning_ratio=0.5, importance="kcpp"), "Did you mean 'kcp'.*Valid names:"),
+    (dict(pruning_ratio=0.5, importance="kcpp"), "close matches: kcp. Valid names:"),
     (dict(pruning_ratio=0.5, importance_kwargs={"centr": "mean"}), "accepted arguments"),
     (dict(pruning_ratio=0.5, ignored_layers=["b3.0"]), "no layer named 'b3.0'"),
     (dict(pruning_ratio=0.5, iterative_steps=0), "iterative_steps"),

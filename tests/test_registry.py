@@ -36,8 +36,8 @@ def test_builtins_map_to_the_right_torch_pruning_classes():
 
 
 def test_unknown_name_lists_valid_names():
-    with pytest.raises(ValueError,
-                       match=r"unknown importance 'fpgn'.*'fpgm'.*Valid names: .*bn, .*fpgm"):
+    with pytest.raises(ValueError, match=r"unknown importance 'fpgn'; close matches: fpgm\. "
+                                         r"Valid names: .*bn, .*fpgm"):
         get_importance("fpgn")
 
 
@@ -118,3 +118,30 @@ def test_fpgm_matches_upstream_and_handles_grouped_convs():
                          tp.importance.FPGMImportance(), pruning_ratio=0.5)
     kcp_plugin.prune(seg, torch.randn(1, 3, 32, 32), "fpgm", pruning_ratio=0.5)
     assert seg(torch.randn(1, 3, 32, 32)).shape == (1, 4, 32, 32)
+
+
+def test_criterion_arguments_feed_each_criterion_what_its_info_says():
+    """One function turns (criterion, batches, loss) into prune's arguments, for every host."""
+    calls = []
+
+    def loss(model, batch, reduction):
+        calls.append((batch, reduction))
+        return torch.ones(2) if reduction == "none" else torch.tensor(1.0)
+
+    info = kcp_plugin.importance_info
+    assert kcp_plugin.criterion_arguments(info("kcp"), loss, batch="b", batches=["c"]) == {}
+    assert info("hessian").per_sample_loss and not info("taylor").per_sample_loss
+    taylor = kcp_plugin.criterion_arguments(info("taylor"), loss, batch="b")
+    hessian = kcp_plugin.criterion_arguments(info("hessian"), loss, batch=lambda: "latest")
+    assert set(taylor) == set(hessian) == {"loss_fn"}
+    taylor["loss_fn"]("model")
+    hessian["loss_fn"]("model")
+    assert calls == [("b", "mean"), ("latest", "none")]
+    fisher = kcp_plugin.criterion_arguments(info("fisher"), loss, batches=["c"], data_steps=3)
+    assert fisher["data"] == ["c"] and fisher["data_steps"] == 3
+    fisher["step_fn"]("model", "c")
+    assert calls[-1] == ("c", "sum")  # summed: each sample's gradient is its own loss's
+    with pytest.raises(ValueError, match="reads gradients"):
+        kcp_plugin.criterion_arguments(info("taylor"), loss, batches=["c"])
+    with pytest.raises(ValueError, match="collects statistics"):
+        kcp_plugin.criterion_arguments(info("fisher"), loss, batch="b")

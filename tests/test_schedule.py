@@ -174,3 +174,19 @@ def test_plain_pytorch_example_runs(tmp_path, extra):
                                    tmp_path / "pruned.pt", torch.randn(1, 3, 64, 64))
     macs = kcp_plugin.count_macs_params(model, torch.randn(1, 3, 64, 64))[0]
     assert macs < 0.55 * 20_070_000
+
+
+def test_modes_answer_to_the_papers_names():
+    from kcp_plugin.schedule import resolve_mode
+
+    assert resolve_mode("SFP") == ("soft", "linear")
+    assert resolve_mode("srfp", "agp") == ("decay", "agp")
+    assert resolve_mode("ASRFP") == ("decay", "asfp")
+    with pytest.raises(ValueError, match="'asfp' ramp"):
+        resolve_mode("asrfp", "agp")
+    with pytest.raises(ValueError, match="hard, soft, decay .*SFP, SRFP, ASRFP"):
+        resolve_mode("sfpp")
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    sched = PruningScheduler(model, torch.randn(1, 3, 16, 16), "l1", target_macs_ratio=0.5,
+                             num_prunes=2, mode="ASRFP")
+    assert (sched.mode, sched.ramp) == ("decay", "asfp")

@@ -25,7 +25,7 @@ import torch
 
 from kcp_plugin import count_macs_params, measure_latency, prune
 from kcp_plugin.bench import get_task
-from kcp_plugin.bench.protocol import _forward_for
+from kcp_plugin.bench.protocol import forward_for
 from kcp_plugin.bench.tasks import TASKS
 from kcp_plugin.models import example_inputs
 from kcp_plugin.progress import progress_bar
@@ -67,7 +67,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
         task = get_task(task_name)
         dense = task.build(args.seed).eval()
         pruned = task.build(args.seed).eval()
-        fwd = _forward_for(task)
+        fwd = forward_for(task)
         prune(pruned, task.example_inputs(), args.criterion, target_macs_ratio=target,
               forward_fn=fwd, progress=False)
         scales = [1] if task.name == "classification" else args.scale

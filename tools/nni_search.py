@@ -28,7 +28,7 @@ except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kcp_plugin.bench import TASKS
-from kcp_plugin.integrations.nni.search import SearchSettings, TunerConnectionError, run_search
+from kcp_plugin.bench.nni_search import SearchSettings, TunerConnectionError, run_search
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,7 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kcp_plugin.integrations.nni.search import trial_main
+from kcp_plugin.bench.nni_search import trial_main
 
 if __name__ == "__main__":
     result = trial_main()

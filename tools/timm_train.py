@@ -68,7 +68,8 @@ def kcp_parser() -> argparse.ArgumentParser:
                    help="optimizer steps between pruning points (default: 100)")
     g.add_argument("--kcp-ramp", default="linear",
                    help="linear | exponential | agp | asfp (default: linear)")
-    g.add_argument("--kcp-mode", default="hard", help="hard | soft | decay (default: hard)")
+    g.add_argument("--kcp-mode", default="hard", help="hard | soft | decay, or SFP | SRFP | ASRFP "
+                   "(default: hard)")
     g.add_argument("--kcp-importance-kwargs", default=None,
                    help="criterion arguments as a JSON / Python dict literal")
     g.add_argument("--kcp-prune-kwargs", default=None,
@@ -163,26 +164,24 @@ def make_schedule(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                   recent: Any = None, loss_fn: Any = None) -> Any:
     """The pruning schedule; ``recent`` (a :class:`kcp_plugin.RecentBatches` of ``(inputs,
     target)``) and the training ``loss_fn`` feed gradient and data-driven criteria."""
-    from kcp_plugin import importance_info
+    from kcp_plugin import criterion_arguments, importance_info
     from kcp_plugin.integrations.timm import TimmPruningSchedule, default_inputs
 
     x = default_inputs(model, kcp.kcp_input_size or input_size)
     x = x.to(next(model.parameters()).device)
     info = importance_info(kcp.kcp_importance)
-    prune_kwargs = dict(kcp.kcp_prune_kwargs or {})
-    grad_loss = None
-    if info.requires_data:
-        # summed over the batch: each sample's gradient is that of its own loss (Fisher)
-        prune_kwargs.update(data=recent, data_steps=kcp.kcp_data_steps,
-                            step_fn=lambda m, b: loss_fn(m(b[0]), b[1]) * b[0].shape[0])
-    elif info.requires_grad:
-        per_sample = info.name == "hessian"
 
-        def grad_loss(m: torch.nn.Module) -> torch.Tensor:  # the latest training batch
-            inputs, target = list(recent)[-1]
-            if per_sample:
-                return torch.nn.functional.cross_entropy(m(inputs), target, reduction="none")
-            return loss_fn(m(inputs), target)
+    def loss(m: torch.nn.Module, batch: Any, reduction: str) -> torch.Tensor:
+        inputs, target = batch
+        if reduction == "none":  # per sample (Hessian): the training loss has no reduction
+            return torch.nn.functional.cross_entropy(m(inputs), target, reduction="none")
+        mean = loss_fn(m(inputs), target)
+        return mean * inputs.shape[0] if reduction == "sum" else mean
+
+    feed = criterion_arguments(info, loss, batch=lambda: list(recent)[-1],  # the latest batch
+                               batches=recent, data_steps=kcp.kcp_data_steps)
+    grad_loss = feed.pop("loss_fn", None)
+    prune_kwargs = {**(kcp.kcp_prune_kwargs or {}), **feed}
 
     return TimmPruningSchedule(
         model, optimizer, kcp.kcp_importance, target_macs_ratio=kcp.kcp_target_macs,

@@ -23,7 +23,7 @@ import torch
 import kcp_plugin
 from kcp_plugin.bench import get_task, make_loader
 from kcp_plugin.regularizers import GReg1, IncReg
-from kcp_plugin.schedule import MODES, RAMPS, PruningScheduler
+from kcp_plugin.schedule import MODE_ALIASES, MODES, RAMPS, PruningScheduler
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--task", default="segmentation", help="benchmark task (default: segmentation)")
     p.add_argument("--importance", default="kcp", help="criterion from the registry")
     p.add_argument("--target-macs", type=float, default=0.3, help="fraction of MACs kept")
-    p.add_argument("--mode", choices=MODES, default="hard", help="hard, soft (SFP), decay (SRFP)")
+    p.add_argument("--mode", choices=[*MODES, *MODE_ALIASES], type=str.lower, default="hard",
+                   help="hard, soft (SFP), decay (SRFP), or the papers' names sfp, srfp, asrfp")
     p.add_argument("--ramp", choices=RAMPS, default="linear", help="how the target is approached")
     p.add_argument("--num-prunes", type=int, default=4, help="pruning points")
     p.add_argument("--steps", type=int, default=600, help="training iterations")

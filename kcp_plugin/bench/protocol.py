@@ -20,7 +20,7 @@ from ..compensation import compensating
 from ..graph import build_graph, count_macs_params
 from ..latency import measure_latency
 from ..pruning import prune
-from ..registry import get_importance, importance_info
+from ..registry import criterion_arguments, get_importance, importance_info
 from ..report import layer_widths
 from ..run import populate_gradients
 from ..stats import StatsImportance, collect
@@ -113,21 +113,21 @@ def criterion_analysis(
     """
     model = copy.deepcopy(model).eval()
     example = task.example_inputs()
-    graph = build_graph(model, example, _forward_for(task))
+    graph = build_graph(model, example, forward_for(task))
     roots = [nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear]
     groups = list(graph.get_all_groups(root_module_types=roots))
     out: dict[str, dict[str, float]] = {}
     scores: dict[str, list] = {}
     for name in dict.fromkeys(["l2", *criteria]):
         imp = get_importance(name)
-        loss_fn = _criterion_loss_fn(task, name, batch)
+        loss_fn = _feed(task, name, batch, [batch]).get("loss_fn")
         if loss_fn is not None:
             populate_gradients(model, imp, loss_fn)
         collect_s = 0.0
         if isinstance(imp, StatsImportance):
             start = time.perf_counter()
             try:
-                collect(model, [batch], imp, example_inputs=example, forward_fn=_forward_for(task),
+                collect(model, [batch], imp, example_inputs=example, forward_fn=forward_for(task),
                         step_fn=_step_fn(task), progress=False)
             except (ValueError, RuntimeError):
                 continue  # the criterion does not apply to this task (cdc without classes)
@@ -148,37 +148,30 @@ def criterion_analysis(
     return out
 
 
-def _forward_for(task: Task) -> Callable | None:
+def forward_for(task: Task) -> Callable | None:
     return (lambda m, x: m(*x)) if task.name == "stereo" else None
-
-
-def _criterion_loss_fn(task: Task, criterion: str,
-                       batch: tuple[torch.Tensor, ...]) -> Callable | None:
-    """``loss_fn`` for a gradient-based criterion (per-sample losses for Hessian), else None."""
-    if not importance_info(criterion).requires_grad:
-        return None
-    return task.loss_fn(batch, per_sample=criterion == "hessian")
 
 
 def _step_fn(task: Task) -> Callable:
     """The task's summed training loss on a batch: the statistics step of data criteria."""
-    return lambda model, batch: task.loss(task.forward(model, batch), batch, "none").sum()
+    return lambda model, batch: task.loss(task.forward(model, batch), batch, "sum")
 
 
-def _criterion_data(task: Task, criterion: str, train_loader: Any,
-                    profile: Profile) -> dict[str, Any]:
-    """``prune`` arguments that feed a data-driven criterion (none for the others)."""
-    if not importance_info(criterion).requires_data:
-        return {}
-    return {"data": train_loader, "data_steps": profile.data_steps, "step_fn": _step_fn(task)}
+def _feed(task: Task, criterion: str, batch: tuple[torch.Tensor, ...], train_loader: Any = None,
+          data_steps: int | None = None) -> dict[str, Any]:
+    """The ``prune`` arguments that feed ``criterion`` (:func:`criterion_arguments`): a loss
+    on ``batch`` for gradient criteria, ``train_loader`` for data-driven ones."""
+    return criterion_arguments(
+        importance_info(criterion), lambda m, b, reduction: task.loss(task.forward(m, b), b,
+                                                                     reduction),
+        batch=batch, batches=train_loader, data_steps=data_steps)
 
 
 def _prune_to(model: nn.Module, task: Task, criterion: str, target: float,
-              batch: tuple[torch.Tensor, ...], kwargs: dict[str, Any],
-              data_kwargs: dict[str, Any]) -> Any:
+              kwargs: dict[str, Any], feed: dict[str, Any]) -> Any:
     return prune(model, task.example_inputs(), criterion, target_macs_ratio=target,
-                 forward_fn=_forward_for(task), loss_fn=_criterion_loss_fn(task, criterion, batch),
-                 importance_kwargs=kwargs or None, progress=False, **data_kwargs)
+                 forward_fn=forward_for(task), importance_kwargs=kwargs or None,
+                 progress=False, **feed)
 
 
 def _reinitialise(model: nn.Module, seed: int) -> None:
@@ -214,13 +207,13 @@ def run_one(
     train_loader = make_loader(train_loader.dataset, train_loader.batch_size, seed)
     batch = next(iter(train_loader))
     kwargs = profile.criterion_kwargs.get(criterion, {})
-    data_kwargs = _criterion_data(task, criterion, train_loader, profile)
-    macs0 = count_macs_params(dense, task.example_inputs(), _forward_for(task))[0]
+    feed = _feed(task, criterion, batch, train_loader, profile.data_steps)
+    macs0 = count_macs_params(dense, task.example_inputs(), forward_for(task))[0]
     start = time.perf_counter()
     prune_s = 0.0
     if schedule == "scratch":
         t0 = time.perf_counter()
-        _prune_to(model, task, criterion, target, batch, kwargs, data_kwargs)
+        _prune_to(model, task, criterion, target, kwargs, feed)
         prune_s += time.perf_counter() - t0
         _reinitialise(model, seed)
         after_prune = task.evaluate(model, val_loader)
@@ -229,13 +222,13 @@ def run_one(
     elif schedule in ("oneshot", "oneshot+comp"):
         t0 = time.perf_counter()
         if schedule == "oneshot":
-            _prune_to(model, task, criterion, target, batch, kwargs, data_kwargs)
+            _prune_to(model, task, criterion, target, kwargs, feed)
         else:
             # statistics of the dense model's consumer inputs, then the prune, then the repair
             with compensating(model, train_loader, steps=profile.data_steps,
-                              forward_fn=_forward_for(task), step_fn=_step_fn(task),
+                              forward_fn=forward_for(task), step_fn=_step_fn(task),
                               progress=False):
-                _prune_to(model, task, criterion, target, batch, kwargs, data_kwargs)
+                _prune_to(model, task, criterion, target, kwargs, feed)
         prune_s += time.perf_counter() - t0
         after_prune = task.evaluate(model, val_loader)
         train(model, task, train_loader, profile.finetune_steps, profile.finetune_lr,
@@ -251,8 +244,9 @@ def run_one(
             model, task.example_inputs(), criterion, target_macs_ratio=target,
             num_prunes=steps, every=max(1, profile.finetune_steps // steps),
             mode="hard" if schedule == "iterative" else schedule,
-            forward_fn=_forward_for(task), importance_kwargs=kwargs or None,
-            loss_fn=_criterion_loss_fn(task, criterion, batch), prune_kwargs=data_kwargs,
+            forward_fn=forward_for(task), importance_kwargs=kwargs or None,
+            loss_fn=feed.get("loss_fn"),
+            prune_kwargs={k: v for k, v in feed.items() if k != "loss_fn"},
         )
         t0 = time.perf_counter()
         sched.step()  # the first point, before any fine-tuning
@@ -261,7 +255,7 @@ def run_one(
         train(model, task, train_loader, profile.finetune_steps, profile.finetune_lr,
               desc=f"fine-tune {criterion} {schedule}", progress=False, on_step=sched.step)
     metrics = task.evaluate(model, val_loader)
-    macs, params = count_macs_params(model, task.example_inputs(), _forward_for(task))
+    macs, params = count_macs_params(model, task.example_inputs(), forward_for(task))
     row = {
         "task": task.name, "model": task.model, "seed": seed, "criterion": criterion,
         "schedule": schedule, "target_macs": target, "macs_ratio": macs / macs0,
@@ -271,7 +265,7 @@ def run_one(
         "widths": layer_widths(model),
     }
     if profile.latency_runs:
-        row["latency_ms"] = measure_latency(model, task.example_inputs(), _forward_for(task),
+        row["latency_ms"] = measure_latency(model, task.example_inputs(), forward_for(task),
                                             runs=profile.latency_runs, threads=1)
     return row, model
 
@@ -314,7 +308,7 @@ def _dense_model(task: Task, seed: int, profile: Profile, train_loader: Any, val
         t0 = time.perf_counter()
         losses = train(dense, task, train_loader, profile.dense_steps, profile.lr,
                        desc=f"dense {task.name} seed {seed}", progress=progress)
-        macs, params = count_macs_params(dense, task.example_inputs(), _forward_for(task))
+        macs, params = count_macs_params(dense, task.example_inputs(), forward_for(task))
         dense_row = {
             "task": task.name, "model": task.model, "seed": seed, "macs": macs,
             "params": params, "metric": task.metric,
@@ -332,7 +326,7 @@ def _dense_model(task: Task, seed: int, profile: Profile, train_loader: Any, val
             (cache / f"{name}.json.tmp").replace(cache / f"{name}.json")
     if profile.latency_runs:
         dense_row["latency_ms"] = measure_latency(dense, task.example_inputs(),
-                                                  _forward_for(task),
+                                                  forward_for(task),
                                                   runs=profile.latency_runs, threads=1)
     return dense, dense_row
 

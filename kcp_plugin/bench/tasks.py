@@ -74,7 +74,8 @@ class Task:
 
     def loss(self, out: torch.Tensor, batch: tuple[torch.Tensor, ...],
              reduction: str = "mean") -> torch.Tensor:
-        """Training loss (``reduction='none'`` gives per-sample losses, for Hessian)."""
+        """Training loss, reduced over samples by ``"mean"``, ``"sum"`` or ``"none"`` (per
+        sample, for Hessian)."""
         if self.name == "stereo":
             target = batch[2]
             valid = torch.isfinite(target)
@@ -84,7 +85,9 @@ class Task:
             per = F.cross_entropy(out, batch[1], reduction="none").flatten(1).mean(1)
         else:
             per = F.cross_entropy(out, batch[1], reduction="none")
-        return per if reduction == "none" else per.mean()
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        return per if reduction == "none" else per.sum() if reduction == "sum" else per.mean()
 
     def loss_fn(self, batch: tuple[torch.Tensor, ...], per_sample: bool = False) -> Callable:
         """``loss_fn(model)`` on a fixed batch, for gradient-based criteria."""

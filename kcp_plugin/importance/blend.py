@@ -18,22 +18,20 @@ nearly always agree). Per group, :class:`BlendImportance`
 The paper gives no formulas or code; the ones above are our reading (documented in
 ``docs/criteria_epruner_blend.md``). With one weight per pool criterion, one-hot weights
 reproduce that criterion's ranking exactly, and uniform weights give every distinct opinion the
-same say. :func:`search_blend_weights` searches the weights with a (mu + lambda) evolutionary
-algorithm whose fitness is a user-supplied ``evaluate_fn(pruned_model)``.
+same say. :func:`kcp_plugin.recipes.search_blend_weights` searches the weights with a
+(mu + lambda) evolutionary algorithm whose fitness is a user-supplied
+``evaluate_fn(pruned_model)``.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
-import random
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn as nn
 import torch_pruning as tp
 
 from ..registry import get_importance, importance_info, list_importances, register_importance
@@ -43,7 +41,6 @@ __all__ = [
     "BlendImportance",
     "average_ranks",
     "cluster_criteria",
-    "search_blend_weights",
 ]
 
 logger = logging.getLogger(__name__)
@@ -114,6 +111,9 @@ def cluster_criteria(
     return sorted(clusters)
 
 
+@register_importance(
+    "blend", summary="Blend of data-free criteria: ranks clustered per layer, weighted (He+ 2021)"
+)
 class BlendImportance(tp.importance.Importance):
     """A blend of registered criteria, clustered per group (low score = pruned first).
 
@@ -238,13 +238,7 @@ def _group_name(group: tp.dependency.Group) -> str:
 
 
 def _data_free() -> list[str]:
-    out = []
-    for name in list_importances():
-        info = importance_info(name)
-        if not info.requires_grad and not getattr(info, "requires_data", False) \
-                and name != "blend":
-            out.append(name)
-    return out
+    return [n for n in list_importances() if n != "blend" and importance_info(n).data_free]
 
 
 def _check_pool(pool: Sequence[str]) -> tuple[str, ...]:
@@ -258,7 +252,7 @@ def _check_pool(pool: Sequence[str]) -> tuple[str, ...]:
         if info.name == "blend":
             raise ValueError("a blend cannot contain 'blend'")
         needs = ("gradients" if info.requires_grad else
-                 "data" if getattr(info, "requires_data", False) else None)
+                 "data" if info.requires_data else None)
         if needs:
             raise ValueError(
                 f"blend pool member {info.name!r} needs {needs}, which blending does not provide "
@@ -298,164 +292,3 @@ def _check_weights(
         raise ValueError("weights must not all be zero")
     return tuple(out)
 
-
-register_importance(
-    "blend", summary="Blend of data-free criteria: ranks clustered per layer, weighted (He+ 2021)"
-)(BlendImportance)
-
-
-# --------------------------------------------------------------------------- weight search
-def search_blend_weights(
-    model: nn.Module,
-    example_inputs: Any,
-    evaluate_fn: Callable[[nn.Module], float],
-    pool: Sequence[str] = DEFAULT_POOL,
-    *,
-    target_macs_ratio: float | None = 0.5,
-    pruning_ratio: float | None = None,
-    population: int = 8,
-    generations: int = 5,
-    offspring: int | None = None,
-    sigma: float = 0.15,
-    seed: int = 0,
-    blend_kwargs: Mapping[str, Any] | None = None,
-    prune_kwargs: Mapping[str, Any] | None = None,
-    progress: bool | None = None,
-    on_interrupt: str = "return",
-) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Search blend weights with a (mu + lambda) evolutionary algorithm.
-
-    Each candidate weight vector (on the simplex) prunes a deep copy of ``model`` with
-    ``kcp_plugin.prune(copy, example_inputs, BlendImportance(pool, weights=w, ...),
-    target_macs_ratio=...)``; its fitness is ``evaluate_fn(pruned_copy)`` (higher is better; NaN
-    counts as worst). ``model`` itself is never modified.
-
-    The first population holds the uniform weights, then the pure criteria (one-hot weights, in
-    pool order, as room allows), then Dirichlet(1) draws. Each generation makes ``offspring``
-    children: a parent picked by a 2-way tournament (half the time averaged with a second one
-    at a random proportion), plus Gaussian noise of scale ``sigma`` on every weight, clipped at
-    0 and renormalised to sum 1. The best ``population`` of parents and children survive.
-    Fitness is cached by weights (rounded to 1e-6), so repeats cost nothing.
-
-    Args:
-        model: The dense model (deep-copied for every candidate).
-        example_inputs: Inputs for tracing, as for :func:`kcp_plugin.prune`.
-        evaluate_fn: ``evaluate_fn(pruned_model) -> float``, e.g. validation accuracy after a
-            short fine-tune.
-        pool: Registry names of data-free criteria.
-        target_macs_ratio: Fraction of MACs each candidate keeps (or give ``pruning_ratio``).
-        pruning_ratio: Channel ratio instead of a MACs target.
-        population: Survivors per generation (mu), >= 2.
-        generations: Generations after the first population, >= 0.
-        offspring: Children per generation (lambda); default ``population``.
-        sigma: Scale of the Gaussian mutation.
-        seed: Seed of the search (Python ``random.Random``); the same seed gives the same run.
-        blend_kwargs: Other :class:`BlendImportance` arguments (``threshold``...).
-        prune_kwargs: Other :func:`kcp_plugin.prune` arguments (``ignored_layers``...).
-        progress: Show a progress bar (default: only on a terminal).
-        on_interrupt: On Ctrl-C, ``"return"`` the best weights so far (with a warning; the
-            history ends at the last finished evaluation) or ``"raise"`` the
-            ``KeyboardInterrupt``. Interrupting before any evaluation finished always raises.
-
-    Returns:
-        ``(best_weights, history)``: best weights as ``{name: weight}`` (summing to 1), and one
-        record per evaluation: ``{"generation", "weights", "fitness", "cached"}``.
-    """
-    from ..progress import progress_bar
-    from ..pruning import prune
-
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not callable(evaluate_fn):
-        raise TypeError("evaluate_fn must be callable as evaluate_fn(pruned_model) -> float")
-    if (target_macs_ratio is None) == (pruning_ratio is None):
-        raise ValueError("give exactly one of target_macs_ratio and pruning_ratio")
-    for name, value, low in (("population", population, 2), ("generations", generations, 0),
-                             ("offspring", 1 if offspring is None else offspring, 1)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    if not isinstance(sigma, (int, float)) or not sigma > 0 or not math.isfinite(sigma):
-        raise ValueError(f"sigma must be a positive number, got {sigma!r}")
-    if on_interrupt not in ("return", "raise"):
-        raise ValueError(f"on_interrupt must be 'return' or 'raise', got {on_interrupt!r}")
-    blend_kwargs = dict(blend_kwargs or {})
-    prune_kwargs = dict(prune_kwargs or {})
-    clash = sorted({"pool", "weights"} & set(blend_kwargs)) + sorted(
-        {"importance", "importance_kwargs", "target_macs_ratio", "pruning_ratio"}
-        & set(prune_kwargs))
-    if clash:
-        raise ValueError(f"{', '.join(clash)} are set by search_blend_weights itself")
-    pool = BlendImportance(pool, **blend_kwargs).pool  # validates pool and blend_kwargs
-    d = len(pool)
-    lam = population if offspring is None else offspring
-    rng = random.Random(seed)
-    target = ({"target_macs_ratio": target_macs_ratio} if target_macs_ratio is not None
-              else {"pruning_ratio": pruning_ratio})
-
-    cache: dict[tuple[float, ...], float] = {}
-    history: list[dict[str, Any]] = []
-    bar = progress_bar(enabled=progress, total=population + lam * generations,
-                       desc="blend weight search")
-    best: tuple[float, tuple[float, ...]] | None = None
-
-    def normalise(w: Sequence[float]) -> tuple[float, ...]:
-        w = [max(0.0, x) for x in w]
-        s = sum(w)
-        return tuple(round(x / s, 6) for x in w) if s > 0 else (round(1 / d, 6),) * d
-
-    def fitness(w: tuple[float, ...], generation: int) -> float:
-        nonlocal best
-        cached = w in cache
-        if not cached:
-            clone = copy.deepcopy(model)
-            imp = BlendImportance(pool, weights=w, **blend_kwargs)
-            prune(clone, example_inputs, imp, progress=False, **target, **prune_kwargs)
-            value = evaluate_fn(clone)
-            if not isinstance(value, (int, float, torch.Tensor)):
-                raise TypeError(f"evaluate_fn must return a number, got {type(value).__name__}")
-            value = float(value)
-            cache[w] = -math.inf if math.isnan(value) else value
-        f = cache[w]
-        history.append({"generation": generation, "weights": dict(zip(pool, w)), "fitness": f,
-                        "cached": cached})
-        if best is None or f > best[0]:
-            best = (f, w)
-        bar.update(1)
-        bar.set_postfix(best=f"{best[0]:.4g}")
-        return f
-
-    def dirichlet() -> tuple[float, ...]:
-        return normalise([rng.gammavariate(1.0, 1.0) for _ in range(d)])
-
-    try:
-        try:
-            starts = [normalise([1.0] * d)]
-            starts += [normalise([float(i == j) for j in range(d)]) for i in range(d)]
-            starts = starts[:population]
-            while len(starts) < population:
-                starts.append(dirichlet())
-            pop = [(fitness(w, 0), w) for w in starts]
-            for gen in range(1, generations + 1):
-                children = []
-                for _ in range(lam):
-                    parent = _tournament(pop, rng)
-                    if rng.random() < 0.5:
-                        other, a = _tournament(pop, rng), rng.random()
-                        parent = tuple(a * x + (1 - a) * y for x, y in zip(parent, other))
-                    child = normalise([x + rng.gauss(0.0, sigma) for x in parent])
-                    children.append((fitness(child, gen), child))
-                merged = sorted(pop + children, key=lambda t: t[0], reverse=True)
-                pop = merged[:population]
-        except KeyboardInterrupt:
-            if on_interrupt == "raise" or best is None:
-                raise
-            warnings.warn(f"blend weight search interrupted after {len(history)} evaluations; "
-                          "returning the best weights so far", RuntimeWarning, stacklevel=2)
-    finally:
-        bar.close()
-    return dict(zip(pool, best[1])), history
-
-
-def _tournament(pop: list[tuple[float, tuple[float, ...]]], rng: random.Random) -> tuple:
-    a, b = rng.choice(pop), rng.choice(pop)
-    return a[1] if a[0] >= b[0] else b[1]

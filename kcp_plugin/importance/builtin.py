@@ -10,7 +10,7 @@ import torch
 import torch_pruning as tp
 
 from ..registry import register_importance
-from .views import CONSUMER_FNS, PRODUCER_FNS, consumer_rows, producer_rows
+from ..views import CONSUMER_FNS, PRODUCER_FNS, consumer_rows, producer_rows
 
 
 @register_importance("l1", summary="Group L1 norm of the coupled weights (torch-pruning)")
@@ -30,7 +30,7 @@ def l2(group_reduction: str = "mean", normalizer: str = "mean", bias: bool = Fal
 
 
 class _FPGMImportance(tp.importance.FPGMImportance):
-    """torch-pruning's FPGM with per-channel rows from :mod:`.views`.
+    """torch-pruning's FPGM with per-channel rows from :mod:`kcp_plugin.views`.
 
     Upstream defect (torch-pruning 1.6.1): for a grouped, non-depthwise conv read as a consumer,
     ``FPGMImportance`` calls ``repeat(groups)`` on a 2-D tensor and raises ``RuntimeError``
@@ -102,7 +102,8 @@ class _AccumulatingHessianImportance(tp.importance.GroupHessianImportance):
 
 
 @register_importance(
-    "hessian", requires_grad=True, summary="Diagonal-Hessian (OBD) importance from per-sample grads"
+    "hessian", requires_grad=True, per_sample_loss=True,
+    summary="Diagonal-Hessian (OBD) importance from per-sample grads",
 )
 def hessian(group_reduction: str = "mean", normalizer: str = "mean", bias: bool = False):
     """Optimal-brain-damage style importance; needs per-sample backward passes."""

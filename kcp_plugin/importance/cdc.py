@@ -23,12 +23,14 @@ import torch
 import torch.nn as nn
 
 from ..registry import register_importance
-from ..stats import StatsImportance, _channels_last, _resize_labels
-from .views import CONSUMER_FNS, scatter_mean
+from ..stats import StatsImportance, channels_last, resize_labels
+from ..views import CONSUMER_FNS, scatter_mean
 
 TESTS = ("symdiv", "ttest")
 
 
+@register_importance("cdc", requires_data=True,
+                     summary="Class-discriminative channel scores (SymDiv / T-test) from labels")
 class CDCImportance(StatsImportance):
     """Class-discriminative channel importance.
 
@@ -58,7 +60,7 @@ class CDCImportance(StatsImportance):
         labels = self._labels
         if labels.is_floating_point():
             raise ValueError("cdc needs class labels (integers), got floating-point targets")
-        feats = _channels_last(x, module).double()  # [N, P, C]
+        feats = channels_last(x, module).double()  # [N, P, C]
         if labels.dim() == 1:  # one label per sample: the spatially averaged map
             if labels.shape[0] != feats.shape[0]:
                 raise ValueError(f"{labels.shape[0]} labels for a batch of {feats.shape[0]}")
@@ -66,7 +68,7 @@ class CDCImportance(StatsImportance):
         else:  # per-pixel labels, resized to this feature map
             if isinstance(module, nn.Linear) or x.dim() - 2 != labels.dim() - 1:
                 return  # no spatial map to align the labels with
-            labels = _resize_labels(labels, tuple(x.shape[2:]))
+            labels = resize_labels(labels, tuple(x.shape[2:]))
             values, labels = feats.reshape(-1, feats.shape[-1]), labels.reshape(-1)
         keep = (labels >= 0) & (labels != self.ignore_index)
         values, labels = values[keep], labels[keep].long().cpu()
@@ -137,11 +139,3 @@ class CDCImportance(StatsImportance):
         if not parts:
             return None
         return scatter_mean(parts, n_root)
-
-
-@register_importance("cdc", requires_data=True,
-                     summary="Class-discriminative channel scores (SymDiv / T-test) from labels")
-def cdc(test: str = "symdiv", num_classes: int | None = None, r: float = 0.05,
-        ignore_index: int = 255):
-    """CDC importance; collects per-class activation statistics on labelled data."""
-    return CDCImportance(test=test, num_classes=num_classes, r=r, ignore_index=ignore_index)

@@ -14,9 +14,10 @@ Two ways to use it:
 * **Ratio-driven** (``kcp_plugin.prune(model, x, "epruner", target_macs_ratio=...)``): every root
   channel gets a score; exemplars score above every non-exemplar, so a layer keeps its
   exemplars first. Within each tier the order is set by ``order``.
-* **Adaptive** (the paper's mode): :func:`epruner_widths` clusters every group and returns the
-  per-layer ratios that keep exactly the exemplars, for ``prune(..., pruning_ratio_dict=...)``;
-  :func:`epruner_prune` does both steps.
+* **Adaptive** (the paper's mode): :func:`kcp_plugin.recipes.epruner_widths` clusters every
+  group and returns the per-layer ratios that keep exactly the exemplars, for
+  ``prune(..., pruning_ratio_dict=...)``; :func:`kcp_plugin.recipes.epruner_prune` does both
+  steps.
 
 Coupled (residual) groups cluster the concatenated producer rows: every filter that writes a
 channel of the group, each layer's block scaled to unit RMS row norm (``member_scale``) so no
@@ -37,30 +38,22 @@ import logging
 import math
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn as nn
 import torch_pruning as tp
 
+from ..affinity import (
+    affinity_propagation,
+    check_ap_settings,
+    column_median,
+    median_preference,
+    squared_distance_similarity,
+)
 from ..registry import register_importance
-from .views import member_views
+from ..views import member_views
 
-if TYPE_CHECKING:
-    from ..report import PruneReport
-
-__all__ = [
-    "APResult",
-    "EPrunerClustering",
-    "EPrunerImportance",
-    "affinity_propagation",
-    "epruner_prune",
-    "epruner_widths",
-    "median_preference",
-    "squared_distance_similarity",
-]
+__all__ = ["EPrunerClustering", "EPrunerImportance", "cluster_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,189 +62,6 @@ FALLBACKS = ("last", "l2")
 MEMBER_SCALES = ("rms", "none")
 
 
-# --------------------------------------------------------------------------- Affinity Propagation
-@dataclass(frozen=True)
-class APResult:
-    """Outcome of :func:`affinity_propagation`.
-
-    Attributes:
-        exemplars: Sorted indices of the exemplars (empty when none emerged).
-        labels: For every point, the index into ``exemplars`` of its cluster (``-1`` if none).
-        evidence: ``r(i, i) + a(i, i)`` after the last iteration: positive for exemplars, and
-            the higher, the closer a point is to becoming one.
-        n_iter: Iterations run.
-        converged: The exemplar set stayed the same for ``convergence_iter`` iterations.
-    """
-
-    exemplars: torch.Tensor
-    labels: torch.Tensor
-    evidence: torch.Tensor
-    n_iter: int
-    converged: bool
-
-
-def affinity_propagation(
-    similarity: torch.Tensor,
-    preference: torch.Tensor | float,
-    *,
-    damping: float = 0.5,
-    max_iter: int = 200,
-    convergence_iter: int = 15,
-    noise: torch.Tensor | None = None,
-    seed: int = 0,
-) -> APResult:
-    """Affinity Propagation on a precomputed similarity matrix (Frey & Dueck, 2007).
-
-    The message updates, the convergence test, the tie-breaking noise and the final refinement
-    of the exemplars follow scikit-learn's ``affinity_propagation`` step by step, so that with
-    the same noise the two give the same clustering (tested).
-
-    Args:
-        similarity: ``[n, n]`` similarities (higher = more alike); the diagonal is ignored.
-        preference: Per-point preference ``[n]`` (or one number), placed on the diagonal.
-        damping: Message damping in ``[0.5, 1)``.
-        max_iter: Maximum number of iterations.
-        convergence_iter: Iterations the exemplar set must stay unchanged to stop.
-        noise: ``[n, n]`` standard-normal draws for the tie-breaking jitter
-            (``(eps * S + 100 * tiny) * noise``); by default drawn from a generator seeded with
-            ``seed``.
-        seed: Seed of the default noise.
-
-    Returns:
-        An :class:`APResult`. If no exemplar emerged, ``exemplars`` is empty and every label
-        is ``-1`` (the caller decides what to do: see :class:`EPrunerImportance`).
-    """
-    if similarity.ndim != 2 or similarity.shape[0] != similarity.shape[1]:
-        raise ValueError(f"similarity must be a square matrix, got shape {tuple(similarity.shape)}")
-    _check_ap_settings(damping, max_iter, convergence_iter)
-    n = similarity.shape[0]
-    dt = torch.float64
-    S = similarity.to(dt).clone()
-    pref = torch.as_tensor(preference, dtype=dt).expand(n).clone()
-    ind = torch.arange(n)
-    if n == 1 or _all_equal(S, pref):
-        # Nothing to cluster: every point its own exemplar, or one cluster (as scikit-learn).
-        if pref[0] > S[0, n - 1]:
-            return APResult(ind.clone(), ind.clone(), torch.zeros(n, dtype=dt), 0, True)
-        labels = torch.zeros(n, dtype=torch.long)
-        return APResult(torch.zeros(1, dtype=torch.long), labels, torch.zeros(n, dtype=dt), 0,
-                        True)
-    S.diagonal().copy_(pref)
-    if noise is None:
-        gen = torch.Generator().manual_seed(seed)
-        noise = torch.randn(n, n, generator=gen, dtype=dt)
-    finfo = torch.finfo(dt)
-    S += (finfo.eps * S + finfo.tiny * 100) * noise.to(dt)
-
-    A = torch.zeros(n, n, dtype=dt)
-    R = torch.zeros(n, n, dtype=dt)
-    tmp = torch.empty(n, n, dtype=dt)
-    history = torch.zeros(n, convergence_iter, dtype=torch.bool)
-    converged = False
-    it = 0
-    for it in range(max_iter):
-        # responsibilities
-        torch.add(A, S, out=tmp)
-        Y, best_k = tmp.max(dim=1)
-        tmp[ind, best_k] = -math.inf
-        Y2 = tmp.max(dim=1).values
-        torch.sub(S, Y[:, None], out=tmp)
-        tmp[ind, best_k] = S[ind, best_k] - Y2
-        R.mul_(damping).add_(tmp, alpha=1 - damping)
-        # availabilities
-        torch.clamp(R, min=0, out=tmp)
-        tmp.diagonal().copy_(R.diagonal())
-        tmp -= tmp.sum(0)
-        dA = tmp.diagonal().clone()
-        tmp.clamp_(min=0)
-        tmp.diagonal().copy_(dA)
-        A.mul_(damping).sub_(tmp, alpha=1 - damping)
-        # convergence: the exemplar set unchanged for convergence_iter iterations
-        E = (A.diagonal() + R.diagonal()) > 0
-        history[:, it % convergence_iter] = E
-        if it >= convergence_iter:
-            se = history.sum(1)
-            stable = int(((se == convergence_iter) | (se == 0)).sum()) == n
-            if stable and bool(E.any()):
-                converged = True
-                break
-    evidence = A.diagonal() + R.diagonal()
-    centres = E.nonzero().flatten()
-    k = len(centres)
-    if k == 0:
-        return APResult(centres, torch.full((n,), -1, dtype=torch.long), evidence, it + 1,
-                        converged)
-    # Assign every point to its most similar exemplar, then move each cluster's exemplar to the
-    # member with the largest summed similarity to its cluster (scikit-learn's refinement).
-    c = S[:, centres].argmax(1)
-    c[centres] = torch.arange(k)
-    within = torch.zeros(k, n, dtype=dt).index_add_(0, c, S).gather(0, c[None]).squeeze(0)
-    best = torch.full((k,), -math.inf, dtype=dt).scatter_reduce(0, c, within, "amax")
-    first = torch.where(within == best[c], ind, torch.full_like(ind, n))
-    centres = torch.full((k,), n, dtype=torch.long).scatter_reduce(0, c, first, "amin")
-    c = S[:, centres].argmax(1)
-    c[centres] = torch.arange(k)
-    labels = centres[c]
-    exemplars = torch.unique(labels)
-    labels = torch.searchsorted(exemplars, labels)
-    return APResult(exemplars, labels, evidence, it + 1, converged)
-
-
-def _all_equal(S: torch.Tensor, pref: torch.Tensor) -> bool:
-    n = S.shape[0]
-    off = ~torch.eye(n, dtype=torch.bool)
-    vals = S[off]
-    return bool((pref == pref[0]).all()) and (len(vals) == 0 or bool((vals == vals[0]).all()))
-
-
-def _check_ap_settings(damping: float, max_iter: int, convergence_iter: int) -> None:
-    if not isinstance(damping, (int, float)) or not 0.5 <= damping < 1:
-        raise ValueError(f"damping must be in [0.5, 1), got {damping!r}")
-    for name, value in (("max_iter", max_iter), ("convergence_iter", convergence_iter)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
-def squared_distance_similarity(
-    x: torch.Tensor, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``S[i, j] = -||x_i - x_j||^2`` (float64) for the given row / column index sets.
-
-    Computed by one matrix product; entries whose indices coincide are exactly zero.
-    """
-    x = x.to(torch.float64)
-    a = x if rows is None else x[rows]
-    b = x if cols is None else x[cols]
-    sq_a, sq_b = a.pow(2).sum(1), b.pow(2).sum(1)
-    d = torch.addmm(sq_a[:, None] + sq_b[None], a, b.t(), alpha=-2).clamp_(min=0)
-    ia = torch.arange(len(x)) if rows is None else rows
-    ib = torch.arange(len(x)) if cols is None else cols
-    d[ia[:, None] == ib[None]] = 0.0
-    return d.neg_()
-
-
-def median_preference(x: torch.Tensor, beta: float, block: int = 1024) -> torch.Tensor:
-    """``beta * median_i S(i, j)`` for every column ``j`` (numpy's median: mean of the middle two).
-
-    Columns are processed in blocks of ``block``, so memory stays ``O(n * block)``.
-    """
-    n = len(x)
-    out = torch.empty(n, dtype=torch.float64)
-    for start in range(0, n, block):
-        cols = torch.arange(start, min(start + block, n))
-        out[cols] = _column_median(squared_distance_similarity(x, cols=cols))
-    return beta * out
-
-
-def _column_median(s: torch.Tensor) -> torch.Tensor:
-    n = s.shape[0]
-    lo = s.kthvalue((n - 1) // 2 + 1, dim=0).values
-    if n % 2:
-        return lo
-    return (lo + s.kthvalue(n // 2 + 1, dim=0).values) / 2
-
-
-# --------------------------------------------------------------------------- clustering of rows
 @dataclass(frozen=True)
 class EPrunerClustering:
     """Affinity Propagation over the rows (channels) of one group.
@@ -314,7 +124,7 @@ def cluster_rows(
     x = x.to(torch.float64)
     n = len(x)
     full = squared_distance_similarity(x) if n <= max_exact else None
-    pref = beta * _column_median(full) if full is not None else median_preference(
+    pref = beta * column_median(full) if full is not None else median_preference(
         x, beta, block=max_exact)
     settings = dict(damping=damping, max_iter=max_iter, convergence_iter=convergence_iter)
     gen = torch.Generator().manual_seed(seed)
@@ -386,6 +196,9 @@ _CACHE: OrderedDict[tuple, EPrunerClustering] = OrderedDict()
 _CACHE_SIZE = 256
 
 
+@register_importance(
+    "epruner", summary="EPruner: Affinity Propagation exemplar filters are kept (beta knob)"
+)
 class EPrunerImportance(tp.importance.Importance):
     """EPruner's exemplar criterion for torch-pruning groups (low score = pruned first).
 
@@ -436,11 +249,11 @@ class EPrunerImportance(tp.importance.Importance):
         _check_choice("order", order, ORDERS)
         _check_choice("fallback", fallback, FALLBACKS)
         _check_choice("member_scale", member_scale, MEMBER_SCALES)
-        _check_ap_settings(damping, max_iter, convergence_iter)
+        check_ap_settings(damping, max_iter, convergence_iter)
         if not isinstance(max_exact, int) or max_exact < 2:
             raise ValueError(f"max_exact must be an integer >= 2, got {max_exact!r}")
         if retry_damping is not None:
-            _check_ap_settings(retry_damping, max_iter, convergence_iter)
+            check_ap_settings(retry_damping, max_iter, convergence_iter)
         self.beta = float(beta)
         self.order = order
         self.fallback = fallback
@@ -551,122 +364,3 @@ def _check_choice(arg: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{arg} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
-
-register_importance(
-    "epruner", summary="EPruner: Affinity Propagation exemplar filters are kept (beta knob)"
-)(EPrunerImportance)
-
-
-# --------------------------------------------------------------------------- adaptive mode
-def epruner_widths(
-    model: nn.Module,
-    example_inputs: Any,
-    beta: float = 0.45,
-    *,
-    importance_kwargs: dict[str, Any] | None = None,
-    ignored_layers: Iterable[Any] | None = None,
-    protect_outputs: bool = True,
-    forward_fn: Callable | None = None,
-    output_transform: Callable | None = None,
-    unwrapped_parameters: dict[nn.Parameter, int] | None = None,
-    customized_pruners: dict[Any, Any] | None = None,
-    progress: bool | None = None,
-) -> dict[str, float]:
-    """EPruner's adaptive widths: the per-layer ratios that keep exactly each group's exemplars.
-
-    Every prunable group (as :func:`kcp_plugin.prune` sees them: output layers and
-    ``ignored_layers`` excluded) is clustered; a group of ``n`` channels with ``k`` exemplars
-    gets ratio ``1 - (k + 0.5) / n`` under its root layer's name (the half channel makes
-    torch-pruning's ``int(n * (1 - ratio))`` keep exactly ``k``; 0.0 when every channel is an
-    exemplar). Pass the result to ``prune(model, x, "epruner", pruning_ratio_dict=...)`` with the
-    same ``beta`` / settings, or call :func:`epruner_prune`. ``prune``'s ``max_pruning_ratio``
-    still caps each layer. The model is not modified.
-
-    Args:
-        model: The model (only read).
-        example_inputs: Inputs for tracing, as for :func:`kcp_plugin.prune`.
-        beta: Preference factor (larger: fewer exemplars, narrower layers).
-        importance_kwargs: Other :class:`EPrunerImportance` arguments.
-        ignored_layers, protect_outputs, forward_fn, output_transform, unwrapped_parameters,
-            customized_pruners, progress: As for :func:`kcp_plugin.prune`.
-
-    Returns:
-        ``{root layer name: pruning ratio}`` for every prunable group.
-    """
-    from ..graph import check_runs, checked_graph, default_forward, output_layers, resolve_layers
-    from ..progress import progress_bar
-
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    imp = EPrunerImportance(beta=beta, **(importance_kwargs or {}))
-    ignored = resolve_layers(model, ignored_layers, "ignored_layers")
-    check_runs(model, example_inputs, forward_fn or default_forward)
-    graph = checked_graph(model, example_inputs, forward_fn or default_forward,
-                          output_transform, unwrapped_parameters=unwrapped_parameters,
-                          customized_pruners=customized_pruners)
-    protected = ignored + (output_layers(graph) if protect_outputs else [])
-    skip = [m for p in protected for m in p.modules()]
-    names = {m: n for n, m in model.named_modules()}
-    groups = list(graph.get_all_groups(ignored_layers=skip,
-                                       root_module_types=[nn.modules.conv._ConvNd, nn.Linear]))
-    widths: dict[str, float] = {}
-    with torch.no_grad():
-        for group in progress_bar(groups, enabled=progress, desc="EPruner clustering"):
-            root = group[0].dep.target.module
-            if root not in names:
-                continue
-            clustering = imp.cluster_group(group)
-            if clustering is None:
-                continue
-            n, k = clustering.n_channels, len(clustering.exemplars)
-            widths[names[root]] = 0.0 if k >= n else 1.0 - (k + 0.5) / n
-            logger.info("EPruner: %s keeps %d of %d channels", names[root], k, n)
-    return widths
-
-
-def epruner_prune(
-    model: nn.Module,
-    example_inputs: Any,
-    beta: float = 0.45,
-    *,
-    importance_kwargs: dict[str, Any] | None = None,
-    **prune_kwargs: Any,
-) -> PruneReport:
-    """Prune ``model`` in place to EPruner's adaptive widths (one shot, as in the paper).
-
-    Runs :func:`epruner_widths`, then :func:`kcp_plugin.prune` with the ``epruner`` criterion
-    (same settings) and those per-layer ratios, so every group keeps exactly its exemplars
-    (capped by ``max_pruning_ratio``, default 0.9; rounded if ``round_to`` is given).
-
-    Args:
-        model: The model to prune in place.
-        example_inputs: Inputs for tracing.
-        beta: Preference factor: the one knob of the adaptive mode.
-        importance_kwargs: Other :class:`EPrunerImportance` arguments.
-        **prune_kwargs: Passed to :func:`kcp_plugin.prune` (``ignored_layers``, ``round_to``,
-            ``max_pruning_ratio``, ``forward_fn``, ``progress``...). The widths come from the
-            clustering, so ``target_macs_ratio``, ``pruning_ratio``, ``pruning_ratio_dict``,
-            ``importance``, ``global_pruning`` and ``iterative_steps`` are not accepted.
-
-    Returns:
-        The :class:`kcp_plugin.PruneReport`.
-    """
-    from ..pruning import prune
-
-    fixed = sorted({"target_macs_ratio", "pruning_ratio", "pruning_ratio_dict", "importance",
-                    "importance_kwargs", "global_pruning", "iterative_steps"} & set(prune_kwargs))
-    if fixed:
-        raise ValueError(
-            f"epruner_prune sets the widths from the clustering; it does not accept "
-            f"{', '.join(fixed)} (use kcp_plugin.prune(model, x, 'epruner', ...) for "
-            "ratio-driven pruning)")
-    widths = epruner_widths(
-        model, example_inputs, beta, importance_kwargs=importance_kwargs,
-        **{k: prune_kwargs[k] for k in ("ignored_layers", "protect_outputs", "forward_fn",
-                                        "output_transform", "unwrapped_parameters",
-                                        "customized_pruners", "progress") if k in prune_kwargs},
-    )
-    imp = EPrunerImportance(beta=beta, **(importance_kwargs or {}))
-    if widths:
-        return prune(model, example_inputs, imp, pruning_ratio_dict=widths, **prune_kwargs)
-    return prune(model, example_inputs, imp, pruning_ratio=0.0, **prune_kwargs)

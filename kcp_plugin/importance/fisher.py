@@ -24,12 +24,14 @@ import torch.nn as nn
 
 from ..graph import ForwardFn, build_graph
 from ..registry import register_importance
-from ..stats import StatsImportance, _per_channel
-from .views import CONSUMER_FNS, NORM_FNS, PRODUCER_FNS
+from ..stats import StatsImportance, per_channel_sum
+from ..views import CONSUMER_FNS, NORM_FNS, PRODUCER_FNS
 
 NORMALIZERS = ("memory", "flops", "none")
 
 
+@register_importance("fisher", requires_data=True,
+                     summary="Group Fisher: (sum over coupled layers of act x grad)^2 / cost")
 class FisherImportance(StatsImportance):
     """Group Fisher channel importance.
 
@@ -97,7 +99,7 @@ class FisherImportance(StatsImportance):
 
     def _observe_grad(self, name: str, module: nn.Module, x: torch.Tensor,
                       grad: torch.Tensor) -> None:
-        g = _per_channel(x * grad.detach(), module).double()
+        g = per_channel_sum(x * grad.detach(), module).double()
         self._batch[name] = self._batch[name] + g if name in self._batch else g
 
     def _end_batch(self) -> None:
@@ -188,10 +190,3 @@ def _out_width(module: nn.Module | None) -> int | None:
         return module.out_features
     weight = getattr(module, "weight", None)
     return weight.shape[0] if isinstance(weight, torch.Tensor) else None
-
-
-@register_importance("fisher", requires_data=True,
-                     summary="Group Fisher: (sum over coupled layers of act x grad)^2 / cost")
-def fisher(normalize: str = "memory"):
-    """Group Fisher importance; collects activation-gradient statistics on data."""
-    return FisherImportance(normalize=normalize)

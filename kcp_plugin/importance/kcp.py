@@ -28,7 +28,7 @@ import torch
 import torch_pruning as tp
 
 from ..registry import register_importance
-from .views import member_views, scatter_mean
+from ..views import member_views, scatter_mean
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +171,7 @@ def greedy_representatives(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
     return rep, scores
 
 
+@register_importance("kcp", summary="Kernel Cluster Pruning (default: mean-centre variant)")
 class KCPImportance(tp.importance.Importance):
     """Kernel Cluster Pruning importance for torch-pruning groups (low score = pruned first).
 
@@ -317,9 +318,6 @@ def _check_choice(arg: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{arg} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
-register_importance("kcp", summary="Kernel Cluster Pruning (default: mean-centre variant)")(
-    KCPImportance
-)
 register_importance(
     "kcp_representative", summary="KCP, keep K representative kernel clusters per layer"
 )(functools.partial(KCPImportance, centre="representative"))

@@ -29,7 +29,6 @@ Where it acts in mmengine's ``Runner.train()`` (build optim wrapper -> param sch
 
 from __future__ import annotations
 
-import difflib
 import functools
 import inspect
 import json
@@ -45,13 +44,14 @@ from mmengine.optim import OptimWrapper, OptimWrapperDict
 from torch.nn.parallel import DistributedDataParallel
 
 from kcp_plugin import count_macs_params, get_plan, importance_info, prune, rebuild_optimizer
-from kcp_plugin.graph import preserved_modes
+from kcp_plugin.graph import preserved_modes, resolve_layers
 from kcp_plugin.plan import validate_plan
-from kcp_plugin.schedule import MODES, RAMPS, PruningScheduler
+from kcp_plugin.registry import criterion_arguments
+from kcp_plugin.schedule import RAMPS, PruningScheduler, resolve_mode
 from kcp_plugin.stats import RecentBatches
 
 from .checkpoint import raise_on_size_mismatch
-from .optim_wrapper import _RegularizerMixin
+from .optim_wrapper import RegularizerMixin
 from .registry import HOOKS
 from .structure import example_inputs, output_convs, sync_structure, trace_forward, unwrap
 
@@ -137,8 +137,10 @@ class PruningHook(Hook):
             raise ValueError(f"schedule start must be an integer >= 0, got {sched['start']!r}")
         if sched["ramp"] not in RAMPS:
             raise ValueError(f"schedule ramp must be one of {', '.join(RAMPS)}")
-        if sched["mode"] not in MODES:
-            raise ValueError(f"schedule mode must be one of {', '.join(MODES)}")
+        try:  # the papers' names (SFP, SRFP, ASRFP) are accepted too
+            sched["mode"], sched["ramp"] = resolve_mode(sched["mode"], sched["ramp"])
+        except ValueError as exc:
+            raise ValueError(f"schedule {exc}") from None
         if pruning_ratio is not None and (sched["num_prunes"] != 1 or sched["mode"] != "hard"):
             raise ValueError("pruning_ratio prunes once (num_prunes=1, mode='hard'); use "
                              "target_macs_ratio for iterative or soft schedules")
@@ -154,11 +156,7 @@ class PruningHook(Hook):
             raise TypeError("ignored_layers must be a list of layer names")
         self.importance = info.name
         self.importance_kwargs = dict(importance_kwargs or {})
-        self.needs_grad = info.requires_grad
-        # Hessian accumulates one gradient per sample: mmseg's loss dicts are batch means, so
-        # the batch is split into single-sample losses
-        self.per_sample = info.name == "hessian"
-        self.needs_data = info.requires_data
+        self.info = info  # what the criterion needs (gradients, per-sample losses, data)
         self.data_steps = data_steps
         self._recent = RecentBatches(data_steps, owner="PruningHook")
         self.target_macs_ratio = target_macs_ratio
@@ -185,41 +183,40 @@ class PruningHook(Hook):
         return self._inputs
 
     def _protected(self, model: nn.Module) -> list[str]:
-        names = dict(model.named_modules())
-        for name in self.ignored_layers:
-            if name not in names:
-                close = difflib.get_close_matches(name, list(names), n=3)
-                hint = f"; close matches: {', '.join(close)}" if close else ""
-                raise ValueError(f"PruningHook ignored_layers: the model has no layer {name!r}"
-                                 f"{hint}")
+        resolve_layers(model, self.ignored_layers, "PruningHook ignored_layers")  # names exist
         return list(dict.fromkeys(self.ignored_layers + output_convs(model)))
 
-    def _loss_fn(self, model: nn.Module) -> torch.Tensor:
-        """Loss of the current training batch (for gradient criteria such as ``taylor``; one
-        loss per sample for ``hessian``).
+    def _loss(self, model: nn.Module, batch: Any, reduction: str) -> torch.Tensor:
+        """mmseg's training loss of a raw training batch, for gradient criteria (``taylor``;
+        ``reduction="none"``, one loss per sample, for ``hessian``: mmseg's loss dicts are
+        batch means, so the batch is split into single-sample losses).
 
         Runs in eval mode: no batch statistics enter the scores, and SyncBN does not wait for
         the other ranks (only rank 0 scores in distributed training).
         """
-        if self._batch is None:
-            raise RuntimeError("no training batch to compute the loss of")
         with preserved_modes(model):
             model.eval()
-            data = model.data_preprocessor(self._batch, True)
-            if not self.per_sample:
+            data = model.data_preprocessor(batch, True)
+            if reduction != "none":
                 loss, _ = model.parse_losses(model(**data, mode="loss"))
-                return loss
+                return loss * len(data["data_samples"]) if reduction == "sum" else loss
             inputs, samples = data["inputs"], data["data_samples"]
             return torch.stack([
                 model.parse_losses(model(inputs[i:i + 1], samples[i:i + 1], mode="loss"))[0]
                 for i in range(len(samples))])
 
-    def _data_kwargs(self, runner) -> dict[str, Any]:
-        """``prune`` arguments that feed a data-driven criterion the recent training batches."""
-        if not self.needs_data:
-            return {}
+    def _current_batch(self) -> Any:
+        if self._batch is None:
+            raise RuntimeError("no training batch to compute the loss of")
+        return self._batch
+
+    def _feed(self, runner) -> dict[str, Any]:
+        """``prune`` arguments that feed the criterion (:func:`criterion_arguments`): the
+        current training batch's loss for gradient criteria, the recent training batches
+        (preprocessed when a pruning point collects on them) for data-driven ones."""
         self._recent.transform = functools.partial(_preprocess, unwrap(runner.model))
-        return {"data": self._recent, "step_fn": _loss_step}
+        return criterion_arguments(self.info, self._loss, batch=self._current_batch,
+                                   batches=self._recent, step_fn=_loss_step)
 
     # ------------------------------------------------------------------ hook stages
     def before_run(self, runner) -> None:
@@ -246,14 +243,16 @@ class PruningHook(Hook):
         if self.target_macs_ratio is not None:
             kwargs = dict(self.prune_kwargs)
             kwargs["ignored_layers"] = self._protected(model)
-            kwargs.update(self._data_kwargs(runner))
+            feed = self._feed(runner)
+            loss_fn = feed.pop("loss_fn", None)
+            kwargs.update(feed)
             s = self.schedule
             self.scheduler = PruningScheduler(
                 model, inputs, self.importance, target_macs_ratio=self.target_macs_ratio,
                 num_prunes=s["num_prunes"], start=s["start"], every=s["every"], ramp=s["ramp"],
                 mode=s["mode"], decay=s["decay"], decay_rate=s["decay_rate"],
                 forward_fn=trace_forward, importance_kwargs=self.importance_kwargs or None,
-                loss_fn=self._loss_fn if self.needs_grad else None, prune_kwargs=kwargs,
+                loss_fn=loss_fn, prune_kwargs=kwargs,
             )
             if loaded.get("resumed") and loaded.get("scheduler"):
                 self.scheduler.load_state_dict(loaded["scheduler"])
@@ -270,7 +269,7 @@ class PruningHook(Hook):
 
     def before_train_iter(self, runner, batch_idx: int, data_batch: Any = None) -> None:
         by_epoch = self.schedule["by_epoch"]
-        if self.needs_data and data_batch is not None:
+        if self.info.requires_data and data_batch is not None:
             self._recent.add(data_batch)  # every batch: an epoch's point sees the last ones
         if by_epoch and batch_idx != 0:
             return
@@ -306,8 +305,7 @@ class PruningHook(Hook):
             prune(model, self._example(runner), self.importance,
                   pruning_ratio=self.pruning_ratio, ignored_layers=self._protected(model),
                   forward_fn=trace_forward, importance_kwargs=self.importance_kwargs or None,
-                  loss_fn=self._loss_fn if self.needs_grad else None, progress=False,
-                  **self._data_kwargs(runner), **self.prune_kwargs)
+                  progress=False, **self._feed(runner), **self.prune_kwargs)
             self.calls = call + 1
 
     def _step(self, runner, call: int) -> None:
@@ -360,7 +358,7 @@ class PruningHook(Hook):
                                       "OptimWrapperDict")
         if changed and isinstance(wrapper, OptimWrapper):  # (a config dict in test runs)
             rebuild_optimizer(wrapper.optimizer, model)
-        if isinstance(wrapper, _RegularizerMixin):
+        if isinstance(wrapper, RegularizerMixin):
             finished = self.scheduler.finished if self.scheduler is not None else \
                 self.calls > self.schedule["start"]
             if changed or finished:

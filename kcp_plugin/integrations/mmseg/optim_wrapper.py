@@ -62,7 +62,7 @@ def _check_cfg(regularizer: Any) -> dict[str, Any]:
     return {"type": name, **cfg}
 
 
-class _RegularizerMixin:
+class RegularizerMixin:
     """The shared logic of both wrappers (kept apart from the AMP/fp32 base classes)."""
 
     optimizer: torch.optim.Optimizer
@@ -154,7 +154,7 @@ class _RegularizerMixin:
 
 
 @OPTIM_WRAPPERS.register_module()
-class RegularizedOptimWrapper(_RegularizerMixin, OptimWrapper):
+class RegularizedOptimWrapper(RegularizerMixin, OptimWrapper):
     """``OptimWrapper`` that applies a kcp_plugin regularizer between backward and step.
 
     Args:
@@ -173,7 +173,7 @@ class RegularizedOptimWrapper(_RegularizerMixin, OptimWrapper):
 
 
 @OPTIM_WRAPPERS.register_module()
-class AmpRegularizedOptimWrapper(_RegularizerMixin, AmpOptimWrapper):
+class AmpRegularizedOptimWrapper(RegularizerMixin, AmpOptimWrapper):
     """``AmpOptimWrapper`` with a kcp_plugin regularizer; gradients are unscaled first.
 
     Arguments as :class:`RegularizedOptimWrapper`, plus ``AmpOptimWrapper``'s (``loss_scale``,

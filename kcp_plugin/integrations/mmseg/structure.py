@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kcp_plugin.plan import _set_plan, apply_plan, get_plan, validate_plan
+from kcp_plugin.plan import apply_plan, get_plan, set_plan, validate_plan
 from kcp_plugin.tracking import track_pruning
 
 __all__ = [
@@ -142,5 +142,5 @@ def sync_structure(
         for name, p in model.named_parameters():
             p.requires_grad_(name not in frozen)
     # apply_plan records the replayed steps only; the model's plan is the whole history.
-    _set_plan(model, copy.deepcopy(plan))
+    set_plan(model, copy.deepcopy(plan))
     return True

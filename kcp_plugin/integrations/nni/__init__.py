@@ -1,4 +1,4 @@
-"""NNI 3.0 integration: pruners for every registered criterion, a working speedup, HPO search.
+"""NNI 3.0 integration: pruners for every registered criterion and a working speedup.
 
 * :class:`KCPPluginPruner` (any criterion of :func:`kcp_plugin.list_importances`, by name),
   :class:`KCPPruner` and one class per criterion (:func:`pruner_class`, e.g.
@@ -8,10 +8,12 @@
   concatenations or depthwise convs (and their norm layers) mask the same channels.
 * :func:`speedup`: masks (ours or NNI's own pruners') -> a physically smaller model through
   torch-pruning's dependency graph (NNI 3.0's ``ModelSpeedup`` fails on torch 2.14).
-* :mod:`.search`: an NNI experiment searching criterion, MACs target or per-stage ratios and
-  fine-tuning settings on the benchmark tasks (``tools/nni_search.py``).
 
-``speedup`` and the config check need only torch and torch-pruning; the pruners and the search
+The NNI experiment that searches criterion, MACs target or per-stage ratios and fine-tuning
+settings on the benchmark tasks is an experiment over the benchmark, not an adapter:
+:mod:`kcp_plugin.bench.nni_search` (``tools/nni_search.py``).
+
+``speedup`` and the config check need only torch and torch-pruning; the pruners
 import NNI (``pip install 'kcp-plugin[nni]'``) on first access.
 """
 

@@ -48,7 +48,7 @@ from ...pruning import resolve_importance
 from ...registry import importance_info, list_importances
 from ...run import populate_gradients
 from ...safety import unsafe_layers
-from ...stats import StatsImportance, StepFn, _split_batch, collect
+from ...stats import StatsImportance, StepFn, collect, split_batch
 from .config import validate_config_list
 from .groups import (
     ChannelGroup,
@@ -466,7 +466,7 @@ class KCPPluginPruner(Pruner):
                                      "them from TorchEvaluator's training_step batches; pass "
                                      "data=<batches> with other evaluators")
                 step = evaluator._training_step
-                labels_fn = self._labels_fn or (lambda batch: _split_batch(batch)[1])
+                labels_fn = self._labels_fn or (lambda batch: split_batch(batch)[1])
 
                 def labelled_step(batch: Any, *args: Any, **kwargs: Any) -> Any:
                     imp.set_labels(labels_fn(batch))

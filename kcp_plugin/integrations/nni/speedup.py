@@ -13,10 +13,9 @@ It needs only torch and torch-pruning (not NNI).
 
 from __future__ import annotations
 
-import difflib
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,8 +30,9 @@ from ...graph import (
     default_forward,
     output_layers,
 )
+from ...hints import did_you_mean
 from ...plan import extend_plan
-from ...report import _human, layer_widths
+from ...report import SizeReport, layer_widths
 from ...safety import UnprunableError, output_signature, unsafe_layers, verify_outputs
 from ...snapshot import ModuleSnapshot
 from ...tracking import track_pruning
@@ -47,7 +47,7 @@ Masks = dict[str, dict[str, Any]]
 
 
 @dataclass
-class SpeedupReport:
+class SpeedupReport(SizeReport):
     """What :func:`speedup` did.
 
     Attributes:
@@ -73,33 +73,13 @@ class SpeedupReport:
     widths_after: dict[str, int] = field(default_factory=dict)
     plan: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def macs_ratio(self) -> float:
-        """Fraction of MACs kept."""
-        return self.macs_after / max(self.macs_before, 1)
-
-    @property
-    def params_ratio(self) -> float:
-        """Fraction of parameters kept."""
-        return self.params_after / max(self.params_before, 1)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-data form (JSON-compatible)."""
-        d = asdict(self)
-        d.update(macs_ratio=self.macs_ratio, params_ratio=self.params_ratio)
-        return d
-
     def table(self) -> str:
         """A before/after table for terminals and logs."""
-        rows = [("MACs", self.macs_before, self.macs_after, self.macs_ratio),
-                ("Params", self.params_before, self.params_after, self.params_ratio)]
-        lines = [f"{'':<8} {'before':>10} {'after':>10} {'kept':>7}"]
-        lines += [f"{n:<8} {_human(b):>10} {_human(a):>10} {r:>7.1%}" for n, b, a, r in rows]
         head = (f"speedup: {sum(self.removed.values())} channels removed in "
                 f"{len(self.removed)} coupled groups")
         if self.conflicts:
             head += f"; masks disagreed in {len(self.conflicts)} groups"
-        return head + "\n" + "\n".join(lines)
+        return head + "\n" + self.size_table()
 
 
 def _check_masks(model: nn.Module, masks: Any) -> dict[str, nn.Module]:
@@ -110,9 +90,8 @@ def _check_masks(model: nn.Module, masks: Any) -> dict[str, nn.Module]:
     out = {}
     for name, entry in masks.items():
         if name not in modules:
-            close = difflib.get_close_matches(str(name), list(modules), n=3)
-            hint = f"; close matches: {', '.join(close)}" if close else ""
-            raise ValueError(f"masks name a layer the model does not have: {name!r}{hint}")
+            raise ValueError(f"masks name a layer the model does not have: {name!r}"
+                             f"{did_you_mean(name, modules)}")
         if not isinstance(entry, dict):
             raise TypeError(f"masks[{name!r}] must be a dict {{'weight': mask, 'bias': mask}}, "
                             f"got {type(entry).__name__}")

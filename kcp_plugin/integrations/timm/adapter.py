@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .pruning import _head_map, sync_head_attrs
+from .pruning import head_map, sync_head_attrs
 from .support import check_supported, clear_caches, protected_roots, pruning_setup
 
 __all__ = ["ADAPTER", "TimmAdapter"]
@@ -42,7 +42,7 @@ class TimmAdapter:
 
     def before_prune(self, model: nn.Module, example_inputs: Any) -> None:
         if _is_timm_model(model) and isinstance(example_inputs, torch.Tensor):
-            _head_map(model, example_inputs)  # decided on the unpruned (consistent) widths
+            head_map(model, example_inputs)  # decided on the unpruned (consistent) widths
 
     def after_prune(self, model: nn.Module, example_inputs: Any) -> dict[str, dict[str, Any]]:
         clear_caches(model)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ...hints import did_you_mean
 from ...plan import CARRIED_PLAN_KEY as PLAN_KEY
 from ...plan import carried_plan as _plan_from_state_dict
 from ...plan import decode_plan, encode_plan, get_plan, read_checkpoint, validate_plan
@@ -237,10 +238,7 @@ def kcp_pruned(
     if base == ENTRYPOINT:
         raise ValueError("kcp_pruned: base must be a timm architecture, not kcp_pruned itself")
     if not timm.is_model(base.split(".")[0]):
-        import difflib
-
-        close = difflib.get_close_matches(base, timm.list_models(), n=3)
-        hint = f"; close matches: {', '.join(close)}" if close else " (see timm.list_models())"
+        hint = did_you_mean(base, timm.list_models(), otherwise=" (see timm.list_models())")
         raise ValueError(f"kcp_pruned: timm has no model {base!r}{hint}")
     _check_fraction("target_macs_ratio", target_macs_ratio, allow_zero=False)
     _check_fraction("pruning_ratio", pruning_ratio, allow_zero=True)

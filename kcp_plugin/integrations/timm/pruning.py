@@ -132,7 +132,7 @@ def _head_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(".".join(parts[:i]), modules[".".join(parts[:i])]) for i in range(1, len(parts))]
 
 
-def _head_map(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
+def head_map(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
     """Which head attributes follow which width, found once on the unpruned model."""
     found = model.__dict__.get(_HEAD_MAP)
     if found is not None:
@@ -172,7 +172,7 @@ def sync_head_attrs(model: nn.Module, x: torch.Tensor) -> dict[str, dict[str, in
     Returns:
         ``{module_name: {attr: value}}`` of the attributes that changed (for the plan).
     """
-    hm = _head_map(model, x)
+    hm = head_map(model, x)
     if not hm["entries"]:
         return {}
     seen = _measure(model, x)

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from ...schedule import PruningScheduler
-from .pruning import _head_map, default_inputs, replay_new_entries
+from .pruning import default_inputs, head_map, replay_new_entries
 from .support import check_supported
 
 __all__ = ["TimmPruningSchedule"]
@@ -44,17 +44,14 @@ class TimmPruningSchedule:
         model: The timm model being trained (not a DDP / compiled wrapper).
         optimizer: Its optimizer; re-pointed (state carried) after every hard prune.
         importance: Registered criterion name or ``Importance``.
-        target_macs_ratio: Fraction of MACs kept at the end.
-        num_prunes / start / every / ramp / mode: As :class:`PruningScheduler` (``start`` and
-            ``every`` count optimizer steps).
         example_inputs: Tracing inputs; default: :func:`default_inputs` (``input_size``).
         input_size: Size of the default example inputs.
-        importance_kwargs: Arguments of the criterion.
-        loss_fn: For gradient criteria, ``loss_fn(model) -> loss`` on a held batch.
-        prune_kwargs: Further :func:`kcp_plugin.prune` arguments.
         emas: EMA copies to keep in step (timm ``ModelEmaV3`` objects or modules).
         on_prune: ``on_prune(schedule)`` after every pruning point.
-        scheduler_kwargs: Further :class:`PruningScheduler` arguments (``decay``...).
+        **scheduler_kwargs: :class:`kcp_plugin.schedule.PruningScheduler`'s arguments
+            (``target_macs_ratio``, ``num_prunes``, ``start`` / ``every`` counted in optimizer
+            steps, ``ramp``, ``mode``, ``loss_fn``, ``prune_kwargs``...), except ``optimizer``,
+            ``forward_fn`` and ``on_prune``, which this class sets.
 
     Raises:
         UnsupportedModelError: the architecture cannot be pruned (nothing changed).
@@ -67,21 +64,15 @@ class TimmPruningSchedule:
         optimizer: torch.optim.Optimizer,
         importance: Any = "kcp",
         *,
-        target_macs_ratio: float,
-        num_prunes: int = 4,
-        start: int = 0,
-        every: int = 1,
-        ramp: str = "linear",
-        mode: str = "hard",
         example_inputs: torch.Tensor | None = None,
         input_size: int | Sequence[int] | None = None,
-        importance_kwargs: dict[str, Any] | None = None,
-        loss_fn: Callable[[nn.Module], torch.Tensor] | None = None,
-        prune_kwargs: dict[str, Any] | None = None,
         emas: Sequence[Any] = (),
         on_prune: Callable[[TimmPruningSchedule], None] | None = None,
-        scheduler_kwargs: dict[str, Any] | None = None,
+        **scheduler_kwargs: Any,
     ):
+        taken = sorted({"optimizer", "forward_fn", "on_prune"} & set(scheduler_kwargs))
+        if taken:
+            raise TypeError(f"TimmPruningSchedule sets {', '.join(taken)} itself")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
                             f"{type(optimizer).__name__}")
@@ -95,14 +86,11 @@ class TimmPruningSchedule:
                                else default_inputs(model, input_size))
         self.emas = [_ema_module(e) for e in emas]
         self.user_on_prune = on_prune
-        kwargs = dict(prune_kwargs or {})  # kcp_plugin.prune applies the timm adapter itself
-        _head_map(model, self.example_inputs)
-        self.scheduler = PruningScheduler(
-            model, self.example_inputs, importance, target_macs_ratio=target_macs_ratio,
-            num_prunes=num_prunes, start=start, every=every, ramp=ramp, mode=mode,
-            optimizer=optimizer, importance_kwargs=importance_kwargs, loss_fn=loss_fn,
-            prune_kwargs=kwargs, on_prune=self._after_prune, **(scheduler_kwargs or {}),
-        )
+        head_map(model, self.example_inputs)
+        # kcp_plugin.prune applies the timm adapter (pruners, protections, heads) itself
+        self.scheduler = PruningScheduler(model, self.example_inputs, importance,
+                                          optimizer=optimizer, on_prune=self._after_prune,
+                                          **scheduler_kwargs)
         self._handle: Any = None
         self.pruned_at: list[int] = []
 

@@ -16,8 +16,11 @@ results, so NNI's assessors can stop bad trials early) and a final result
 runs the experiment and writes ``results.json``, ``summary.md`` (best trials and the
 accuracy-vs-MACs Pareto front) and ``accuracy_vs_macs.png``.
 
-Trials run ``tools/nni_trial.py`` with the interpreter running the search (``sys.executable``):
-with another Python the trials would fail without any message.
+Trials run ``python -m kcp_plugin.bench.nni_search --settings ...`` with the interpreter
+running the search (``sys.executable``), so they work wherever ``kcp_plugin`` is importable
+(installed, not only from a checkout); with another Python the trials would fail without any
+message. This is an experiment over the benchmark (:mod:`kcp_plugin.bench`), not an NNI
+adapter: the adapters are :mod:`kcp_plugin.integrations.nni`.
 """
 
 from __future__ import annotations
@@ -52,8 +55,7 @@ __all__ = [
 ]
 
 PARAM_KEYS = ("criterion", "target_macs", "finetune_lr", "finetune_steps")
-REPO_ROOT = Path(__file__).resolve().parents[3]
-TRIAL_SCRIPT = REPO_ROOT / "tools" / "nni_trial.py"
+TRIAL_MODULE = "kcp_plugin.bench.nni_search"
 
 
 class TunerConnectionError(RuntimeError):
@@ -98,7 +100,7 @@ class SearchSettings:
 # ---------------------------------------------------------------------------- search space
 def task_stages(task_name: str) -> list[str]:
     """Top-level modules of a task's model that hold prunable conv / linear layers."""
-    from ...bench import get_task
+    from . import get_task
 
     model = get_task(task_name).build(0)
     stages = []
@@ -127,8 +129,8 @@ def check_search_space(space: Any, task_name: str) -> None:
             feed, e.g. label-based criteria on stereo), ratios out of range, or both
             ``target_macs`` and ``ratio_*`` keys.
     """
-    from ...bench import get_task
-    from ...registry import get_importance, importance_info
+    from ..registry import get_importance, importance_info
+    from . import get_task
 
     task = get_task(task_name)
     if not isinstance(space, dict) or not space:
@@ -184,9 +186,9 @@ def train_dense(settings: SearchSettings, steps: int, lr: float, path: str | os.
     Returns:
         ``{"task", "seed", "metric", "value", "macs", "params"}``.
     """
-    from ...bench import get_task, make_loader, train
-    from ...bench.protocol import _forward_for
-    from ...graph import count_macs_params
+    from ..graph import count_macs_params
+    from . import get_task, make_loader, train
+    from .protocol import forward_for
 
     task = get_task(settings.task)
     train_ds, val_ds = task.splits(settings.seed, settings.n_train, settings.n_val)
@@ -197,7 +199,7 @@ def train_dense(settings: SearchSettings, steps: int, lr: float, path: str | os.
     model.eval()
     value = task.evaluate(model, make_loader(val_ds, settings.batch_size, settings.seed,
                                              shuffle=False))[task.metric]
-    macs, params = count_macs_params(model, task.example_inputs(), _forward_for(task))
+    macs, params = count_macs_params(model, task.example_inputs(), forward_for(task))
     meta = {"task": settings.task, "seed": settings.seed, "metric": task.metric, "value": value,
             "macs": macs, "params": params, "steps": steps}
     torch.save({"state_dict": model.state_dict(), "meta": meta}, path)
@@ -236,10 +238,10 @@ def run_trial(params: dict[str, Any], settings: SearchSettings,
         The final result: ``default`` (the task metric), ``macs_ratio``, ``params_ratio``,
         ``after_prune`` (metric before fine-tuning), ``dense`` and timing.
     """
-    from ...bench import get_task, make_loader, train
-    from ...bench.protocol import _forward_for
-    from ...pruning import prune
-    from ...registry import importance_info
+    from ..pruning import prune
+    from ..registry import criterion_arguments, importance_info
+    from . import get_task, make_loader, train
+    from .protocol import forward_for
 
     start = time.perf_counter()
     if settings.threads:
@@ -258,14 +260,13 @@ def run_trial(params: dict[str, Any], settings: SearchSettings,
     dense = _load_dense(settings.dense)
     model.load_state_dict(dense["state_dict"])
     model.eval()
-    fwd = _forward_for(task)
+    fwd = forward_for(task)
     batch = next(iter(train_loader))
-    kwargs: dict[str, Any] = {}
-    if info.requires_grad:
-        kwargs["loss_fn"] = task.loss_fn(batch, per_sample=info.name == "hessian")
-    if info.requires_data:
-        batches = [b for _, b in zip(range(settings.data_steps), train_loader)]
-        kwargs.update(data=batches, step_fn=lambda m, b: task.loss(task.forward(m, b), b))
+    batches = ([b for _, b in zip(range(settings.data_steps), train_loader)]
+               if info.requires_data else None)
+    kwargs: dict[str, Any] = criterion_arguments(
+        info, lambda m, b, reduction: task.loss(task.forward(m, b), b, reduction),
+        batch=batch, batches=batches)
     if ratios:
         kwargs["pruning_ratio_dict"] = _stage_ratios(model, ratios)
     else:
@@ -308,7 +309,8 @@ def run_trial(params: dict[str, Any], settings: SearchSettings,
 
 
 def trial_main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Entry point of ``tools/nni_trial.py``: read settings, get NNI's parameters, run."""
+    """Entry point of a trial (``python -m kcp_plugin.bench.nni_search``, or
+    ``tools/nni_trial.py``): read settings, get NNI's parameters, run."""
     import argparse
 
     import nni
@@ -375,7 +377,7 @@ def launch_experiment(
     """Run an NNI experiment in local mode and return one row per trial.
 
     The experiment config (``configs/nni/experiment.yml`` format) gives the tuner and limits;
-    the search space, trial command (this interpreter, ``tools/nni_trial.py``), code and
+    the search space, trial command (this interpreter, ``-m kcp_plugin.bench.nni_search``), code and
     working directories are set here. The web server listens on ``port`` (a free one by
     default); this function talks to it on localhost.
 
@@ -388,7 +390,7 @@ def launch_experiment(
     """
     from nni.experiment import Experiment, ExperimentConfig
 
-    from ...progress import progress_bar
+    from ..progress import progress_bar
 
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -401,9 +403,9 @@ def launch_experiment(
         config.tuner.name = "TPE"
     config.search_space = search_space
     config.search_space_file = None
-    config.trial_command = (f"{shlex.quote(sys.executable)} {shlex.quote(str(TRIAL_SCRIPT))} "
+    config.trial_command = (f"{shlex.quote(sys.executable)} -m {TRIAL_MODULE} "
                             f"--settings {shlex.quote(str(settings_path))}")
-    config.trial_code_directory = str(REPO_ROOT)
+    config.trial_code_directory = str(out_dir)
     config.experiment_working_directory = str(out_dir / "nni-experiments")
     if config.training_service is None or not hasattr(config.training_service, "platform"):
         config.training_service = "local"
@@ -597,7 +599,7 @@ def run_search(
     Returns:
         ``(rows, summary markdown)``; the files are in ``out_dir``.
     """
-    from ...bench import get_task
+    from . import get_task
 
     task = get_task(settings.task)
     check_search_space(search_space, settings.task)
@@ -618,3 +620,8 @@ def run_search(
     text = summarize(rows, out_dir, metric=task.metric, higher_is_better=task.higher_is_better,
                      dense=dense)
     return rows, text
+
+
+if __name__ == "__main__":  # a trial, started by NNI (see launch_experiment)
+    result = trial_main()
+    print({k: v for k, v in result.items() if k != "history"})
