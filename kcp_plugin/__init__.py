@@ -5,7 +5,7 @@ The core API needs only torch and torch-pruning; integrations import their host 
 
 from .graph import count_macs_params
 from .importance import KCPImportance
-from .latency import measure_latency
+from .latency import LatencyStats, compare_latency, measure_latency
 from .optim import rebuild_optimizer
 from .plan import apply_plan, get_plan, load_pruned, read_checkpoint, save_pruned
 from .pruning import prune, resolve_importance
@@ -24,12 +24,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "KCPImportance",
+    "LatencyStats",
     "PruneReport",
     "RecentBatches",
     "StatsImportance",
     "apply_plan",
     "collect",
     "collecting",
+    "compare_latency",
     "count_macs_params",
     "criterion_arguments",
     "get_importance",

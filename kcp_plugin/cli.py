@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -12,7 +14,8 @@ from typing import Any
 import torch
 
 from . import __version__
-from .latency import measure_latency
+from .graph import check_runs
+from .latency import compare_latency
 from .plan import save_pruned
 from .pruning import prune
 from .registry import importance_info, list_importances
@@ -31,7 +34,7 @@ model specs:
 exit codes: 0 success, 1 pruning failed, 2 invalid arguments, 3 model could not be built
 
 examples:
-  kcp-prune                                   # builtin DeepLabV3-lite, KCP to 30%% of MACs
+  kcp-prune                                   # builtin DeepLabV3-lite, KCP to 30% of MACs
   kcp-prune --model timm:resnet50 --importance kcp --target-macs 0.3 \\
             --input-shape 1,3,224,224 --out pruned.pt
   kcp-prune --model builtin:stereo_lite --input-shape 1,3,64,128 --input-shape 1,3,64,128
@@ -115,13 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-runs", type=int, default=10, metavar="N",
                    help="timed forward passes for the CPU latency (0 skips it; default: 10)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch CPU threads for the latency measurement")
+                   help="torch CPU threads for the latency measurement (default: 1, the most "
+                   "repeatable on a shared machine)")
     p.add_argument("--seed", type=int, default=0, help="seed for the random initial weights")
     p.add_argument("--out", default=None, metavar="PATH",
                    help="write the pruning plan + weights here (torch.load(weights_only=True))")
     p.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON")
     p.add_argument("--plot", default=None, metavar="PATH",
-                   help="write a PNG of per-layer widths before/after")
+                   help="write a PNG of the fraction of channels each layer kept")
     p.add_argument("--list-importances", action="store_true",
                    help="list the registered criteria and exit")
     p.add_argument("--list-models", action="store_true", help="list builtin models and exit")
@@ -152,6 +156,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--iterative-steps must be >= 1")
     if args.latency_runs < 0:
         parser.error("--latency-runs must be >= 0")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
+    for flag, path in (("--out", args.out), ("--json", args.json), ("--plot", args.plot)):
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not os.path.isdir(folder):
+            parser.error(f"{flag} {path}: folder {folder} does not exist (create it first)")
+        if path and os.path.isdir(path):
+            parser.error(f"{flag} {path} is a folder; give a file path")
     try:
         info = importance_info(args.importance)
     except ValueError as exc:
@@ -164,8 +176,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.pruning_ratio is None and args.target_macs is None:
         args.target_macs = 0.3
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
     torch.manual_seed(args.seed)
     try:
@@ -180,8 +190,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     shapes = args.input_shape or [(1, 3, 128, 128)]
     inputs = [torch.randn(*s) for s in shapes]
     example = inputs[0] if len(inputs) == 1 else tuple(inputs)
+    try:  # before anything is timed or pruned: a clear error for inputs the model cannot take
+        check_runs(model, example)
+    except ValueError as exc:
+        print(f"kcp-prune: error: --input-shape {' '.join(','.join(map(str, s)) for s in shapes)}"
+              f": {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
-    latency_before = _latency(model, example, args.latency_runs)
+    dense = copy.deepcopy(model) if args.latency_runs else None  # timed next to the pruned one
     try:  # timm models: the core applies the timm integration itself (kcp_plugin.hosts)
         report = prune(
             model, example, args.importance,
@@ -197,11 +213,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a failure inside torch-pruning: the model was restored
         print(f"kcp-prune: error: pruning failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    report.latency_before_ms = latency_before
-    report.latency_after_ms = _latency(model, example, args.latency_runs)
+    latency = None
+    if dense is not None:
+        latency = compare_latency([dense, model], example, warmup=2, runs=args.latency_runs,
+                                  threads=args.threads or 1)
+        report.latency_before_ms, report.latency_after_ms = (s.median_ms for s in latency)
 
     print(f"model: {args.model}  inputs: {' + '.join('x'.join(map(str, s)) for s in shapes)}")
     print(report.table())
+    if latency is not None:
+        before, after = latency
+        print(f"CPU latency: median of {before.runs} passes each, dense and pruned interleaved, "
+              f"{before.threads} thread(s); dense {before.describe()}, pruned "
+              f"{after.describe()} (interquartile range)")
     if args.out:
         save_pruned(model, args.out, extra={
             "model": args.model, "model_kwargs": dict(args.model_arg),
@@ -212,14 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(args.json, "w") as fh:
             json.dump({"model": args.model, **report.to_dict()}, fh, indent=2)
     if args.plot:
-        report.plot_widths(args.plot, title=f"{args.model}: per-layer widths")
+        report.plot_widths(args.plot, title=f"{args.model}: channels kept per layer")
     return EXIT_OK
-
-
-def _latency(model: torch.nn.Module, example: Any, runs: int) -> float | None:
-    if runs == 0:
-        return None
-    return measure_latency(model, example, warmup=2, runs=runs)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -30,6 +30,7 @@ __all__ = [
     "save_pruned",
     "load_pruned",
     "read_checkpoint",
+    "load_plain",
     "CARRIED_PLAN_KEY",
     "carried_plan",
     "encode_plan",
@@ -181,6 +182,37 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, extra: dict | None = 
     torch.save(payload, path)
 
 
+def load_plain(path: str | os.PathLike, what: str = "a kcp_plugin checkpoint") -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, with an error that says what is
+    wrong instead of torch's advice to retry with ``weights_only=False`` (wrong advice for a
+    file of unknown origin: it would run whatever code the file holds).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: ``path`` is not ``what``: not a torch file at all, or one holding Python
+            objects beyond tensors and plain containers, which are never unpickled here.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # weights_only refuses anything that is not plain data
+        text = str(exc)
+        unpickler = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+        detail = unpickler[0].strip() if "WeightsUnpickler error:" in text and unpickler else ""
+        if "Unsupported global" in detail:
+            name = detail.split("GLOBAL", 1)[-1].split(" was not")[0].strip()
+            why = (f"it holds a Python object ({name}) besides tensors and plain data, and "
+                   "kcp_plugin never unpickles code; load it with weights_only=False only if "
+                   "you trust where it came from")
+        elif detail:
+            why = f"its bytes are not a torch checkpoint ({detail})"
+        else:
+            first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "empty file")
+            why = f"torch cannot read it ({type(exc).__name__}: {first[:160]})"
+        raise ValueError(f"{path} is not {what}: {why}") from None
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_pruned`, or one whose state dict carries its
     plan (a timm checkpoint of a ``kcp_pruned`` model), without unpickling any code.
@@ -191,12 +223,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     Raises:
         ValueError: the file is not plain data, or holds no plan.
     """
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as exc:  # weights_only refuses anything that is not plain data
-        raise ValueError(f"{path} is not a plain-data kcp_plugin checkpoint: {exc}") from exc
+    payload = load_plain(path)
     if isinstance(payload, dict) and "kcp_plugin" not in payload:
         # a checkpoint whose state dict carries the plan (timm's train.py output of a
         # kcp_pruned model, or a bare state dict of one)

@@ -123,24 +123,33 @@ class PruneReport(SizeReport):
         return head + "\n" + self.size_table(rows)
 
     def plot_widths(self, path: str | os.PathLike, title: str | None = None) -> None:
-        """Write a PNG bar chart of each layer's width before and after pruning."""
+        """Write a PNG of the fraction of output channels each layer kept, in layer order.
+
+        Fractions (not raw widths) keep early, narrow layers visible next to a wide head; at
+        most about 40 layer names are printed (every k-th), the layer index is the x axis.
+        """
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        names = list(self.widths_before)
-        before = [self.widths_before[n] for n in names]
-        after = [self.widths_after.get(n, 0) for n in names]
-        fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * len(names)), 4.0))
-        xs = range(len(names))
-        ax.bar(xs, before, color="#c8d6e5", label="before")
-        ax.bar(xs, after, color="#2e86de", label="after")
-        ax.set_xticks(list(xs))
-        ax.set_xticklabels(names, rotation=90, fontsize=6)
-        ax.set_ylabel("output channels")
-        ax.set_title(title or f"Per-layer widths ({self.importance}, {self.macs_ratio:.0%} MACs)")
-        ax.legend()
+        names = [n for n in self.widths_before if self.widths_before[n] > 0]
+        kept = [self.widths_after.get(n, 0) / self.widths_before[n] for n in names]
+        fig, ax = plt.subplots(figsize=(min(16.0, max(6.0, 0.12 * len(names) + 3)), 4.2))
+        xs = list(range(len(names)))
+        colors = ["#c8d6e5" if k >= 0.999 else "#2e86de" for k in kept]
+        ax.bar(xs, kept, color=colors, width=0.85)
+        ax.axhline(self.params_ratio, color="#ee5253", linestyle="--", linewidth=1,
+                   label=f"parameters kept overall ({self.params_ratio:.0%})")
+        step = max(1, -(-len(names) // 40))
+        ax.set_xticks(xs[::step])
+        ax.set_xticklabels([f"{i}: {names[i]}" for i in xs[::step]], rotation=90, fontsize=6)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("fraction of output channels kept")
+        ax.set_xlabel("layer (grey: unpruned)")
+        ax.set_title(title or f"Channels kept per layer ({self.importance}, "
+                     f"{self.macs_ratio:.0%} of MACs)")
+        ax.legend(loc="lower right", fontsize=7)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)

@@ -77,10 +77,18 @@ def test_stereo_style_two_inputs_and_iterative_steps(tmp_path, capsys):
     (["--model", SPEC, "--input-shape", "1,5,16,16"], 2, "could not be run"),
     (["--model", SPEC, "--input-shape", "1,3,16,16", "--importance-arg", "bogus=1"], 2,
      "accepted arguments"),
+    # a shape the model cannot take: one line before anything is timed or pruned (it used to
+    # be a traceback from the latency measurement)
+    (["--model", SPEC, "--input-shape", "1,3,16", "--latency-runs", "3"], 2,
+     "--input-shape 1,3,16: example_inputs could not be run"),
+    (["--out", "/no/such/folder/p.pt"], 2, "folder /no/such/folder does not exist"),
+    (["--json", "/no/such/folder/r.json"], 2, "--json /no/such/folder/r.json: folder"),
+    (["--threads", "0"], 2, "--threads must be >= 1"),
 ])
 def test_bad_input_gives_clear_message_and_exit_code(argv, code, message, capsys):
+    runs = [] if "--latency-runs" in argv else ["--latency-runs", "0"]
     try:
-        got = main(argv + ["--latency-runs", "0", "-q"])
+        got = main(argv + runs + ["-q"])
     except SystemExit as exc:  # argparse errors
         got = exc.code
     assert got == code
@@ -90,11 +98,29 @@ def test_bad_input_gives_clear_message_and_exit_code(argv, code, message, capsys
 def test_help_documents_every_flag():
     parser = build_parser()
     text = parser.format_help()
+    assert "30% of MACs" in text and "%%" not in text
     for action in parser._actions:
         for opt in action.option_strings:
             assert opt in text
         if action.option_strings and action.dest != "help":
             assert action.help, f"{action.option_strings} has no help text"
+
+
+def test_latency_is_interleaved_with_its_spread(capsys, monkeypatch):
+    calls = []
+    real = kcp_plugin.latency.compare_latency
+
+    def spy(models, *args, **kwargs):
+        calls.append((len(models), kwargs.get("threads")))
+        return real(models, *args, **kwargs)
+
+    monkeypatch.setattr("kcp_plugin.cli.compare_latency", spy)
+    assert main(["--model", SPEC, "--input-shape", "1,3,16,16", "--target-macs", "0.5",
+                 "--latency-runs", "3", "-q"]) == 0
+    assert calls == [(2, 1)]  # dense and pruned in one interleaved run, one thread by default
+    out = capsys.readouterr().out
+    assert "median of 3 passes each, dense and pruned interleaved, 1 thread(s)" in out
+    assert "interquartile range" in out
 
 
 def test_list_importances(capsys):

@@ -77,13 +77,24 @@ def test_loading_never_executes_pickled_code(tmp_path):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as fh:
         pickle.dump({"kcp_plugin": _Evil(), "state_dict": {}}, fh)
-    with pytest.raises(ValueError, match="not a plain-data"):
+    with pytest.raises(ValueError, match="evil.pt is not a kcp_plugin checkpoint"):
         kcp_plugin.load_pruned(ResBlockNet(), path, torch.randn(1, 3, 16, 16))
     assert not os.path.exists(marker)
     module_path = tmp_path / "module.pt"
-    torch.save(ResBlockNet(), module_path)  # a pickled module is refused too
-    with pytest.raises(ValueError, match="not a plain-data"):
+    torch.save(ResBlockNet(), module_path)  # a pickled module is refused too, and named
+    with pytest.raises(ValueError, match=r"holds a Python object \(conftest.ResBlockNet\) "
+                                         "besides tensors") as info:
         kcp_plugin.read_checkpoint(module_path)
+    assert "will likely succeed" not in str(info.value)  # not torch's advice to unpickle it
+
+
+@pytest.mark.parametrize("content", [b"", bytes(range(256)) * 3], ids=["empty", "garbage"])
+def test_a_file_that_is_not_a_checkpoint_is_named_so(tmp_path, content):
+    path = tmp_path / "x.pt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="x.pt is not a kcp_plugin checkpoint: ") as info:
+        kcp_plugin.load_pruned(ResBlockNet, path, torch.randn(1, 3, 16, 16))
+    assert "weights_only" not in str(info.value)
 
 
 def test_plan_for_another_architecture_is_refused_without_changes(tmp_path):

@@ -143,6 +143,14 @@ def test_dense_entrypoint_explains_missing_plan(pruned_resnet, tmp_path):
                           checkpoint_path=str(path))
 
 
+def test_plan_that_is_not_a_checkpoint_is_named_so(tmp_path):
+    path = tmp_path / "garbage.pth"
+    path.write_bytes(bytes(range(256)) * 2)
+    with pytest.raises(ValueError, match="garbage.pth is not a checkpoint or plan file") as info:
+        timm.create_model("kcp_pruned", base="resnet18", num_classes=5, plan=str(path))
+    assert "weights_only" not in str(info.value)
+
+
 # ---------------------------------------------------------------------- attention models
 def test_vit_heads_stay_consistent_and_reload(tmp_path):
     torch.manual_seed(0)

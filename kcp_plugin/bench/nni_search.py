@@ -207,7 +207,9 @@ def train_dense(settings: SearchSettings, steps: int, lr: float, path: str | os.
 
 
 def _load_dense(path: str | os.PathLike) -> dict[str, Any]:
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    from ..plan import load_plain
+
+    payload = load_plain(path, "a dense checkpoint written by train_dense")
     if not isinstance(payload, dict) or "state_dict" not in payload:
         raise ValueError(f"{path} is not a dense checkpoint written by train_dense")
     return payload

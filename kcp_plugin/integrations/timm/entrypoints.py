@@ -21,13 +21,19 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 import torch.nn as nn
 
 from ...hints import did_you_mean
 from ...plan import CARRIED_PLAN_KEY as PLAN_KEY
 from ...plan import carried_plan as _plan_from_state_dict
-from ...plan import decode_plan, encode_plan, get_plan, read_checkpoint, validate_plan
+from ...plan import (
+    decode_plan,
+    encode_plan,
+    get_plan,
+    load_plain,
+    read_checkpoint,
+    validate_plan,
+)
 from ...pruning import resolve_importance
 from .pruning import apply_timm_plan, prune_timm_model
 from .support import check_supported
@@ -73,7 +79,7 @@ def read_plan(source: str | os.PathLike | dict[str, Any]) -> dict[str, Any]:
             return read_checkpoint(path)["kcp_plugin"]
         except ValueError:
             pass
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = load_plain(path, "a checkpoint or plan file")
         found = None
         if isinstance(payload, dict):
             for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
