@@ -133,6 +133,21 @@ def _channel_dim(grad_fn: Any) -> int | None:
     return dim % ndim
 
 
+def _splits_channels_into_groups(grad_fn: Any) -> bool:
+    """A reshape of an NCHW tensor that splits its channels into two dimensions
+    (``(N, C, H, W) -> (N, g, C // g, H, W)``, ``g > 1``)."""
+    sizes = getattr(grad_fn, "_saved_self_sym_sizes", None)
+    out = _out_shape(grad_fn, 0)
+    if sizes is None or out is None:
+        return False
+    try:
+        sizes = tuple(int(s) for s in sizes)
+    except (TypeError, ValueError):
+        return False
+    return (len(sizes) == 4 and len(out) == 5 and out[0] == sizes[0] and 1 < out[1] < sizes[1]
+            and out[1] * out[2] == sizes[1] and tuple(out[3:]) == sizes[2:])
+
+
 def _out_shape(grad_fn: Any, nr: int) -> tuple[int, ...] | None:
     """Shape of forward output ``nr`` of the op whose backward node is ``grad_fn``."""
     try:
@@ -158,7 +173,15 @@ class DependencyGraph(tp.DependencyGraph):
         self.fixed_splits: list[Any] = []
         self._kcp_fresh = False
         self._kcp_pruners: dict[int, tuple[Any, Any]] = {}
-        super().build_dependency(model, example_inputs, *args, **kwargs)
+        # upstream ends its build with an unguarded index_mapping.update_index_mapping, which
+        # raises on a cat whose input widths it cannot infer (TypeError: int + None, timm's
+        # CrossStage3 with one block); the mappings are recomputed below anyway
+        update = _tp_mapping.update_index_mapping
+        _tp_mapping.update_index_mapping = lambda graph: None
+        try:
+            super().build_dependency(model, example_inputs, *args, **kwargs)
+        finally:
+            _tp_mapping.update_index_mapping = update
         self._kcp_analyse()
         for node in self.module2node.values():  # upstream's unguarded mappings: start afresh
             for dep in node.dependencies:
@@ -180,6 +203,12 @@ class DependencyGraph(tp.DependencyGraph):
                 self._kcp_cat(node, gf)
             elif name in ("PixelShuffleBackward0", "PixelUnshuffleBackward0"):
                 self._kcp_shuffle(node, gf, name)
+            elif node.type == ops.OPTYPE.RESHAPE and _splits_channels_into_groups(gf):
+                # a channel shuffle (ShuffleNet: view(B, g, C // g, H, W), transpose, flatten):
+                # torch-pruning maps channels through it as if nothing moved, and the pruned
+                # model computes something else with every shape intact; groups through it
+                # are protected (see kcp_plugin.safety.invalid_groups)
+                self.unmapped.append(node)
 
     def _occurrences(self, consumer: Any, producer: Any) -> list[tuple[int, int]] | None:
         """``(position in consumer's inputs, producer output number)`` for each edge from
@@ -364,34 +393,44 @@ class DependencyGraph(tp.DependencyGraph):
 
     def _upstream_update(self) -> None:
         """``index_mapping.update_index_mapping`` (torch_pruning/dependency/index_mapping.py),
-        with the reshape step's size guard reading torch 2's ``_saved_self_sym_sizes``."""
+        with the reshape step's size guard reading torch 2's ``_saved_self_sym_sizes``, and
+        each node's step guarded: a node upstream cannot map (its shape inference returns None
+        somewhere) is recorded in ``unmapped``, so groups through it are protected."""
         for node in self.module2node.values():
-            t = node.type
-            if t == ops.OPTYPE.CONCAT:
-                _tp_mapping.update_concat_index_mapping(self, node)
-            elif t == ops.OPTYPE.SPLIT:
-                _tp_mapping.update_split_index_mapping(self, node)
-            elif t == ops.OPTYPE.RESHAPE:
-                gf = node.grad_fn
-                sizes = getattr(gf, "_saved_self_sym_sizes", None)
-                if sizes is not None and not hasattr(gf, "_saved_self_sizes"):
-                    node.grad_fn = _SizesProxy(gf, sizes)
-                try:
-                    _tp_mapping.update_reshape_index_mapping(self, node)
-                finally:
-                    node.grad_fn = gf
-            elif t == ops.OPTYPE.UNBIND:
-                _tp_mapping.update_unbind_index_mapping(self, node)
-            elif t == ops.OPTYPE.EXPAND:
-                _tp_mapping.update_expand_index_mapping(self, node)
-            elif t == ops.OPTYPE.SLICE:
-                _tp_mapping.update_slice_index_mapping(self, node)
+            try:
+                self._upstream_update_node(node)
+            except (TypeError, ValueError, ZeroDivisionError, IndexError, AttributeError):
+                if node not in self.unmapped and node not in getattr(self, "_kcp_ops", {}):
+                    self.unmapped.append(node)
+
+    def _upstream_update_node(self, node: Any) -> None:
+        """One node of upstream's loop (ours overwrite split / cat / shuffle nodes)."""
+        t = node.type
+        if t == ops.OPTYPE.CONCAT:
+            _tp_mapping.update_concat_index_mapping(self, node)
+        elif t == ops.OPTYPE.SPLIT:
+            _tp_mapping.update_split_index_mapping(self, node)
+        elif t == ops.OPTYPE.RESHAPE:
+            gf = node.grad_fn
+            sizes = getattr(gf, "_saved_self_sym_sizes", None)
+            if sizes is not None and not hasattr(gf, "_saved_self_sizes"):
+                node.grad_fn = _SizesProxy(gf, sizes)
+            try:
+                _tp_mapping.update_reshape_index_mapping(self, node)
+            finally:
+                node.grad_fn = gf
+        elif t == ops.OPTYPE.UNBIND:
+            _tp_mapping.update_unbind_index_mapping(self, node)
+        elif t == ops.OPTYPE.EXPAND:
+            _tp_mapping.update_expand_index_mapping(self, node)
+            _drop_degenerate_gqa(node)
+        elif t == ops.OPTYPE.SLICE:
+            _tp_mapping.update_slice_index_mapping(self, node)
 
     def get_pruner_of_module(self, module: Any) -> Any:
         """Upstream's lookup (graph.py), cached per module: it runs ``ops.module2type``'s
-        chain of ``isinstance`` checks on every call, and the channel-state key below asks for
-        every node's pruner before each group is traced (most of the trace time on
-        transformers). The pruner tables are fixed once the graph is built."""
+        chain of ``isinstance`` checks on every call, and tracing asks for pruners millions of
+        times on a transformer. The pruner tables are fixed once the graph is built."""
         cache = getattr(self, "_kcp_pruners", None)
         if cache is None:
             return super().get_pruner_of_module(module)
@@ -576,6 +615,25 @@ _NO_BOUND_TYPES = {ops.OPTYPE.CONCAT, ops.OPTYPE.ELEMENTWISE, ops.OPTYPE.RESHAPE
 
 
 _UPSTREAM_SPLIT_CAT = (_tp_mapping._SplitIndexMapping, _tp_mapping._ConcatIndexMapping)
+
+
+def _drop_degenerate_gqa(node: Any) -> None:
+    """Undo upstream's grouped-query-attention mapping where it does not apply.
+
+    ``update_expand_index_mapping`` (torch_pruning/dependency/index_mapping.py) takes every
+    5-D ``expand`` for transformers' GQA ``repeat_kv`` and installs a ``_GQAIndexMapping`` with
+    ``repeat = out_channels // in_channels``; on other 5-D expands (windowed attention whose
+    ``scaled_dot_product_attention`` broadcasts ``(B, heads, windows, N, head_dim)``: timm's
+    NesT, Hiera, Twins, GCViT) that is 0 and the mapping divides by zero. Such an expand
+    repeats no channels: the identity is its mapping.
+    """
+    for n in (node, *node.inputs):
+        for dep in n.dependencies:
+            if dep.target is not node and dep.source is not node:
+                continue
+            dep.index_mapping = [
+                None if isinstance(m, _tp_mapping._GQAIndexMapping) and m.repeat < 1 else m
+                for m in dep.index_mapping]
 
 
 def _upstream_owned(node: Any) -> bool:

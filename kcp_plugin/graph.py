@@ -18,6 +18,7 @@ import torch_pruning as tp
 from torch_pruning import ops
 
 from .depgraph import DependencyGraph
+from .errors import UnprunableError
 from .hints import did_you_mean
 
 ForwardFn = Callable[[nn.Module, Any], Any]
@@ -141,17 +142,39 @@ def checked_graph(
     torch-pruning does not support.
 
     Raises:
-        ValueError: torch-pruning could not trace the model.
+        UnprunableError: torch-pruning could not trace the model; the message names the
+            operation where it failed and the layers next to it, when they can be found.
     """
     try:
         return build_graph(model, example_inputs, forward_fn, output_transform, **kwargs)
     except Exception as exc:
-        raise ValueError(
+        where = _failing_operation(exc)
+        raise UnprunableError(
             "torch-pruning could not trace this model's channel dependencies "
-            f"({type(exc).__name__}: {exc}); the model runs, but an operation in it (channel "
-            "shuffle, an unusual reshape) is not supported: ignore the layers around it "
-            "(ignored_layers) or register a customized pruner"
+            f"({type(exc).__name__}: {exc}){where}; the model runs, but an operation in it "
+            "(channel shuffle, an unusual reshape) is not supported: pass the layers around it "
+            "in ignored_layers, or register a customized pruner"
         ) from exc
+
+
+def _failing_operation(exc: BaseException) -> str:
+    """`` at <operation> (next to layers a, b)`` for the innermost traced graph node in the
+    traceback of a tracing failure, or ``""``."""
+    tb, found = exc.__traceback__, None
+    while tb is not None:
+        local = tb.tb_frame.f_locals
+        node, graph = local.get("node"), local.get("self")
+        if node is not None and hasattr(node, "inputs") and hasattr(node, "name"):
+            found = (node, graph)
+        tb = tb.tb_next
+    if found is None:
+        return ""
+    node, graph = found
+    names = getattr(graph, "_module2name", {})
+    near = [names[n.module] for n in (*node.inputs, *node.outputs)
+            if isinstance(n.module, nn.Module) and n.module in names]
+    nearby = f" (next to {', '.join(dict.fromkeys(near))})" if near else ""
+    return f" at {node.name}{nearby}"
 
 
 def output_layers(graph: tp.DependencyGraph) -> list[nn.Module]:
@@ -196,6 +219,11 @@ def count_macs_params(
     hook reads query / key / value from the positional inputs only (torch_pruning/utils/
     op_counter.py, ``multihead_attention_counter_hook``) and fails when they are passed by
     keyword, as mmcv's attention wrappers do; they are captured by a pre-hook here instead.
+    It also picks its hooks by exact type (``MODULES_MAPPING[type(module)]``), so subclasses
+    of ``nn.Conv2d`` / ``nn.Linear`` (timm's ``StdConv2d``, ``ScaledStdConv2d``,
+    ``Conv2dSame``: BiT, NF-Nets) counted nothing; they get their base class's hook here.
+    Compute done by functions on a layer's weight (``F.linear(x, self.qkv.weight)``) is still
+    not seen: see :func:`uncounted_fraction`.
     """
     fwd = forward_fn or default_forward
 
@@ -207,9 +235,51 @@ def count_macs_params(
         def forward(self, dummy: torch.Tensor) -> Any:
             return fwd(self.inner, example_inputs)
 
-    with preserved_modes(model), torch.no_grad(), _mha_keyword_inputs(model):
+    with preserved_modes(model), torch.no_grad(), _mha_keyword_inputs(model), \
+            _subclass_hooks(model):
         macs, params = tp.utils.count_ops_and_params(_Forward(model), torch.zeros(1))
     return int(macs), int(params)
+
+
+@contextlib.contextmanager
+def _subclass_hooks(model: nn.Module) -> Iterator[None]:
+    """Map every subclass of a type torch-pruning's counter knows to that type's hook, through
+    its ``CUSTOM_MODULES_MAPPING`` (which ``count_ops_and_params`` resets after each count)."""
+    from torch_pruning.utils import op_counter
+
+    known = op_counter.MODULES_MAPPING
+    extra = {}
+    for m in model.modules():
+        t = type(m)
+        if t in known or t in extra:
+            continue
+        base = next((b for b in t.__mro__[1:] if b in known), None)
+        if base is not None:
+            extra[t] = known[base]
+    op_counter.CUSTOM_MODULES_MAPPING = {**op_counter.CUSTOM_MODULES_MAPPING, **extra}
+    try:
+        yield
+    finally:
+        op_counter.CUSTOM_MODULES_MAPPING = {}
+
+
+def uncounted_fraction(model: nn.Module, example_inputs: Any,
+                       forward_fn: ForwardFn | None = None) -> float:
+    """The fraction of the matmul / conv compute that :func:`count_macs_params` does not see,
+    by comparison with torch's ``FlopCounterMode`` (which counts at the aten level, so also
+    layers called as functions). 0.0 when nothing is missed (or torch cannot count it)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    fwd = forward_fn or default_forward
+    try:
+        with preserved_modes(model), torch.no_grad(), FlopCounterMode(display=False) as fc:
+            model.eval()
+            fwd(model, example_inputs)
+        total = fc.get_total_flops() / 2
+    except Exception:  # an op the flop counter cannot run: no second opinion
+        return 0.0
+    counted = count_macs_params(model, example_inputs, forward_fn)[0]
+    return max(0.0, 1.0 - counted / total) if total > 0 else 0.0
 
 
 _MHA_ARGS = ("query", "key", "value")

@@ -10,6 +10,7 @@ loads this format.
 
 from __future__ import annotations
 
+import collections
 import copy
 import json
 import os
@@ -268,7 +269,13 @@ def load_pruned(
     apply_plan(model, payload["kcp_plugin"], example_inputs, forward_fn, customized_pruners,
                unwrapped_parameters)
     # the plan a state dict may carry is the one just applied: it is not a weight
-    state = {k: v for k, v in payload["state_dict"].items()
-             if k.split(".")[-1] != CARRIED_PLAN_KEY}
+    saved = payload["state_dict"]
+    state = collections.OrderedDict((k, v) for k, v in saved.items()
+                                    if k.split(".")[-1] != CARRIED_PLAN_KEY)
+    # keep the per-module metadata (versions) that modules' _load_from_state_dict read, e.g.
+    # torchvision's MNASNet refuses a state dict without its version
+    metadata = getattr(saved, "_metadata", None)
+    if metadata is not None:
+        state._metadata = metadata  # type: ignore[attr-defined]
     model.load_state_dict(state, strict=strict)
     return model

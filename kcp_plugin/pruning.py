@@ -24,6 +24,7 @@ from .graph import (
     default_forward,
     output_layers,
     resolve_layers,
+    uncounted_fraction,
 )
 from .hosts import adapters_for, host_forward, host_pruners
 from .plan import extend_plan
@@ -131,8 +132,10 @@ def prune(
         output_transform: Maps the model output to tensors for tracing (torch-pruning's).
         global_pruning: Rank channels across layers instead of per layer.
         isomorphic: Isomorphic global ranking (torch-pruning; requires ``global_pruning``).
-        num_heads: ``"auto"`` finds timm-style attention (``qkv`` + ``num_heads``); or a dict
-            from qkv layers (modules or names) to head counts; or ``None``.
+        num_heads: ``"auto"`` finds attention heads (timm's fused ``qkv`` + ``num_heads``,
+            separate ``query`` / ``key`` / ``value`` or ``q_proj`` ... projections with
+            ``num_attention_heads`` / ``num_heads``; see :mod:`kcp_plugin.attention`); or a
+            dict from projection layers (modules or names) to head counts; or ``None``.
         prune_num_heads: Also remove whole attention heads (``head_pruning_ratio`` of them).
         head_pruning_ratio: Fraction of heads removed when ``prune_num_heads`` is set.
         pruning_ratio_dict: Per-layer channel ratios (modules or names as keys).
@@ -195,6 +198,14 @@ def prune(
     checks = invalid_groups(graph, fixed, names)
     signature = output_signature(model, example_inputs, fwd)
     del graph
+    if target_macs_ratio is not None:
+        missed = uncounted_fraction(model, example_inputs, fwd)
+        if missed > 0.1:
+            warnings.warn(
+                f"the MACs counter (torch-pruning's) does not see {missed:.0%} of this model's "
+                "matmul / conv compute, which torch's FlopCounterMode counts (layers called as "
+                "functions, e.g. F.linear(x, self.qkv.weight)): target_macs_ratio applies to "
+                "the counted MACs, so the real fraction kept differs", UserWarning, stacklevel=2)
 
     # ---------------------------------------------------------------- pruning
     if dry_run:  # everything below happens on a copy; module references follow by name

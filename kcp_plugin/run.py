@@ -8,6 +8,7 @@ prune, and bisects over groups when a run breaks the model; every one of those i
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -154,7 +155,10 @@ def run_pruner(
     """
     s = settings
     heads = dict(heads)  # torch-pruning mutates (and shares) these dicts: always fresh copies
-    with preserved_modes(model):
+    with preserved_modes(model), warnings.catch_warnings():
+        # torch-pruning warns about unwrapped parameters on every graph it builds: prune()
+        # built one already (the user saw it once), not again for each search trial
+        warnings.filterwarnings("ignore", message=r"[\s\S]*Unwrapped parameters detected")
         pruner = Pruner(
             model, s.example_inputs, importance=s.importance, global_pruning=s.global_pruning,
             pruning_ratio=ratio, pruning_ratio_dict=dict(ratio_dict) or None,

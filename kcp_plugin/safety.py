@@ -31,6 +31,8 @@ import torch.nn as nn
 import torch_pruning as tp
 from torch_pruning import ops
 
+from .errors import UnprunableError
+
 __all__ = [
     "UnprunableError",
     "ProtectedGroup",
@@ -57,18 +59,6 @@ _COUPLING_NAMES = {
     ops.OPTYPE.CUSTOMIZED: "a custom layer",
     ops.OPTYPE.MHA: "multi-head attention",
 }
-
-
-class UnprunableError(ValueError):
-    """The model cannot be pruned to the request with the groups that are safe to prune.
-
-    Raised by kcp_plugin itself, before or after restoring the model (it is left unchanged).
-    ``protected`` lists the groups the safety net had to keep.
-    """
-
-    def __init__(self, message: str, protected: list[ProtectedGroup] | None = None):
-        super().__init__(message)
-        self.protected = list(protected or [])
 
 
 @dataclass

@@ -28,7 +28,9 @@ def listing(records: list[ProtectedGroup]) -> str:
     if not records:
         return ""
     return "".join(f"\n  - {r.describe()}" for r in records) + (
-        "\n(pass these roots in ignored_layers to skip the checks, or lower the target)")
+        "\n(these groups stay unpruned; passing their roots in ignored_layers skips the checks "
+        "next time but prunes nothing more: to reach a lower MACs target, prune the other "
+        "layers harder with max_pruning_ratio, or lower the target)")
 
 
 def prune_protecting(
@@ -53,10 +55,8 @@ def prune_protecting(
         :func:`prune_to_target`'s result.
 
     Raises:
-        UnprunableError: no single group is responsible, or more than :data:`MAX_PROTECTED`
-            groups break.
-        Exception: the run's own error when it fails with no group pruned (e.g. the
-            criterion's), model restored.
+        UnprunableError: no single group is responsible (the run's own error is its
+            ``__cause__``), or more than :data:`MAX_PROTECTED` groups break.
     """
     for _attempt in range(MAX_PROTECTED + 1):
         try:
@@ -68,16 +68,16 @@ def prune_protecting(
             if selected is not None:
                 selected.clear()
             found = find_culprit(model, protected, heads, ratio_dict, broken)
-            if found is None and isinstance(broken.__cause__, Exception):
-                # not reproducible group by group, or failing with no group pruned (e.g.
-                # the criterion's own error): the original error, model restored
-                raise broken.__cause__ from None
             if found is None:
+                # not reproducible group by group, or failing with no group pruned (the
+                # criterion's own error, torch-pruning's pruner on an inconsistent group):
+                # the plugin's refusal, with the original error as its cause, model restored
                 raise UnprunableError(
                     f"pruning breaks this model ({broken.reason}), and no single channel "
-                    "group could be found responsible; protect the layers around the "
-                    "failing operation with ignored_layers=[...]" + listing(auto),
-                    auto) from broken.__cause__
+                    "group could be found responsible (the failure may be in the criterion or "
+                    "in torch-pruning's pruner itself); protect the layers around the failing "
+                    "operation with ignored_layers=[...], or try another criterion"
+                    + listing(auto), auto) from broken.__cause__
             module, record = found
             protected.append(module)
             auto.append(record)

@@ -140,6 +140,7 @@ def search_ratio(
                 f"target_macs_ratio={target} is out of reach: pruning every prunable layer by "
                 f"max_pruning_ratio={hi} keeps {m_hi:.3f} of the MACs (protected layers: "
                 f"{len(protected)}). Raise max_pruning_ratio or protect fewer layers."
+                + _mha_hint(model, settings)
             )
         if abs(m_hi - target) <= tol:
             return hi, {}, trials
@@ -190,6 +191,16 @@ def search_ratio(
         )
     finally:
         bar.close()
+
+
+def _mha_hint(model: nn.Module, settings: RunSettings) -> str:
+    """A way out for ``nn.MultiheadAttention``: its ``embed_dim`` must stay divisible by its
+    head count, which ``round_to`` can guarantee."""
+    heads = {m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    if not heads or settings.round_to:
+        return ""
+    return (f" The model has nn.MultiheadAttention, whose width must stay divisible by its "
+            f"head count: round_to={math.lcm(*heads)} lets that width be pruned.")
 
 
 def _group_roots(model: nn.Module, protected: list[nn.Module], settings: RunSettings) -> list:

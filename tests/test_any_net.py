@@ -7,6 +7,9 @@ plugin's own index mapping and safety net (kcp_plugin.depgraph, kcp_plugin.safet
 
 from __future__ import annotations
 
+import copy
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -290,6 +293,73 @@ class TokenNet(nn.Module):
             x = self.norm[i](x + self.proj[i](self.attn[i](x)))
             x = x + self.fc2[i](torch.relu(self.fc1[i](x)))
         return self.head(x.mean(1))
+
+
+class WindowAttention5d(nn.Module):
+    """timm NesT / Hiera style: scaled_dot_product_attention on 5-D (B, heads, windows, N, hd)
+    tensors, whose broadcast torch-pruning took for grouped-query attention (ZeroDivisionError
+    in its mapping)."""
+
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, t, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, t, n, 3, self.heads, c // self.heads)
+        q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)
+        o = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(o.permute(0, 2, 3, 1, 4).reshape(b, t, n, c))
+
+
+class WindowNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.attn = nn.Linear(8, 32), WindowAttention5d()
+        self.fc, self.head = nn.Linear(32, 64), nn.Linear(64, 10)
+
+    def forward(self, x):
+        h = self.embed(x)
+        h = h + self.attn(h)
+        return self.head(nn.functional.gelu(self.fc(h)).mean((1, 2)))
+
+
+class CrossStageOneBlock(nn.Module):
+    """timm's CrossStage3 / YOLOv5's C3 with one branch-first residual block: upstream's
+    concat mapping could not infer a cat input's width (TypeError: int + None)."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.stem, self.conv_exp = _conv(3, c), _conv(c, 2 * c, 1)
+        self.conv1, self.conv2 = _conv(c, c, 1), _conv(c, c)
+        self.transition, self.head = _conv(2 * c, c, 1), nn.Conv2d(c, 10, 1)
+
+    def forward(self, x):
+        x1, x2 = self.conv_exp(self.stem(x)).split(16, dim=1)
+        x1 = self.conv2(self.conv1(x1)) + x1
+        return self.head(self.transition(torch.cat([x1, x2], 1)))
+
+
+class StdConv(nn.Conv2d):
+    """timm's StdConv2d: a Conv2d subclass convolving a standardized weight."""
+
+    def forward(self, x):
+        w = nn.functional.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                                     training=True, eps=1e-6).reshape_as(self.weight)
+        return nn.functional.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class FunctionalQkv(nn.Module):
+    """torchvision Swin style: a Linear's weight used through F.linear, never called."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.qkv, self.head = Body(32), nn.Linear(32, 512), nn.Linear(512, 5)
+
+    def forward(self, x):
+        t = self.stem(x).flatten(2).transpose(1, 2)
+        return self.head(nn.functional.linear(t, self.qkv.weight, self.qkv.bias).mean(1))
 
 
 def _outputs(model, x):
@@ -718,3 +788,90 @@ def test_macs_of_attention_called_by_keyword():
     keyword, positional = KeywordAttention(True).eval(), KeywordAttention(False).eval()
     assert kcp_plugin.count_macs_params(keyword, x) == kcp_plugin.count_macs_params(positional, x)
     assert kcp_plugin.count_macs_params(keyword, x)[0] > 5 * (8 * 32 + 32 * 3)  # attention counted
+
+
+# ---------------------------------------------------------------------- newcomer trial kinds
+def test_windowed_5d_attention_is_refused_not_a_zero_division():
+    torch.manual_seed(0)
+    model, x = WindowNet().eval(), torch.randn(1, 4, 16, 8)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UnprunableError, match="out of reach"):
+        kcp_plugin.prune(model, x, "kcp", target_macs_ratio=0.5, progress=False)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    report = kcp_plugin.prune(model, x, "kcp", target_macs_ratio=0.8, progress=False)
+    assert model(x).shape == (1, 10) and report.macs_after < report.macs_before
+
+
+def test_cross_stage_with_one_branch_first_block_prunes(tmp_path):
+    torch.manual_seed(0)
+    model = CrossStageOneBlock()
+    _prune_and_check(model, X, target_macs_ratio=0.5)
+    _round_trip(model, CrossStageOneBlock, X, tmp_path)
+
+
+def test_conv_subclasses_are_counted_like_convs():
+    torch.manual_seed(0)
+    std = nn.Sequential(StdConv(3, 16, 3, padding=1), nn.ReLU(), StdConv(16, 8, 3, padding=1))
+    plain = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3, padding=1))
+    assert kcp_plugin.count_macs_params(std, X) == kcp_plugin.count_macs_params(plain, X)
+    assert kcp_plugin.graph.uncounted_fraction(std, X) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_compute_the_counter_cannot_see_is_reported():
+    torch.manual_seed(0)
+    model = FunctionalQkv().eval()
+    assert kcp_plugin.graph.uncounted_fraction(model, X) > 0.1
+    with pytest.warns(UserWarning, match="does not see .* of this model's matmul / conv"):
+        kcp_plugin.prune(model, X, "l1", target_macs_ratio=0.7, progress=False)
+
+
+# ---------------------------------------------------------------------- semantics, not shapes
+def _masked_equals_pruned(model, x, **kwargs):
+    """Prune ``model`` and compare with the dense model whose removed channels are zeroed
+    (conv / linear rows and BN scale + shift): with a correct channel mapping the two compute
+    the same thing; shapes and finiteness alone cannot tell a wrong mapping apart."""
+    for m in model.modules():  # BN statistics that do not hide a misplaced channel
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    model.eval()
+    report = kcp_plugin.prune(model, x, "l1", dry_run=True, progress=False, **kwargs)
+    assert report.selected, "nothing would be pruned"
+    masked = copy.deepcopy(model)
+    layers = dict(masked.named_modules())
+    with torch.no_grad():
+        for name, idxs in report.selected.items():
+            m, idx = layers[name], torch.tensor(sorted(set(idxs)))
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight[idx] = 0
+                m.bias[idx] = 0
+            elif isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight[idx] = 0
+                if m.bias is not None:
+                    m.bias[idx] = 0
+    kcp_plugin.prune(model, x, "l1", progress=False, **kwargs)
+    for a, b in zip(_outputs(masked, x), _outputs(model, x)):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def _shufflenet():
+    import torchvision
+
+    return torchvision.models.shufflenet_v2_x0_5(weights=None)
+
+
+@pytest.mark.parametrize("builder", [C2fNet, ChunkToConvs, NegativeDimChunk, Shuffle,
+                                     CrossStageOneBlock, _shufflenet],
+                         ids=["c2f", "chunk-to-convs", "chunk-negative-dim", "pixel-shuffle",
+                              "cross-stage", "shufflenet-channel-shuffle"])
+def test_pruned_model_computes_what_the_masked_dense_model_computes(builder):
+    # ShuffleNet's channel shuffle (view(B, g, C // g, H, W), transpose, flatten): torch-pruning
+    # maps channels through it as if nothing moved; the pruned model kept every shape and
+    # computed something else. Groups through it are now protected.
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 32, 32) if builder is _shufflenet else X
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _masked_equals_pruned(builder(), x, pruning_ratio=0.3)

@@ -186,6 +186,20 @@ def test_deploy_config_reproduces_the_trained_model(trained, data_root):
     assert result.pred_sem_seg.data.shape == (1, 64, 64)
 
 
+def test_init_model_with_the_training_config_rebuilds_the_pruned_model(trained, data_root):
+    """What mmseg users do first: init_model(train_config, checkpoint). It used to give the
+    dense architecture with random weights in every pruned layer (and only a warning)."""
+    from mmseg.apis import init_model
+
+    ckpt = str(Path(trained["work"]) / f"iter_{MAX_ITERS}.pth")
+    expected_model = copy.deepcopy(trained["ema"]).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    model = init_model(recipe_cfg(trained["work"], data_root), ckpt, device="cpu")
+    assert kcp_plugin.get_plan(model)["history"] == kcp_plugin.get_plan(expected_model)["history"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, mode="tensor"), expected_model(x, mode="tensor"))
+
+
 def test_mmseg_test_script_runs_the_deploy_config(trained, data_root, tmp_path):
     """mmseg's own tools/test.py, in a fresh process, on the pruned checkpoint."""
     ckpt = str(Path(trained["work"]) / f"iter_{MAX_ITERS}.pth")
@@ -214,12 +228,19 @@ def test_training_config_also_tests_the_pruned_checkpoint(trained, tmp_path, dat
 
 
 def test_loading_a_pruned_checkpoint_without_its_plan_raises(trained, tmp_path):
-    ckpt = str(Path(trained["work"]) / f"iter_{MAX_ITERS}.pth")
+    ckpt = Path(trained["work"]) / f"iter_{MAX_ITERS}.pth"
+    payload = torch.load(ckpt, map_location="cpu", weights_only=False)  # written by the test
+    plan = payload["meta"].pop("kcp_plugin")["plan"]  # a pruned checkpoint that lost its plan
+    torch.save(payload, tmp_path / "no_plan.pth")
     dense = MODELS.build(copy.deepcopy(trained["runner"].cfg.model))
     # mmengine alone would only warn and keep random weights
     kmm.checkpoint.raise_on_size_mismatch(dense)
     with pytest.raises(RuntimeError, match="differ in shape"):
-        load_checkpoint(dense, ckpt, map_location="cpu")
+        load_checkpoint(dense, str(tmp_path / "no_plan.pth"), map_location="cpu")
+    # with its plan, mmengine's own load_checkpoint rebuilds the pruned structure first
+    dense = MODELS.build(copy.deepcopy(trained["runner"].cfg.model))
+    load_checkpoint(dense, str(ckpt), map_location="cpu")
+    assert kcp_plugin.get_plan(dense)["history"] == plan["history"]
 
 
 def test_ddp_two_processes_reach_the_same_structure(tmp_path, data_root):

@@ -134,3 +134,19 @@ def test_vit_plan_restores_head_attributes(tmp_path):
                                     path, x).eval()
     assert loaded.blocks[0].attn.head_dim == model.blocks[0].attn.head_dim == 48
     assert torch.equal(loaded(x), model(x))
+
+
+def test_reload_keeps_the_state_dict_metadata_modules_read(tmp_path):
+    # torchvision's MNASNet reads its version from the state dict's metadata and refuses a
+    # state dict without it; load_pruned used to drop that metadata
+    import torchvision
+
+    def build():
+        return torchvision.models.mnasnet0_5(weights=None).eval()
+
+    torch.manual_seed(0)
+    model, x = build(), torch.randn(1, 3, 32, 32)
+    kcp_plugin.prune(model, x, "l1", pruning_ratio=0.3, progress=False)
+    kcp_plugin.save_pruned(model, tmp_path / "mnas.pt")
+    loaded = kcp_plugin.load_pruned(build, tmp_path / "mnas.pt", x)
+    assert torch.equal(loaded(x), model(x))

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import torch
 
-from kcp_plugin.bench import PROFILES, markdown, plot_accuracy_vs_macs
+from kcp_plugin.bench import PROFILES, merge_results, write_summary
 from kcp_plugin.bench.protocol import run_benchmark
-from kcp_plugin.report import PruneReport
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -123,59 +122,6 @@ def main(argv: list[str] | None = None) -> int:
     write_summary(result, out)
     print(f"results in {out}/ (results.json, results.md, *.png)")
     return 0
-
-
-def merge_results(paths: list[Path]) -> dict:
-    """One results structure from several runs (seeds run in parallel, or a run continued).
-
-    The same dense model (task, model, seed) or row (also criterion, schedule, target) may come
-    from more than one file only with the same value: anything else means the runs used other
-    settings (steps, data, machine), and averaging them would mix studies.
-
-    Raises:
-        ValueError: conflicting duplicates; the message names the entry and the files.
-    """
-    merged: dict = {"config": None, "dense": [], "rows": [], "criteria": []}
-    seen: dict[tuple, tuple[float, Path]] = {}
-    for path in paths:
-        result = json.loads(path.read_text())
-        merged["config"] = merged["config"] or result.get("config")
-        for kind, fields in (("dense", ("task", "model", "seed")),
-                             ("rows", ("task", "model", "seed", "criterion", "schedule",
-                                       "target_macs"))):
-            for entry in result[kind]:
-                key = (kind, *(entry.get(f) for f in fields))
-                value = entry.get("value", entry.get("error"))
-                if key in seen:
-                    if seen[key][0] != value:
-                        raise ValueError(f"{path} and {seen[key][1]} disagree on {kind} "
-                                         f"{dict(zip(fields, key[1:]))}: {value} vs "
-                                         f"{seen[key][0]}; they come from different settings")
-                    continue
-                seen[key] = (value, path)
-                merged[kind].append(entry)
-        known = {(c["task"], c["seed"], c["criterion"]) for c in merged["criteria"]}
-        merged["criteria"] += [c for c in result.get("criteria", [])
-                               if (c["task"], c["seed"], c["criterion"]) not in known]
-    return merged
-
-
-def write_summary(result: dict, out: Path) -> None:
-    """results.md and the PNG plots from a (possibly partial) results structure."""
-    table = markdown(result)
-    (out / "results.md").write_text(table)
-    for task in dict.fromkeys(d["task"] for d in result["dense"]):
-        plot_accuracy_vs_macs(result, out / f"accuracy_vs_macs_{task}.png", task)
-    dense_widths = {(d["task"], d["seed"]): d.get("widths") for d in result["dense"]}
-    for row in result["rows"]:
-        if row["criterion"] == "kcp" and row["schedule"] == "oneshot" and "widths" in row \
-                and dense_widths.get((row["task"], row["seed"])):
-            report = PruneReport("kcp", 0, 0, 0, 0, 0.0, row["target_macs"], 1,
-                                 dense_widths[(row["task"], row["seed"])], row["widths"], [])
-            name = f"widths_{row['task']}_kcp{round(row['target_macs'] * 100)}_s{row['seed']}"
-            report.plot_widths(out / f"{name}.png", title=f"{row['task']}: KCP, "
-                               f"{row['target_macs']:.0%} of MACs kept (seed {row['seed']})")
-    print(table)
 
 
 if __name__ == "__main__":

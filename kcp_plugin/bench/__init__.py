@@ -4,7 +4,7 @@ Imports matplotlib only when plotting and scikit-learn only for the digits task.
 """
 
 from .protocol import PROFILES, Profile, criterion_analysis, run_benchmark, run_one
-from .summary import aggregate, markdown, plot_accuracy_vs_macs
+from .summary import aggregate, markdown, merge_results, plot_accuracy_vs_macs, write_summary
 from .tasks import TASKS, Task, get_task
 from .training import make_loader, train
 
@@ -18,8 +18,10 @@ __all__ = [
     "get_task",
     "make_loader",
     "markdown",
+    "merge_results",
     "plot_accuracy_vs_macs",
     "run_benchmark",
     "run_one",
     "train",
+    "write_summary",
 ]

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
-__all__ = ["aggregate", "markdown", "plot_accuracy_vs_macs"]
+from ..report import PruneReport
+
+__all__ = ["aggregate", "markdown", "merge_results", "plot_accuracy_vs_macs", "write_summary"]
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -130,3 +134,56 @@ def plot_accuracy_vs_macs(result: dict[str, Any], path: str | os.PathLike, task:
     fig.tight_layout(rect=(0, 0, 1 - 1.6 / (3.6 * n + 1.8), 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def merge_results(paths: list[Path]) -> dict:
+    """One results structure from several runs (seeds run in parallel, or a run continued).
+
+    The same dense model (task, model, seed) or row (also criterion, schedule, target) may come
+    from more than one file only with the same value: anything else means the runs used other
+    settings (steps, data, machine), and averaging them would mix studies.
+
+    Raises:
+        ValueError: conflicting duplicates; the message names the entry and the files.
+    """
+    merged: dict = {"config": None, "dense": [], "rows": [], "criteria": []}
+    seen: dict[tuple, tuple[float, Path]] = {}
+    for path in paths:
+        result = json.loads(path.read_text())
+        merged["config"] = merged["config"] or result.get("config")
+        for kind, fields in (("dense", ("task", "model", "seed")),
+                             ("rows", ("task", "model", "seed", "criterion", "schedule",
+                                       "target_macs"))):
+            for entry in result[kind]:
+                key = (kind, *(entry.get(f) for f in fields))
+                value = entry.get("value", entry.get("error"))
+                if key in seen:
+                    if seen[key][0] != value:
+                        raise ValueError(f"{path} and {seen[key][1]} disagree on {kind} "
+                                         f"{dict(zip(fields, key[1:]))}: {value} vs "
+                                         f"{seen[key][0]}; they come from different settings")
+                    continue
+                seen[key] = (value, path)
+                merged[kind].append(entry)
+        known = {(c["task"], c["seed"], c["criterion"]) for c in merged["criteria"]}
+        merged["criteria"] += [c for c in result.get("criteria", [])
+                               if (c["task"], c["seed"], c["criterion"]) not in known]
+    return merged
+
+
+def write_summary(result: dict, out: Path) -> None:
+    """results.md and the PNG plots from a (possibly partial) results structure."""
+    table = markdown(result)
+    (out / "results.md").write_text(table)
+    for task in dict.fromkeys(d["task"] for d in result["dense"]):
+        plot_accuracy_vs_macs(result, out / f"accuracy_vs_macs_{task}.png", task)
+    dense_widths = {(d["task"], d["seed"]): d.get("widths") for d in result["dense"]}
+    for row in result["rows"]:
+        if row["criterion"] == "kcp" and row["schedule"] == "oneshot" and "widths" in row \
+                and dense_widths.get((row["task"], row["seed"])):
+            report = PruneReport("kcp", 0, 0, 0, 0, 0.0, row["target_macs"], 1,
+                                 dense_widths[(row["task"], row["seed"])], row["widths"], [])
+            name = f"widths_{row['task']}_kcp{round(row['target_macs'] * 100)}_s{row['seed']}"
+            report.plot_widths(out / f"{name}.png", title=f"{row['task']}: KCP, "
+                               f"{row['target_macs']:.0%} of MACs kept (seed {row['seed']})")
+    print(table)

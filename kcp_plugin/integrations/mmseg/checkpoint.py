@@ -13,7 +13,12 @@ allow-list: ``HistoryBuffer``, numpy arrays / dtypes / scalars, and a restricted
 Second defect: mmengine's non-strict ``load_state_dict`` only logs a warning when a checkpoint's
 tensor has another shape than the model's (and then leaves the model's random weights in place).
 :func:`raise_on_size_mismatch` installs a load pre-hook on a model that raises instead, naming
-the mismatched entries.
+the mismatched entries. And since a pruned checkpoint carries its plan (``meta["kcp_plugin"]``,
+written by the ``PruningHook``), :func:`install` also makes mmengine's
+``_load_checkpoint_to_model`` (behind ``load_checkpoint``, mmseg's ``init_model``, ``load_from``
+and ``resume``) replay that plan on the model before copying the weights, and then load with
+shapes checked: a pruned checkpoint gives the pruned model through any mmseg entry point, or an
+error, never the dense architecture with random weights.
 """
 
 from __future__ import annotations
@@ -29,7 +34,10 @@ import torch.nn as nn
 from mmengine.logging.history_buffer import HistoryBuffer
 from mmengine.runner import checkpoint as mm_checkpoint
 
-__all__ = ["install", "safe_globals", "raise_on_size_mismatch", "size_mismatches"]
+__all__ = ["META_KEY", "install", "checkpoint_plan", "safe_globals", "raise_on_size_mismatch",
+           "size_mismatches"]
+
+META_KEY = "kcp_plugin"  # checkpoint["meta"][META_KEY]: the PruningHook's state, with the plan
 
 _INSTALLED = False
 _HOOKED = "_kcp_size_check_hook"
@@ -105,7 +113,35 @@ def install() -> None:
 
     loader.load_checkpoint = load_checkpoint
     loader.register_scheme(prefixes="", loader=load_from_local, force=True)
+    to_model = mm_checkpoint._load_checkpoint_to_model  # looked up at call time by mmengine
+
+    @functools.wraps(to_model)
+    def load_checkpoint_to_model(model, checkpoint, *args: Any, **kwargs: Any):
+        plan = checkpoint_plan(checkpoint)
+        if plan is not None and isinstance(model, nn.Module):
+            from .structure import example_inputs, sync_structure, unwrap
+
+            target = unwrap(model)
+            sync_structure(target, plan, example_inputs(target))  # no-op if already in step
+            raise_on_size_mismatch(target)
+        return to_model(model, checkpoint, *args, **kwargs)
+
+    mm_checkpoint._load_checkpoint_to_model = load_checkpoint_to_model
     _INSTALLED = True
+
+
+def checkpoint_plan(checkpoint: Any) -> dict[str, Any] | None:
+    """The pruning plan a loaded checkpoint carries: the ``PruningHook``'s
+    ``meta["kcp_plugin"]["plan"]``, or a ``save_pruned`` file's ``"kcp_plugin"``; else None."""
+    if not isinstance(checkpoint, dict):
+        return None
+    state = (checkpoint.get("meta") or {}).get(META_KEY)
+    if isinstance(state, dict) and isinstance(state.get("plan"), dict):
+        return state["plan"]
+    top = checkpoint.get(META_KEY)
+    if isinstance(top, dict) and "history" in top:
+        return top
+    return None
 
 
 def size_mismatches(

@@ -50,14 +50,13 @@ from kcp_plugin.registry import criterion_arguments
 from kcp_plugin.schedule import RAMPS, PruningScheduler, resolve_mode
 from kcp_plugin.stats import RecentBatches
 
-from .checkpoint import raise_on_size_mismatch
+from .checkpoint import META_KEY, raise_on_size_mismatch
 from .optim_wrapper import RegularizerMixin
 from .registry import HOOKS
 from .structure import example_inputs, output_convs, sync_structure, trace_forward, unwrap
 
 __all__ = ["PruningHook", "META_KEY"]
 
-META_KEY = "kcp_plugin"
 _SCHEDULE_KEYS = {"num_prunes": 1, "start": 0, "every": 1, "ramp": "linear", "mode": "hard",
                   "decay": "linear", "decay_rate": 3.0, "by_epoch": False}
 # prune() arguments the hook sets itself

@@ -161,7 +161,7 @@ def protected_roots(model: nn.Module, example_inputs: Any,
     Ignoring a group's root keeps the whole group (torch-pruning skips a group when any layer
     whose outputs it would cut is ignored).
     """
-    from ...graph import build_graph
+    from ...graph import checked_graph
 
     unsafe: set[int] = set()
     unsafe_out: set[int] = set()  # only their output channels are kept
@@ -183,7 +183,7 @@ def protected_roots(model: nn.Module, example_inputs: Any,
         unsafe.update(id(m) for m in model.modules() if predicate(m))
     if not unsafe and not unsafe_out:
         return []
-    graph = build_graph(model, example_inputs, forward_fn,
+    graph = checked_graph(model, example_inputs, forward_fn,
                         customized_pruners=customized_pruners)
     roots = []
     for group in graph.get_all_groups(root_module_types=[nn.modules.conv._ConvNd, nn.Linear]):
