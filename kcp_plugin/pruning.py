@@ -33,6 +33,7 @@ from .report import PruneReport, layer_widths
 from .run import RunSettings, copy_model
 from .safety import UnprunableError, input_layers, invalid_groups, output_signature
 from .safety_net import listing, prune_protecting
+from .search import Target
 from .snapshot import ModuleSnapshot
 from .stats import StatsImportance, StepFn
 
@@ -233,14 +234,14 @@ def prune(
     try:
         macs0, params0 = count_macs_params(model, example_inputs, fwd)
         widths0 = layer_widths(model)
-        ratio, search, macs1, params1, history, attrs = prune_protecting(
-            model, names, snapshot, protected, auto, heads, ratio_dict, settings,
-            target_macs_ratio, pruning_ratio, macs0, macs_tolerance, selected)
+        target = Target(target_macs_ratio, pruning_ratio, macs0, macs_tolerance)
+        done = prune_protecting(model, names, snapshot, protected, auto, heads, ratio_dict,
+                                settings, target, selected)
         if not dry_run:
             for host in hosts:
                 for name, values in host.after_prune(model, example_inputs).items():
-                    attrs.setdefault(name, {}).update(values)
-        plan = extend_plan(model, history, attrs)
+                    done.attrs.setdefault(name, {}).update(values)
+        plan = extend_plan(model, done.history, done.attrs)
     except UnprunableError as exc:
         snapshot.restore()
         if auto and not exc.protected:  # the search's refusal: name what the net kept
@@ -256,11 +257,11 @@ def prune(
             "break the model:" + listing(auto), UserWarning, stacklevel=2)
     return PruneReport(
         importance=imp_name,
-        macs_before=macs0, macs_after=macs1, params_before=params0, params_after=params1,
-        pruning_ratio=ratio, target_macs_ratio=target_macs_ratio,
+        macs_before=macs0, macs_after=done.macs, params_before=params0,
+        params_after=done.params, pruning_ratio=done.ratio, target_macs_ratio=target_macs_ratio,
         iterative_steps=iterative_steps, widths_before=widths0,
         widths_after=layer_widths(model), protected=sorted(names[m] for m in fixed),
-        search=search, plan=plan, selected=selected,
+        search=done.search, plan=plan, selected=selected,
         auto_protected=[asdict(r) for r in auto],
     )
 

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from .run import BrokenRun, GroupEntry, RunSettings, run_pruner, trial_copy
 from .safety import ProtectedGroup, UnprunableError, describe_exception, verify_outputs
-from .search import prune_to_target
+from .search import Outcome, Target, prune_to_target
 from .snapshot import ModuleSnapshot
 
 __all__ = ["MAX_PROTECTED", "find_culprit", "listing", "prune_protecting"]
@@ -42,12 +42,9 @@ def prune_protecting(
     heads: dict[nn.Module, int],
     ratio_dict: dict[nn.Module, float],
     settings: RunSettings,
-    target_macs_ratio: float | None,
-    pruning_ratio: float | None,
-    macs0: int,
-    macs_tolerance: float,
+    target: Target,
     selected: dict[str, list[int]] | None,
-) -> tuple[float, list, int, int, list, dict]:
+) -> Outcome:
     """:func:`prune_to_target`, and on a broken run: restore ``model`` from ``snapshot``,
     find the group responsible, append it to ``protected`` (its record to ``auto``), retry.
 
@@ -61,8 +58,7 @@ def prune_protecting(
     for _attempt in range(MAX_PROTECTED + 1):
         try:
             return prune_to_target(model, names, protected, heads, ratio_dict, settings,
-                                   target_macs_ratio, pruning_ratio, macs0, macs_tolerance,
-                                   selected)
+                                   target, selected)
         except BrokenRun as broken:
             snapshot.restore()
             if selected is not None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch.nn as nn
 import torch_pruning as tp
@@ -21,9 +22,33 @@ from .safety import UnprunableError
 from .snapshot import ModuleSnapshot
 from .tracking import track_pruning
 
-__all__ = ["prune_to_target", "search_ratio"]
+__all__ = ["Outcome", "Target", "prune_to_target", "search_ratio"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a prune aims at: ``macs_ratio`` (fraction of ``macs_dense`` kept, within
+    ``tolerance``) searched for, or a fixed channel ``pruning_ratio``."""
+
+    macs_ratio: float | None
+    pruning_ratio: float | None
+    macs_dense: int
+    tolerance: float
+
+
+@dataclass
+class Outcome:
+    """A finished prune: the channel ratio used, the search trials ``(ratio, MACs kept)``,
+    MACs and parameters after, and the pruning history and attention attributes (the plan)."""
+
+    ratio: float
+    search: list[tuple[float, float]]
+    macs: int
+    params: int
+    history: list
+    attrs: dict[str, dict[str, Any]]
 
 
 def prune_to_target(
@@ -33,12 +58,9 @@ def prune_to_target(
     heads: dict[nn.Module, int],
     ratio_dict: dict[nn.Module, float],
     settings: RunSettings,
-    target_macs_ratio: float | None,
-    pruning_ratio: float | None,
-    macs0: int,
-    macs_tolerance: float,
+    target: Target,
     selected: dict[str, list[int]] | None,
-) -> tuple[float, list, int, int, list, dict]:
+) -> Outcome:
     """Search the ratio (if a MACs target is given), prune ``model`` and verify it.
 
     Raises:
@@ -47,6 +69,7 @@ def prune_to_target(
     # With local pruning, each layer's width depends only on the ratio, not on the scores,
     # so the MACs search can use a cheap scorer; the result is verified and, should the real
     # criterion leave some group alone, searched again with the real criterion.
+    target_macs_ratio, macs0 = target.macs_ratio, target.macs_dense
     fast = target_macs_ratio is not None and not settings.global_pruning
     search: list[tuple[float, float]] = []
     snapshot = ModuleSnapshot(model)
@@ -59,23 +82,23 @@ def prune_to_target(
                     loss_fn=None, data=None)
             ratio, extra, search = search_ratio(
                 model, protected, heads, ratio_dict, target_macs_ratio, macs0,
-                macs_tolerance, trial_settings,
+                target.tolerance, trial_settings,
             )
         else:
-            ratio, extra = float(pruning_ratio or 0.0), {}
+            ratio, extra = float(target.pruning_ratio or 0.0), {}
         with track_pruning():
             history, attrs = checked_run(
                 model, protected, heads, {**extra, **ratio_dict}, ratio,
                 {names[m]: v for m, v in extra.items()}, settings, record=selected)
         macs1, params1 = count_macs_params(model, settings.example_inputs, settings.forward_fn)
-        if fast and abs(macs1 / macs0 - target_macs_ratio) > macs_tolerance:
+        if fast and abs(macs1 / macs0 - target_macs_ratio) > target.tolerance:
             logger.info("criterion left some groups alone; searching with it instead")
             snapshot.restore()
             if selected is not None:
                 selected.clear()
             fast = False
             continue
-        return ratio, search, macs1, params1, history, attrs
+        return Outcome(ratio, search, macs1, params1, history, attrs)
 
 
 def search_ratio(
