@@ -124,6 +124,11 @@ def test_training_prunes_to_the_target_and_learns(trained):
     macs_dense = count_macs_params(dense, x, _deploy_forward)[0]
     macs = count_macs_params(model, x, _deploy_forward)[0]
     assert abs(macs / macs_dense - 0.5) < 0.03, macs / macs_dense
+    # one definition of the model's MACs in the hook's logs: the dense model in tensor mode
+    # (its denominator used to count the auxiliary head, the numerator not: "0.998 of dense"
+    # before any pruning)
+    assert runner_hook(runner).macs_dense == macs_dense
+    assert runner.message_hub.get_info("kcp_plugin/macs") == macs
     assert len(get_plan(model)["history"]) > 0
     # output convs keep all classes; the auxiliary head was pruned along with the backbone
     assert model.decode_head.conv_seg.out_channels == 5

@@ -176,7 +176,9 @@ class PruningHook(Hook):
         return unwrap(runner.model)
 
     def _example(self, runner) -> torch.Tensor:
-        model = self._model(runner)
+        return self._example_for(self._model(runner))
+
+    def _example_for(self, model: nn.Module) -> torch.Tensor:
         if self._inputs is None or self._inputs.device != _device(model):
             self._inputs = example_inputs(model, self.input_shape)
         return self._inputs
@@ -255,15 +257,17 @@ class PruningHook(Hook):
             )
             if loaded.get("resumed") and loaded.get("scheduler"):
                 self.scheduler.load_state_dict(loaded["scheduler"])
-            self.macs_dense = self.scheduler.macs_dense
         else:
             self.calls = int(loaded.get("calls", 0)) if loaded.get("resumed") else 0
-            self.macs_dense = count_macs_params(model, inputs, trace_forward)[0]
+        # One definition of "MACs of the model" in the logs: the deployed forward (tensor mode,
+        # no auxiliary heads). The scheduler's targets count what it traces (with auxiliary
+        # heads) and keep their own dense figure.
+        self.macs_dense = self._macs(model)[0]
         if loaded.get("macs_dense"):
             # MACs of the original network: targets stay relative to it after load_from too
-            self.macs_dense = int(loaded["macs_dense"])
             if self.scheduler is not None:
-                self.scheduler.macs_dense = self.macs_dense
+                self.scheduler.macs_dense = int(loaded["macs_dense"])
+            self.macs_dense = int(loaded.get("macs_dense_tensor") or loaded["macs_dense"])
         self._log_macs(runner, "before training")
 
     def before_train_iter(self, runner, batch_idx: int, data_batch: Any = None) -> None:
@@ -282,7 +286,8 @@ class PruningHook(Hook):
         model = self._model(runner)
         checkpoint.setdefault("meta", {})[META_KEY] = {
             "plan": get_plan(model),
-            "macs_dense": self.macs_dense,
+            "macs_dense": self.scheduler.macs_dense if self.scheduler is not None else None,
+            "macs_dense_tensor": self.macs_dense,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "calls": self.calls,
             "importance": self.importance,
@@ -381,10 +386,13 @@ class PruningHook(Hook):
             with open(osp.join(runner.work_dir, "kcp_pruning_plan.json"), "w") as f:
                 json.dump(plan, f)
 
+    def _macs(self, model: nn.Module) -> tuple[int, int]:
+        """MACs and parameters of the deployed forward (tensor mode, no auxiliary heads)."""
+        return count_macs_params(model, self._example_for(model),
+                                 lambda m, x: m(x, mode="tensor"))
+
     def _log_macs(self, runner, when: str) -> None:
-        model = self._model(runner)
-        inputs = self._example(runner)
-        macs, params = count_macs_params(model, inputs, lambda m, x: m(x, mode="tensor"))
+        macs, params = self._macs(self._model(runner))
         dense = self.macs_dense or macs
         runner.message_hub.update_info("kcp_plugin/macs", macs)
         runner.message_hub.update_info("kcp_plugin/params", params)
