@@ -205,6 +205,20 @@ def test_init_model_with_the_training_config_rebuilds_the_pruned_model(trained, 
         torch.testing.assert_close(model(x, mode="tensor"), expected_model(x, mode="tensor"))
 
 
+def test_init_model_in_a_fresh_process_needs_no_import_of_the_plugin(trained):
+    """The shipped configs import the integration themselves (custom_imports), so mmengine's
+    loader knows pruned checkpoints before the user imports anything."""
+    ckpt = str(Path(trained["work"]) / f"iter_{MAX_ITERS}.pth")
+    code = ("from mmseg.apis import init_model\n"
+            f"m = init_model({str(RECIPE)!r}, {ckpt!r}, device='cpu')\n"
+            "print(m.backbone.layer1[0].conv1.out_channels)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, cwd=REPO, env=SUBPROCESS_ENV)
+    assert out.returncode == 0, out.stderr[-3000:]
+    pruned = _unwrapped(trained["runner"]).backbone.layer1[0].conv1.out_channels
+    assert out.stdout.strip().splitlines()[-1] == str(pruned)
+
+
 def test_mmseg_test_script_runs_the_deploy_config(trained, data_root, tmp_path):
     """mmseg's own tools/test.py, in a fresh process, on the pruned checkpoint."""
     ckpt = str(Path(trained["work"]) / f"iter_{MAX_ITERS}.pth")

@@ -6,6 +6,9 @@ _base_ = [
     'mmseg::_base_/models/fcn_r50-d8.py',
     'mmseg::_base_/default_runtime.py',
 ]
+# Imported when the config is loaded (Config.fromfile), so that mmengine's checkpoint loading
+# knows pruned checkpoints in every entry point, init_model and tools/test.py included.
+custom_imports = dict(imports=['kcp_plugin.integrations.mmseg'], allow_failed_imports=False)
 norm_cfg = dict(type='BN', requires_grad=True)  # not SyncBN: CPU, one process
 crop_size = (64, 64)
 num_classes = 5
