@@ -606,6 +606,12 @@ def test_prunedsegmentor_rejects_a_checkpoint_without_plan(tmp_path):
     cfg = Config.fromfile(str(RECIPE))
     with pytest.raises(ValueError, match="holds no kcp_plugin pruning plan"):
         MODELS.build(dict(type="kcp_plugin.PrunedSegmentor", model=cfg.model, plan=str(path)))
+    # the deploy config's default plan path is relative: elsewhere it used to be a bare
+    # FileNotFoundError
+    with pytest.raises(FileNotFoundError, match=r"relative to the working directory .* set "
+                                                r"model.plan .*--cfg-options model.plan="):
+        MODELS.build(dict(type="kcp_plugin.PrunedSegmentor", model=cfg.model,
+                          plan="work_dirs/nowhere/iter_60.pth"))
 
 
 def test_sweep_mmseg_prunes_a_packaged_config_through_the_hook(tmp_path):

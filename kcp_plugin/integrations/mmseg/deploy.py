@@ -24,7 +24,7 @@ from mmengine.registry import MODELS as MMENGINE_MODELS
 
 from kcp_plugin.plan import PLAN_FORMAT, validate_plan
 
-from .checkpoint import raise_on_size_mismatch
+from .checkpoint import checkpoint_plan, raise_on_size_mismatch
 from .registry import MODELS
 from .structure import example_inputs, sync_structure
 
@@ -39,24 +39,25 @@ def read_plan(plan: str | os.PathLike | dict[str, Any]) -> dict[str, Any]:
     ``checkpoint['kcp_plugin']`` (written by :func:`kcp_plugin.save_pruned`).
 
     Raises:
+        FileNotFoundError: no such file; the message says where it was looked for (a relative
+            path is relative to the working directory) and which config key to set.
         ValueError: no plan in it, or not a plan of a supported version.
     """
     if isinstance(plan, dict):
         return validate_plan(plan)
     path = os.fspath(plan)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"PrunedSegmentor plan {path!r} does not exist (looked for "
+            f"{os.path.abspath(path)!r}; a relative path is relative to the working directory "
+            f"{os.getcwd()!r}): set model.plan to the pruned checkpoint or its "
+            "kcp_pruning_plan.json, e.g. --cfg-options model.plan=work_dirs/.../iter_N.pth")
     if path.endswith(".json"):
         with open(path) as f:
             return validate_plan(json.load(f))
     from mmengine.runner.checkpoint import _load_checkpoint
 
-    ckpt = _load_checkpoint(path, map_location="cpu")
-    found = None
-    if isinstance(ckpt, dict):
-        meta = ckpt.get("meta") or {}
-        if isinstance(meta.get("kcp_plugin"), dict):
-            found = meta["kcp_plugin"].get("plan")
-        elif isinstance(ckpt.get("kcp_plugin"), dict):
-            found = ckpt["kcp_plugin"]
+    found = checkpoint_plan(_load_checkpoint(path, map_location="cpu"))
     if not isinstance(found, dict) or found.get("format") != PLAN_FORMAT:
         raise ValueError(f"{path} holds no kcp_plugin pruning plan (was it saved by a run with "
                          "kcp_plugin.PruningHook?)")
