@@ -143,6 +143,43 @@ def test_dense_entrypoint_explains_missing_plan(pruned_resnet, tmp_path):
                           checkpoint_path=str(path))
 
 
+_VALIDATE_STAND_IN = """
+import argparse, torch, timm
+from timm.models import load_checkpoint
+from timm.utils import ParseKwargs
+p = argparse.ArgumentParser()  # the arguments of timm's validate.py that matter here
+p.add_argument("data", nargs="?")
+p.add_argument("--model", "-m")
+p.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs)
+p.add_argument("--checkpoint", default="")
+args = p.parse_args()
+model = timm.create_model(args.model, **args.model_kwargs)  # as validate.py: by name
+load_checkpoint(model, args.checkpoint)
+print(sum(t.numel() for t in model.parameters()))
+"""
+
+
+def test_validate_script_runs_through_the_runner(pruned_resnet, tmp_path):
+    """timm's validate.py has no --device-modules: the documented runner registers kcp_pruned
+    and runs the script unchanged (here a stand-in with validate.py's model loading)."""
+    import subprocess
+
+    script = tmp_path / "validate.py"
+    script.write_text(_VALIDATE_STAND_IN)
+    ckpt = tmp_path / "model_best.pth.tar"
+    torch.save({"state_dict": pruned_resnet.state_dict()}, ckpt)
+    argv = [sys.executable, "-m", "kcp_plugin.integrations.timm.run", str(script), "/data",
+            "--model", "kcp_pruned", "--model-kwargs", "base=resnet18", "num_classes=5",
+            "--checkpoint", str(ckpt)]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    params = sum(t.numel() for t in pruned_resnet.parameters())
+    assert out.stdout.strip().splitlines()[-1] == str(params)
+    bad = subprocess.run([sys.executable, "-m", "kcp_plugin.integrations.timm.run", "nope.py"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert bad.returncode == 2 and "'nope.py' is not a file" in bad.stderr
+
+
 def test_plan_that_is_not_a_checkpoint_is_named_so(tmp_path):
     path = tmp_path / "garbage.pth"
     path.write_bytes(bytes(range(256)) * 2)
