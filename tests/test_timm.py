@@ -475,3 +475,19 @@ def test_resnest_split_attention_is_left_to_the_safety_net():
     assert pruning_setup(model, x)["ignored_layers"] == []  # nothing protected by class
     report = kcp_plugin.prune(model, x, "kcp", target_macs_ratio=0.5, progress=False)
     assert abs(report.macs_ratio - 0.5) <= 0.02 and model(x).shape == (1, 7)
+
+
+def test_training_schedule_logs_each_pruning_point_through_timms_logger(caplog):
+    import logging
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    sched = kt.TimmPruningSchedule(model, opt, "l1", example_inputs=_x(32, batch=1),
+                                   target_macs_ratio=0.5, num_prunes=2, every=1)
+    with caplog.at_level(logging.INFO, logger="train"):
+        assert sched.step() and sched.step()
+    lines = [r.getMessage() for r in caplog.records if r.name == "train"]
+    assert len(lines) == 2 and lines[0].startswith("kcp_plugin: pruning point 1/2 at optimizer "
+                                                   "step 0 (hard)")
+    assert "2/2 at optimizer step 1" in lines[1] and "% of dense" in lines[1]

@@ -17,17 +17,22 @@ under a multi-process group.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from ...graph import count_macs_params
 from ...schedule import PruningScheduler
 from .pruning import default_inputs, head_map, replay_new_entries
 from .support import check_supported
 
 __all__ = ["TimmPruningSchedule"]
+
+# timm's train.py logs through logging.getLogger("train"): pruning points appear in its log
+_logger = logging.getLogger("train")
 
 
 def _ema_module(ema: Any) -> nn.Module:
@@ -124,6 +129,12 @@ class TimmPruningSchedule:
         # caches and head attributes were handled by kcp_plugin.prune's timm adapter
         for module in self.emas:
             replay_new_entries(module, self.model, self.example_inputs)
+        macs, params = count_macs_params(self.model, self.example_inputs)
+        _logger.info(
+            "kcp_plugin: pruning point %d/%d at optimizer step %d (%s): %.4g GMACs (%.1f%% of "
+            "dense), %.4g M params", scheduler.point_at(scheduler.calls - 1) + 1,
+            scheduler.num_prunes, scheduler.calls - 1, scheduler.mode, macs / 1e9,
+            100.0 * macs / max(scheduler.macs_dense, 1), params / 1e6)
         if self.user_on_prune is not None:
             self.user_on_prune(self)
 
