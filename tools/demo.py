@@ -50,15 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"3/3 fine-tuning the pruned model ({args.finetune_steps} steps)")
     train(model, task, train_loader, args.finetune_steps, lr=1e-3, desc="fine-tune")
     tuned_miou = task.evaluate(model, val_loader)["miou"]
-    # one thread: the most repeatable CPU latency on a shared 2-core machine
-    report.latency_before_ms = kcp_plugin.measure_latency(dense, x, runs=30, threads=1)
-    report.latency_after_ms = kcp_plugin.measure_latency(model, x, runs=30, threads=1)
+    # the CLI's method: one thread, dense and pruned passes interleaved, median
+    latency = kcp_plugin.compare_latency([dense, model], x, runs=30, threads=1)
+    report.latency_before_ms, report.latency_after_ms = (s.median_ms for s in latency)
 
     ckpt = out / "pruned.pt"
     kcp_plugin.save_pruned(model, ckpt, extra={"model": f"builtin:{task.model}",
                                                "model_kwargs": task.model_kwargs,
                                                "input_shapes": [list(x.shape)]})
-    report.plot_widths(out / "widths.png", title=f"{task.model}: per-layer widths "
+    report.plot_widths(out / "widths.png", title=f"{task.model}: channels kept per layer "
                        f"({args.importance}, {report.macs_ratio:.0%} of MACs kept)")
     _plot_summary(out / "summary.png", dense_miou, pruned_miou, tuned_miou, report)
     (out / "report.json").write_text(json.dumps({
