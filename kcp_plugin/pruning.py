@@ -30,7 +30,7 @@ from .hosts import adapters_for, host_forward, host_pruners
 from .plan import extend_plan
 from .registry import importance_info
 from .report import PruneReport, layer_widths
-from .run import RunSettings, copy_model
+from .run import Job, RunSettings, copy_model
 from .safety import UnprunableError, input_layers, invalid_groups, output_signature
 from .safety_net import listing, prune_protecting
 from .search import Target
@@ -235,8 +235,8 @@ def prune(
         macs0, params0 = count_macs_params(model, example_inputs, fwd)
         widths0 = layer_widths(model)
         target = Target(target_macs_ratio, pruning_ratio, macs0, macs_tolerance)
-        done = prune_protecting(model, names, snapshot, protected, auto, heads, ratio_dict,
-                                settings, target, selected)
+        job = Job(model, protected, heads, ratio_dict)
+        done = prune_protecting(job, names, snapshot, auto, settings, target, selected)
         if not dry_run:
             for host in hosts:
                 for name, values in host.after_prune(model, example_inputs).items():

@@ -25,11 +25,29 @@ from .registry import KeepRatioAware
 from .safety import ROOT_TYPES, couplings, describe_exception, group_layers, verify_outputs
 from .stats import StatsImportance, StepFn, collect
 
-__all__ = ["RunSettings", "BrokenRun", "run_pruner", "checked_run", "trial_copy",
+__all__ = ["Job", "RunSettings", "BrokenRun", "run_pruner", "checked_run", "trial_copy",
            "copy_model", "populate_gradients"]
 
 # ``(protectable layer, layers, couplings)`` of a pruned group, by name
 GroupEntry = tuple[str, list[str], list[str]]
+
+
+@dataclass
+class Job:
+    """A model to prune and what the pruner must respect there.
+
+    Attributes:
+        model: Pruned in place.
+        protected: Layers passed to torch-pruning as ``ignored_layers`` (the safety net
+            appends the roots of groups that break).
+        heads: Attention projection -> head count (torch-pruning's ``num_heads``).
+        ratio_dict: Per-layer channel ratios.
+    """
+
+    model: nn.Module
+    protected: list[nn.Module]
+    heads: dict[nn.Module, int]
+    ratio_dict: dict[nn.Module, float]
 
 
 @dataclass(frozen=True)
@@ -85,24 +103,20 @@ def copy_model(model: nn.Module) -> tuple[nn.Module, dict[nn.Module, nn.Module]]
     return clone, {m: by_name[n] for n, m in model.named_modules()}
 
 
-def trial_copy(
-    model: nn.Module, protected: list[nn.Module], heads: dict[nn.Module, int],
-    ratio_dict: dict[nn.Module, float], extra: dict[str, float] | None,
-) -> tuple[nn.Module, list[nn.Module], dict[nn.Module, int], dict[nn.Module, float]]:
-    """A copy of ``model`` to prune in a trial, with the pruner arguments moved onto it:
-    ``(copy, protected, heads, per-layer ratios)``; ``extra`` per-layer ratios are by name."""
-    clone, remap = copy_model(model)
+def trial_copy(job: Job, extra: dict[str, float] | None) -> Job:
+    """The same job on a deep copy of its model, to prune in a trial (module references
+    follow by name); ``extra`` per-layer ratios, by layer name, are added to the copy's."""
+    clone, remap = copy_model(job.model)
     by_name = dict(clone.named_modules())
-    per_layer = {remap[m]: v for m, v in ratio_dict.items()}
+    per_layer = {remap[m]: v for m, v in job.ratio_dict.items()}
     for name, v in (extra or {}).items():
         per_layer.setdefault(by_name[name], v)
-    return (clone, [remap[m] for m in protected], {remap[m]: h for m, h in heads.items()},
-            per_layer)
+    return Job(clone, [remap[m] for m in job.protected],
+               {remap[m]: h for m, h in job.heads.items()}, per_layer)
 
 
-def checked_run(model: nn.Module, protected: list[nn.Module], heads: dict[nn.Module, int],
-                ratio_dict: dict[nn.Module, float], ratio: float, extra: dict[str, float],
-                settings: RunSettings, record: dict[str, list[int]] | None = None,
+def checked_run(job: Job, ratio: float, extra: dict[str, float], settings: RunSettings,
+                record: dict[str, list[int]] | None = None,
                 ) -> tuple[list, dict[str, dict[str, Any]]]:
     """:func:`run_pruner`, then :func:`verify_outputs`.
 
@@ -111,10 +125,10 @@ def checked_run(model: nn.Module, protected: list[nn.Module], heads: dict[nn.Mod
             the pruned outputs changed shape or stopped being finite.
     """
     try:
-        result = run_pruner(model, protected, heads, ratio_dict, ratio, settings, record=record)
+        result = run_pruner(job, ratio, settings, record=record)
     except Exception as exc:
         raise BrokenRun(describe_exception(exc), ratio, extra, settings) from exc
-    problem = verify_outputs(model, settings.example_inputs, settings.forward_fn,
+    problem = verify_outputs(job.model, settings.example_inputs, settings.forward_fn,
                              settings.signature)
     if problem is not None:
         raise BrokenRun(problem, ratio, extra, settings)
@@ -122,10 +136,7 @@ def checked_run(model: nn.Module, protected: list[nn.Module], heads: dict[nn.Mod
 
 
 def run_pruner(
-    model: nn.Module,
-    protected: list[nn.Module],
-    heads: dict[nn.Module, int],
-    ratio_dict: dict[nn.Module, float],
+    job: Job,
     ratio: float,
     settings: RunSettings,
     *,
@@ -137,10 +148,8 @@ def run_pruner(
     """Run torch-pruning's pruner on ``model`` for all steps, then fix attention attributes.
 
     Args:
-        model: Pruned in place.
-        protected: Layers passed to torch-pruning as ``ignored_layers``.
-        heads: qkv layer -> head count (torch-pruning's ``num_heads``).
-        ratio_dict: Per-layer channel ratios.
+        job: The model (pruned in place), its protected layers, head counts and per-layer
+            ratios.
         ratio: The channel ratio of every other layer.
         settings: The rest of the pruner's arguments.
         desc: Progress-bar label.
@@ -153,17 +162,17 @@ def run_pruner(
     Returns:
         The pruning history and the attention attributes that were set (both for the plan).
     """
-    s = settings
-    heads = dict(heads)  # torch-pruning mutates (and shares) these dicts: always fresh copies
+    s, model = settings, job.model
+    heads = dict(job.heads)  # torch-pruning mutates (and shares) these dicts: always fresh copies
     with preserved_modes(model), warnings.catch_warnings():
         # torch-pruning warns about unwrapped parameters on every graph it builds: prune()
         # built one already (the user saw it once), not again for each search trial
         warnings.filterwarnings("ignore", message=r"[\s\S]*Unwrapped parameters detected")
         pruner = Pruner(
             model, s.example_inputs, importance=s.importance, global_pruning=s.global_pruning,
-            pruning_ratio=ratio, pruning_ratio_dict=dict(ratio_dict) or None,
+            pruning_ratio=ratio, pruning_ratio_dict=dict(job.ratio_dict) or None,
             max_pruning_ratio=s.max_pruning_ratio, iterative_steps=s.iterative_steps,
-            ignored_layers=list(protected), round_to=s.round_to, isomorphic=s.isomorphic,
+            ignored_layers=list(job.protected), round_to=s.round_to, isomorphic=s.isomorphic,
             num_heads=heads, prune_num_heads=s.prune_num_heads,
             head_pruning_ratio=s.head_pruning_ratio, in_channel_groups={},
             out_channel_groups={}, customized_pruners=s.customized_pruners,

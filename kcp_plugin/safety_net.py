@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import torch.nn as nn
 
-from .run import BrokenRun, GroupEntry, RunSettings, run_pruner, trial_copy
+from .run import BrokenRun, GroupEntry, Job, RunSettings, run_pruner, trial_copy
 from .safety import ProtectedGroup, UnprunableError, describe_exception, verify_outputs
 from .search import Outcome, Target, prune_to_target
 from .snapshot import ModuleSnapshot
@@ -34,19 +34,17 @@ def listing(records: list[ProtectedGroup]) -> str:
 
 
 def prune_protecting(
-    model: nn.Module,
+    job: Job,
     names: dict[nn.Module, str],
     snapshot: ModuleSnapshot,
-    protected: list[nn.Module],
     auto: list[ProtectedGroup],
-    heads: dict[nn.Module, int],
-    ratio_dict: dict[nn.Module, float],
     settings: RunSettings,
     target: Target,
     selected: dict[str, list[int]] | None,
 ) -> Outcome:
-    """:func:`prune_to_target`, and on a broken run: restore ``model`` from ``snapshot``,
-    find the group responsible, append it to ``protected`` (its record to ``auto``), retry.
+    """:func:`prune_to_target`, and on a broken run: restore ``job.model`` from ``snapshot``,
+    find the group responsible, append it to ``job.protected`` (its record to ``auto``),
+    retry.
 
     Returns:
         :func:`prune_to_target`'s result.
@@ -57,13 +55,12 @@ def prune_protecting(
     """
     for _attempt in range(MAX_PROTECTED + 1):
         try:
-            return prune_to_target(model, names, protected, heads, ratio_dict, settings,
-                                   target, selected)
+            return prune_to_target(job, names, settings, target, selected)
         except BrokenRun as broken:
             snapshot.restore()
             if selected is not None:
                 selected.clear()
-            found = find_culprit(model, protected, heads, ratio_dict, broken)
+            found = find_culprit(job, broken)
             if found is None:
                 # not reproducible group by group, or failing with no group pruned (the
                 # criterion's own error, torch-pruning's pruner on an inconsistent group):
@@ -75,20 +72,14 @@ def prune_protecting(
                     "operation with ignored_layers=[...], or try another criterion"
                     + listing(auto), auto) from broken.__cause__
             module, record = found
-            protected.append(module)
+            job.protected.append(module)
             auto.append(record)
     raise UnprunableError(
         f"more than {MAX_PROTECTED} channel groups of this model break when pruned; "
         "torch-pruning cannot trace it reliably" + listing(auto), auto)
 
 
-def find_culprit(
-    model: nn.Module,
-    protected: list[nn.Module],
-    heads: dict[nn.Module, int],
-    ratio_dict: dict[nn.Module, float],
-    broken: BrokenRun,
-) -> tuple[nn.Module, ProtectedGroup] | None:
+def find_culprit(job: Job, broken: BrokenRun) -> tuple[nn.Module, ProtectedGroup] | None:
     """The channel group whose pruning breaks the model, found by bisection on copies.
 
     The pruner yields its groups in a fixed order; pruning only the first ``k`` of them
@@ -96,21 +87,19 @@ def find_culprit(
     which the model breaks. Returns its protectable layer (an output-pruned root layer of the
     group) and a record of it, or ``None`` if the failure does not depend on the groups.
     """
-    by_name = dict(model.named_modules())
+    by_name = dict(job.model.named_modules())
     seen: list[GroupEntry] = []
     settings = broken.settings  # the same criterion and options as the run that broke
 
     def trial(limit: int | None) -> str | None:
-        clone, kept_layers, clone_heads, per_layer = trial_copy(
-            model, protected, heads, ratio_dict, broken.extra)
+        trial = trial_copy(job, broken.extra)
         log = seen if limit is None else None
         try:
-            run_pruner(clone, kept_layers, clone_heads, per_layer, broken.ratio,
-                       replace(settings, progress=False),
+            run_pruner(trial, broken.ratio, replace(settings, progress=False),
                        limit=limit, groups_seen=log)
         except Exception as exc:
             return describe_exception(exc)
-        return verify_outputs(clone, settings.example_inputs, settings.forward_fn,
+        return verify_outputs(trial.model, settings.example_inputs, settings.forward_fn,
                               settings.signature)
 
     reason = trial(None)

@@ -17,7 +17,7 @@ import torch_pruning as tp
 
 from .graph import build_graph, count_macs_params
 from .progress import progress_bar
-from .run import RunSettings, checked_run, trial_copy
+from .run import Job, RunSettings, checked_run, trial_copy
 from .safety import UnprunableError
 from .snapshot import ModuleSnapshot
 from .tracking import track_pruning
@@ -52,16 +52,13 @@ class Outcome:
 
 
 def prune_to_target(
-    model: nn.Module,
+    job: Job,
     names: dict[nn.Module, str],
-    protected: list[nn.Module],
-    heads: dict[nn.Module, int],
-    ratio_dict: dict[nn.Module, float],
     settings: RunSettings,
     target: Target,
     selected: dict[str, list[int]] | None,
 ) -> Outcome:
-    """Search the ratio (if a MACs target is given), prune ``model`` and verify it.
+    """Search the ratio (if a MACs target is given), prune ``job.model`` and verify it.
 
     Raises:
         BrokenRun: a trial or the final prune crashed or broke the model's outputs.
@@ -69,7 +66,7 @@ def prune_to_target(
     # With local pruning, each layer's width depends only on the ratio, not on the scores,
     # so the MACs search can use a cheap scorer; the result is verified and, should the real
     # criterion leave some group alone, searched again with the real criterion.
-    target_macs_ratio, macs0 = target.macs_ratio, target.macs_dense
+    model, target_macs_ratio, macs0 = job.model, target.macs_ratio, target.macs_dense
     fast = target_macs_ratio is not None and not settings.global_pruning
     search: list[tuple[float, float]] = []
     snapshot = ModuleSnapshot(model)
@@ -80,15 +77,13 @@ def prune_to_target(
                 trial_settings = replace(
                     settings, importance=tp.importance.GroupMagnitudeImportance(),
                     loss_fn=None, data=None)
-            ratio, extra, search = search_ratio(
-                model, protected, heads, ratio_dict, target_macs_ratio, macs0,
-                target.tolerance, trial_settings,
-            )
+            ratio, extra, search = search_ratio(job, target_macs_ratio, macs0,
+                                                target.tolerance, trial_settings)
         else:
             ratio, extra = float(target.pruning_ratio or 0.0), {}
         with track_pruning():
             history, attrs = checked_run(
-                model, protected, heads, {**extra, **ratio_dict}, ratio,
+                replace(job, ratio_dict={**extra, **job.ratio_dict}), ratio,
                 {names[m]: v for m, v in extra.items()}, settings, record=selected)
         macs1, params1 = count_macs_params(model, settings.example_inputs, settings.forward_fn)
         if fast and abs(macs1 / macs0 - target_macs_ratio) > target.tolerance:
@@ -102,10 +97,7 @@ def prune_to_target(
 
 
 def search_ratio(
-    model: nn.Module,
-    protected: list[nn.Module],
-    heads: dict[nn.Module, int],
-    ratio_dict: dict[nn.Module, float],
+    job: Job,
     target: float,
     macs0: int,
     tol: float,
@@ -125,15 +117,14 @@ def search_ratio(
         ``(ratio, extra per-layer ratios, trials as (ratio, MACs kept))``.
     """
     trials: list[tuple[float, float]] = []
+    model = job.model
 
     def macs_kept(r: float, extra: dict[str, float] | None = None) -> float:
         if r == 0.0 and not extra:
             return 1.0
-        clone, kept_layers, clone_heads, per_layer = trial_copy(
-            model, protected, heads, ratio_dict, extra)
-        checked_run(clone, kept_layers, clone_heads, per_layer, r, dict(extra or {}),
-                    replace(settings, progress=False))
-        kept = count_macs_params(clone, settings.example_inputs, settings.forward_fn)[0]
+        trial = trial_copy(job, extra)
+        checked_run(trial, r, dict(extra or {}), replace(settings, progress=False))
+        kept = count_macs_params(trial.model, settings.example_inputs, settings.forward_fn)[0]
         trials.append((r, kept / macs0))
         bar.update(1)
         bar.set_postfix(ratio=f"{r:.3f}", macs=f"{kept / macs0:.3f}")
@@ -162,7 +153,7 @@ def search_ratio(
             raise UnprunableError(
                 f"target_macs_ratio={target} is out of reach: pruning every prunable layer by "
                 f"max_pruning_ratio={hi} keeps {m_hi:.3f} of the MACs (protected layers: "
-                f"{len(protected)}). Raise max_pruning_ratio or protect fewer layers."
+                f"{len(job.protected)}). Raise max_pruning_ratio or protect fewer layers."
                 + _mha_hint(model, settings)
             )
         if abs(m_hi - target) <= tol:
@@ -194,7 +185,7 @@ def search_ratio(
                 break
         # Mix the bracketing ratios group by group.
         (lo, m_lo), (hi, m_hi) = bracket
-        roots = _group_roots(model, protected, settings)
+        roots = _group_roots(model, job.protected, settings)
         best = min(bracket, key=lambda t: abs(t[1] - target))
         a, b = 0, len(roots)
         while b - a > 1:
