@@ -264,10 +264,12 @@ def _subclass_hooks(model: nn.Module) -> Iterator[None]:
 
 
 def uncounted_fraction(model: nn.Module, example_inputs: Any,
-                       forward_fn: ForwardFn | None = None) -> float:
+                       forward_fn: ForwardFn | None = None,
+                       counted: int | None = None) -> float:
     """The fraction of the matmul / conv compute that :func:`count_macs_params` does not see,
     by comparison with torch's ``FlopCounterMode`` (which counts at the aten level, so also
-    layers called as functions). 0.0 when nothing is missed (or torch cannot count it)."""
+    layers called as functions). 0.0 when nothing is missed (or torch cannot count it).
+    ``counted``: the model's :func:`count_macs_params` MACs, if the caller has them."""
     from torch.utils.flop_counter import FlopCounterMode
 
     fwd = forward_fn or default_forward
@@ -278,7 +280,8 @@ def uncounted_fraction(model: nn.Module, example_inputs: Any,
         total = fc.get_total_flops() / 2
     except Exception:  # an op the flop counter cannot run: no second opinion
         return 0.0
-    counted = count_macs_params(model, example_inputs, forward_fn)[0]
+    if counted is None:
+        counted = count_macs_params(model, example_inputs, forward_fn)[0]
     return max(0.0, 1.0 - counted / total) if total > 0 else 0.0
 
 

@@ -199,8 +199,9 @@ def prune(
     checks = invalid_groups(graph, fixed, names)
     signature = output_signature(model, example_inputs, fwd)
     del graph
+    macs0, params0 = count_macs_params(model, example_inputs, fwd)  # a dry run's copy: same
     if target_macs_ratio is not None:
-        missed = uncounted_fraction(model, example_inputs, fwd)
+        missed = uncounted_fraction(model, example_inputs, fwd, counted=macs0)
         if missed > 0.1:
             warnings.warn(
                 f"the MACs counter (torch-pruning's) does not see {missed:.0%} of this model's "
@@ -232,7 +233,6 @@ def prune(
         loss_fn=loss_fn, progress=progress,
         data=None if data is None else (data, data_steps, step_fn), signature=signature)
     try:
-        macs0, params0 = count_macs_params(model, example_inputs, fwd)
         widths0 = layer_widths(model)
         target = Target(target_macs_ratio, pruning_ratio, macs0, macs_tolerance)
         job = Job(model, protected, heads, ratio_dict)
