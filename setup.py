@@ -15,6 +15,10 @@ EXTRAS = {
     "mmseg": ["mmengine==0.10.7", "mmsegmentation==1.2.2", "ftfy", "regex",
               "setuptools>=77,<81"],
     "bench": ["matplotlib", "scikit-learn"],
+    # kcp_plugin.export uses torch's TorchScript-based ONNX exporter, which needs onnx but not
+    # onnxscript (only the dynamo exporter does); onnxruntime checks the written file and times
+    # it (latency backend "onnxruntime")
+    "deploy": ["onnx>=1.15", "onnxruntime>=1.17"],
     "dev": ["pytest>=8", "ruff>=0.6", "matplotlib", "scikit-learn"],
 }
 EXTRAS["all"] = sorted({req for name, reqs in EXTRAS.items() if name != "dev" for req in reqs})

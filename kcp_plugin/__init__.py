@@ -3,6 +3,7 @@
 The core API needs only torch and torch-pruning; integrations import their host libraries lazily.
 """
 
+from .export import ExportReport, export_onnx
 from .graph import count_macs_params
 from .importance import KCPImportance
 from .latency import LatencyStats, compare_latency, measure_latency
@@ -23,6 +24,7 @@ from .tracking import track_pruning
 __version__ = "0.1.0"
 
 __all__ = [
+    "ExportReport",
     "KCPImportance",
     "LatencyStats",
     "PruneReport",
@@ -34,6 +36,7 @@ __all__ = [
     "compare_latency",
     "count_macs_params",
     "criterion_arguments",
+    "export_onnx",
     "get_importance",
     "get_plan",
     "importance_info",

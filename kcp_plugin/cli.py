@@ -14,8 +14,9 @@ from typing import Any
 import torch
 
 from . import __version__
+from .errors import ExportError
 from .graph import check_runs
-from .latency import compare_latency
+from .latency import BACKENDS, compare_latency
 from .plan import save_pruned
 from .pruning import prune
 from .registry import importance_info, list_importances
@@ -31,13 +32,16 @@ model specs:
   torchvision:NAME    torchvision.models.get_model(NAME, weights=None)
   module:PKG.MOD:FN   any function returning an nn.Module
 
-exit codes: 0 success, 1 pruning failed, 2 invalid arguments, 3 model could not be built
+exit codes: 0 success, 1 pruning (or ONNX export) failed, 2 invalid arguments, 3 model could
+            not be built
 
 examples:
   kcp-prune                                   # builtin DeepLabV3-lite, KCP to 30% of MACs
   kcp-prune --model timm:resnet50 --importance kcp --target-macs 0.3 \\
             --input-shape 1,3,224,224 --out pruned.pt
   kcp-prune --model builtin:stereo_lite --input-shape 1,3,64,128 --input-shape 1,3,64,128
+  kcp-prune --model torchvision:resnet18 --input-shape 1,3,224,224 --onnx pruned.onnx \\
+            --latency-backend onnxruntime        # needs kcp-plugin[deploy]
 """
 
 
@@ -118,11 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-runs", type=int, default=10, metavar="N",
                    help="timed forward passes for the CPU latency (0 skips it; default: 10)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch CPU threads for the latency measurement (default: 1, the most "
+                   help="CPU threads for the latency measurement (default: 1, the most "
                    "repeatable on a shared machine)")
+    p.add_argument("--latency-backend", choices=BACKENDS, default="torch",
+                   help="what runs the timed passes: torch eager, or onnxruntime on each model "
+                   "exported to ONNX (needs kcp-plugin[deploy]) (default: torch)")
     p.add_argument("--seed", type=int, default=0, help="seed for the random initial weights")
     p.add_argument("--out", default=None, metavar="PATH",
                    help="write the pruning plan + weights here (torch.load(weights_only=True))")
+    p.add_argument("--onnx", default=None, metavar="PATH",
+                   help="write the pruned model as ONNX here (dynamic batch), checked against "
+                   "torch in onnxruntime (needs kcp-plugin[deploy])")
     p.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON")
     p.add_argument("--plot", default=None, metavar="PATH",
                    help="write a PNG of the fraction of channels each layer kept")
@@ -158,7 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--latency-runs must be >= 0")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be >= 1")
-    for flag, path in (("--out", args.out), ("--json", args.json), ("--plot", args.plot)):
+    for flag, path in (("--out", args.out), ("--onnx", args.onnx), ("--json", args.json),
+                       ("--plot", args.plot)):
         folder = os.path.dirname(os.path.abspath(path)) if path else None
         if folder and not os.path.isdir(folder):
             parser.error(f"{flag} {path}: folder {folder} does not exist (create it first)")
@@ -173,6 +184,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"{info.name!r} scores channels from training data, which kcp-prune does "
                      "not have: use the Python API (kcp_plugin.prune(..., data=batches) or "
                      f"loss_fn=...) or a data-free criterion: {', '.join(free)}")
+    if args.onnx or (args.latency_backend == "onnxruntime" and args.latency_runs):
+        from .export import require_deploy
+
+        try:
+            require_deploy()
+        except ImportError as exc:
+            parser.error(str(exc))
     if args.pruning_ratio is None and args.target_macs is None:
         args.target_macs = 0.3
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -213,18 +231,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a failure inside torch-pruning: the model was restored
         print(f"kcp-prune: error: pruning failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    latency = None
+    latency, code = None, EXIT_OK
     if dense is not None:
-        latency = compare_latency([dense, model], example, warmup=2, runs=args.latency_runs,
-                                  threads=args.threads or 1)
-        report.latency_before_ms, report.latency_after_ms = (s.median_ms for s in latency)
+        try:
+            latency = compare_latency([dense, model], example, warmup=2, runs=args.latency_runs,
+                                      threads=args.threads or 1, backend=args.latency_backend)
+            report.latency_before_ms, report.latency_after_ms = (s.median_ms for s in latency)
+        except ExportError as exc:  # the pruned model is still saved below
+            print(f"kcp-prune: error: {args.latency_backend} latency: {exc}", file=sys.stderr)
+            code = EXIT_ERROR
 
     print(f"model: {args.model}  inputs: {' + '.join('x'.join(map(str, s)) for s in shapes)}")
     print(report.table())
     if latency is not None:
         before, after = latency
-        print(f"CPU latency: median of {before.runs} passes each, dense and pruned interleaved, "
-              f"{before.threads} thread(s); dense {before.describe()}, pruned "
+        engine = "torch eager" if before.backend == "torch" else before.backend
+        print(f"CPU latency ({engine}): median of {before.runs} passes each, dense and pruned "
+              f"interleaved, {before.threads} thread(s); dense {before.describe()}, pruned "
               f"{after.describe()} (interquartile range)")
     if args.out:
         save_pruned(model, args.out, extra={
@@ -232,12 +255,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             "input_shapes": [list(s) for s in shapes], "importance": args.importance,
         })
         print(f"saved plan + weights to {args.out}")
+    if args.onnx:
+        from .export import export_onnx
+
+        try:
+            onnx = export_onnx(model, example, args.onnx)
+            print(f"saved ONNX (opset {onnx.opset}, dynamic batch) to {args.onnx}; onnxruntime "
+                  f"agrees with torch to {onnx.max_abs_diff:.2g}")
+        except ExportError as exc:
+            print(f"kcp-prune: error: {exc}", file=sys.stderr)
+            code = EXIT_ERROR
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"model": args.model, **report.to_dict()}, fh, indent=2)
     if args.plot:
         report.plot_widths(args.plot, title=f"{args.model}: channels kept per layer")
-    return EXIT_OK
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,10 +1,11 @@
-"""The plugin's own refusal: a model that cannot be pruned as asked, left unchanged."""
+"""The plugin's own errors: a model that cannot be pruned as asked (left unchanged), and a
+model that cannot be exported to ONNX as asked (nothing written)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["UnprunableError"]
+__all__ = ["ExportError", "UnprunableError"]
 
 
 class UnprunableError(ValueError):
@@ -19,3 +20,19 @@ class UnprunableError(ValueError):
     def __init__(self, message: str, protected: list[Any] | None = None):
         super().__init__(message)
         self.protected = list(protected or [])
+
+
+class ExportError(ValueError):
+    """The model cannot be exported to ONNX, or the exported file computes something else than
+    the model in onnxruntime.
+
+    Raised by :func:`kcp_plugin.export.export_onnx`; no file is written at the requested path.
+    ``op`` is the operator the exporter could not convert (e.g. ``"aten::histc"``) and ``layer``
+    the qualified name of the module that called it (``""`` for the model's own forward), each
+    None where it could not be found.
+    """
+
+    def __init__(self, message: str, op: str | None = None, layer: str | None = None):
+        super().__init__(message)
+        self.op = op
+        self.layer = layer

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -137,3 +138,42 @@ def test_console_script_is_installed():
     assert exe is not None, "kcp-prune is not installed: run tools/setup_env.sh"
     result = subprocess.run([exe, "--version"], capture_output=True, text=True, check=True)
     assert result.stdout.startswith("kcp-plugin ")
+
+
+@pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime")),
+                    reason="needs kcp-plugin[deploy] (onnx, onnxruntime)")
+def test_onnx_file_of_the_pruned_model_runs_in_onnxruntime(tmp_path, capsys):
+    from kcp_plugin.export import inference_session
+
+    path = tmp_path / "pruned.onnx"
+    code = main(["--model", SPEC, "--input-shape", "1,3,16,16", "--target-macs", "0.5",
+                 "--onnx", str(path), "--latency-backend", "onnxruntime", "--latency-runs", "2",
+                 "-q"])
+    assert code == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "saved ONNX (opset " in out and str(path) in out
+    assert "CPU latency (onnxruntime): median of 2 passes each" in out
+    session = inference_session(path, threads=1)
+    (logits,) = session.run(None, {"input": torch.randn(3, 3, 16, 16).numpy()})
+    assert logits.shape == (3, 5)  # exported at batch 1, runs at batch 3
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--onnx", "/no/such/folder/m.onnx"], "--onnx /no/such/folder/m.onnx: folder"),
+    (["--latency-backend", "tensorrt"], "invalid choice: 'tensorrt'"),
+])
+def test_onnx_arguments_are_checked_before_pruning(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv + ["--latency-runs", "0", "-q"])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_deploy_extra_is_a_usage_error(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(SystemExit) as info:
+        main(["--model", SPEC, "--input-shape", "1,3,16,16", "--onnx", str(tmp_path / "m.onnx"),
+              "--latency-runs", "0", "-q"])
+    assert info.value.code == 2
+    assert "pip install kcp-plugin[deploy]" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
