@@ -420,10 +420,28 @@ def test_two_trial_experiment_runs_end_to_end(tmp_path):
              "ratio_layer4": {"_type": "uniform", "_value": [0.2, 0.6]}}
     settings = search.SearchSettings(task="segmentation", n_train=16, n_val=8, batch_size=8,
                                      finetune_steps=3, report_every=1, threads=1)
+    lines: list[str] = []
     rows, text = search.run_search(
         space, settings, tmp_path, dense_steps=2, config_path=None, max_trials=2,
-        concurrency=2, timeout_s=600, progress=False)
+        concurrency=2, timeout_s=600, progress=False, log=lines.append)
     assert len(rows) == 2 and all(r["status"] == "SUCCEEDED" for r in rows), rows
+    # what the user saw: dense progress (no bar: progress=False), the dense model against
+    # background-only (2 steps learn nothing: warned), one line per finished trial
+    steps = [line for line in lines if line.startswith("dense segmentation: step ")]
+    assert len(steps) == 2 and "step 1/2 (50 %)" in steps[0] and "step 2/2 (100 %)" in steps[1]
+    assert any(line.startswith("dense model: miou") and "predicting background everywhere"
+               in line for line in lines)
+    assert any(line.startswith("warning: the dense model") for line in lines)
+    trial_lines = [line for line in lines if line.startswith("[trial ")]
+    assert len(trial_lines) == 2 and {line[:12] for line in trial_lines} == {"[trial 1/2] ",
+                                                                             "[trial 2/2] "}
+    for row in rows:
+        (line,) = [t for t in trial_lines if f" {row['trial']} SUCCEEDED" in t]
+        assert f"No. {row['number']} " in line
+        assert f"miou {row['final']['default']:.2f}" in line
+        assert f"MACs kept {row['final']['macs_ratio']:.3f}" in line
+        assert f"criterion={row['params']['criterion']}" in line
+    assert sorted(r["number"] for r in rows) == [0, 1]
     for row in rows:
         final = row["final"]
         assert row["params"]["criterion"] in ("l2", "kcp")
@@ -446,3 +464,144 @@ def test_pareto_front_follows_the_metric_direction():
     rows = [row("a", 50.0, 0.4), row("b", 45.0, 0.3), row("c", 40.0, 0.5), row("d", 44.0, 0.6)]
     assert [r["trial"] for r in search.pareto_front(rows)] == ["b", "a"]
     assert [r["trial"] for r in search.pareto_front(rows, higher_is_better=False)] == ["b", "c"]
+
+
+# ---------------------------------------------------------------------------- search progress
+def _row(status="SUCCEEDED", **kw):
+    row = {"trial": "Ab3xY", "number": 2, "status": status, "log": "file://host/trial/Ab3xY",
+           "params": {"criterion": "kcp", "target_macs": 0.3, "finetune_lr": 0.00123},
+           "final": {"default": 24.444, "macs_ratio": 0.2891, "after_prune": 15.49,
+                     "dense": 32.33, "metric": "miou"},
+           "intermediate": [{"default": 19.0, "macs_ratio": 0.2891, "step": 20}],
+           "duration_s": 34.2}
+    return {**row, **kw}
+
+
+def test_trial_line_has_number_id_status_metric_macs_and_parameters():
+    line = search.format_trial(_row(), "miou", done=3, total=8)
+    assert line == ("[trial 3/8] No. 2 Ab3xY SUCCEEDED  miou 24.44 (dense 32.33)  MACs kept "
+                    "0.289  after prune 15.49  34 s  criterion=kcp, target_macs=0.3, "
+                    "finetune_lr=0.00123")
+    failed = search.format_trial(_row("FAILED", final=None, intermediate=[]), "miou", done=1)
+    assert failed.startswith("[trial 1] No. 2 Ab3xY FAILED  34 s  log file://host/trial/Ab3xY")
+    assert "miou" not in failed and failed.endswith("criterion=kcp, target_macs=0.3, "
+                                                    "finetune_lr=0.00123")
+    stopped = search.format_trial(_row("EARLY_STOPPED", final=None), "miou")
+    assert "EARLY_STOPPED  miou 19.00 (last intermediate, step 20)  MACs kept 0.289" in stopped
+
+
+def test_each_finished_trial_is_reported_once_when_its_final_result_is_there(monkeypatch,
+                                                                              tmp_path):
+    """launch_experiment's polling against a scripted NNI: a succeeded trial whose final
+    result has not arrived yet waits for it; a failed one is reported at once."""
+    import types
+
+    import nni.experiment
+
+    def job(jid, number, status):
+        hp = [types.SimpleNamespace(parameters={"criterion": "l2", "from": "listing"})]
+        return types.SimpleNamespace(trialJobId=jid, sequenceId=number, status=status,
+                                     hyperParameters=hp, logPath=f"/log/{jid}",
+                                     startTime=1000, endTime=4000 if status != "RUNNING" else -1)
+
+    final = types.SimpleNamespace(type="FINAL", data=json.dumps(
+        {"default": 30.0, "macs_ratio": 0.5, "params": {"criterion": "kcp"}}))
+    polls = [  # (experiment status, jobs, metrics) per poll
+        ("RUNNING", [job("A", 0, "RUNNING"), job("B", 1, "RUNNING")], {}),
+        ("RUNNING", [job("A", 0, "SUCCEEDED"), job("B", 1, "FAILED")], {}),
+        ("DONE", [job("A", 0, "SUCCEEDED"), job("B", 1, "FAILED")], {"A": [final]}),
+    ]
+    state = {"poll": -1}
+
+    class FakeExperiment:
+        id = "fake"
+
+        def __init__(self, config):
+            self.config = config
+
+        def start(self, port):
+            pass
+
+        def stop(self):
+            pass
+
+        def list_trial_jobs(self):
+            return polls[state["poll"]][1]
+
+        def get_job_metrics(self):
+            return polls[state["poll"]][2]
+
+    def check_status(port, log_dir):
+        state["poll"] = min(state["poll"] + 1, len(polls) - 1)
+        return polls[state["poll"]][0]
+
+    monkeypatch.setattr(nni.experiment, "Experiment", FakeExperiment)
+    monkeypatch.setattr(search, "_check_status", check_status)
+    monkeypatch.setattr(search.time, "sleep", lambda s: None)
+    seen = []
+    rows = search.launch_experiment(
+        {"criterion": {"_type": "choice", "_value": ["kcp"]}}, search.SearchSettings(),
+        tmp_path, max_trials=2, port=1, progress=False,
+        on_trial=lambda row, done, limit: seen.append((row["trial"], done, limit)))
+    assert seen == [("B", 1, 2), ("A", 2, 2)]  # B failed first; A waited for its result
+    assert [r["number"] for r in rows] == [0, 1]
+    assert rows[0]["params"] == {"criterion": "kcp"} and rows[0]["final"]["default"] == 30.0
+    assert rows[0]["duration_s"] == 3.0 and rows[1]["final"] is None
+
+
+def test_constant_baseline_is_the_background_share_over_the_classes_present():
+    from kcp_plugin.bench import get_task
+
+    train_ds, val_ds = get_task("segmentation").splits(0, 8, 4)
+    base = search.constant_baseline("segmentation", train_ds, val_ds)
+    labels = val_ds.tensors[1]
+    present = int((torch.bincount(labels.flatten(), minlength=5) > 0).sum())
+    assert base["label"] == 0
+    assert base["value"] == pytest.approx(100 * float((labels == 0).float().mean()) / present)
+    assert search.constant_baseline("stereo", train_ds, val_ds) is None
+
+
+def test_quick_settings_train_a_dense_model_that_beats_background_only(tmp_path):
+    """The quick search's data and budget (a third of its dense steps, half its images, to
+    stay fast) learn more than background; the earlier quick settings (32 images, 20 steps)
+    did not, and check_dense says so."""
+    quick = search.quick_settings(search.SearchSettings(n_train=7, criterion="l2"))
+    assert quick.threads == 1 and quick.n_train == search.QUICK_SETTINGS["n_train"]
+    assert quick.criterion == "l2"  # what the quick search does not set is kept
+    quick.n_train, quick.n_val = 512, 32
+    meta = search.train_dense(quick, 200, 3e-3, tmp_path / "dense.pt", progress=False)
+    assert meta["value"] > meta["baseline"]["value"] + 2.0, meta
+    assert search.check_dense(meta) is None
+    old = search.SearchSettings(n_train=32, n_val=16, batch_size=8, threads=1)
+    meta = search.train_dense(old, 20, 3e-3, tmp_path / "old.pt", progress=False)
+    assert meta["value"] == pytest.approx(meta["baseline"]["value"], abs=0.5), meta
+    assert "predicting background everywhere" in search.check_dense(meta)
+
+
+def test_quick_flag_sets_the_quick_search_and_prints_progress(monkeypatch, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_tool_nni_search",
+                                                  kcp_plugin_root() / "tools" / "nni_search.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    calls = []
+
+    def fake_run_search(space, settings, out, **kwargs):
+        calls.append((space, settings, kwargs))
+        kwargs["log"]("a progress line")
+        return [{"final": {"default": 1.0}}], "summary"
+
+    monkeypatch.setattr(tool, "run_search", fake_run_search)
+    assert tool.main(["--quick", "--out", str(tmp_path)]) == 0
+    assert "a progress line\n" in capsys.readouterr().out
+    space, settings, kwargs = calls[-1]
+    assert "finetune_steps" not in space and settings.finetune_steps == 60
+    assert (settings.n_train, settings.threads) == (1024, 1)
+    assert (kwargs["dense_steps"], kwargs["max_trials"], kwargs["concurrency"]) == (
+        search.QUICK_DENSE_STEPS, search.QUICK_TRIALS, search.QUICK_CONCURRENCY)
+    assert tool.main(["--quick", "--dense-steps", "50", "--threads", "2", "--out",
+                      str(tmp_path)]) == 0
+    assert calls[-1][2]["dense_steps"] == 50 and calls[-1][1].threads == 2
+    assert tool.main(["--out", str(tmp_path)]) == 0
+    assert calls[-1][2]["dense_steps"] == 300 and calls[-1][1].n_train == 256

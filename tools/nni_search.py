@@ -7,9 +7,14 @@ fine-tuning settings (configs/nni/search_space*.json); every trial prunes, fine-
 reports accuracy with MACs. Writes results.json, summary.md (best trials, accuracy-vs-MACs
 front) and accuracy_vs_macs.png to --out.
 
+It prints its progress to stdout: dense training (a bar on a terminal, otherwise a line every
+tenth of the steps), the dense model against predicting the most frequent class everywhere,
+and one line per finished trial (NNI's trial number and id, status, metric, MACs kept,
+parameters), next to NNI's own lines (web UI address).
+
     python tools/nni_search.py --task segmentation --max-trials 20
     python tools/nni_search.py --search-space configs/nni/search_space_stages.json
-    python tools/nni_search.py --quick          # 2 tiny trials: checks the whole pipeline
+    python tools/nni_search.py --quick          # 4 small trials that can be ranked (~2-3 min)
 
 Exit codes: 0 done, 1 the experiment failed, 2 invalid arguments or search space,
 3 NNI's tuner could not start in time (busy machine; retry).
@@ -28,9 +33,29 @@ except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kcp_plugin.bench import TASKS
-from kcp_plugin.bench.nni_search import SearchSettings, TunerConnectionError, run_search
+from kcp_plugin.bench.nni_search import (
+    QUICK_CONCURRENCY,
+    QUICK_DENSE_STEPS,
+    QUICK_SETTINGS,
+    QUICK_TRIALS,
+    SearchSettings,
+    TunerConnectionError,
+    quick_settings,
+    run_search,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _say(line: str) -> None:
+    """Print a progress line to stdout above any tqdm bar (tqdm.write), flushed."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        print(line, flush=True)
+        return
+    tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="web UI port (default: a free one)")
     p.add_argument("--timeout", type=float, help="give up after this many seconds")
     p.add_argument("--dense", help="reuse a dense checkpoint written by an earlier search")
-    p.add_argument("--dense-steps", type=int, default=300, help="dense training iterations")
+    p.add_argument("--dense-steps", type=int,
+                   help=f"dense training iterations (default 300; --quick: {QUICK_DENSE_STEPS})")
     p.add_argument("--dense-lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-train", type=int, default=256)
@@ -57,9 +83,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="default when the search space does not set finetune_steps")
     p.add_argument("--report-every", type=int, default=25,
                    help="fine-tuning steps between intermediate results")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per trial")
+    p.add_argument("--threads", type=int,
+                   help="torch threads of the dense training and of every trial (default: "
+                   f"torch's; --quick: {QUICK_SETTINGS['threads']})")
     p.add_argument("--quick", action="store_true",
-                   help="2 tiny trials (small data, short training): a pipeline check")
+                   help=f"the smallest search that ranks: {QUICK_TRIALS} trials, "
+                   f"{QUICK_CONCURRENCY} at a time, {QUICK_DENSE_STEPS} dense steps on "
+                   f"{QUICK_SETTINGS['n_train']} images, {QUICK_SETTINGS['finetune_steps']} "
+                   "fine-tuning steps (overrides --n-train, --n-val, --batch-size, "
+                   "--finetune-steps, --report-every)")
     return p
 
 
@@ -73,21 +105,22 @@ def main(argv: list[str] | None = None) -> int:
     settings = SearchSettings(
         task=args.task, dense=args.dense or "", seed=args.seed, n_train=args.n_train,
         n_val=args.n_val, batch_size=args.batch_size, finetune_steps=args.finetune_steps,
-        report_every=args.report_every, threads=args.threads,
+        report_every=args.report_every, threads=args.threads or 0,
     )
     dense_steps, max_trials, concurrency = args.dense_steps, args.max_trials, args.concurrency
     if args.quick:
-        settings.n_train, settings.n_val, settings.batch_size = 32, 16, 8
-        settings.report_every, settings.data_steps = 2, 2
-        dense_steps = min(dense_steps, 20)
-        max_trials, concurrency = 2, concurrency or 2
+        settings = quick_settings(settings)
+        if args.threads is not None:
+            settings.threads = args.threads
+        dense_steps = QUICK_DENSE_STEPS if dense_steps is None else dense_steps
+        max_trials = max_trials or QUICK_TRIALS
+        concurrency = concurrency or QUICK_CONCURRENCY
         space = {k: v for k, v in space.items() if k != "finetune_steps"}
-        settings.finetune_steps = 4
     try:
         rows, text = run_search(
-            space, settings, args.out, dense_steps=dense_steps, dense_lr=args.dense_lr,
-            config_path=args.config, max_trials=max_trials, concurrency=concurrency,
-            port=args.port, timeout_s=args.timeout,
+            space, settings, args.out, dense_steps=300 if dense_steps is None else dense_steps,
+            dense_lr=args.dense_lr, config_path=args.config, max_trials=max_trials,
+            concurrency=concurrency, port=args.port, timeout_s=args.timeout, log=_say,
         )
     except TunerConnectionError as exc:
         print(f"error: {exc}", file=sys.stderr)
