@@ -8,7 +8,7 @@ from .graph import count_macs_params
 from .importance import KCPImportance
 from .latency import LatencyStats, compare_latency, measure_latency
 from .optim import rebuild_optimizer
-from .plan import apply_plan, get_plan, load_pruned, read_checkpoint, save_pruned
+from .plan import apply_plan, get_plan, load_pruned, read_checkpoint, save_pruned, sync_plan
 from .pruning import prune, resolve_importance
 from .registry import (
     criterion_arguments,
@@ -49,6 +49,7 @@ __all__ = [
     "register_importance",
     "resolve_importance",
     "save_pruned",
+    "sync_plan",
     "track_pruning",
 ]
 

@@ -28,6 +28,7 @@ __all__ = [
     "PLAN_FORMAT",
     "get_plan",
     "apply_plan",
+    "sync_plan",
     "save_pruned",
     "load_pruned",
     "read_checkpoint",
@@ -165,6 +166,65 @@ def apply_plan(
         raise
     set_plan(model, copy.deepcopy(plan))
     return model
+
+
+def sync_plan(
+    model: nn.Module,
+    plan: dict[str, Any],
+    example_inputs: Any,
+    forward_fn: ForwardFn | None = None,
+) -> bool:
+    """Bring ``model`` to the structure of ``plan`` by replaying the steps it has not had yet.
+
+    ``model``'s own plan must be a prefix of ``plan`` (the same pruning history, possibly
+    shorter): a freshly built model (empty plan), another DDP rank, or an EMA copy one pruning
+    step behind. The missing entries name explicit channel indices, so the copy loses exactly the
+    channels ``plan``'s model lost and keeps its own values for the rest (e.g. EMA averages).
+    Runs under :func:`kcp_plugin.track_pruning`, so optimizers can carry their state afterwards
+    with :func:`kcp_plugin.rebuild_optimizer`. Every integration (mmseg hook, timm schedule,
+    deploy) replays through here.
+
+    Args:
+        model: The model to bring up to date (in place).
+        plan: The full plan it should end with.
+        example_inputs: Tracing inputs.
+        forward_fn: How to call the model (default: its host's, see :func:`apply_plan`).
+
+    Returns:
+        Whether the structure or attributes changed.
+
+    Raises:
+        ValueError: ``plan`` is malformed, or diverges from what was already applied to
+            ``model`` (the model is left unchanged).
+    """
+    from .tracking import track_pruning
+
+    validate_plan(plan)
+    have = get_plan(model)
+    done = len(have["history"])
+    if [list(e) for e in plan["history"][:done]] != [list(e) for e in have["history"]]:
+        raise ValueError(
+            "the pruning plan does not extend the structure this model already has "
+            f"({done} pruning entries applied, which the plan does not start with)"
+        )
+    if done == len(plan["history"]) and plan["attrs"] == have["attrs"]:
+        return False
+    delta = copy.deepcopy(plan)
+    delta["history"] = delta["history"][done:]
+    # torch-pruning traces through autograd: frozen parameters (an EMA copy, a frozen stem)
+    # would leave no graph to trace, so every parameter requires grad during the replay.
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        with torch.enable_grad(), track_pruning():
+            apply_plan(model, delta, example_inputs, forward_fn=forward_fn)
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(name not in frozen)
+    # apply_plan records the replayed steps only; the model's plan is the whole history.
+    set_plan(model, copy.deepcopy(plan))
+    return True
 
 
 def save_pruned(model: nn.Module, path: str | os.PathLike, extra: dict | None = None) -> None:

@@ -19,6 +19,7 @@ import torch_pruning as tp
 
 from .attention import sync_attention_attrs
 from .depgraph import Pruner
+from .distributed import all_reduce_gradients
 from .graph import ForwardFn, preserved_modes
 from .progress import progress_bar
 from .registry import KeepRatioAware
@@ -236,7 +237,8 @@ def populate_gradients(model: nn.Module, importance: Any,
 
     torch-pruning's ``GroupHessianImportance`` accumulates one gradient per sample, so for it
     ``loss_fn`` returns per-sample losses (shape ``(N,)``) and each is back-propagated alone;
-    any other criterion gets ``loss.sum().backward()``. Gradients are zeroed first.
+    any other criterion gets ``loss.sum().backward()``, averaged over the ranks under
+    ``torch.distributed``. Gradients are zeroed first.
     """
     model.zero_grad(set_to_none=True)
     with torch.enable_grad():
@@ -249,3 +251,4 @@ def populate_gradients(model: nn.Module, importance: Any,
                 importance.accumulate_grad(model)
         else:
             loss.sum().backward()
+            all_reduce_gradients(model)  # under DDP: the global batch's gradients

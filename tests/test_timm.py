@@ -143,40 +143,42 @@ def test_dense_entrypoint_explains_missing_plan(pruned_resnet, tmp_path):
                           checkpoint_path=str(path))
 
 
-_VALIDATE_STAND_IN = """
-import argparse, torch, timm
-from timm.models import load_checkpoint
-from timm.utils import ParseKwargs
-p = argparse.ArgumentParser()  # the arguments of timm's validate.py that matter here
-p.add_argument("data", nargs="?")
-p.add_argument("--model", "-m")
-p.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs)
-p.add_argument("--checkpoint", default="")
-args = p.parse_args()
-model = timm.create_model(args.model, **args.model_kwargs)  # as validate.py: by name
-load_checkpoint(model, args.checkpoint)
-print(sum(t.numel() for t in model.parameters()))
-"""
+# pytorch-image-models' own scripts (Apache-2.0, see tests/timm_scripts/README.md): timm's pip
+# package does not ship them, so the documented commands are tested against these copies.
+TIMM_SCRIPTS = os.path.join(ROOT, "tests", "timm_scripts")
+SUBPROCESS_ENV = {
+    **os.environ, "OMP_NUM_THREADS": "1",
+    "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
+}
 
 
-def test_validate_script_runs_through_the_runner(pruned_resnet, tmp_path):
-    """timm's validate.py has no --device-modules: the documented runner registers kcp_pruned
-    and runs the script unchanged (here a stand-in with validate.py's model loading)."""
+def _run(argv: list[str], timeout: int = 300):
     import subprocess
 
-    script = tmp_path / "validate.py"
-    script.write_text(_VALIDATE_STAND_IN)
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                         env=SUBPROCESS_ENV)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def test_validate_script_runs_through_the_runner(pruned_resnet, image_folder, tmp_path):
+    """timm's validate.py has no --device-modules: the documented runner registers kcp_pruned
+    and runs the real script unchanged, which rebuilds the pruned model from its checkpoint."""
     ckpt = tmp_path / "model_best.pth.tar"
     torch.save({"state_dict": pruned_resnet.state_dict()}, ckpt)
-    argv = [sys.executable, "-m", "kcp_plugin.integrations.timm.run", str(script), "/data",
-            "--model", "kcp_pruned", "--model-kwargs", "base=resnet18", "num_classes=5",
-            "--checkpoint", str(ckpt)]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-3000:]
+    results = tmp_path / "results.json"
+    out = _run([sys.executable, "-m", "kcp_plugin.integrations.timm.run",
+                os.path.join(TIMM_SCRIPTS, "validate.py"), str(image_folder), "--model",
+                "kcp_pruned", "--model-kwargs", "base=resnet18", "--num-classes", "5",
+                "--checkpoint", str(ckpt), "--input-size", "3", "16", "16", "-b", "2", "-j",
+                "0", "--device", "cpu", "--results-file", str(results), "--results-format",
+                "json"])
     params = sum(t.numel() for t in pruned_resnet.parameters())
-    assert out.stdout.strip().splitlines()[-1] == str(params)
-    bad = subprocess.run([sys.executable, "-m", "kcp_plugin.integrations.timm.run", "nope.py"],
-                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert f"Model kcp_pruned created, param count: {params}" in out.stdout + out.stderr
+    assert json.loads(results.read_text())["param_count"] == round(params / 1e6, 2)
+    bad = __import__("subprocess").run(
+        [sys.executable, "-m", "kcp_plugin.integrations.timm.run", "nope.py"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert bad.returncode == 2 and "'nope.py' is not a file" in bad.stderr
 
 
@@ -385,48 +387,77 @@ def test_recipes_parse(name, tmp_path):
     assert kcp.kcp_target_macs == 0.3
 
 
-FAKE_TRAIN_PY = '''
-"""Stands in for timm's train.py: same module-level names the wrapper relies on."""
-import sys
-import torch
-from timm import utils
-from timm.models import create_model
-
-def main():
-    out = sys.argv[sys.argv.index("--out") + 1]
-    model = create_model("resnet18", num_classes=3)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    ema = utils.ModelEmaV3(model, decay=0.9)
-    gen = torch.Generator().manual_seed(0)
-    for step in range(4):
-        x = torch.randn(4, 3, 16, 16, generator=gen)
-        y = torch.randint(0, 3, (4,), generator=gen)
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        ema.update(model, step=step)
-    torch.save({"state_dict": model.state_dict(), "state_dict_ema": ema.module.state_dict()},
-               out)
-'''
+_TRAIN_ARGS = ["--num-classes", "2", "--input-size", "3", "16", "16", "-b", "4", "--lr",
+               "0.01", "--epochs", "1", "--warmup-epochs", "0", "-j", "0", "--device", "cpu",
+               "--log-interval", "1"]
 
 
-def test_timm_train_wrapper_drives_a_train_script(tmp_path):
-    tool = _tool("timm_train")
-    script = tmp_path / "train.py"
-    script.write_text(FAKE_TRAIN_PY)
-    out = tmp_path / "ckpt.pth"
-    kcp, rest = tool.parse_kcp(["--kcp-target-macs", "0.5", "--kcp-num-prunes", "2",
-                                "--kcp-start", "1", "--kcp-every", "2", "--kcp-input-size",
-                                "16", "--out", str(out)])
-    assert rest == ["--out", str(out)]
-    schedule = tool.run_train_script(str(script), kcp, rest)
-    assert schedule.pruned_at == [1, 3] and schedule.finished
-    model = timm.create_model("kcp_pruned", base="resnet18", num_classes=3,
-                              checkpoint_path=str(out)).eval()
-    dense = timm.create_model("resnet18", num_classes=3)
+def test_timm_train_wrapper_drives_timms_train_script(image_folder, tmp_path):
+    """The documented command on timm's real train.py: pruning points logged once each through
+    timm's logger, checkpoints in timm's layout that reload pruned."""
+    out = _run([sys.executable, os.path.join(ROOT, "tools", "timm_train.py"), "--train-script",
+                os.path.join(TIMM_SCRIPTS, "train.py"), str(image_folder), "--model", "resnet18",
+                *_TRAIN_ARGS, "--output", str(tmp_path), "--experiment", "run", "--model-ema",
+                "--kcp-target-macs", "0.5", "--kcp-num-prunes", "2", "--kcp-start", "1",
+                "--kcp-every", "1"])
+    log = (out.stdout + out.stderr).splitlines()
+    points = [line for line in log if line.startswith("kcp_plugin: pruning point")]
+    assert [p.split(" at ")[0] for p in points] == ["kcp_plugin: pruning point 1/2",
+                                                    "kcp_plugin: pruning point 2/2"], points
+    assert sum(line.startswith("Train: 0 [   0/") for line in log) == 1  # not printed twice
+    run = tmp_path / "run"
+    assert {"model_best.pth.tar", "last.pth.tar", "summary.csv", "args.yaml"} <= \
+        {p.name for p in run.iterdir()}
+    model = timm.create_model("kcp_pruned", base="resnet18", num_classes=2,
+                              checkpoint_path=str(run / "model_best.pth.tar")).eval()
+    dense = timm.create_model("resnet18", num_classes=2)
     assert abs(_macs(model, 16) / _macs(dense, 16) - 0.5) <= 0.02
-    sys.modules.pop("timm_train_script", None)
+
+
+def test_train_script_with_device_modules_prunes_at_creation(image_folder, tmp_path):
+    """docs/timm.md's train.py command: --device-modules registers kcp_pruned."""
+    _run([sys.executable, os.path.join(TIMM_SCRIPTS, "train.py"), str(image_folder),
+          "--device-modules", "kcp_plugin.integrations.timm", "--model", "kcp_pruned",
+          "--model-kwargs", "base=resnet18", "target_macs_ratio=0.5", "input_size=16",
+          *_TRAIN_ARGS, "--output", str(tmp_path), "--experiment", "run"])
+    model = timm.create_model("kcp_pruned", base="resnet18", num_classes=2,
+                              checkpoint_path=str(tmp_path / "run" / "last.pth.tar")).eval()
+    dense = timm.create_model("resnet18", num_classes=2)
+    assert abs(_macs(model, 16) / _macs(dense, 16) - 0.5) <= 0.02
+
+
+def _torchrun(*args: str) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+          "--master_addr", "127.0.0.1", "--master_port", str(port),
+          os.path.join(ROOT, "tests", "timm_ddp.py"), *args], timeout=600)
+
+
+@pytest.mark.parametrize("run", ["script", "loop"])
+def test_training_time_pruning_under_ddp(run, image_folder, tmp_path):
+    """torchrun, 2 processes (gloo, CPU): every rank prunes at the same steps to the same plan,
+    the DDP wrapper holds the pruned parameters, and training stays in sync afterwards (ranks
+    see different data: equal final weights need gradients all-reduced through the re-made
+    wrapper). ``script``: timm's real train.py; ``loop``: an own loop with ``taylor``, whose
+    scores come from each rank's gradients (averaged over the ranks first)."""
+    _torchrun(run, str(tmp_path), *([str(image_folder)] if run == "script" else []))
+    ranks = [json.loads((tmp_path / f"{run}_rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["world_size"] == 2 for r in ranks)
+    assert ranks[0]["plan"]["history"], "nothing was pruned"
+    assert ranks[0]["plan"] == ranks[1]["plan"]
+    assert ranks[0]["pruned_at"] == ranks[1]["pruned_at"] == ([1, 2] if run == "script"
+                                                              else [1, 3])
+    assert ranks[0]["macs"] == ranks[1]["macs"]
+    assert all(r["wrapper_holds_model_params"] for r in ranks)
+    assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-6)
+    if run == "script":  # rank 0's checkpoint reloads pruned
+        model = timm.create_model("kcp_pruned", base="resnet18", num_classes=2,
+                                  checkpoint_path=str(tmp_path / "out" / "ddp" / "last.pth.tar"))
+        assert _macs(model, 16) == ranks[0]["macs"]
 
 
 # ---------------------------------------------------------------------- sweep subset

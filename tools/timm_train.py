@@ -161,7 +161,7 @@ def needs_batches(kcp: argparse.Namespace) -> bool:
 
 def make_schedule(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                   kcp: argparse.Namespace, emas: list[Any], input_size: Any = None,
-                  recent: Any = None, loss_fn: Any = None) -> Any:
+                  recent: Any = None, loss_fn: Any = None, ddp: Any = ()) -> Any:
     """The pruning schedule; ``recent`` (a :class:`kcp_plugin.RecentBatches` of ``(inputs,
     target)``) and the training ``loss_fn`` feed gradient and data-driven criteria."""
     from kcp_plugin import criterion_arguments, importance_info
@@ -188,7 +188,7 @@ def make_schedule(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         num_prunes=kcp.kcp_num_prunes, start=kcp.kcp_start, every=kcp.kcp_every,
         ramp=kcp.kcp_ramp, mode=kcp.kcp_mode, example_inputs=x,
         importance_kwargs=kcp.kcp_importance_kwargs, prune_kwargs=prune_kwargs,
-        loss_fn=grad_loss, emas=emas,
+        loss_fn=grad_loss, emas=emas, ddp=ddp,
     )
 
 
@@ -218,8 +218,51 @@ def _capture_emas(found: list[Any]):
             cls.__init__ = init
 
 
+@contextlib.contextmanager
+def _capture_ddp(found: list[Any], module: Any):
+    """Record every ``DistributedDataParallel`` wrapper ``train.py`` creates while active.
+
+    timm builds its wrapper inside ``ClassificationTask.prepare_distributed`` (timm 1.0.2x+;
+    ``NativeDDP`` at ``train.py``'s module level before), which reads
+    ``torch.nn.parallel.DistributedDataParallel`` when called, so a subclass put there sees it.
+    The subclass also works around an upstream defect: timm passes ``device_ids=[device]``
+    also for ``--device cpu``, which torch's DDP rejects for CPU modules (timm/task/
+    classification.py ``prepare_distributed``); for CPU devices it passes none.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    from kcp_plugin.distributed import DDP_KWARGS_ATTR
+
+    class RecordedDDP(DistributedDataParallel):
+        def __init__(self, model: torch.nn.Module, device_ids: Any = None, *args: Any,
+                     **kwargs: Any):
+            if device_ids and all(torch.device(d).type == "cpu" for d in device_ids):
+                device_ids = None
+            if args:
+                raise TypeError("RecordedDDP takes DDP's options as keywords")
+            super().__init__(model, device_ids, **kwargs)
+            self.__dict__[DDP_KWARGS_ATTR] = {"device_ids": device_ids, **kwargs}
+            found.append(self)
+
+    parallel = torch.nn.parallel
+    saved = parallel.DistributedDataParallel, getattr(module, "NativeDDP", None)
+    parallel.DistributedDataParallel = RecordedDDP
+    if saved[1] is not None:
+        module.NativeDDP = RecordedDDP
+    try:
+        yield
+    finally:
+        parallel.DistributedDataParallel = saved[0]
+        if saved[1] is not None:
+            module.NativeDDP = saved[1]
+
+
 def run_train_script(path: str, kcp: argparse.Namespace, argv: list[str]) -> Any:
-    """Run timm's own ``train.py`` (``main()``) with the pruning schedule attached."""
+    """Run timm's own ``train.py`` (``main()``) with the pruning schedule attached.
+
+    Works single-process and under ``torchrun`` (the DDP wrapper ``train.py`` makes is re-made
+    around the pruned model at each pruning point; every rank prunes at the same step).
+    """
     import kcp_plugin.integrations.timm as kt
 
     if not os.path.isfile(path):
@@ -241,7 +284,9 @@ def run_train_script(path: str, kcp: argparse.Namespace, argv: list[str]) -> Any
                          "create_model imported at module level)")
     state: dict[str, Any] = {}
     emas: list[Any] = []
+    wrappers: list[Any] = []
     original_create = module.create_model
+    original_resolve = getattr(module, "resolve_data_config", None)
 
     def create_model(*args: Any, **kwargs: Any) -> torch.nn.Module:
         model = original_create(*args, **kwargs)
@@ -252,6 +297,11 @@ def run_train_script(path: str, kcp: argparse.Namespace, argv: list[str]) -> Any
                 kt.install_plan_hooks(model, base=name)
         return model
 
+    def resolve_data_config(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        config = original_resolve(*args, **kwargs)  # the training input size traces the model
+        state.setdefault("input_size", tuple(config["input_size"]))
+        return config
+
     def on_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         model = state.get("model")
         if "schedule" in state or model is None or kcp.kcp_target_macs is None:
@@ -259,19 +309,23 @@ def run_train_script(path: str, kcp: argparse.Namespace, argv: list[str]) -> Any
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         if not any(id(p) in held for p in model.parameters()):
             return
-        schedule = make_schedule(model, optimizer, kcp, emas)
+        mine = [w for w in wrappers if any(m is model for m in w.module.modules())]
+        schedule = make_schedule(model, optimizer, kcp, emas,
+                                 input_size=state.get("input_size"), ddp=mine)
         schedule.attach()
         state["schedule"] = schedule
         schedule.step()  # this step counts too
 
     module.create_model = create_model
+    if original_resolve is not None:
+        module.resolve_data_config = resolve_data_config
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     handle = register_optimizer_step_post_hook(on_step)
     argv0 = sys.argv
     sys.argv = [path, *argv]
     try:
-        with _capture_emas(emas):
+        with _capture_emas(emas), _capture_ddp(wrappers, module):
             module.main()
     finally:
         sys.argv = argv0
@@ -521,13 +575,15 @@ def run_builtin(argv: list[str]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     import kcp_plugin.integrations.timm  # noqa: F401  registers kcp_pruned for both modes
 
     kcp, rest = parse_kcp(argv)
     if kcp.train_script:
+        # train.py sets up logging itself (utils.setup_default_logging): a handler of ours
+        # as well would print every line twice
         run_train_script(kcp.train_script, kcp, rest)
     else:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
         summary = run_builtin(argv)
         print(json.dumps(summary))
     return 0

@@ -11,15 +11,13 @@ deployed (tensor-mode) network.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kcp_plugin.plan import apply_plan, get_plan, set_plan, validate_plan
-from kcp_plugin.tracking import track_pruning
+from kcp_plugin.plan import sync_plan
 
 __all__ = [
     "trace_forward",
@@ -104,12 +102,7 @@ def output_convs(model: nn.Module) -> list[str]:
 def sync_structure(
     model: nn.Module, plan: dict[str, Any], inputs: torch.Tensor
 ) -> bool:
-    """Bring ``model`` to the structure of ``plan`` by replaying the steps it has not had yet.
-
-    ``model``'s own plan must be a prefix of ``plan`` (the same pruning history, possibly
-    shorter): the case of a freshly built model (empty plan), of another DDP rank one pruning
-    step behind, or of an EMA copy. Runs under :func:`kcp_plugin.track_pruning`, so optimizers
-    can carry their state afterwards with :func:`kcp_plugin.rebuild_optimizer`.
+    """:func:`kcp_plugin.sync_plan` traced as a segmentor (:func:`trace_forward`).
 
     Returns:
         Whether the structure changed.
@@ -118,29 +111,4 @@ def sync_structure(
         ValueError: ``plan`` is malformed, or diverges from what was already applied to
             ``model`` (the model is left unchanged).
     """
-    validate_plan(plan)
-    have = get_plan(model)
-    done = len(have["history"])
-    if [list(e) for e in plan["history"][:done]] != [list(e) for e in have["history"]]:
-        raise ValueError(
-            "the saved pruning plan does not extend the structure this model already has "
-            f"({done} pruning entries applied, which the plan does not start with)"
-        )
-    if done == len(plan["history"]) and plan["attrs"] == have["attrs"]:
-        return False
-    delta = copy.deepcopy(plan)
-    delta["history"] = delta["history"][done:]
-    # torch-pruning traces through autograd: frozen parameters (an EMA copy, a frozen stem)
-    # would leave no graph to trace, so every parameter requires grad during the replay.
-    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
-    try:
-        for p in model.parameters():
-            p.requires_grad_(True)
-        with torch.enable_grad(), track_pruning():
-            apply_plan(model, delta, inputs, forward_fn=trace_forward)
-    finally:
-        for name, p in model.named_parameters():
-            p.requires_grad_(name not in frozen)
-    # apply_plan records the replayed steps only; the model's plan is the whole history.
-    set_plan(model, copy.deepcopy(plan))
-    return True
+    return sync_plan(model, plan, inputs, forward_fn=trace_forward)

@@ -23,12 +23,11 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from ...attention import apply_attrs
-from ...graph import build_graph, preserved_modes
-from ...plan import apply_plan, extend_plan, get_plan, validate_plan
+from ...graph import preserved_modes
+from ...plan import apply_plan, get_plan, sync_plan, validate_plan
 from ...pruning import prune
 from ...report import PruneReport
-from .support import check_supported, pruning_setup
+from .support import check_supported
 
 __all__ = [
     "default_inputs",
@@ -254,34 +253,15 @@ def apply_timm_plan(
 
 def replay_new_entries(copy_model: nn.Module, model: nn.Module,
                        example_inputs: torch.Tensor) -> bool:
-    """Bring a structural copy (an EMA model) up to ``model``'s plan, keeping its own weights.
+    """Bring a structural copy (an EMA model, another DDP rank) up to ``model``'s plan.
 
-    The copy must carry a prefix of ``model``'s plan (it was copied from ``model`` before some
-    prunes). The missing history entries name explicit channel indices, so replaying them on the
-    copy removes exactly the channels ``model`` lost; the copy's remaining values (e.g. EMA
-    averages) are kept.
+    :func:`kcp_plugin.sync_plan` with ``model``'s plan: the copy keeps its own values for the
+    surviving channels (e.g. EMA averages).
 
     Returns:
         Whether anything was replayed.
 
     Raises:
-        ValueError: the copy's plan is not a prefix of ``model``'s.
+        ValueError: the copy's plan is not a prefix of ``model``'s (it was not copied from it).
     """
-    full, mine = get_plan(model), get_plan(copy_model)
-    n = len(mine["history"])
-    if full["history"][:n] != mine["history"]:
-        raise ValueError("the copy's pruning plan is not a prefix of the model's: it was not "
-                         "copied from this model")
-    delta = full["history"][n:]
-    if not delta and mine["attrs"] == full["attrs"]:
-        return False
-    setup = pruning_setup(copy_model)
-    if delta:
-        graph = build_graph(copy_model, example_inputs,
-                            customized_pruners=setup["customized_pruners"],
-                            unwrapped_parameters=setup["unwrapped_parameters"] or None)
-        graph.load_pruning_history([[e[0], bool(e[1]), list(e[2])] for e in delta])
-    apply_attrs(copy_model, full["attrs"])
-    # record the full plan on the copy (extend_plan appends to what the copy already has)
-    extend_plan(copy_model, delta, full["attrs"])
-    return True
+    return sync_plan(copy_model, get_plan(model), example_inputs)

@@ -10,9 +10,12 @@ copies (timm's ``ModelEmaV2/V3``, anything with a ``.module``) replay the same r
 averages are kept for the surviving channels. Any loop that calls ``optimizer.step()`` can use
 it: timm's ``train.py`` (through ``tools/timm_train.py``), or a loop of one's own.
 
-Not supported: distributed data parallel (the wrapped model's buckets would go stale) and
-``torch.compile`` (compiled graphs specialise on the old shapes); the schedule refuses to start
-under a multi-process group.
+Distributed data parallel (``torchrun``): every rank runs the same schedule, so every rank
+prunes at the same optimizer step; gradient statistics are averaged and activation statistics
+all-reduced over the ranks, rank 0's plan is made every rank's (:func:`kcp_plugin.distributed.
+agree_on_plan`), and the DDP wrappers given as ``ddp`` are re-made in place around the pruned
+model (:func:`kcp_plugin.distributed.rebuild_ddp`), which also broadcasts rank 0's weights.
+``torch.compile`` is not supported (compiled graphs specialise on the old shapes).
 """
 
 from __future__ import annotations
@@ -24,8 +27,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ...distributed import agree_on_plan, all_ranks_succeeded, rank, rebuild_ddp, world_size
 from ...graph import count_macs_params
+from ...optim import rebuild_optimizer
 from ...schedule import PruningScheduler
+from ...snapshot import ModuleSnapshot
 from .pruning import default_inputs, head_map, replay_new_entries
 from .support import check_supported
 
@@ -46,13 +52,16 @@ class TimmPruningSchedule:
     """Iterative pruning of a timm model, advanced by its optimizer's steps.
 
     Args:
-        model: The timm model being trained (not a DDP / compiled wrapper).
+        model: The timm model being trained (the bare module, not a DDP / compiled wrapper).
         optimizer: Its optimizer; re-pointed (state carried) after every hard prune.
         importance: Registered criterion name or ``Importance``.
         example_inputs: Tracing inputs; default: :func:`default_inputs` (``input_size``).
         input_size: Size of the default example inputs.
         emas: EMA copies to keep in step (timm ``ModelEmaV3`` objects or modules).
         on_prune: ``on_prune(schedule)`` after every pruning point.
+        ddp: Under ``torch.distributed``: the ``DistributedDataParallel`` wrapper(s) around
+            ``model``, re-made in place after each pruning point (required with more than one
+            process; may also be set later, before the first pruning point, as ``.ddp``).
         **scheduler_kwargs: :class:`kcp_plugin.schedule.PruningScheduler`'s arguments
             (``target_macs_ratio``, ``num_prunes``, ``start`` / ``every`` counted in optimizer
             steps, ``ramp``, ``mode``, ``loss_fn``, ``prune_kwargs``...), except ``optimizer``,
@@ -61,6 +70,7 @@ class TimmPruningSchedule:
     Raises:
         UnsupportedModelError: the architecture cannot be pruned (nothing changed).
         ValueError / TypeError: invalid schedule arguments.
+        RuntimeError: at a pruning point, when pruning failed on any rank (on every rank).
     """
 
     def __init__(
@@ -73,6 +83,8 @@ class TimmPruningSchedule:
         input_size: int | Sequence[int] | None = None,
         emas: Sequence[Any] = (),
         on_prune: Callable[[TimmPruningSchedule], None] | None = None,
+        ddp: nn.parallel.DistributedDataParallel
+        | Sequence[nn.parallel.DistributedDataParallel] = (),
         **scheduler_kwargs: Any,
     ):
         taken = sorted({"optimizer", "forward_fn", "on_prune"} & set(scheduler_kwargs))
@@ -91,25 +103,36 @@ class TimmPruningSchedule:
                                else default_inputs(model, input_size))
         self.emas = [_ema_module(e) for e in emas]
         self.user_on_prune = on_prune
+        self.ddp = [ddp] if isinstance(ddp, nn.parallel.DistributedDataParallel) else list(ddp)
         head_map(model, self.example_inputs)
-        # kcp_plugin.prune applies the timm adapter (pruners, protections, heads) itself
+        # kcp_plugin.prune applies the timm adapter (pruners, protections, heads) itself; the
+        # optimizer is rebuilt here, once every rank has the same structure
         self.scheduler = PruningScheduler(model, self.example_inputs, importance,
-                                          optimizer=optimizer, on_prune=self._after_prune,
                                           **scheduler_kwargs)
         self._handle: Any = None
         self.pruned_at: list[int] = []
 
     # ------------------------------------------------------------------ driving
     def attach(self) -> TimmPruningSchedule:
-        """Advance the schedule after every ``optimizer.step()`` from now on."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            raise RuntimeError("training-time pruning is not supported with distributed "
-                               "data parallel; train on one process, or prune one-shot with "
-                               "the kcp_pruned entrypoint and fine-tune distributed")
+        """Advance the schedule after every ``optimizer.step()`` from now on.
+
+        Raises:
+            ValueError: more than one process and no DDP wrapper given (it would go stale).
+        """
+        self._check_ddp()
         if self._handle is None:
             self._handle = self.optimizer.register_step_post_hook(self._on_step)
         return self
+
+    def _check_ddp(self) -> None:
+        if world_size() > 1 and not self.ddp:
+            raise ValueError("training under torch.distributed: pass the DistributedDataParallel "
+                             "wrapper (TimmPruningSchedule(..., ddp=wrapper) or schedule.ddp = "
+                             "[wrapper]) so it is re-made around the pruned model")
+        for wrapper in self.ddp:
+            if not isinstance(wrapper, nn.parallel.DistributedDataParallel):
+                raise TypeError(f"ddp must be DistributedDataParallel wrappers, got "
+                                f"{type(wrapper).__name__}")
 
     def detach(self) -> None:
         """Stop following the optimizer."""
@@ -118,19 +141,44 @@ class TimmPruningSchedule:
             self._handle = None
 
     def step(self) -> bool:
-        """Advance one optimizer step by hand (when not attached); returns whether it pruned."""
-        return self.scheduler.step()
+        """Advance one optimizer step by hand (when not attached); returns whether it pruned.
+
+        Under ``torch.distributed`` every rank must call it (it is a collective at pruning
+        points).
+        """
+        scheduler = self.scheduler
+        call = scheduler.calls
+        if scheduler.point_at(call) is None:
+            return scheduler.step()
+        distributed = world_size() > 1
+        if distributed:
+            self._check_ddp()
+        before = ModuleSnapshot(self.model) if distributed else None
+        error = None
+        try:
+            scheduler.step()
+        except Exception as exc:  # every rank must learn of it, or the others would hang
+            error = exc
+        all_ranks_succeeded(error, f"pruning point at optimizer step {call}")
+        if distributed:
+            agree_on_plan(self.model, before, self.example_inputs)
+        rebuild_optimizer(self.optimizer, self.model)
+        for wrapper in self.ddp:
+            rebuild_ddp(wrapper)
+        self.pruned_at.append(call)
+        self._after_prune(scheduler)
+        return True
 
     def _on_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self.scheduler.step():
-            self.pruned_at.append(self.scheduler.calls - 1)
+        self.step()
 
     def _after_prune(self, scheduler: PruningScheduler) -> None:
         # caches and head attributes were handled by kcp_plugin.prune's timm adapter
         for module in self.emas:
             replay_new_entries(module, self.model, self.example_inputs)
         macs, params = count_macs_params(self.model, self.example_inputs)
-        _logger.info(
+        log = _logger.info if rank() == 0 else _logger.debug  # one line per run, as train.py
+        log(
             "kcp_plugin: pruning point %d/%d at optimizer step %d (%s): %.4g GMACs (%.1f%% of "
             "dense), %.4g M params", scheduler.point_at(scheduler.calls - 1) + 1,
             scheduler.num_prunes, scheduler.calls - 1, scheduler.mode, macs / 1e9,
