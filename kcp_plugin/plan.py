@@ -10,6 +10,7 @@ loads this format.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import copy
 import json
@@ -254,7 +255,11 @@ def load_plain(path: str | os.PathLike, what: str = "a kcp_plugin checkpoint") -
             objects beyond tensors and plain containers, which are never unpickled here.
     """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # timm's training checkpoints hold their arguments as an argparse.Namespace, a plain
+        # attribute container; timm's own loader allows it the same way (timm/models/_helpers.py
+        # _torch_load), so such a checkpoint is read here too
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as exc:  # weights_only refuses anything that is not plain data

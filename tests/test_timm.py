@@ -188,6 +188,15 @@ def test_plan_that_is_not_a_checkpoint_is_named_so(tmp_path):
     with pytest.raises(ValueError, match="garbage.pth is not a checkpoint or plan file") as info:
         timm.create_model("kcp_pruned", base="resnet18", num_classes=5, plan=str(path))
     assert "weights_only" not in str(info.value)
+    # timm loads checkpoint_path itself, after the entrypoint: the file is checked first
+    with pytest.raises(ValueError, match="garbage.pth is not a timm / kcp_plugin checkpoint: "
+                       "its bytes are not a torch checkpoint") as info:
+        timm.create_model("kcp_pruned", base="resnet18", num_classes=5,
+                          checkpoint_path=str(path))
+    assert "weights_only" not in str(info.value)
+    with pytest.raises(FileNotFoundError, match="checkpoint_path .*missing.pth does not exist"):
+        timm.create_model("kcp_pruned", base="resnet18", checkpoint_path=str(tmp_path /
+                                                                             "missing.pth"))
 
 
 # ---------------------------------------------------------------------- attention models
@@ -327,6 +336,35 @@ def test_timm_train_wrapper_prunes_iteratively_and_resumes(image_folder, tmp_pat
                                 "--resume", summary["checkpoint"], "--max-steps", "5"])
     assert resumed["pruned_at_steps"] == [] and resumed["steps"] == 5
     assert resumed["macs"] == summary["macs"]
+
+
+def test_timm_train_builtin_loop_follows_timms_conventions(image_folder, tmp_path, caplog):
+    """As timm's train.py: --device-modules, a `val/` folder found for --val-split validation,
+    outputs in <output>/<experiment> with args.yaml, summary.csv, last / model_best; and the
+    dense baseline of a model pruned at creation is its base architecture."""
+    import shutil
+
+    tool = _tool("timm_train")
+    data = tmp_path / "data"
+    shutil.copytree(image_folder / "train", data / "train")
+    shutil.copytree(image_folder / "validation", data / "val")  # timm's other spelling
+    argv = [str(data), "--device-modules", "kcp_plugin.integrations.timm", "--model",
+            "kcp_pruned", "--model-kwargs", "base=resnet18", "target_macs_ratio=0.5",
+            "input_size=16", "--num-classes", "2", "--input-size", "3", "16", "16",
+            "--batch-size", "4", "--lr", "0.01", "--epochs", "1", "--workers", "0",
+            "--output", str(tmp_path / "out"), "--experiment", "exp", "--max-steps", "2"]
+    summary = tool.run_builtin(argv)
+    assert summary["top1"] is not None  # validated on val/
+    assert abs(summary["macs_ratio"] - 0.5) <= 0.02  # not 1.0: the baseline is dense resnet18
+    run = tmp_path / "out" / "exp"
+    assert summary["output"] == str(run)
+    assert {"args.yaml", "summary.csv", "last.pth.tar", "model_best.pth.tar",
+            "kcp_summary.json"} <= {p.name for p in run.iterdir()}
+    assert "top1" in (run / "summary.csv").read_text().splitlines()[0]
+    shutil.rmtree(data / "val")
+    with caplog.at_level("WARNING"):
+        summary = tool.run_builtin(argv)
+    assert summary["top1"] is None and "no validation folder" in caplog.text
 
 
 @pytest.mark.parametrize("importance", ["fisher", "taylor", "hessian"])

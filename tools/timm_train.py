@@ -39,6 +39,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from typing import Any
@@ -394,6 +395,8 @@ def builtin_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-interval", type=int, default=50)
     g.add_argument("--resume", default="")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--device-modules", default=None, nargs="+",
+                   help="Python modules to import before creating the model (as train.py)")
     g.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many optimizer steps (smoke tests)")
     return p
@@ -433,20 +436,57 @@ def _checkpoint(args: argparse.Namespace, model, optimizer, lr_scheduler, schedu
     }
 
 
+# timm.data.dataset_factory's _EVAL_SYNONYM: the folder names create_dataset accepts for a
+# validation split of an image folder
+_EVAL_FOLDERS = ("val", "valid", "validation", "eval", "evaluation")
+
+
+def _eval_root(args: argparse.Namespace) -> str | None:
+    """The root to validate on, found as timm's ``create_dataset`` finds a split folder.
+
+    A named timm dataset (``--dataset``) gets the data root and its split. An image folder
+    gets ``<root>/<val-split>``, or the first of timm's synonyms of a validation split that
+    exists; without one validation is skipped with a warning (``top1`` stays unset).
+    """
+    if not args.val_split:
+        return None
+    if args.dataset and not args.dataset.startswith(("folder", "image_folder")):
+        return args.data_dir
+    names = [args.val_split.split("[")[0]]
+    if names[0] in _EVAL_FOLDERS:
+        names += [n for n in _EVAL_FOLDERS if n != names[0]]
+    for name in names:
+        if os.path.isdir(os.path.join(args.data_dir, name)):
+            return os.path.join(args.data_dir, name)
+    _logger.warning("no validation folder in %s (looked for %s): training without validation, "
+                    "top1 will not be reported", args.data_dir, ", ".join(names))
+    return None
+
+
 def run_builtin(argv: list[str]) -> dict[str, Any]:
     """Train with a loop made of timm's library pieces; returns a summary."""
     import timm
     import timm.data
+    import yaml
     from timm.loss import LabelSmoothingCrossEntropy
     from timm.optim import create_optimizer_v2, optimizer_kwargs
     from timm.scheduler import create_scheduler_v2, scheduler_kwargs
-    from timm.utils import AverageMeter, ModelEmaV3, accuracy, dispatch_clip_grad
+    from timm.utils import (
+        AverageMeter,
+        ModelEmaV3,
+        accuracy,
+        dispatch_clip_grad,
+        get_outdir,
+        update_summary,
+    )
 
     import kcp_plugin
     import kcp_plugin.integrations.timm as kt
 
     args = parse_builtin(argv)
     kcp, _ = parse_kcp(argv)
+    for name in args.device_modules or ():  # as train.py: e.g. a device or model plug-in
+        importlib.import_module(name)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     model_kwargs = dict(args.model_kwargs or {})
@@ -476,8 +516,9 @@ def run_builtin(argv: list[str]) -> dict[str, Any]:
                                            is_training=True, no_aug=args.no_aug,
                                            hflip=args.hflip, **loader_kw)
     val_loader = None
-    if args.val_split and os.path.isdir(os.path.join(args.data_dir, args.val_split)):
-        val_set = timm.data.create_dataset(args.dataset, root=args.data_dir,
+    val_root = _eval_root(args)
+    if val_root is not None:
+        val_set = timm.data.create_dataset(args.dataset, root=val_root,
                                            split=args.val_split, is_training=False,
                                            batch_size=args.batch_size)
         val_loader = timm.data.create_loader(
@@ -512,13 +553,16 @@ def run_builtin(argv: list[str]) -> dict[str, Any]:
         start_epoch, step = int(resume["epoch"]) + 1, int(resume["step"])
 
     x = kt.default_inputs(model, kcp.kcp_input_size or data_config["input_size"]).to(device)
+    # the dense baseline is the unpruned architecture, also for a model pruned at creation
+    # (kcp_pruned with target_macs_ratio / plan) or resumed pruned
     macs_dense = (schedule.scheduler.macs_dense if schedule is not None
-                  else kcp_plugin.count_macs_params(model, x)[0])
-    output = args.output or "output/train"
-    if args.experiment:
-        output = os.path.join(output, args.experiment)
-    os.makedirs(output, exist_ok=True)
-    top1 = None
+                  else kt.dense_macs(model, x))
+    exp_name = args.experiment or "-".join([
+        time.strftime("%Y%m%d-%H%M%S"), args.model, str(data_config["input_size"][-1])])
+    output = get_outdir(args.output or "./output/train", exp_name)
+    with open(os.path.join(output, "args.yaml"), "w") as f:
+        yaml.safe_dump(vars(args), f, default_flow_style=False)
+    top1 = best = None
     t_start = time.time()
     for epoch in range(start_epoch, num_epochs):
         model.train()
@@ -553,9 +597,17 @@ def run_builtin(argv: list[str]) -> dict[str, Any]:
                     meter.update(acc1.item(), inputs.size(0))
             top1 = meter.avg
         lr_scheduler.step(epoch + 1, top1)
+        last = os.path.join(output, "last.pth.tar")
         torch.save(_checkpoint(args, model, optimizer, lr_scheduler, schedule, model_ema, epoch,
-                               step, top1), os.path.join(output, "last.pth.tar"))
+                               step, top1), last)
+        if top1 is not None and (best is None or top1 > best):  # timm's CheckpointSaver names
+            best = top1
+            shutil.copyfile(last, os.path.join(output, "model_best.pth.tar"))
         macs = kcp_plugin.count_macs_params(model, x)[0]
+        update_summary(epoch, {"loss": losses.avg, "macs_kept": macs / macs_dense},
+                       {"top1": top1} if top1 is not None else {},
+                       os.path.join(output, "summary.csv"),
+                       lr=optimizer.param_groups[0]["lr"], write_header=epoch == start_epoch)
         _logger.info("epoch %d done: loss %.4f top1 %s MACs kept %.3f", epoch, losses.avg,
                      f"{top1:.2f}" if top1 is not None else "-", macs / macs_dense)
         if args.max_steps is not None and step >= args.max_steps:
@@ -565,7 +617,8 @@ def run_builtin(argv: list[str]) -> dict[str, Any]:
         "model": args.model, "model_kwargs": model_kwargs, "steps": step,
         "pruned_at_steps": schedule.pruned_at if schedule is not None else [],
         "macs_dense": macs_dense, "macs": macs, "macs_ratio": macs / macs_dense,
-        "params": params, "top1": top1, "checkpoint": os.path.join(output, "last.pth.tar"),
+        "params": params, "top1": top1, "best_top1": best,
+        "checkpoint": os.path.join(output, "last.pth.tar"), "output": output,
         "seconds": time.time() - t_start,
     }
     with open(os.path.join(output, "kcp_summary.json"), "w") as f:

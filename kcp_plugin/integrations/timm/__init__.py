@@ -24,6 +24,7 @@ from timm.models import register_model
 from .entrypoints import (
     PLAN_KEY,
     decode_plan,
+    dense_macs,
     encode_plan,
     install_plan_hooks,
     kcp_pruned,
@@ -50,6 +51,7 @@ __all__ = [
     "check_reset_classifier",
     "check_supported",
     "decode_plan",
+    "dense_macs",
     "default_inputs",
     "encode_plan",
     "install_plan_hooks",

@@ -18,9 +18,11 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from ...hints import did_you_mean
@@ -38,7 +40,7 @@ from ...pruning import resolve_importance
 from .pruning import apply_timm_plan, prune_timm_model
 from .support import check_supported
 
-__all__ = ["kcp_pruned", "PLAN_KEY", "read_plan", "install_plan_hooks", "encode_plan",
+__all__ = ["kcp_pruned", "PLAN_KEY", "dense_macs", "read_plan", "install_plan_hooks", "encode_plan",
            "decode_plan"]
 
 _BUILD = "_kcp_timm_build"
@@ -122,6 +124,31 @@ def _rebuild(module: nn.Module, plan: dict[str, Any]) -> None:
     module.__dict__[_BUILD] = build
 
 
+def dense_macs(model: nn.Module, example_inputs: torch.Tensor) -> int:
+    """MACs of ``model``'s unpruned architecture on ``example_inputs``: the dense baseline.
+
+    A model never pruned is counted as it is; a pruned one (``kcp_pruned`` with a target or a
+    plan, or a model resumed from a pruned checkpoint) through a fresh build of its base with
+    the arguments recorded by :func:`install_plan_hooks`, so "MACs kept" is relative to the
+    dense network, not to the pruned model itself.
+
+    Raises:
+        ValueError: the model is pruned but does not record how it was built.
+    """
+    import timm
+
+    from ...graph import count_macs_params
+
+    if not get_plan(model)["history"]:
+        return count_macs_params(model, example_inputs)[0]
+    build = model.__dict__.get(_BUILD)
+    if not build or not build.get("base"):
+        raise ValueError("the model is pruned and does not record its base architecture; "
+                         "build it with kcp_pruned or call install_plan_hooks(model, base=...)")
+    fresh = timm.create_model(build["base"], pretrained=False, **copy.deepcopy(build["kwargs"]))
+    return count_macs_params(fresh, example_inputs.detach().cpu())[0]
+
+
 def _apply_carried_plan(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any,
                         strict: bool, missing_keys: list, unexpected_keys: list,
                         error_msgs: list) -> None:
@@ -186,6 +213,36 @@ def _check_fraction(name: str, value: Any, allow_zero: bool) -> None:
     if not (0 <= value < 1 if allow_zero else 0 < value <= 1):
         raise ValueError(f"kcp_pruned: {name} must be in {'[0, 1)' if allow_zero else '(0, 1]'}"
                          f", got {value}")
+
+
+def _timm_checkpoint_path() -> str | None:
+    """The ``checkpoint_path`` timm's ``create_model`` loads once this entrypoint returns.
+
+    timm pops ``checkpoint_path`` before calling an entrypoint (timm/models/_factory.py
+    ``create_model``), so it is read from that caller's frame, to check the file first.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "create_model" \
+                and frame.f_globals.get("__name__") == "timm.models._factory":
+            path = frame.f_locals.get("checkpoint_path")
+            return str(path) if path else None
+        frame = frame.f_back
+    return None
+
+
+def _check_timm_checkpoint(path: str | None) -> None:
+    """Refuse a ``checkpoint_path`` that is not a plain-data torch file before building.
+
+    timm's loader would fail only after the model is built, with torch's advice to retry with
+    ``weights_only=False`` (wrong advice for a file of unknown origin). safetensors / npz files
+    are left to timm's own loaders.
+    """
+    if path is None or str(path).endswith((".safetensors", ".npz")):
+        return
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"kcp_pruned: checkpoint_path {path} does not exist")
+    load_plain(path, what="a timm / kcp_plugin checkpoint")
 
 
 def kcp_pruned(
@@ -267,6 +324,7 @@ def kcp_pruned(
             "training (tools/timm_train.py)"
         )
     saved_plan = read_plan(plan) if plan is not None else None
+    _check_timm_checkpoint(_timm_checkpoint_path())
 
     # ------------------------------------------------------------ build, then prune / replay
     timm_args = {k: kwargs.pop(k) for k in _TIMM_ARGS if kwargs.get(k) is not None}
