@@ -27,6 +27,7 @@ from .graph import (
     uncounted_fraction,
 )
 from .hosts import adapters_for, host_forward, host_pruners
+from .latency_search import LatencyTarget, check_latency_target, prune_to_latency
 from .plan import extend_plan
 from .registry import importance_info
 from .report import PruneReport, layer_widths
@@ -110,6 +111,11 @@ def prune(
     customized_pruners: dict[Any, Any] | None = None,
     progress: bool | None = None,
     dry_run: bool = False,
+    target_latency_ratio: float | None = None,
+    latency_backend: str = "torch",
+    latency_tolerance: float = 0.05,
+    latency_threads: int = 1,
+    latency_runs: int = 10,
 ) -> PruneReport:
     """Prune ``model`` in place with a registered criterion and report what changed.
 
@@ -127,7 +133,8 @@ def prune(
         pruning_ratio: Channel pruning ratio in [0, 1) (instead of a MACs target).
         ignored_layers: Layers never pruned: modules, qualified names, or module types.
         iterative_steps: Prune in this many steps, re-scoring on the current weights each step.
-        round_to: Keep channel counts multiples of this (hardware-friendly widths).
+        round_to: Keep channel counts multiples of this (hardware-friendly widths); with a
+            latency target also ``"auto"``: 1, 8 and 16 are measured and the fastest is kept.
         forward_fn: ``forward_fn(model, example_inputs)`` if the model is not called as
             ``model(x)`` / ``model(*x)`` / ``model(**x)``.
         output_transform: Maps the model output to tensors for tracing (torch-pruning's).
@@ -160,6 +167,13 @@ def prune(
         dry_run: Leave ``model`` untouched: prune a deep copy and report, in
             ``report.selected``, the output channels of each layer that would be removed (used
             by soft-pruning schedules; needs ``iterative_steps=1``).
+        target_latency_ratio: Fraction of the dense *latency* to keep, in (0, 1], measured on
+            this machine with ``example_inputs`` (instead of a MACs target): the MACs target
+            whose pruned copy keeps it (within ``latency_tolerance``) is searched, then applied
+            (see :mod:`kcp_plugin.latency_search`).
+        latency_backend: ``"torch"`` (eager) or ``"onnxruntime"`` (exported, ``deploy`` extra).
+        latency_tolerance: Allowed gap between measured and target latency fraction.
+        latency_threads / latency_runs: CPU threads and timed passes per measurement.
 
     Returns:
         A :class:`PruneReport`; the model's cumulative pruning plan is also kept on the model for
@@ -168,6 +182,33 @@ def prune(
     Raises:
         ValueError / TypeError: invalid arguments (the model is untouched).
     """
+    if target_latency_ratio is not None:
+        if target_macs_ratio is not None or pruning_ratio is not None or dry_run:
+            raise ValueError("target_latency_ratio replaces target_macs_ratio / pruning_ratio "
+                             "and cannot be a dry run; give one target")
+        latency = LatencyTarget(target_latency_ratio, latency_tolerance, latency_backend,
+                                latency_threads, latency_runs)
+        check_latency_target(latency)
+        others = dict(
+            importance=importance, ignored_layers=ignored_layers,
+            iterative_steps=iterative_steps, output_transform=output_transform,
+            global_pruning=global_pruning, isomorphic=isomorphic, num_heads=num_heads,
+            prune_num_heads=prune_num_heads, head_pruning_ratio=head_pruning_ratio,
+            pruning_ratio_dict=pruning_ratio_dict, max_pruning_ratio=max_pruning_ratio,
+            importance_kwargs=importance_kwargs, loss_fn=loss_fn, data=data,
+            data_steps=data_steps, step_fn=step_fn, protect_outputs=protect_outputs,
+            macs_tolerance=macs_tolerance, unwrapped_parameters=unwrapped_parameters,
+            customized_pruners=customized_pruners)
+        # every other argument is checked before anything is measured or pruned
+        _validate(model=model, target_macs_ratio=target_latency_ratio, pruning_ratio=None,
+                  round_to=None if round_to == "auto" else round_to, dry_run=False,
+                  forward_fn=forward_fn, **{k: v for k, v in others.items()
+                                             if k not in _NOT_VALIDATED})
+        return prune_to_latency(model, example_inputs, prune, latency, round_to, forward_fn,
+                                progress, others)
+    if round_to == "auto":
+        raise ValueError("round_to='auto' picks the channel multiple by measuring latency: it "
+                         "needs target_latency_ratio")
     req = _validate(
         model=model, target_macs_ratio=target_macs_ratio, pruning_ratio=pruning_ratio,
         pruning_ratio_dict=pruning_ratio_dict, max_pruning_ratio=max_pruning_ratio,
@@ -264,6 +305,11 @@ def prune(
         search=done.search, plan=plan, selected=selected,
         auto_protected=[asdict(r) for r in auto],
     )
+
+
+# prune() arguments _validate does not take
+_NOT_VALIDATED = ("output_transform", "prune_num_heads", "protect_outputs",
+                  "unwrapped_parameters", "customized_pruners")
 
 
 @dataclass

@@ -82,7 +82,12 @@ class PruneReport(SizeReport):
             mmseg ``conv_seg``); groups the safety net kept are in ``auto_protected``.
         search: ``(channel ratio, MACs kept)`` for each trial of the MACs-target search.
         plan: The model's cumulative pruning plan after this prune (plain data).
-        latency_before_ms / latency_after_ms: CPU latency, if measured by the caller.
+        latency_before_ms / latency_after_ms: CPU latency (median, ms), if measured: by the
+            latency target's search, or by the caller.
+        target_latency_ratio: The requested fraction of the dense latency, if any.
+        latency_backend: What the latency target measured: ``"torch"`` or ``"onnxruntime"``.
+        round_to: The channel multiple used (picked by measuring with ``round_to="auto"``).
+        latency_search: ``(MACs target, round_to, latency kept)`` for each latency trial.
         selected: With ``dry_run``: output channels each layer would lose, by layer name.
         auto_protected: Channel groups the safety net kept unpruned because pruning them would
             break the model (see :class:`kcp_plugin.safety.ProtectedGroup`: ``root``,
@@ -106,6 +111,10 @@ class PruneReport(SizeReport):
     latency_after_ms: float | None = None
     selected: dict[str, list[int]] | None = None
     auto_protected: list[dict[str, Any]] = field(default_factory=list)
+    target_latency_ratio: float | None = None
+    latency_backend: str | None = None
+    round_to: int | None = None
+    latency_search: list[tuple[float, int, float]] = field(default_factory=list)
 
     def table(self) -> str:
         """A before/after table for terminals and logs."""
