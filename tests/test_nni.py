@@ -565,7 +565,9 @@ def test_quick_settings_train_a_dense_model_that_beats_background_only(tmp_path)
     """The quick search's data and budget (a third of its dense steps, half its images, to
     stay fast) learn more than background; the earlier quick settings (32 images, 20 steps)
     did not, and check_dense says so."""
-    quick = search.quick_settings(search.SearchSettings(n_train=7, criterion="l2"))
+    with pytest.raises(ValueError, match=r"n_train \(8\) must be at least batch_size \(16\)"):
+        search.SearchSettings(n_train=8)  # would train forever on no batch
+    quick = search.quick_settings(search.SearchSettings(n_train=17, criterion="l2"))
     assert quick.threads == 1 and quick.n_train == search.QUICK_SETTINGS["n_train"]
     assert quick.criterion == "l2"  # what the quick search does not set is kept
     quick.n_train, quick.n_val = 512, 32
@@ -605,3 +607,7 @@ def test_quick_flag_sets_the_quick_search_and_prints_progress(monkeypatch, tmp_p
     assert calls[-1][2]["dense_steps"] == 50 and calls[-1][1].threads == 2
     assert tool.main(["--out", str(tmp_path)]) == 0
     assert calls[-1][2]["dense_steps"] == 300 and calls[-1][1].n_train == 256
+    assert tool.main(["--quick", "--n-train", "4", "--out", str(tmp_path)]) == 0  # replaced
+    count = len(calls)
+    assert tool.main(["--n-train", "4", "--out", str(tmp_path)]) == 2  # not a single batch
+    assert len(calls) == count and "n_train (4) must be at least" in capsys.readouterr().err

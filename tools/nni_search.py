@@ -14,7 +14,7 @@ parameters), next to NNI's own lines (web UI address).
 
     python tools/nni_search.py --task segmentation --max-trials 20
     python tools/nni_search.py --search-space configs/nni/search_space_stages.json
-    python tools/nni_search.py --quick          # 4 small trials that can be ranked (~2-3 min)
+    python tools/nni_search.py --quick          # 4 small trials that rank (about 2 min here)
 
 Exit codes: 0 done, 1 the experiment failed, 2 invalid arguments or search space,
 3 NNI's tuner could not start in time (busy machine; retry).
@@ -40,7 +40,6 @@ from kcp_plugin.bench.nni_search import (
     QUICK_TRIALS,
     SearchSettings,
     TunerConnectionError,
-    quick_settings,
     run_search,
 )
 
@@ -102,16 +101,22 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, json.JSONDecodeError) as exc:
         print(f"error: cannot read the search space {args.search_space}: {exc}", file=sys.stderr)
         return 2
-    settings = SearchSettings(
+    chosen = dict(
         task=args.task, dense=args.dense or "", seed=args.seed, n_train=args.n_train,
         n_val=args.n_val, batch_size=args.batch_size, finetune_steps=args.finetune_steps,
         report_every=args.report_every, threads=args.threads or 0,
     )
+    if args.quick:
+        chosen.update(QUICK_SETTINGS)
+        if args.threads is not None:
+            chosen["threads"] = args.threads
+    try:
+        settings = SearchSettings(**chosen)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     dense_steps, max_trials, concurrency = args.dense_steps, args.max_trials, args.concurrency
     if args.quick:
-        settings = quick_settings(settings)
-        if args.threads is not None:
-            settings.threads = args.threads
         dense_steps = QUICK_DENSE_STEPS if dense_steps is None else dense_steps
         max_trials = max_trials or QUICK_TRIALS
         concurrency = concurrency or QUICK_CONCURRENCY

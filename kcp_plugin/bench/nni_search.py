@@ -110,6 +110,16 @@ class SearchSettings:
     data_steps: int = 4
     threads: int = 0
 
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.n_val < 1:
+            raise ValueError(f"batch_size and n_val must be >= 1, got {self.batch_size} and "
+                             f"{self.n_val}")
+        if self.n_train < self.batch_size:
+            # the training loader drops incomplete batches: no batch at all, and
+            # kcp_plugin.bench.train would wait for one forever
+            raise ValueError(f"n_train ({self.n_train}) must be at least batch_size "
+                             f"({self.batch_size}): training drops incomplete batches")
+
     @classmethod
     def load(cls, path: str | os.PathLike) -> SearchSettings:
         """Settings from the JSON file :func:`launch_experiment` writes for the trials."""
@@ -127,10 +137,10 @@ background only (15.1 mIoU, the background-only value), so every trial tied at 1
 are memorised (training loss 0.3, validation still background). With 1024 generated images
 (generating them takes about 3 s) and 600 steps of batch 8 it reaches 32.3 mIoU (seed 1: 27.3)
 against 15.5 for background-only, in about 40 s; 60 fine-tuning steps then separate the trials
-by up to 15 mIoU (15.5 to 30.2 at 29-60 % of the MACs) while rerunning one trial with another
-data seed moves it by 0.4 to 2.6."""
+by up to 15 mIoU (15.5 to 30.2 at 29-60 % of the MACs) while rerunning one trial with other
+data seeds moves it by a standard deviation of 0.5 to 1.4 (docs/nni.md, "The quick search")."""
 QUICK_DENSE_STEPS = 600
-"""Dense training iterations of the quick search (300: 21.1 mIoU, 100: 16.3)."""
+"""Dense training iterations of the quick search (with 512 images, 300: 21.1 mIoU, 100: 16.3)."""
 QUICK_TRIALS = 4
 """Trials of the quick search (NNI's ``maxTrialNumber``)."""
 QUICK_CONCURRENCY = 2
@@ -611,8 +621,8 @@ def launch_experiment(
     experiment = Experiment(config)
     port = port or _free_port()
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    experiment.start(port)  # NNI prints its lines (web UI address) before the bar appears
     bar = progress_bar(enabled=progress, total=config.max_trial_number, desc="NNI trials")
-    experiment.start(port)
     log_dir = Path(config.experiment_working_directory, experiment.id)
     announced: set[str] = set()
     waits: dict[str, int] = {}
