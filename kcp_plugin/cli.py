@@ -78,6 +78,18 @@ def _keyvalue(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def _round_to(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'auto', got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``kcp-prune`` argument parser."""
     p = argparse.ArgumentParser(
@@ -105,13 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "--pruning-ratio is given)")
     target.add_argument("--pruning-ratio", type=float, default=None, metavar="RATIO",
                         help="channel pruning ratio in [0, 1) instead of a MACs target")
+    target.add_argument("--target-latency", type=_fraction, default=None, metavar="FRACTION",
+                        help="fraction of the dense latency to keep, measured here on the "
+                        "example input with --latency-backend and --threads (searched; slower "
+                        "than a MACs target)")
     p.add_argument("--input-shape", action="append", type=_shape, default=None,
                    metavar="N,C,H,W", help="example input shape; repeat for models taking "
                    "several inputs (stereo) (default: 1,3,128,128)")
     p.add_argument("--iterative-steps", type=int, default=1, metavar="N",
                    help="prune in N steps, re-scoring each step (default: 1)")
-    p.add_argument("--round-to", type=int, default=None, metavar="N",
-                   help="keep channel counts multiples of N")
+    p.add_argument("--round-to", type=_round_to, default=None, metavar="N",
+                   help="keep channel counts multiples of N; 'auto' (with --target-latency): "
+                   "measure 1, 8 and 16 and keep the fastest")
     p.add_argument("--global-pruning", action="store_true",
                    help="rank channels across layers instead of per layer")
     p.add_argument("--max-pruning-ratio", type=float, default=0.9, metavar="RATIO",
@@ -184,14 +201,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"{info.name!r} scores channels from training data, which kcp-prune does "
                      "not have: use the Python API (kcp_plugin.prune(..., data=batches) or "
                      f"loss_fn=...) or a data-free criterion: {', '.join(free)}")
-    if args.onnx or (args.latency_backend == "onnxruntime" and args.latency_runs):
+    if args.onnx or (args.latency_backend == "onnxruntime"
+                     and (args.latency_runs or args.target_latency is not None)):
         from .export import require_deploy
 
         try:
             require_deploy()
         except ImportError as exc:
             parser.error(str(exc))
-    if args.pruning_ratio is None and args.target_macs is None:
+    if args.round_to == "auto" and args.target_latency is None:
+        parser.error("--round-to auto measures latency: it needs --target-latency")
+    if args.pruning_ratio is None and args.target_macs is None and args.target_latency is None:
         args.target_macs = 0.3
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -224,6 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ignored_layers=args.ignore or None, iterative_steps=args.iterative_steps,
             round_to=args.round_to, global_pruning=args.global_pruning,
             max_pruning_ratio=args.max_pruning_ratio, progress=False if args.quiet else None,
+            target_latency_ratio=args.target_latency, latency_backend=args.latency_backend,
+            latency_threads=args.threads or 1, latency_runs=max(args.latency_runs, 3),
         )
     except (ValueError, TypeError) as exc:
         print(f"kcp-prune: error: {exc}", file=sys.stderr)

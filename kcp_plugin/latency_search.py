@@ -166,34 +166,43 @@ def prune_to_latency(
             multiple = int(round_to or 1)
         lo: tuple[float, float] | None = None  # (MACs target, latency kept) below the target
         hi = (1.0, 1.0)  # the dense model
-        best = (m, kept(m, multiple))
         floor = 0.1  # below a tenth of the MACs, a latency target is not what is wanted
+        unreachable = 0.0  # MACs targets at or below this could not be pruned to
+        point = m
         for _ in range(target.max_trials):
-            macs_ratio, lat = best
-            if abs(lat - target.ratio) <= target.tolerance:
-                break
-            if lat > target.ratio:
-                hi = min(hi, (macs_ratio, lat))
-            else:
-                lo = max(lo, (macs_ratio, lat)) if lo is not None else (macs_ratio, lat)
+            try:
+                lat: float | None = kept(point, multiple)
+            except UnprunableError:  # these settings cannot prune that far: search above it
+                unreachable, lat = max(unreachable, point), None
+            if lat is not None:
+                if abs(lat - target.ratio) <= target.tolerance:
+                    break
+                if lat > target.ratio:
+                    hi = min(hi, (point, lat))
+                else:
+                    lo = max(lo, (point, lat)) if lo is not None else (point, lat)
+            low_end = max(floor, unreachable + 0.02)
             if lo is None:  # no bracket yet: extrapolate towards 0 from the dense model
-                slope = (hi[1] - 1.0) / (hi[0] - 1.0) if hi[0] < 1.0 else 1.0
-                step = (target.ratio - hi[1]) / max(slope, 0.2)
-                nxt = max(floor, hi[0] + step)
-                if nxt <= floor and hi[0] <= floor + 1e-9:
+                if hi[0] <= low_end + 1e-9:
+                    limit = (f"; these settings cannot prune below {unreachable:.3f} of the MACs"
+                             if unreachable else "")
                     raise UnprunableError(
                         f"target_latency_ratio={target.ratio} is out of reach with this "
                         f"criterion and settings: at {hi[0]:.3f} of the MACs the latency is "
                         f"still {hi[1]:.3f} of dense ({target.backend}, {target.threads} "
-                        "thread(s)); ask for less, or protect fewer layers")
+                        f"thread(s)){limit}; ask for less, or protect fewer layers")
+                slope = (hi[1] - 1.0) / (hi[0] - 1.0) if hi[0] < 1.0 else 1.0
+                point = max(low_end, hi[0] + (target.ratio - hi[1]) / max(slope, 0.2))
             else:  # secant inside the bracket
                 (m0, l0), (m1, l1) = lo, hi
-                nxt = m0 + (target.ratio - l0) * (m1 - m0) / (l1 - l0) if l1 != l0 \
+                point = m0 + (target.ratio - l0) * (m1 - m0) / (l1 - l0) if l1 != l0 \
                     else (m0 + m1) / 2
-                nxt = min(max(nxt, m0 + 0.1 * (m1 - m0)), m1 - 0.1 * (m1 - m0))
-            best = (nxt, kept(nxt, multiple))
-        macs_ratio, lat = min(((m_, lat_) for m_, k_, lat_ in trials if k_ == multiple),
-                              key=lambda t: abs(t[1] - target.ratio))
+                point = min(max(point, m0 + 0.1 * (m1 - m0)), m1 - 0.1 * (m1 - m0))
+        measured = [(m_, lat_) for m_, k_, lat_ in trials if k_ == multiple]
+        if not measured:
+            raise UnprunableError(f"target_latency_ratio={target.ratio}: no pruned model could "
+                                  "be measured with these settings")
+        macs_ratio, lat = min(measured, key=lambda t: abs(t[1] - target.ratio))
         if abs(lat - target.ratio) > target.tolerance:
             logger.warning("latency search stopped after %d trials at %.3f of the dense latency "
                            "(target %.3f +- %.3f)", len(trials), lat, target.ratio,

@@ -85,6 +85,9 @@ def test_stereo_style_two_inputs_and_iterative_steps(tmp_path, capsys):
     (["--out", "/no/such/folder/p.pt"], 2, "folder /no/such/folder does not exist"),
     (["--json", "/no/such/folder/r.json"], 2, "--json /no/such/folder/r.json: folder"),
     (["--threads", "0"], 2, "--threads must be >= 1"),
+    (["--round-to", "auto"], 2, "--round-to auto measures latency: it needs --target-latency"),
+    (["--round-to", "x"], 2, "expected an integer >= 1 or 'auto'"),
+    (["--target-latency", "0.5", "--target-macs", "0.5"], 2, "not allowed with"),
 ])
 def test_bad_input_gives_clear_message_and_exit_code(argv, code, message, capsys):
     runs = [] if "--latency-runs" in argv else ["--latency-runs", "0"]
@@ -177,3 +180,14 @@ def test_missing_deploy_extra_is_a_usage_error(monkeypatch, tmp_path, capsys):
     assert info.value.code == 2
     assert "pip install kcp-plugin[deploy]" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_latency_target_from_the_command_line(tmp_path, capsys):
+    """--target-latency prunes by measured latency; the report JSON says what was measured."""
+    out = tmp_path / "r.json"
+    code = main(["--model", SPEC, "--input-shape", "1,3,32,32", "--target-latency", "0.7",
+                 "--round-to", "auto", "--latency-runs", "3", "--json", str(out), "-q"])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["target_latency_ratio"] == 0.7 and report["latency_backend"] == "torch"
+    assert report["round_to"] in (None, 8, 16) and report["latency_search"]
