@@ -94,6 +94,10 @@ class SearchSettings:
         threads: torch CPU threads of every trial and of the dense training (0: leave torch's
             default). On a busy machine one thread can be several times faster than two (the
             threads wait for each other): 0.044 s against 0.46 s per segmentation step here.
+
+    Raises:
+        ValueError: ``n_train`` below ``batch_size`` (training drops incomplete batches, so
+            there would be none), or ``batch_size`` / ``n_val`` below 1.
     """
 
     task: str = "segmentation"
@@ -136,7 +140,7 @@ with 32 images and 20 dense steps (the earlier quick search) the dense model pre
 background only (15.1 mIoU, the background-only value), so every trial tied at 15.1; 32 images
 are memorised (training loss 0.3, validation still background). With 1024 generated images
 (generating them takes about 3 s) and 600 steps of batch 8 it reaches 32.3 mIoU (seed 1: 27.3)
-against 15.5 for background-only, in about 40 s; 60 fine-tuning steps then separate the trials
+against 15.5 for background-only, in 24 to 40 s; 60 fine-tuning steps then separate the trials
 by up to 15 mIoU (15.5 to 30.2 at 29-60 % of the MACs) while rerunning one trial with other
 data seeds moves it by a standard deviation of 0.5 to 1.4 (docs/nni.md, "The quick search")."""
 QUICK_DENSE_STEPS = 600
