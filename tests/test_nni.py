@@ -611,3 +611,15 @@ def test_quick_flag_sets_the_quick_search_and_prints_progress(monkeypatch, tmp_p
     count = len(calls)
     assert tool.main(["--n-train", "4", "--out", str(tmp_path)]) == 2  # not a single batch
     assert len(calls) == count and "n_train (4) must be at least" in capsys.readouterr().err
+
+
+def test_benchmark_training_refuses_a_loader_without_batches():
+    """Fewer samples than a batch with drop_last used to make the training loop (and the NNI
+    search built on it) wait forever for a batch."""
+    from kcp_plugin.bench import get_task, make_loader, train
+
+    task = get_task("segmentation")
+    train_ds, _ = task.splits(0, 4, 2)
+    loader = make_loader(train_ds, 8, 0)
+    with pytest.raises(ValueError, match="yields no batch .*4 samples, batch size 8"):
+        train(task.build(0), task, loader, steps=3, lr=1e-3, progress=False)

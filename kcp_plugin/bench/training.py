@@ -42,7 +42,15 @@ def train(
 
     Returns:
         The loss of every step (the caller checks that it went down).
+
+    Raises:
+        ValueError: the loader yields no batch (fewer samples than a batch with
+            ``drop_last``), which would otherwise loop forever.
     """
+    if steps > 0 and len(loader) == 0:
+        raise ValueError(f"{desc}: the training loader yields no batch ({len(loader.dataset)} "
+                         f"samples, batch size {loader.batch_size}, drop_last="
+                         f"{loader.drop_last}); give more samples or a smaller batch")
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
