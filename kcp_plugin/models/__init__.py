@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from .classification import CifarResNet, cifar_resnet
+from .mtcnn import ONet, PNet, RNet, load_mtcnn, mtcnn_normalize
 from .segmentation import ASPP, BasicBlock, DeepLabV3Lite, FCNLite
 from .stereo import StereoNetLite
 
@@ -32,13 +33,18 @@ __all__ = [
     "CifarResNet",
     "DeepLabV3Lite",
     "FCNLite",
+    "ONet",
+    "PNet",
+    "RNet",
     "StereoNetLite",
     "build_model",
     "cifar_resnet",
     "example_inputs",
     "final_layer",
     "list_models",
+    "load_mtcnn",
     "model_task",
+    "mtcnn_normalize",
 ]
 
 _REGISTRY: dict[str, tuple[Callable[..., nn.Module], str, dict]] = {
