@@ -265,3 +265,65 @@ def test_rows_do_not_depend_on_the_rows_before_them():
         runs[len(order)] = model.state_dict()
     for key, value in runs[1].items():
         assert torch.equal(value, runs[2][key]), key
+
+
+def test_realweights_profile_smoke(tmp_path):
+    """--profile realweights on a few real images: the pretrained P-Net and R-Net (facenet-
+    pytorch's bundled weights) pruned, compensated and distilled; the dense network agrees with
+    itself, the pruned one reaches its MACs target, and its metrics are percentages."""
+    pytest.importorskip("skimage")
+    from kcp_plugin.models.mtcnn import mtcnn_weights_path
+
+    try:
+        mtcnn_weights_path("pnet")
+    except ModuleNotFoundError:
+        pytest.skip("facenet-pytorch (the study extra's MTCNN weights) is not installed")
+    bench = _load_tool("benchmark")
+    assert bench.main(["--profile", "realweights", "--small", "--tasks", "pnet", "rnet",
+                       "--criteria", "l2", "kcp", "--targets", "0.5", "--seeds", "0",
+                       "--finetune-steps", "3", "--n-train", "16", "--out",
+                       str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert [d["net"] for d in result["dense"]] == ["pnet", "rnet"]
+    for dense in result["dense"]:
+        assert dense["agree"] == 100.0 and dense["prob_err"] == 0.0
+    assert result["dense"][1]["acc"] > 80  # R-Net tells real faces from backgrounds
+    assert len(result["rows"]) == 4
+    for row in result["rows"]:
+        assert "error" not in row, row
+        assert abs(row["macs_ratio"] - 0.5) <= 0.02
+        for stage in (row["pruned"], row["compensated"], *row["distilled"]):
+            assert 0.0 <= stage["agree"] <= 100.0 and stage["box_err"] >= 0
+    spearman = {(c["net"], c["criterion"]): c["spearman_vs_l2"] for c in result["criteria"]}
+    assert spearman[("rnet", "l2")] == pytest.approx(1.0)
+    text = (tmp_path / "results.md").read_text()
+    assert "### pnet: iou with the dense network" in text and "| kcp |" in text
+    assert bench.main(["--profile", "realweights", "--tasks", "qnet", "--out",
+                       str(tmp_path / "bad")]) == 2
+
+
+def test_mtcnn_loader_matches_the_upstream_channels_last_flatten():
+    """load_mtcnn reorders R-Net's first linear layer for a channel-major flatten: the same
+    outputs as upstream's permute(0, 3, 2, 1) flatten with the bundled weights."""
+    from kcp_plugin.models import load_mtcnn
+    from kcp_plugin.models.mtcnn import mtcnn_weights_path
+
+    try:
+        path = mtcnn_weights_path("rnet")
+    except ModuleNotFoundError:
+        pytest.skip("facenet-pytorch (the study extra's MTCNN weights) is not installed")
+    state = torch.load(path, weights_only=True)
+    model = load_mtcnn("rnet")
+    x = torch.randn(4, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        box, prob = model(x)
+        feat = model.prelu3(model.conv3(model.pool2(model.prelu2(model.conv2(
+            model.pool1(model.prelu1(model.conv1(x))))))))
+        flat = feat.permute(0, 3, 2, 1).reshape(4, -1)  # upstream's order
+        hidden = torch.nn.functional.prelu(flat @ state["dense4.weight"].t()
+                                           + state["dense4.bias"], state["prelu4.weight"])
+        want = hidden @ state["dense5_2.weight"].t() + state["dense5_2.bias"]
+    assert torch.allclose(box, want, atol=1e-5)
+    assert torch.allclose(prob.sum(1), torch.ones(4))
+    with pytest.raises(ValueError, match="valid names: pnet, rnet, onet"):
+        load_mtcnn("qnet")
