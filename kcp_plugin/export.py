@@ -46,7 +46,7 @@ from torch.overrides import TorchFunctionMode
 
 from .errors import ExportError
 from .graph import ForwardFn, default_forward, preserved_modes
-from .safety import describe_exception
+from .safety import describe_exception, output_tensors
 
 __all__ = ["DEPLOY_HINT", "ExportReport", "export_onnx", "inference_session", "require_deploy"]
 
@@ -270,15 +270,7 @@ class _Flat(nn.Module):
 
 def _leaves(obj: Any, prefix: str) -> list[tuple[str, torch.Tensor]]:
     """Every tensor in a nest of tuples / lists / dicts, named by its path (``prefix.key``)."""
-    if isinstance(obj, torch.Tensor):
-        return [(prefix, obj)]
-    if isinstance(obj, dict):
-        items: Any = obj.items()
-    elif isinstance(obj, (tuple, list)):
-        items = enumerate(obj)
-    else:
-        return []
-    return [leaf for key, value in items for leaf in _leaves(value, f"{prefix}.{key}")]
+    return list(output_tensors(obj, prefix, objects=False).items())
 
 
 def _rebuild(obj: Any, tensors: Iterator[torch.Tensor]) -> Any:

@@ -205,8 +205,10 @@ def unsafe_layers(graph: tp.DependencyGraph, names: dict[Any, str]) -> dict[nn.M
     return found
 
 
-def _tensors(out: Any, prefix: str = "out") -> dict[str, torch.Tensor]:
-    """Every tensor in a (nested) model output, by path."""
+def output_tensors(out: Any, prefix: str = "out", objects: bool = True) -> dict[str, torch.Tensor]:
+    """Every tensor in a (nested) model output, by path (``prefix.key.index``), in traversal
+    order: tensors, dicts, lists and tuples, and with ``objects`` also the attributes of plain
+    objects (mmseg data samples). Used by the output checks and by the ONNX export."""
     if isinstance(out, torch.Tensor):
         return {prefix: out}
     found: dict[str, torch.Tensor] = {}
@@ -214,12 +216,12 @@ def _tensors(out: Any, prefix: str = "out") -> dict[str, torch.Tensor]:
         items: Iterable = out.items()
     elif isinstance(out, (list, tuple)):
         items = enumerate(out)
-    elif hasattr(out, "__dict__") and not isinstance(out, nn.Module):
+    elif objects and hasattr(out, "__dict__") and not isinstance(out, nn.Module):
         items = vars(out).items()  # e.g. mmseg data samples
     else:
         return found
     for key, value in items:
-        found.update(_tensors(value, f"{prefix}.{key}"))
+        found.update(output_tensors(value, f"{prefix}.{key}", objects))
     return found
 
 
@@ -231,7 +233,7 @@ def output_signature(model: nn.Module, example_inputs: Any,
     with torch.no_grad(), preserved_modes(model):
         model.eval()
         out = forward_fn(model, example_inputs)
-    return {k: tuple(v.shape) for k, v in _tensors(out).items()}
+    return {k: tuple(v.shape) for k, v in output_tensors(out).items()}
 
 
 def verify_outputs(model: nn.Module, example_inputs: Any,
@@ -250,7 +252,7 @@ def verify_outputs(model: nn.Module, example_inputs: Any,
             out = forward_fn(model, example_inputs)
     except Exception as exc:  # the point of the check: any failure of the pruned forward
         return f"the pruned forward fails: {describe_exception(exc)}"
-    found = _tensors(out)
+    found = output_tensors(out)
     for key, shape in signature.items():
         if key not in found:
             return f"output {key} is missing after pruning"
