@@ -103,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.profile == "realweights" and not args.summarize:
+    if args.profile == "realweights":
         return _realweights(args)
     base = STUDY_PROFILES.get(args.profile) or PROFILES["quick" if args.quick else args.profile]
     profile = dataclasses.replace(base)
@@ -215,6 +215,16 @@ def _realweights(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.summarize:  # runs of different networks (e.g. in parallel) into one table
+        try:
+            result = study.merge_realweights([json.loads(Path(f).read_text())
+                                              for f in args.summarize])
+        except (ValueError, OSError, KeyError) as exc:
+            print(f"benchmark: error: {exc}", file=sys.stderr)
+            return 2
+        study.write_json(out / "merged.json", result)
+        (out / "results.md").write_text(study.realweights_markdown(result))
+        return 0
 
     def save_partial(row: dict, result: dict) -> None:
         study.write_json(out / "partial.json", result)

@@ -376,6 +376,24 @@ def _prune_row(dense: nn.Module, dense_out: list[Any], data: FaceData, pool: Ten
     return row
 
 
+def merge_realweights(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from real-weights runs of different networks (e.g. run in parallel).
+
+    Raises:
+        ValueError: two runs hold the same network (their rows would be mixed).
+    """
+    merged: dict[str, Any] = {"config": results[0]["config"], "dense": [], "rows": [],
+                              "criteria": []}
+    for result in results:
+        seen = {d["net"] for d in merged["dense"]}
+        dup = seen & {d["net"] for d in result["dense"]}
+        if dup:
+            raise ValueError(f"network(s) {', '.join(sorted(dup))} appear in two runs")
+        for key in ("dense", "rows", "criteria"):
+            merged[key] += result[key]
+    return merged
+
+
 def _row_line(row: dict[str, Any]) -> str:
     head = f"{row['net']} {row['criterion']:<18} {row['target_macs']:.0%}"
     if "error" in row:
@@ -430,13 +448,14 @@ def realweights_markdown(result: dict[str, Any]) -> str:
                 r = next((r for r in rows if r["criterion"] == criterion
                           and r["target_macs"] == t), None)
                 if r is None or "error" in r:
-                    cells.append("error" if r else "")
+                    cells.append("not applicable" if r and "out of reach" in r["error"]
+                                 else "error" if r else "")
                     continue
                 cells.append(f"{r['pruned'][key]:.1f} / {r['compensated'][key]:.1f} / "
                              f"{_mean_spread([d[key] for d in r['distilled']])}")
             r = next((r for r in rows if r["criterion"] == criterion
                       and r["target_macs"] == targets[-1] and "error" not in r), None)
-            box = prob = " | "
+            box = prob = ""
             if r is not None:
                 box = " / ".join(f"{v:.3f}" for v in _stages(r, "box_err"))
                 prob = " / ".join(f"{v:.3f}" for v in _stages(r, "prob_err"))
