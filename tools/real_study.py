@@ -377,20 +377,32 @@ def _prune_row(dense: nn.Module, dense_out: list[Any], data: FaceData, pool: Ten
 
 
 def merge_realweights(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """One result from real-weights runs of different networks (e.g. run in parallel).
+    """One result from real-weights runs (e.g. run in parallel: other networks, or the same
+    network at other targets). A network's dense row and criterion analysis come from its
+    first run (they do not depend on the targets).
 
     Raises:
-        ValueError: two runs hold the same network (their rows would be mixed).
+        ValueError: two runs hold the same (network, criterion, target) row, or the same
+            network with different dense results (different settings).
     """
     merged: dict[str, Any] = {"config": results[0]["config"], "dense": [], "rows": [],
                               "criteria": []}
     for result in results:
-        seen = {d["net"] for d in merged["dense"]}
-        dup = seen & {d["net"] for d in result["dense"]}
-        if dup:
-            raise ValueError(f"network(s) {', '.join(sorted(dup))} appear in two runs")
-        for key in ("dense", "rows", "criteria"):
-            merged[key] += result[key]
+        for dense in result["dense"]:
+            old = next((d for d in merged["dense"] if d["net"] == dense["net"]), None)
+            if old is None:
+                merged["dense"].append(dense)
+                merged["criteria"] += [c for c in result["criteria"]
+                                       if c["net"] == dense["net"]]
+            elif old != dense:
+                raise ValueError(f"{dense['net']}: the runs' dense results differ (other "
+                                 "settings): not one study")
+        have = {(r["net"], r["criterion"], r["target_macs"]) for r in merged["rows"]}
+        for row in result["rows"]:
+            key = (row["net"], row["criterion"], row["target_macs"])
+            if key in have:
+                raise ValueError(f"row {key} appears in two runs")
+            merged["rows"].append(row)
     return merged
 
 
