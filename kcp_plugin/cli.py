@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from .errors import ExportError
+from .errors import ExportError, UnprunableError
 from .graph import check_runs
 from .latency import BACKENDS, compare_latency
 from .plan import save_pruned
@@ -247,6 +247,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             target_latency_ratio=args.target_latency, latency_backend=args.latency_backend,
             latency_threads=args.threads or 1, latency_runs=max(args.latency_runs, 3),
         )
+    except UnprunableError as exc:  # a target out of reach: pruning failed, model restored
+        print(f"kcp-prune: error: pruning failed: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     except (ValueError, TypeError) as exc:
         print(f"kcp-prune: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -54,8 +54,10 @@ DEPLOY_HINT = "pip install kcp-plugin[deploy]"
 
 # float32 agreement: |onnxruntime - torch| <= ATOL + rtol * max|torch| per output. Relative to
 # the output's scale, not element-wise: near-zero elements of a large output (cancellation)
-# would fail an element-wise test for rounding alone.
-ATOL = 1e-5
+# would fail an element-wise test for rounding alone. The absolute floor only matters for
+# all-zero outputs: a larger one (1e-5 before) let anything pass on tiny outputs (random-init
+# MNASNet: max |output| 7e-8), found by a newcomer trial.
+ATOL = 1e-12
 
 
 @dataclass(frozen=True)

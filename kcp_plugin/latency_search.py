@@ -57,8 +57,9 @@ class LatencyTarget:
     max_trials: int = 8
 
 
-def check_latency_target(target: LatencyTarget) -> None:
-    """Validate a latency target before anything is measured.
+def check_latency_target(target: LatencyTarget, imports: bool = True) -> None:
+    """Validate a latency target before anything is measured (``imports``: also that the
+    backend's packages are installed).
 
     Raises:
         ValueError: a bad ratio, tolerance, backend, thread or run count.
@@ -77,7 +78,7 @@ def check_latency_target(target: LatencyTarget) -> None:
                              ("latency_runs", target.runs, 3)):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    if target.backend == "onnxruntime":
+    if imports and target.backend == "onnxruntime":
         from .export import require_deploy
 
         require_deploy()
@@ -190,7 +191,9 @@ def prune_to_latency(
                         f"target_latency_ratio={target.ratio} is out of reach with this "
                         f"criterion and settings: at {hi[0]:.3f} of the MACs the latency is "
                         f"still {hi[1]:.3f} of dense ({target.backend}, {target.threads} "
-                        f"thread(s)){limit}; ask for less, or protect fewer layers")
+                        f"thread(s)){limit}; ask for less, or let more be pruned "
+                        "(max_pruning_ratio, fewer ignored_layers); for onnxruntime, "
+                        "round_to='auto' often helps (odd widths run slowly there)")
                 slope = (hi[1] - 1.0) / (hi[0] - 1.0) if hi[0] < 1.0 else 1.0
                 point = max(low_end, hi[0] + (target.ratio - hi[1]) / max(slope, 0.2))
             else:  # secant inside the bracket

@@ -183,9 +183,11 @@ def prune(
         ValueError / TypeError: invalid arguments (the model is untouched).
     """
     if target_latency_ratio is not None:
-        if target_macs_ratio is not None or pruning_ratio is not None or dry_run:
-            raise ValueError("target_latency_ratio replaces target_macs_ratio / pruning_ratio "
-                             "and cannot be a dry run; give one target")
+        if target_macs_ratio is not None or pruning_ratio is not None:
+            raise ValueError("target_latency_ratio replaces target_macs_ratio / pruning_ratio: "
+                             "give one target")
+        if dry_run:
+            raise ValueError("a latency target cannot be a dry run (dry_run=True)")
         latency = LatencyTarget(target_latency_ratio, latency_tolerance, latency_backend,
                                 latency_threads, latency_runs)
         check_latency_target(latency)
@@ -209,6 +211,9 @@ def prune(
     if round_to == "auto":
         raise ValueError("round_to='auto' picks the channel multiple by measuring latency: it "
                          "needs target_latency_ratio")
+    # the latency options are checked even when unused, so a typo is not silently ignored
+    check_latency_target(LatencyTarget(1.0, latency_tolerance, latency_backend, latency_threads,
+                                       latency_runs), imports=False)
     req = _validate(
         model=model, target_macs_ratio=target_macs_ratio, pruning_ratio=pruning_ratio,
         pruning_ratio_dict=pruning_ratio_dict, max_pruning_ratio=max_pruning_ratio,

@@ -127,7 +127,11 @@ class PruneReport(SizeReport):
                 self.latency_after_ms / max(self.latency_before_ms, 1e-9),
             ))
         head = f"importance: {self.importance}; channel pruning ratio {self.pruning_ratio:.3f}"
-        if self.target_macs_ratio is not None:
+        if self.target_latency_ratio is not None:
+            head += (f" (latency target {self.target_latency_ratio:.1%} of dense in "
+                     f"{self.latency_backend}: searched for {self.target_macs_ratio:.1%} of MACs"
+                     f"{f', round_to {self.round_to}' if self.round_to else ''})")
+        elif self.target_macs_ratio is not None:
             head += f" (searched for {self.target_macs_ratio:.1%} of MACs)"
         return head + "\n" + self.size_table(rows)
 

@@ -191,3 +191,11 @@ def test_latency_target_from_the_command_line(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["target_latency_ratio"] == 0.7 and report["latency_backend"] == "torch"
     assert report["round_to"] in (None, 8, 16) and report["latency_search"]
+
+
+def test_unreachable_latency_target_is_a_pruning_failure(capsys):
+    """Exit 1 (pruning failed), not 2 (invalid arguments): the arguments were fine."""
+    code = main(["--model", SPEC, "--input-shape", "1,3,32,32", "--target-latency", "0.01",
+                 "--latency-runs", "3", "-q"])
+    assert code == 1
+    assert "pruning failed: target_latency_ratio=0.01" in capsys.readouterr().err

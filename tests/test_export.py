@@ -184,6 +184,13 @@ class Noisy(nn.Module):
         return x + torch.rand_like(x)
 
 
+class TinyNoisy(nn.Module):
+    """Outputs of magnitude 1e-8 (as random-init nets give): a disagreement must still count."""
+
+    def forward(self, x):
+        return 1e-8 * (x + torch.rand_like(x))
+
+
 class BakedBatch(nn.Module):
     def forward(self, x):
         return x.reshape(int(x.shape[0]), -1)  # the trace keeps the example's batch size
@@ -192,6 +199,7 @@ class BakedBatch(nn.Module):
 @needs_deploy
 @pytest.mark.parametrize("model,message", [
     (Noisy(), r"onnxruntime and torch disagree, max \|difference\| "),
+    (TinyNoisy(), r"onnxruntime and torch disagree, max \|difference\| "),
     (BakedBatch(), "a batch twice the example's"),
 ])
 def test_a_file_that_disagrees_with_torch_is_refused(tmp_path, model, message):

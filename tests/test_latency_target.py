@@ -86,6 +86,8 @@ def test_round_to_auto_keeps_the_fastest_multiple(monkeypatch):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(target_latency_ratio=0.5, target_macs_ratio=0.5), "give one target"),
+    (dict(target_latency_ratio=0.5, dry_run=True), "cannot be a dry run"),
+    (dict(target_macs_ratio=0.5, latency_backend="ort"), "valid: torch, onnxruntime"),
     (dict(target_latency_ratio=1.5), r"target_latency_ratio must be in \(0, 1\]"),
     (dict(target_latency_ratio=0.5, latency_backend="tensorrt"), "valid: torch, onnxruntime"),
     (dict(target_latency_ratio=0.5, latency_runs=1), "latency_runs must be"),
