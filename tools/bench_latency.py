@@ -7,6 +7,8 @@ the benchmark's input size, then timed at that size and at ``--scale`` times it 
 segmentation and stereo nets are fully convolutional, so larger inputs show where compute, not
 per-layer overhead, dominates). Dense and pruned models are timed interleaved, median over
 ``--runs`` passes, so background load falls on both alike. Run it on a quiet machine.
+Deployment-sized models (timm / torchvision), onnxruntime next to torch eager, several thread
+counts and the latency target: ``tools/bench_deploy.py`` (docs/deploy.md).
 
     python tools/bench_latency.py --threads 1 --out outputs/latency
     python tools/bench_latency.py --tasks segmentation stereo --targets 0.5 0.3 --scale 1 4
