@@ -117,3 +117,27 @@ def test_latency_target_measures_for_real(backend):
     assert report.latency_backend == backend and report.latency_search
     assert report.latency_before_ms > 0 and report.latency_after_ms > 0
     assert report.macs_after <= report.macs_before
+
+
+def test_the_chosen_model_is_measured_again(monkeypatch, caplog):
+    """The closest trial is the likeliest noise outlier: the pruned model is measured once more,
+    the report gives that measurement, and a disagreement beyond the tolerance is a warning."""
+    calls = []
+    honest = _fake_latency(floor=0.3)
+
+    def outlier_then_honest(models, *args, **kwargs):
+        stats = honest(models, *args, **kwargs)
+        calls.append(len(calls))
+        if len(calls) == 1:  # the first trial looks exactly on target, by luck
+            dense = stats[0]
+            return [dense, LatencyStats(0.6 * dense.median_ms, 0, 0, 3, 1, "torch")]
+        return stats
+
+    monkeypatch.setattr(search, "compare_latency", outlier_then_honest)
+    model = _model()
+    with caplog.at_level("WARNING", logger="kcp_plugin.latency_search"):
+        report = kcp_plugin.prune(model, X, "kcp", target_latency_ratio=0.6)
+    kept = report.latency_after_ms / report.latency_before_ms
+    assert report.latency_search[-1][2] == pytest.approx(kept)
+    assert kept == pytest.approx(0.3 + 0.7 * report.macs_after / report.macs_before, abs=1e-6)
+    assert "measurements are unstable" in caplog.text
