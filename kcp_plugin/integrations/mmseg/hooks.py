@@ -16,8 +16,9 @@ Where it acts in mmengine's ``Runner.train()`` (build optim wrapper -> param sch
 * ``before_train``: builds the :class:`kcp_plugin.schedule.PruningScheduler` on the unwrapped
   model (after weights are loaded).
 * ``before_train_iter``: at the schedule's pruning points (counted in iterations, or in epochs
-  with ``by_epoch=True``), prunes. In distributed training rank 0 decides and the plan is
-  broadcast, so every rank reaches the same structure whatever the criterion.
+  with ``by_epoch=True``), prunes. In distributed training every rank prunes on statistics
+  all-reduced over the ranks and rank 0's plan is then made every rank's
+  (:mod:`kcp_plugin.distributed`), so every rank reaches the same structure.
 * after every structural change, what holds the old parameters is rebuilt: the optimizer
   (:func:`kcp_plugin.rebuild_optimizer`: the same object, state carried, so parameter schedulers
   and an LR already scaled by ``auto_scale_lr`` stay valid), the DDP wrapper (re-made around the
@@ -37,17 +38,19 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from mmengine.dist import broadcast_object_list, get_dist_info
+from mmengine.dist import get_dist_info
 from mmengine.hooks import EMAHook, Hook
 from mmengine.model import is_model_wrapper
 from mmengine.optim import OptimWrapper, OptimWrapperDict
 from torch.nn.parallel import DistributedDataParallel
 
 from kcp_plugin import count_macs_params, get_plan, importance_info, prune, rebuild_optimizer
+from kcp_plugin.distributed import agree_on_plan, all_ranks_succeeded
 from kcp_plugin.graph import preserved_modes, resolve_layers
 from kcp_plugin.plan import validate_plan
 from kcp_plugin.registry import criterion_arguments
 from kcp_plugin.schedule import RAMPS, PruningScheduler, resolve_mode
+from kcp_plugin.snapshot import ModuleSnapshot
 from kcp_plugin.stats import RecentBatches
 
 from .checkpoint import META_KEY, raise_on_size_mismatch
@@ -321,29 +324,20 @@ class PruningHook(Hook):
             return
         model = self._model(runner)
         before = len(get_plan(model)["history"])
-        rank, world = get_dist_info()
-        if world == 1:
+        if get_dist_info()[1] == 1:
             self._prune_here(runner, call)
         else:
-            # Rank 0 decides (its scores, its batch), every rank replays the same plan.
-            message: list[Any] = [None]
-            if rank == 0:
-                try:
-                    self._prune_here(runner, call)
-                    message = [{"plan": get_plan(model)}]
-                except Exception as exc:
-                    message = [{"error": f"{type(exc).__name__}: {exc}"}]
-                    broadcast_object_list(message, src=0)
-                    raise
-            broadcast_object_list(message, src=0)
-            if "error" in message[0]:
-                raise RuntimeError(f"pruning failed on rank 0: {message[0]['error']}")
-            if rank != 0:
-                sync_structure(model, message[0]["plan"], self._example(runner))
-                if self.scheduler is not None:
-                    self.scheduler.calls = call + 1
-                else:
-                    self.calls = call + 1
+            # Every rank prunes on statistics all-reduced over the ranks (gradients averaged,
+            # activation statistics summed), so the collectives inside prune match; then rank
+            # 0's plan is made every rank's (kcp_plugin.distributed, as timm's schedule does).
+            snapshot = ModuleSnapshot(model)
+            error = None
+            try:
+                self._prune_here(runner, call)
+            except Exception as exc:  # every rank must learn of it, or the others would hang
+                error = exc
+            all_ranks_succeeded(error, f"pruning point at call {call}")
+            agree_on_plan(model, snapshot, self._example(runner), trace_forward)
         self._after_change(runner, changed=len(get_plan(model)["history"]) != before)
         unit = "epoch" if self.schedule["by_epoch"] else "iter"
         self._log_macs(runner, f"after pruning at {unit} {call}")
