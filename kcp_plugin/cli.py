@@ -290,6 +290,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ExportError as exc:
             print(f"kcp-prune: error: {exc}", file=sys.stderr)
             code = EXIT_ERROR
+    if (args.onnx or args.latency_backend == "onnxruntime") and args.round_to is None:
+        print("note: onnxruntime's fast convolution kernels need channel counts that are "
+              "multiples of 8; pruned to odd widths a model can run slower than dense there "
+              "(docs/deploy.md): consider --round-to 8 (or --round-to auto with "
+              "--target-latency)")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"model": args.model, **report.to_dict()}, fh, indent=2)
