@@ -183,8 +183,19 @@ def test_missing_deploy_extra_is_a_usage_error(monkeypatch, tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
-def test_latency_target_from_the_command_line(tmp_path, capsys):
-    """--target-latency prunes by measured latency; the report JSON says what was measured."""
+def test_latency_target_from_the_command_line(tmp_path, capsys, monkeypatch):
+    """--target-latency prunes by measured latency; the report JSON says what was measured.
+    The search measures through a stand-in (latency = MACs), so the machine's load cannot
+    make a 1 ms model's target unreachable; the CLI's own latency line is measured for real."""
+    import kcp_plugin.latency_search as search
+    from kcp_plugin import count_macs_params
+    from kcp_plugin.latency import LatencyStats
+
+    def by_macs(models, example_inputs, *args, backend="torch", **kwargs):
+        macs = [float(count_macs_params(m, example_inputs)[0]) for m in models]
+        return [LatencyStats(v, v, v, 3, 1, backend) for v in macs]
+
+    monkeypatch.setattr(search, "compare_latency", by_macs)
     out = tmp_path / "r.json"
     code = main(["--model", SPEC, "--input-shape", "1,3,32,32", "--target-latency", "0.7",
                  "--round-to", "auto", "--latency-runs", "3", "--json", str(out), "-q"])
