@@ -33,6 +33,7 @@ from mmengine.runner.checkpoint import _load_checkpoint, load_checkpoint
 import kcp_plugin
 import kcp_plugin.integrations.mmseg as kmm
 from kcp_plugin import count_macs_params, get_plan
+from kcp_plugin.data.metrics import confusion_matrix, iou_from_confusion
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "mmseg"
@@ -41,6 +42,7 @@ DEPLOY = CONFIGS / "fcn_r18-tiny_kcp50_generated-64x64_cpu_deploy.py"
 R50_RECIPES = sorted(CONFIGS.glob("*_r50-d8_kcp50_*.py"))
 MAX_ITERS = 30
 CKPT_EVERY = 15  # iter_15 lies between the pruning points at 10 and 20
+LEARN_ITERS = 200  # the short run that must beat background-only mIoU
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -138,7 +140,9 @@ def test_training_prunes_to_the_target_and_learns(trained):
     # loss falls although the network lost half its MACs on the way
     losses = trained["losses"]
     assert len(losses) == MAX_ITERS
-    assert losses[-5:].mean() < 0.8 * losses[:5].mean(), losses
+    # (the recipe's loss weighs background by 0.2, so predicting the class prior only takes it to
+    # ~0.93 of its start; measured 0.89 here. test_recipe_learns_... checks real learning.)
+    assert losses[-5:].mean() < 0.95 * losses[:5].mean(), losses
     # the optimizer holds exactly the pruned parameters, with their momentum
     opt = runner.optim_wrapper.optimizer
     held = [p for g in opt.param_groups for p in g["params"]]
@@ -151,6 +155,37 @@ def test_training_prunes_to_the_target_and_learns(trained):
     # the plan the hook wrote for deployment is the model's plan
     with open(Path(trained["work"]) / "kcp_pruning_plan.json") as f:
         assert json.load(f) == get_plan(model)
+
+
+def test_recipe_learns_beyond_background_in_a_short_run(tmp_path, data_root):
+    """The recipe (its optimizer, class-weighted loss and KCP hook) for LEARN_ITERS iterations
+    (~20 s): the pruned net beats predicting background everywhere on the validation scenes.
+    The recipe used to end at exactly that (unweighted loss, 16-channel head, 60 iterations:
+    14.9 mIoU); its full 1500 iterations reach ~47 (docs/mmseg.md)."""
+    cfg = recipe_cfg(tmp_path, data_root)
+    cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=LEARN_ITERS, val_interval=10**6)
+    cfg.param_scheduler = [dict(type="PolyLR", eta_min=1e-5, power=0.9, begin=0,
+                                end=LEARN_ITERS, by_epoch=False)]
+    cfg.default_hooks.checkpoint = dict(type="CheckpointHook", by_epoch=False, interval=10**6)
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    model = _unwrapped(runner).eval()
+    macs = count_macs_params(model, kmm.example_inputs(model), _deploy_forward)[0]
+    assert abs(macs / runner_hook(runner).macs_dense - 0.5) < 0.03  # it learned while pruned
+    n = model.decode_head.num_classes
+    cm = torch.zeros(n, n, dtype=torch.long)
+    with torch.no_grad():
+        for batch in runner.val_dataloader:
+            for sample in model.test_step(batch):
+                cm += confusion_matrix(sample.pred_sem_seg.data, sample.gt_sem_seg.data, n,
+                                       ignore_index=255)
+    iou = iou_from_confusion(cm)
+    # all background: IoU of class 0 = its pixel share, 0 for every other class
+    background_only = float(cm[0].sum() / cm.sum()) / n
+    miou = float(iou.nanmean())
+    # measured with seeds 0 / 1 / 2: 0.249 / 0.247 / 0.248 against 0.155 (former recipe: 0.155)
+    assert miou > background_only + 0.05, (miou, background_only, iou.tolist())
+    assert float(iou[1:].nan_to_num().max()) > 0.1, iou.tolist()
 
 
 def test_resume_mid_schedule_matches_uninterrupted(trained, tmp_path, data_root):
