@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ from .snapshot import ModuleSnapshot
 __all__ = [
     "DDP_KWARGS_ATTR",
     "agree_on_plan",
+    "prune_on_every_rank",
     "all_ranks_succeeded",
     "all_reduce_gradients",
     "rank",
@@ -140,6 +142,31 @@ def agree_on_plan(model: nn.Module, before: ModuleSnapshot, example_inputs: Any,
     before.restore()
     sync_plan(model, theirs, example_inputs, forward_fn)
     return True
+
+
+def prune_on_every_rank(model: nn.Module, prune_step: Callable[[], Any], example_inputs: Any,
+                        forward_fn: ForwardFn | None = None, what: str = "pruning") -> None:
+    """Run ``prune_step()`` on every rank, then make rank 0's plan every rank's (a collective).
+
+    The one distributed pruning point of the training integrations (timm's schedule, the mmseg
+    hook): a snapshot, the prune (statistics all-reduced inside it), every rank told of a
+    failure anywhere (:func:`all_ranks_succeeded`), then :func:`agree_on_plan`. On one process
+    it is just ``prune_step()``. Optimizers and DDP wrappers are re-pointed by the caller.
+
+    Raises:
+        RuntimeError: ``prune_step`` failed on some rank (on every rank).
+    """
+    if world_size() == 1:
+        prune_step()
+        return
+    before = ModuleSnapshot(model)
+    error = None
+    try:
+        prune_step()
+    except Exception as exc:  # every rank must learn of it, or the others would hang
+        error = exc
+    all_ranks_succeeded(error, what)
+    agree_on_plan(model, before, example_inputs, forward_fn)
 
 
 def _ddp_kwargs(ddp: nn.parallel.DistributedDataParallel) -> dict[str, Any]:

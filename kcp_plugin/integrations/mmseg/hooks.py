@@ -45,12 +45,11 @@ from mmengine.optim import OptimWrapper, OptimWrapperDict
 from torch.nn.parallel import DistributedDataParallel
 
 from kcp_plugin import count_macs_params, get_plan, importance_info, prune, rebuild_optimizer
-from kcp_plugin.distributed import agree_on_plan, all_ranks_succeeded
+from kcp_plugin.distributed import prune_on_every_rank
 from kcp_plugin.graph import preserved_modes, resolve_layers
 from kcp_plugin.plan import validate_plan
 from kcp_plugin.registry import criterion_arguments
 from kcp_plugin.schedule import RAMPS, PruningScheduler, resolve_mode
-from kcp_plugin.snapshot import ModuleSnapshot
 from kcp_plugin.stats import RecentBatches
 
 from .checkpoint import META_KEY, raise_on_size_mismatch
@@ -324,20 +323,11 @@ class PruningHook(Hook):
             return
         model = self._model(runner)
         before = len(get_plan(model)["history"])
-        if get_dist_info()[1] == 1:
-            self._prune_here(runner, call)
-        else:
-            # Every rank prunes on statistics all-reduced over the ranks (gradients averaged,
-            # activation statistics summed), so the collectives inside prune match; then rank
-            # 0's plan is made every rank's (kcp_plugin.distributed, as timm's schedule does).
-            snapshot = ModuleSnapshot(model)
-            error = None
-            try:
-                self._prune_here(runner, call)
-            except Exception as exc:  # every rank must learn of it, or the others would hang
-                error = exc
-            all_ranks_succeeded(error, f"pruning point at call {call}")
-            agree_on_plan(model, snapshot, self._example(runner), trace_forward)
+        # every rank prunes on statistics all-reduced over the ranks; rank 0's plan is then
+        # made every rank's (kcp_plugin.distributed, as timm's schedule does)
+        prune_on_every_rank(model, lambda: self._prune_here(runner, call),
+                            self._example(runner), trace_forward,
+                            what=f"pruning point at call {call}")
         self._after_change(runner, changed=len(get_plan(model)["history"]) != before)
         unit = "epoch" if self.schedule["by_epoch"] else "iter"
         self._log_macs(runner, f"after pruning at {unit} {call}")

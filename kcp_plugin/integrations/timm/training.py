@@ -27,11 +27,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ...distributed import agree_on_plan, all_ranks_succeeded, rank, rebuild_ddp, world_size
+from ...distributed import prune_on_every_rank, rank, rebuild_ddp, world_size
 from ...graph import count_macs_params
 from ...optim import rebuild_optimizer
 from ...schedule import PruningScheduler
-from ...snapshot import ModuleSnapshot
 from .pruning import default_inputs, head_map, replay_new_entries
 from .support import check_supported
 
@@ -150,18 +149,9 @@ class TimmPruningSchedule:
         call = scheduler.calls
         if scheduler.point_at(call) is None:
             return scheduler.step()
-        distributed = world_size() > 1
-        if distributed:
-            self._check_ddp()
-        before = ModuleSnapshot(self.model) if distributed else None
-        error = None
-        try:
-            scheduler.step()
-        except Exception as exc:  # every rank must learn of it, or the others would hang
-            error = exc
-        all_ranks_succeeded(error, f"pruning point at optimizer step {call}")
-        if distributed:
-            agree_on_plan(self.model, before, self.example_inputs)
+        self._check_ddp()
+        prune_on_every_rank(self.model, scheduler.step, self.example_inputs,
+                            what=f"pruning point at optimizer step {call}")
         rebuild_optimizer(self.optimizer, self.model)
         for wrapper in self.ddp:
             rebuild_ddp(wrapper)
