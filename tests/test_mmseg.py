@@ -662,3 +662,15 @@ def test_sweep_mmseg_prunes_a_packaged_config_through_the_hook(tmp_path):
     (row,) = json.loads(out.read_text())["rows"]
     assert row["family"] == "fcn" and row["status"] == "ok", row
     assert abs(row["macs_ratio"] - 0.5) <= 0.02 and row["shape_ok"] and row["finite_ok"]
+
+
+def test_generated_scenes_written_with_other_settings_are_refused(tmp_path):
+    """A data_root reused with other settings used to be read silently (e.g. the old 32-scene
+    set for the 1024-scene recipe)."""
+    from kcp_plugin.integrations.mmseg.dataset import write_generated_scenes
+
+    root = str(tmp_path / "scenes")
+    write_generated_scenes(root, 4, (16, 16), 3, 0)
+    write_generated_scenes(root, 4, (16, 16), 3, 0)  # same settings: reused
+    with pytest.raises(ValueError, match="made with .*'num_images': 4.*not .*'num_images': 8"):
+        write_generated_scenes(root, 8, (16, 16), 3, 0)

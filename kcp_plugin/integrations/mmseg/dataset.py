@@ -8,6 +8,7 @@ mmseg's usual pipelines (``LoadImageFromFile``, ``LoadAnnotations``, ...) apply.
 
 from __future__ import annotations
 
+import json
 import os
 import os.path as osp
 import tempfile
@@ -31,11 +32,24 @@ def write_generated_scenes(root: str, num_images: int, size: tuple[int, int],
     """Write ``img/{i:05d}.png`` and ``ann/{i:05d}.png`` under ``root`` unless present.
 
     Written to a temporary directory and renamed, so concurrent writers (DDP ranks) never see
-    a partial set.
+    a partial set. The ``DONE`` marker records the settings, so a folder written with others
+    is refused instead of silently reused.
+
+    Raises:
+        ValueError: ``root`` holds scenes generated with other settings.
     """
     import cv2
 
-    if osp.isfile(osp.join(root, "DONE")):
+    settings = {"num_images": int(num_images), "size": [int(v) for v in size],
+                "num_classes": int(num_classes), "seed": int(seed)}
+    done = osp.join(root, "DONE")
+    if osp.isfile(done):
+        with open(done) as f:
+            text = f.read().strip()
+        found = json.loads(text) if text else None  # empty: written before settings were kept
+        if found is not None and found != settings:
+            raise ValueError(f"{root} holds generated scenes made with {found}, not {settings}: "
+                             "delete the folder or give the dataset another data_root")
         return
     os.makedirs(osp.dirname(osp.abspath(root)), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".generated-", dir=osp.dirname(osp.abspath(root)))
@@ -46,7 +60,8 @@ def write_generated_scenes(root: str, num_images: int, size: tuple[int, int],
         rgb = (imgs[i].transpose(1, 2, 0) * 255).round().astype(np.uint8)
         cv2.imwrite(osp.join(tmp, "img", f"{i:05d}.png"), rgb[:, :, ::-1])  # cv2 writes BGR
         cv2.imwrite(osp.join(tmp, "ann", f"{i:05d}.png"), labels[i].astype(np.uint8))
-    open(osp.join(tmp, "DONE"), "w").close()
+    with open(osp.join(tmp, "DONE"), "w") as f:
+        json.dump(settings, f)
     try:
         os.rename(tmp, root)
     except OSError:  # another process finished first
