@@ -270,34 +270,37 @@ def test_rows_do_not_depend_on_the_rows_before_them():
 def test_realweights_profile_smoke(tmp_path):
     """--profile realweights on a few real images: the pretrained P-Net and R-Net (facenet-
     pytorch's bundled weights) pruned, compensated and distilled; the dense network agrees with
-    itself, the pruned one reaches its MACs target, and its metrics are percentages."""
-    pytest.importorskip("skimage")
-    from kcp_plugin.models.mtcnn import mtcnn_weights_path
-
-    try:
-        mtcnn_weights_path("pnet")
-    except ModuleNotFoundError:
-        pytest.skip("facenet-pytorch (the study extra's MTCNN weights) is not installed")
+    itself, the pruned one reaches its MACs target, and its metrics are percentages. A criterion
+    that takes a seed (random; kcp, whose JL projection is seeded) is pruned once per seed, a
+    deterministic one (l2) once."""
     bench = _load_tool("benchmark")
     assert bench.main(["--profile", "realweights", "--small", "--tasks", "pnet", "rnet",
-                       "--criteria", "l2", "kcp", "--targets", "0.5", "--seeds", "0",
-                       "--finetune-steps", "3", "--n-train", "16", "--out",
+                       "--criteria", "l2", "kcp", "random", "--targets", "0.5", "--seeds", "0",
+                       "1", "--finetune-steps", "3", "--n-train", "16", "--out",
                        str(tmp_path)]) == 0
     result = json.loads((tmp_path / "results.json").read_text())
     assert [d["net"] for d in result["dense"]] == ["pnet", "rnet"]
     for dense in result["dense"]:
         assert dense["agree"] == 100.0 and dense["prob_err"] == 0.0
     assert result["dense"][1]["acc"] > 80  # R-Net tells real faces from backgrounds
-    assert len(result["rows"]) == 4
+    assert len(result["rows"]) == 6
     for row in result["rows"]:
         assert "error" not in row, row
         assert abs(row["macs_ratio"] - 0.5) <= 0.02
-        for stage in (row["pruned"], row["compensated"], *row["distilled"]):
+        prunes = [r["seed"] for r in row["pruned"]]
+        assert prunes == ([None] if row["criterion"] == "l2" else [0, 1]), row["criterion"]
+        assert [d["seed"] for d in row["distilled"]] == [0, 1]
+        for stage in (*row["pruned"], *row["compensated"], *row["distilled"]):
             assert 0.0 <= stage["agree"] <= 100.0 and stage["box_err"] >= 0
+    rnet_random = next(r for r in result["rows"]
+                       if r["net"] == "rnet" and r["criterion"] == "random")
+    # two draws of random channels: two different pruned networks
+    assert rnet_random["pruned"][0]["prob_err"] != rnet_random["pruned"][1]["prob_err"]
     spearman = {(c["net"], c["criterion"]): c["spearman_vs_l2"] for c in result["criteria"]}
     assert spearman[("rnet", "l2")] == pytest.approx(1.0)
     text = (tmp_path / "results.md").read_text()
     assert "### pnet: iou with the dense network" in text and "| kcp |" in text
+    assert "take a seed (kcp, random)" in text
     assert bench.main(["--profile", "realweights", "--tasks", "qnet", "--out",
                        str(tmp_path / "bad")]) == 2
 
@@ -308,10 +311,7 @@ def test_mtcnn_loader_matches_the_upstream_channels_last_flatten():
     from kcp_plugin.models import load_mtcnn
     from kcp_plugin.models.mtcnn import mtcnn_weights_path
 
-    try:
-        path = mtcnn_weights_path("rnet")
-    except ModuleNotFoundError:
-        pytest.skip("facenet-pytorch (the study extra's MTCNN weights) is not installed")
+    path = mtcnn_weights_path("rnet")  # the study extra, installed by tools/test.sh
     state = torch.load(path, weights_only=True)
     model = load_mtcnn("rnet")
     x = torch.randn(4, 3, 24, 24, generator=torch.Generator().manual_seed(0))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -143,8 +142,6 @@ def test_console_script_is_installed():
     assert result.stdout.startswith("kcp-plugin ")
 
 
-@pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime")),
-                    reason="needs kcp-plugin[deploy] (onnx, onnxruntime)")
 def test_onnx_file_of_the_pruned_model_runs_in_onnxruntime(tmp_path, capsys):
     from kcp_plugin.export import inference_session
 

