@@ -1,11 +1,12 @@
-"""The plugin's own errors: a model that cannot be pruned as asked (left unchanged), and a
-model that cannot be exported to ONNX as asked (nothing written)."""
+"""The plugin's own errors: a model that cannot be pruned as asked (left unchanged), a criterion
+that cannot score the model with what it was given (nothing pruned), and a model that cannot be
+exported to ONNX as asked (nothing written)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ExportError", "UnprunableError"]
+__all__ = ["CriterionError", "ExportError", "UnprunableError"]
 
 
 class UnprunableError(ValueError):
@@ -20,6 +21,17 @@ class UnprunableError(ValueError):
     def __init__(self, message: str, protected: list[Any] | None = None):
         super().__init__(message)
         self.protected = list(protected or [])
+
+
+class CriterionError(ValueError):
+    """The criterion could not score the unpruned model's channels with what it was given: the
+    ``loss_fn``, ``data`` / ``step_fn`` or labels of a gradient or data-driven criterion, or the
+    criterion's own check of them (e.g. ``cdc`` given floating-point targets).
+
+    Raised by :func:`kcp_plugin.prune` before any channel is pruned (the model is left
+    unchanged); the original error is its ``__cause__``. Unlike :class:`UnprunableError` it
+    says nothing about the model's structure: fix the inputs, or pick another criterion.
+    """
 
 
 class ExportError(ValueError):

@@ -20,6 +20,7 @@ import torch_pruning as tp
 from .attention import sync_attention_attrs
 from .depgraph import Pruner
 from .distributed import all_reduce_gradients
+from .errors import CriterionError
 from .graph import ForwardFn, preserved_modes
 from .progress import progress_bar
 from .registry import KeepRatioAware
@@ -124,9 +125,13 @@ def checked_run(job: Job, ratio: float, extra: dict[str, float], settings: RunSe
     Raises:
         BrokenRun: the run raised (torch-pruning's or torch's error on a mis-traced group), or
             the pruned outputs changed shape or stopped being finite.
+        CriterionError: the criterion could not score the unpruned model (its loss_fn, data,
+            step_fn or labels).
     """
     try:
         result = run_pruner(job, ratio, settings, record=record)
+    except CriterionError:  # the criterion's inputs, not the model's structure
+        raise
     except Exception as exc:
         raise BrokenRun(describe_exception(exc), ratio, extra, settings) from exc
     problem = verify_outputs(job.model, settings.example_inputs, settings.forward_fn,
@@ -188,15 +193,17 @@ def run_pruner(
         if isinstance(importance, KeepRatioAware):
             done, after = ratio * (step - 1) / s.iterative_steps, ratio * step / s.iterative_steps
             importance.keep_ratio_hint = (1 - after) / max(1 - done, 1e-9)
-        if s.loss_fn is not None:
-            populate_gradients(model, importance, s.loss_fn)
-        if isinstance(importance, StatsImportance):
-            if s.data is not None:
-                batches, data_steps, step_fn = s.data
-                collect(model, batches, importance, steps=data_steps, step_fn=step_fn,
-                        example_inputs=s.example_inputs, forward_fn=s.forward_fn,
-                        progress=s.progress)
-            importance.bind(model)
+        try:
+            _feed_criterion(model, importance, s)
+        except Exception as exc:
+            if pruned:  # a partly pruned model that fails to run: the safety net's case
+                raise
+            raise CriterionError(
+                f"{type(importance).__name__} could not score the channels (nothing was "
+                f"pruned, the model is unchanged): {describe_exception(exc)}. prune() calls "
+                "loss_fn(model) -> loss, and step_fn(model, batch) -> loss on each batch of "
+                "data ((inputs, targets) by default); see kcp_plugin.criterion_arguments"
+            ) from exc
         for group in pruner.step(interactive=True):
             if limit is not None and pruned >= limit:
                 break
@@ -211,6 +218,20 @@ def run_pruner(
                         record.setdefault(names[module], []).extend(int(i) for i in idxs)
             group.prune()
     return pruner.pruning_history(), sync_attention_attrs(model, pruner.num_heads)
+
+
+def _feed_criterion(model: nn.Module, importance: Any, s: RunSettings) -> None:
+    """What a gradient or data-driven criterion reads before scoring: the gradients of
+    ``s.loss_fn``, the statistics of ``s.data``; the user's callbacks run here."""
+    if s.loss_fn is not None:
+        populate_gradients(model, importance, s.loss_fn)
+    if isinstance(importance, StatsImportance):
+        if s.data is not None:
+            batches, data_steps, step_fn = s.data
+            collect(model, batches, importance, steps=data_steps, step_fn=step_fn,
+                    example_inputs=s.example_inputs, forward_fn=s.forward_fn,
+                    progress=s.progress)
+        importance.bind(model)
 
 
 def _group_entry(graph: Any, group: Any, names: dict[nn.Module, str]) -> GroupEntry:

