@@ -181,6 +181,11 @@ def prune(
 
     Raises:
         ValueError / TypeError: invalid arguments (the model is untouched).
+        kcp_plugin.errors.CriterionError: a gradient or data-driven criterion could not score
+            the unpruned model with ``loss_fn`` / ``data`` / ``step_fn`` (or its labels); nothing
+            is pruned.
+        kcp_plugin.errors.UnprunableError: the target is out of reach, or pruning breaks the
+            model and no single channel group can be blamed (the model is restored).
     """
     if target_latency_ratio is not None:
         if target_macs_ratio is not None or pruning_ratio is not None:

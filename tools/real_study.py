@@ -486,7 +486,7 @@ def realweights_markdown(result: dict[str, Any]) -> str:
             f"{t:.0%}: pruned / + comp / + distill" for t in targets) + " | box err at " \
             f"{targets[-1]:.0%} (pruned / + comp / + distill) | prob err at {targets[-1]:.0%} |"
         lines += [head, "|---" * (len(targets) + 3) + "|"]
-        for criterion in dict.fromkeys(r["criterion"] for r in rows):
+        for criterion in sorted({r["criterion"] for r in rows}):
             cells = []
             for t in targets:
                 r = next((r for r in rows if r["criterion"] == criterion
