@@ -305,6 +305,32 @@ def test_realweights_profile_smoke(tmp_path):
                        str(tmp_path / "bad")]) == 2
 
 
+def test_realweights_runs_with_other_criteria_merge_into_one_study():
+    """Runs of the same networks with other criteria (e.g. the deterministic and the seeded
+    criteria run apart) merge: every row and every criterion's Spearman row is kept; the same
+    row twice, or other dense results, are refused."""
+    _, study = _real_study()
+    dense = {"net": "rnet", "macs": 1.0, "params": 1, "agree": 100.0}
+
+    def run(criteria):
+        return {"config": {"nets": ["rnet"], "criteria": criteria, "targets": [0.5]},
+                "dense": [dict(dense)],
+                "rows": [{"net": "rnet", "criterion": c, "target_macs": 0.5} for c in criteria],
+                "criteria": [{"net": "rnet", "criterion": c, "spearman_vs_l2": 0.5}
+                             for c in ["l2", *criteria]]}
+
+    merged = study.merge_realweights([run(["fisher"]), run(["kcp", "random"])])
+    assert merged["config"]["criteria"] == ["fisher", "kcp", "random"]
+    assert [r["criterion"] for r in merged["rows"]] == ["fisher", "kcp", "random"]
+    assert sorted(c["criterion"] for c in merged["criteria"]) == ["fisher", "kcp", "l2", "random"]
+    with pytest.raises(ValueError, match="appears in two runs"):
+        study.merge_realweights([run(["kcp"]), run(["kcp"])])
+    other = run(["l1"])
+    other["dense"][0]["agree"] = 99.0
+    with pytest.raises(ValueError, match="dense results differ"):
+        study.merge_realweights([run(["kcp"]), other])
+
+
 def test_mtcnn_loader_matches_the_upstream_channels_last_flatten():
     """load_mtcnn reorders R-Net's first linear layer for a channel-major flatten: the same
     outputs as upstream's permute(0, 3, 2, 1) flatten with the bundled weights."""

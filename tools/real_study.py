@@ -405,25 +405,29 @@ def _runs(row: dict[str, Any], stage: str) -> list[dict[str, Any]]:
 
 def merge_realweights(results: list[dict[str, Any]]) -> dict[str, Any]:
     """One result from real-weights runs (e.g. run in parallel: other networks, or the same
-    network at other targets). A network's dense row and criterion analysis come from its
-    first run (they do not depend on the targets).
+    network at other targets or with other criteria). A network's dense row comes from its
+    first run; the criterion analyses (Spearman vs l2) are the union of the runs'.
 
     Raises:
         ValueError: two runs hold the same (network, criterion, target) row, or the same
             network with different dense results (different settings).
     """
-    merged: dict[str, Any] = {"config": results[0]["config"], "dense": [], "rows": [],
-                              "criteria": []}
+    config = dict(results[0]["config"])
+    for key in ("nets", "criteria", "targets"):  # what the runs covered together
+        config[key] = list(dict.fromkeys(v for r in results for v in r["config"][key]))
+    merged: dict[str, Any] = {"config": config, "dense": [], "rows": [], "criteria": []}
     for result in results:
         for dense in result["dense"]:
             old = next((d for d in merged["dense"] if d["net"] == dense["net"]), None)
             if old is None:
                 merged["dense"].append(dense)
-                merged["criteria"] += [c for c in result["criteria"]
-                                       if c["net"] == dense["net"]]
             elif old != dense:
                 raise ValueError(f"{dense['net']}: the runs' dense results differ (other "
                                  "settings): not one study")
+        # each run analysed its own criteria (l2, the reference, in every run): the union
+        known = {(c["net"], c["criterion"]) for c in merged["criteria"]}
+        merged["criteria"] += [c for c in result["criteria"]
+                               if (c["net"], c["criterion"]) not in known]
         have = {(r["net"], r["criterion"], r["target_macs"]) for r in merged["rows"]}
         for row in result["rows"]:
             key = (row["net"], row["criterion"], row["target_macs"])
@@ -510,7 +514,7 @@ def realweights_markdown(result: dict[str, Any]) -> str:
         nets = list(dict.fromkeys(c["net"] for c in crit))
         lines += ["### Spearman rank correlation of channel scores with l2 (dense weights)", "",
                   "| criterion | " + " | ".join(nets) + " |", "|---" * (len(nets) + 1) + "|"]
-        for criterion in dict.fromkeys(c["criterion"] for c in crit):
+        for criterion in sorted({c["criterion"] for c in crit}, key=lambda c: (c != "l2", c)):
             vals = []
             for net in nets:
                 c = next((c for c in crit if c["net"] == net and c["criterion"] == criterion),
