@@ -29,14 +29,14 @@ from .graph import (
 from .hosts import adapters_for, host_forward, host_pruners
 from .latency_search import LatencyTarget, check_latency_target, prune_to_latency
 from .plan import extend_plan
-from .registry import importance_info
+from .registry import importance_info, list_importances
 from .report import PruneReport, layer_widths
 from .run import Job, RunSettings, copy_model
 from .safety import UnprunableError, input_layers, invalid_groups, output_signature
 from .safety_net import listing, prune_protecting
 from .search import Target
 from .snapshot import ModuleSnapshot
-from .stats import StatsImportance, StepFn
+from .stats import StatsImportance, StepFn, check_batches
 
 __all__ = ["prune", "resolve_importance", "UnprunableError"]
 
@@ -67,7 +67,18 @@ def resolve_importance(
     needs_grad = isinstance(
         importance, (tp.importance.GroupTaylorImportance, tp.importance.GroupHessianImportance)
     )
-    return importance, repr(importance), needs_grad
+    return importance, criterion_name(importance), needs_grad
+
+
+def criterion_name(importance: tp.importance.Importance) -> str:
+    """How messages and reports name a criterion given as an instance: its registry name if
+    its class is a registered factory (``FisherImportance()`` -> ``"fisher"``), else its class
+    name (``GroupTaylorImportance``), never the default ``repr`` with a memory address."""
+    cls = type(importance)
+    for name in list_importances():
+        if importance_info(name).factory is cls:
+            return name
+    return cls.__name__
 
 
 def _check_ratio(name: str, value: float | None, low: float, high: float, closed: bool) -> None:
@@ -367,6 +378,8 @@ def _validate(*, model: Any, target_macs_ratio: float | None, pruning_ratio: flo
         raise ValueError("isomorphic=True ranks channels globally: set global_pruning=True")
     if forward_fn is not None and not callable(forward_fn):
         raise TypeError("forward_fn must be callable as forward_fn(model, example_inputs)")
+    if data is not None:
+        check_batches(data)  # one batch given as data: refused before anything runs
     imp, imp_name, needs_grad = resolve_importance(importance, importance_kwargs)
     if needs_grad and loss_fn is None:
         raise ValueError(

@@ -28,7 +28,7 @@ from .safety import ROOT_TYPES, couplings, describe_exception, group_layers, ver
 from .stats import StatsImportance, StepFn, collect
 
 __all__ = ["Job", "RunSettings", "BrokenRun", "run_pruner", "checked_run", "trial_copy",
-           "copy_model", "populate_gradients"]
+           "copy_model", "per_sample_losses", "populate_gradients"]
 
 # ``(protectable layer, layers, couplings)`` of a pruned group, by name
 GroupEntry = tuple[str, list[str], list[str]]
@@ -198,11 +198,17 @@ def run_pruner(
         except Exception as exc:
             if pruned:  # a partly pruned model that fails to run: the safety net's case
                 raise
+            # the plugin's own ValueErrors (cdc's label checks, the default step's) say what
+            # to change, in full; how prune() calls the user's callbacks would be noise there
+            own = _plugin_value_error(exc)
+            hint = "" if own else (
+                ". prune() calls loss_fn(model) -> loss, and step_fn(model, batch) -> loss on "
+                "each batch of data ((inputs, targets) by default); see "
+                "kcp_plugin.criterion_arguments")
             raise CriterionError(
                 f"{type(importance).__name__} could not score the channels (nothing was "
-                f"pruned, the model is unchanged): {describe_exception(exc)}. prune() calls "
-                "loss_fn(model) -> loss, and step_fn(model, batch) -> loss on each batch of "
-                "data ((inputs, targets) by default); see kcp_plugin.criterion_arguments"
+                f"pruned, the model is unchanged): "
+                f"{describe_exception(exc, limit=1000 if own else 300)}{hint}"
             ) from exc
         for group in pruner.step(interactive=True):
             if limit is not None and pruned >= limit:
@@ -252,21 +258,61 @@ def _group_entry(graph: Any, group: Any, names: dict[nn.Module, str]) -> GroupEn
     return root or layers[0], layers, couplings(group)
 
 
+def _plugin_value_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a ``ValueError`` raised by kcp_plugin's own code (its innermost
+    frame is in the package), i.e. one of its checks of what a criterion was fed, not an
+    error of the user's ``loss_fn`` / ``step_fn`` or of torch."""
+    if not isinstance(exc, ValueError):
+        return False
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    module = "" if tb is None else str(tb.tb_frame.f_globals.get("__name__", ""))
+    return module == __package__ or module.startswith(f"{__package__}.")
+
+
+def per_sample_losses(loss: torch.Tensor) -> torch.Tensor:
+    """The losses torch-pruning's ``GroupHessianImportance`` back-propagates one by one.
+
+    ``(N,)`` per-sample losses are returned as they are; a loss with more dimensions
+    (``(N, H, W)`` per-pixel cross-entropy with ``reduction="none"``, ``(N, T)`` per-token) is
+    averaged over its non-batch dimensions to ``(N,)``, so one backward runs per sample, not per
+    element (a 512x512 segmentation batch would be millions of backward passes); a scalar loss
+    is kept with a ``UserWarning``: the Hessian estimate is then the outer product of a single
+    gradient, not the per-sample estimate the criterion is defined with.
+
+    Raises:
+        TypeError: ``loss`` is not a tensor.
+    """
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"loss_fn must return a tensor of losses, got {type(loss).__name__}")
+    if loss.dim() == 0:
+        warnings.warn(
+            "hessian got a scalar loss from loss_fn, so its estimate rests on one gradient (a "
+            "one-sample estimate): return per-sample losses of shape (N,), e.g. "
+            "F.cross_entropy(model(x), y, reduction=\"none\")", UserWarning, stacklevel=2)
+        return loss.reshape(1)
+    if loss.dim() > 1:
+        return loss.flatten(1).mean(1)
+    return loss
+
+
 def populate_gradients(model: nn.Module, importance: Any,
                        loss_fn: Callable[[nn.Module], torch.Tensor]) -> None:
     """Back-propagate ``loss_fn(model)`` for a gradient-based criterion.
 
     torch-pruning's ``GroupHessianImportance`` accumulates one gradient per sample, so for it
-    ``loss_fn`` returns per-sample losses (shape ``(N,)``) and each is back-propagated alone;
-    any other criterion gets ``loss.sum().backward()``, averaged over the ranks under
-    ``torch.distributed``. Gradients are zeroed first.
+    ``loss_fn`` returns per-sample losses (shape ``(N,)``; more dimensions are averaged to
+    that, a scalar is one sample with a warning: :func:`per_sample_losses`) and each is
+    back-propagated alone; any other criterion gets ``loss.sum().backward()``, averaged over
+    the ranks under ``torch.distributed``. Gradients are zeroed first.
     """
     model.zero_grad(set_to_none=True)
     with torch.enable_grad():
         loss = loss_fn(model)
         if isinstance(importance, tp.importance.GroupHessianImportance):
             importance.zero_grad()
-            for sample_loss in loss.reshape(-1):
+            for sample_loss in per_sample_losses(loss):
                 model.zero_grad(set_to_none=True)
                 sample_loss.backward(retain_graph=True)
                 importance.accumulate_grad(model)

@@ -32,7 +32,7 @@ from .graph import ForwardFn, default_forward, preserved_modes
 from .progress import progress_bar
 
 __all__ = ["StatsImportance", "RecentBatches", "collecting", "collect", "unwrap_model",
-           "default_step"]
+           "default_step", "check_batches"]
 
 StepFn = Callable[[nn.Module, Any], torch.Tensor | None]
 
@@ -204,13 +204,19 @@ class StatsImportance(tp.importance.Importance):
         name = self._names.get(module)
         return None if name is None else self._sums.get(name, {}).get(key)
 
+    def _nothing_collected_reason(self) -> str | None:
+        """Why the batches seen left no statistics, if the criterion knows (e.g. labels whose
+        shape fits no hooked layer); None if it does not."""
+        return None
+
     def _require_data(self) -> None:
         if not self.collected:
+            reason = self._nothing_collected_reason()
             raise RuntimeError(
-                f"{type(self).__name__} scores channels from data, and none was collected: pass "
-                "data=<batches> to kcp_plugin.prune(), or run kcp_plugin.collect(model, batches, "
-                "importance) (or `with kcp_plugin.collecting(model, importance): <train steps>`) "
-                "first"
+                f"{type(self).__name__} scores channels from data, and none was collected"
+                + (f" ({reason})" if reason else "") + ": pass data=<batches> to "
+                "kcp_plugin.prune(), or run kcp_plugin.collect(model, batches, importance) (or "
+                "`with kcp_plugin.collecting(model, importance): <train steps>`) first"
             )
 
     def begin_batch(self) -> None:
@@ -327,6 +333,85 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
     return batch, None
 
 
+def check_batches(data: Any) -> None:
+    """Refuse ``data`` that is one batch instead of an iterable of batches.
+
+    A tensor (or an ``(inputs, targets)`` pair of tensors) given as ``data`` would be iterated
+    row by row (item by item), each row taken as a batch, and fail deep inside the model with a
+    shape error; this names the mistake instead. Used by :func:`kcp_plugin.prune` (before the
+    model is touched) and :func:`collect`.
+
+    Raises:
+        TypeError: ``data`` is a tensor, or a tuple / list of exactly two tensors of different
+            ranks (one ``(inputs, targets)`` batch; batches of one model share their rank).
+    """
+    what = ("data must be an iterable of batches (a DataLoader, or a list of (inputs, targets) "
+            "tuples)")
+    if isinstance(data, torch.Tensor):
+        raise TypeError(
+            f"{what}, got a tensor of shape {tuple(data.shape)}: iterating it would yield its "
+            "rows, one unbatched sample each, as batches; for a single batch pass "
+            "data=[(inputs, targets)] (or data=[inputs] with a step_fn)")
+    if isinstance(data, (tuple, list)) and len(data) == 2 \
+            and all(isinstance(t, torch.Tensor) for t in data) and data[0].dim() != data[1].dim():
+        raise TypeError(
+            f"{what}, got one (inputs, targets) batch (tensors of shapes "
+            f"{tuple(data[0].shape)} and {tuple(data[1].shape)}): pass data=[(inputs, targets)]")
+
+
+def _describe(value: Any) -> str:
+    """A batch or model output in a few words, for error messages."""
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, dict):
+        return f"a dict with keys {list(value)}"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)} item(s)"
+    return f"a {type(value).__name__}"
+
+
+_STEP_FN = "step_fn=lambda model, batch: <loss>"
+
+
+def _check_targets(batch: Any, targets: Any) -> None:
+    """The default step's conditions on the targets of ``batch``; a ``ValueError`` naming the
+    one that fails."""
+    if targets is None:
+        raise ValueError(
+            f"the default step computes cross-entropy from (inputs, targets) batches, and got "
+            f"a batch without targets ({_describe(batch)}): pass batches of (inputs, class "
+            f"targets) (a DataLoader, or a list of (inputs, targets) tuples), or {_STEP_FN}")
+    if not isinstance(targets, torch.Tensor):
+        raise ValueError(
+            f"the default step computes cross-entropy, and got targets that are "
+            f"{_describe(targets)}, not a tensor of class indices: pass tensor targets, or "
+            f"{_STEP_FN}")
+    if targets.is_floating_point():
+        raise ValueError(
+            f"the default step computes cross-entropy, and got floating-point targets of shape "
+            f"{tuple(targets.shape)} ({targets.dtype}): class indices (integers) are needed; "
+            f"for regression or soft targets pass {_STEP_FN} (e.g. F.mse_loss(model(batch[0]), "
+            f"batch[1], reduction=\"sum\"))")
+
+
+def _check_output(out: Any) -> None:
+    """The default step's condition on the model output: a tensor of logits."""
+    if isinstance(out, torch.Tensor):
+        return
+    if isinstance(out, dict) and out:
+        pick = f"[{next(iter(out))!r}]".replace("'", '"')
+    elif isinstance(out, (tuple, list)) and out:
+        pick = "[0]"
+    else:
+        pick = None
+    example = (f"step_fn=lambda model, batch: F.cross_entropy(model(batch[0]){pick}, batch[1], "
+               f"reduction=\"sum\")" if pick else _STEP_FN)
+    raise ValueError(
+        f"the default step computes cross-entropy on the model's output, which must be a tensor "
+        f"of logits, and the model returned {_describe(out)} (torchvision's segmentation "
+        f"models return a dict): pass a step that picks the logits, e.g. {example}")
+
+
 def default_step(model: nn.Module, batch: Any, forward_fn: ForwardFn | None = None,
                  need_loss: bool = True) -> torch.Tensor | None:
     """Run one ``(inputs, targets)`` batch; return the cross-entropy loss if ``need_loss``.
@@ -335,19 +420,29 @@ def default_step(model: nn.Module, batch: Any, forward_fn: ForwardFn | None = No
     loss, as Group Fisher's per-sample mask gradients are defined. Cross-entropy fits classifiers
     (``targets [N]``) and segmentation nets (``[N, K, H, W]`` logits, ``[N, H, W]`` targets, 255
     ignored). Other tasks pass their own ``step_fn``.
+
+    Raises:
+        ValueError: (with ``need_loss``) naming the condition that fails: a batch without
+            targets, targets that are not an integer tensor (floating-point: regression or soft
+            labels), an output that is not a tensor (a dict, as torchvision's segmentation models
+            return), or cross-entropy's own error on mismatched shapes; each says which
+            ``step_fn`` to pass instead.
     """
     inputs, targets = split_batch(batch)
+    if need_loss:  # before the forward: a wrong batch layout is known without running the model
+        _check_targets(batch, targets)
     out = (forward_fn or default_forward)(model, inputs)
     if not need_loss:
         return None
-    hint = ("the default step computes cross-entropy from (inputs, class targets) batches and a "
-            "tensor output; for other models or tasks pass step_fn=lambda model, batch: <loss>")
-    if not isinstance(out, torch.Tensor) or targets is None or targets.is_floating_point():
-        raise ValueError(hint)
+    _check_output(out)
     try:
         return F.cross_entropy(out, targets, ignore_index=255, reduction="sum")
     except (RuntimeError, IndexError, ValueError) as exc:
-        raise ValueError(f"{hint} ({exc})") from exc
+        raise ValueError(
+            f"the default step's cross-entropy failed on an output of shape {tuple(out.shape)} "
+            f"and targets of shape {tuple(targets.shape)} ({exc}); it fits classifiers ([N, K] "
+            f"logits, [N] targets) and segmentation nets ([N, K, H, W] logits, [N, H, W] "
+            f"targets): for other models or tasks pass {_STEP_FN}") from exc
 
 
 def collect(
@@ -383,7 +478,14 @@ def collect(
 
     Returns:
         ``importance``, with its statistics.
+
+    Raises:
+        TypeError: ``data`` is one batch (a tensor), not an iterable of batches
+            (:func:`check_batches`).
+        ValueError: no batches, batches without the labels a criterion needs, the default
+            step's errors (:func:`default_step`), or no statistics collected.
     """
+    check_batches(data)
     if steps is not None and (not isinstance(steps, int) or steps < 1):
         raise ValueError(f"steps must be None or a positive integer, got {steps!r}")
     inner = unwrap_model(model)
@@ -412,8 +514,7 @@ def collect(
                 if importance.needs_labels:
                     labels = labels_fn(batch) if labels_fn else split_batch(batch)[1]
                     if labels is None:
-                        raise ValueError(f"{type(importance).__name__} needs labels: batches "
-                                         "must be (inputs, labels), or pass labels_fn")
+                        raise ValueError(_missing_labels(importance, batch, labels_fn))
                     importance.set_labels(labels)
                 with torch.set_grad_enabled(importance.needs_backward):
                     if step_fn is not None:
@@ -430,6 +531,21 @@ def collect(
                 bar.update(1)
             bar.close()
     if not importance.collected:
-        raise ValueError("no statistics were collected: the hooked layers never ran (step_fn "
+        reason = importance._nothing_collected_reason()
+        raise ValueError(f"no statistics were collected: {reason}" if reason else
+                         "no statistics were collected: the hooked layers never ran (step_fn "
                          "must run the model's layers on the batch)")
     return importance
+
+
+def _missing_labels(importance: StatsImportance, batch: Any, labels_fn: Any) -> str:
+    """The error for a batch without the labels ``importance`` needs: what works from
+    :func:`kcp_plugin.prune` (which has no ``labels_fn``) and from :func:`collect`."""
+    name = type(importance).__name__
+    if labels_fn is not None:
+        return f"{name} needs labels, and labels_fn returned None for a batch"
+    return (f"{name} needs labels, and got a batch without them ({_describe(batch)}): pass "
+            "batches of (inputs, labels) as data (a DataLoader, or a list of (inputs, labels) "
+            "tuples; dict batches need 'inputs' and 'labels' keys); to read labels from another "
+            "batch layout, collect first with kcp_plugin.collect(model, batches, importance, "
+            "labels_fn=lambda batch: <labels>) and prune with that importance")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -179,7 +181,11 @@ def test_bad_criterion_inputs_are_the_criterions_error_not_the_models(criterion,
     state, params = _state(model), list(model.parameters())
     with pytest.raises(CriterionError, match=says) as info:
         kcp_plugin.prune(model, x, criterion, pruning_ratio=0.5, progress=False, **kwargs)
-    assert "nothing was pruned" in str(info.value) and "loss_fn(model)" in str(info.value)
+    assert "nothing was pruned" in str(info.value)
+    # how prune() calls loss_fn / step_fn: only where the caller's code failed, not after the
+    # plugin's own ValueErrors (cdc's label check, the default step's)
+    own = isinstance(info.value.__cause__, ValueError)
+    assert ("loss_fn(model)" in str(info.value)) is not own
     assert not isinstance(info.value, UnprunableError) and info.value.__cause__ is not None
     _assert_untouched(model, state, params)
 
@@ -317,3 +323,125 @@ def test_channel_attention_is_not_taken_for_token_attention():
 
     model = nn.Sequential(XCA(), Token())
     assert detect_num_heads(model) == {model[1].qkv: 4}
+
+
+def _pixel_loss_fn(x, y):
+    return lambda m: nn.functional.cross_entropy(m(x), y, reduction="none")
+
+
+def test_hessian_takes_per_sample_losses_from_a_per_pixel_loss():
+    """A (N, H, W) per-pixel loss is averaged to (N,) per-sample losses: one backward per
+    sample (not one per pixel: 17+ minutes on a real segmentation batch), with the gradients of
+    the per-sample mean losses; (N,) losses take the path they always took."""
+    from kcp_plugin.run import populate_gradients
+
+    torch.manual_seed(0)
+    model = TinySeg().eval()
+    x, y = torch.randn(2, 3, 16, 16), torch.randint(0, 4, (2, 16, 16))
+    pixel = kcp_plugin.get_importance("hessian")
+    populate_gradients(model, pixel, _pixel_loss_fn(x, y))
+    assert set(pixel._counter.values()) == {2}  # 512 (one per pixel) before
+    per_sample = kcp_plugin.get_importance("hessian")
+    populate_gradients(model, per_sample, lambda m: _pixel_loss_fn(x, y)(m).mean((1, 2)))
+    assert per_sample._accu_grad.keys() == pixel._accu_grad.keys()
+    for p, g in per_sample._accu_grad.items():
+        torch.testing.assert_close(pixel._accu_grad[p], g)
+    # the (N,) path: each sample's loss back-propagated alone, squared gradients summed
+    expected = {p: torch.zeros_like(p) for p in model.parameters()}
+    for i in range(2):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        for p in model.parameters():
+            expected[p] += p.grad.pow(2)
+    for p, g in per_sample._accu_grad.items():
+        torch.testing.assert_close(g, expected[p], rtol=1e-4, atol=1e-7)
+    report = kcp_plugin.prune(model, x, "hessian", pruning_ratio=0.5, progress=False,
+                              loss_fn=_pixel_loss_fn(x, y))
+    assert report.params_after < report.params_before
+
+
+def test_hessian_warns_that_a_scalar_loss_is_a_one_sample_estimate():
+    from kcp_plugin.run import populate_gradients
+
+    model = ResBlockNet().eval()
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,))
+    imp = kcp_plugin.get_importance("hessian")
+    with pytest.warns(UserWarning, match=r"one-sample estimate.*per-sample losses of shape "
+                                         r"\(N,\)"):
+        populate_gradients(model, imp, lambda m: nn.functional.cross_entropy(m(x), y))
+    assert set(imp._counter.values()) == {1}
+    with warnings.catch_warnings():  # per-sample losses: no warning
+        warnings.simplefilter("error")
+        populate_gradients(model, imp, lambda m: nn.functional.cross_entropy(
+            m(x), y, reduction="none"))
+    assert set(imp._counter.values()) == {4}
+
+
+class _CountsForwards(ResBlockNet):
+    calls = 0
+
+    def forward(self, x):
+        type(self).calls += 1
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("one_batch", ["tensor", "pair"])
+def test_one_batch_given_as_data_is_refused_before_the_model_runs(one_batch):
+    """data=x (or data=(x, y)) would be iterated row by row and fail deep inside the model with
+    a channel mismatch; it is an argument error naming the mistake, before the model runs."""
+    model = _CountsForwards().eval()
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,))
+    data = x if one_batch == "tensor" else (x, y)
+    state, params = _state(model), list(model.parameters())
+    _CountsForwards.calls = 0
+    for criterion in ("fisher", "cdc"):
+        with pytest.raises(TypeError, match=r"data must be an iterable of batches \(a "
+                           r"DataLoader, or a list of \(inputs, targets\) tuples\), got .*"
+                           r"\(4, 3, 16, 16\).*data=\[\(inputs, targets\)\]"):
+            kcp_plugin.prune(model, x, criterion, pruning_ratio=0.5, data=data, progress=False)
+    with pytest.raises(TypeError, match="iterable of batches"):
+        kcp_plugin.collect(model, data, kcp_plugin.get_importance("fisher"))
+    assert _CountsForwards.calls == 0
+    _assert_untouched(model, state, params)
+    # a list of batches is what works
+    report = kcp_plugin.prune(model, x, "fisher", pruning_ratio=0.5, data=[(x, y)],
+                              progress=False)
+    assert report.params_after < report.params_before
+
+
+def test_criterion_instances_are_named_by_registry_name_or_class():
+    from kcp_plugin.importance.fisher import FisherImportance
+    from kcp_plugin.importance.kcp import KCPImportance
+
+    model, x = ResBlockNet().eval(), torch.randn(1, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"^importance 'fisher' scores channels from data") as e:
+        kcp_plugin.prune(model, x, FisherImportance(), pruning_ratio=0.5)
+    assert "object at" not in str(e.value)
+    with pytest.raises(ValueError, match=r"^importance 'GroupTaylorImportance' reads gradients"):
+        kcp_plugin.prune(model, x, tp.importance.GroupTaylorImportance(), pruning_ratio=0.5)
+    with pytest.raises(ValueError, match=r"'GroupMagnitudeImportance' does not use them"):
+        kcp_plugin.prune(model, x, tp.importance.GroupMagnitudeImportance(), pruning_ratio=0.5,
+                         data=[(x, torch.tensor([1]))])
+    report = kcp_plugin.prune(model, x, KCPImportance(), pruning_ratio=0.5, progress=False)
+    assert report.importance == "kcp" and "importance: kcp;" in report.table()
+
+
+def test_criterion_error_hint_only_when_the_callers_code_failed():
+    """How prune() calls loss_fn / step_fn is appended when the user's code (or torch inside
+    it) failed, not to the plugin's own ValueErrors, which say what to change (in full)."""
+    model, x = ResBlockNet().eval(), torch.randn(4, 3, 16, 16)
+    hint = "prune() calls loss_fn(model) -> loss"
+    with pytest.raises(CriterionError) as own:  # cdc's check of the labels
+        kcp_plugin.prune(model, x, "cdc", pruning_ratio=0.5, progress=False,
+                         data=[(x, torch.rand(4))])
+    assert hint not in str(own.value)
+    assert str(own.value).endswith("got floating-point targets of shape (4,)")
+    with pytest.raises(CriterionError) as own:  # a long one of the default step, not cut
+        kcp_plugin.prune(model, x, "fisher", pruning_ratio=0.5, progress=False, data=[x])
+    assert hint not in str(own.value) and "..." not in str(own.value)
+    assert str(own.value).endswith("or step_fn=lambda model, batch: <loss>")
+    # torch's ValueError inside the user's loss_fn (batch sizes differ): the hint helps there
+    with pytest.raises(CriterionError, match="ValueError: Expected input batch_size") as theirs:
+        kcp_plugin.prune(model, x, "taylor", pruning_ratio=0.5, progress=False,
+                         loss_fn=lambda m: nn.functional.cross_entropy(m(x), torch.tensor([1])))
+    assert hint in str(theirs.value)

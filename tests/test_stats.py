@@ -338,3 +338,97 @@ def test_recent_batches_keeps_the_last_ones_and_is_reiterable():
     assert len(recent) == 0
     with pytest.raises(ValueError, match="maxlen"):
         kcp_plugin.RecentBatches(0)
+
+
+def test_default_step_says_which_of_its_conditions_failed():
+    from kcp_plugin.stats import default_step
+
+    net, x = ResBlockNet().eval(), torch.randn(2, 3, 16, 16)
+    cases = [
+        ((x, torch.rand(2)), r"got floating-point targets of shape \(2,\) \(torch.float32\): "
+                             r"class indices \(integers\) are needed"),
+        (x, r"got a batch without targets \(a tensor of shape \(2, 3, 16, 16\)\): pass batches "
+            r"of \(inputs, class targets\)"),
+        ((x,), r"without targets \(a tuple of 1 item\(s\)\)"),
+        ((x, [1, 2]), r"targets that are a list of 2 item\(s\), not a tensor of class indices"),
+        ((x, torch.tensor([1, 0])[:, None, None]),  # cross-entropy's own shape error
+         r"cross-entropy failed on an output of shape \(2, 5\) and targets of shape \(2, 1, 1\)"),
+    ]
+    for batch, says in cases:
+        with pytest.raises(ValueError, match=says):
+            default_step(net, batch)
+
+    class DictOut(nn.Module):  # torchvision's segmentation models: {"out": ..., "aux": ...}
+        def __init__(self):
+            super().__init__()
+            self.seg = TinySeg()
+
+        def forward(self, x):
+            return {"out": self.seg(x), "aux": self.seg(x)}
+
+    y = torch.randint(0, 4, (2, 16, 16))
+    with pytest.raises(ValueError, match=r"returned a dict with keys \['out', 'aux'\]") as info:
+        default_step(DictOut(), (x, y))
+    example = ('step_fn=lambda model, batch: F.cross_entropy(model(batch[0])["out"], batch[1], '
+               'reduction="sum")')
+    assert example in str(info.value)
+    step = eval(example.removeprefix("step_fn="))  # the example given works
+    imp = kcp_plugin.collect(DictOut(), [(x, y)], FisherImportance(), step_fn=step)
+    assert imp.collected
+    assert default_step(net, (x, torch.tensor([1, 0]))).dim() == 0  # the valid case
+
+
+def test_cdc_without_labels_says_what_prune_accepts():
+    """prune() has no labels_fn: the message says what works there (batches of (inputs,
+    labels)) and names labels_fn only as an argument of kcp_plugin.collect()."""
+    net, x = ResBlockNet().eval(), torch.randn(2, 3, 16, 16)
+    with pytest.raises(kcp_plugin.errors.CriterionError) as info:
+        kcp_plugin.prune(net, x, "cdc", pruning_ratio=0.5, data=[x], progress=False)
+    text = str(info.value)
+    assert "got a batch without them (a tensor of shape (2, 3, 16, 16))" in text
+    assert "pass batches of (inputs, labels) as data" in text
+    assert "or pass labels_fn" not in text
+    assert "kcp_plugin.collect(model, batches, importance, labels_fn=lambda batch: " in text
+    # what the message says works: collect with labels_fn, then prune with that importance
+    imp = kcp_plugin.collect(net, [{"x": x, "y": torch.tensor([0, 1])}], CDCImportance(),
+                             step_fn=lambda m, b: m(b["x"]), labels_fn=lambda b: b["y"])
+    kcp_plugin.prune(net, x, imp, pruning_ratio=0.5, progress=False)
+    assert net.stem[0].out_channels == 8
+
+
+def test_cdc_squeezes_a_singleton_label_channel_and_names_unusable_label_shapes():
+    """(N, 1, H, W) labels (mmseg's stacked gt_sem_seg) and (N, 1) class labels are the same
+    labels as (N, H, W) and (N,); labels no layer can take are an error naming their shape,
+    not "the hooked layers never ran"."""
+    torch.manual_seed(0)
+    seg, x = TinySeg().eval(), torch.randn(2, 3, 16, 16)
+    y = torch.randint(0, 4, (2, 16, 16))
+    ref = kcp_plugin.collect(seg, [(x, y)], CDCImportance())
+    got = kcp_plugin.collect(seg, [(x, y[:, None])], CDCImportance())
+    assert ref.samples == got.samples == 1
+    for a, b in zip(ref.state_tensors(), got.state_tensors(), strict=True):
+        torch.testing.assert_close(a, b)
+    net, y1 = ResBlockNet().eval(), torch.tensor([0, 3])
+    ref = kcp_plugin.collect(net, [(x, y1)], CDCImportance())
+    got = kcp_plugin.collect(net, [(x, y1[:, None])], CDCImportance())
+    for a, b in zip(ref.state_tensors(), got.state_tensors(), strict=True):
+        torch.testing.assert_close(a, b)
+    kcp_plugin.prune(seg, x, "cdc", pruning_ratio=0.5, data=[(x, y[:, None])], progress=False)
+    assert seg.enc[0].out_channels == 8
+
+    with pytest.raises(ValueError, match=r"cdc's labels of shape \(2, 3\) fit none of the "
+                       r"hooked layers .*labels are \(N,\) class indices per sample"):
+        kcp_plugin.collect(net, [(x, torch.randint(0, 5, (2, 3)))], CDCImportance())
+    with pytest.raises(ValueError, match=r"labels of shape \(3,\) for a batch of 2"):
+        kcp_plugin.collect(net, [(x, torch.tensor([0, 1, 2]))], CDCImportance())
+    with pytest.raises(ValueError, match="got a scalar"):
+        kcp_plugin.collect(net, [(x, torch.tensor(1))], CDCImportance())
+    imp = CDCImportance()  # in a loop of one's own, scoring says why nothing was collected
+    with kcp_plugin.collecting(net, imp, x):
+        imp.set_labels(torch.randint(0, 5, (2, 3)))
+        net(x)
+    graph = kcp_plugin.graph.build_graph(net, x)
+    group = graph.get_pruning_group(net.fc, graph.get_pruner_of_module(net.fc)
+                                    .prune_in_channels, [0])
+    with pytest.raises(RuntimeError, match=r"none was collected \(cdc's labels of shape \(2, 3\)"):
+        imp(group)

@@ -13,6 +13,11 @@ is the post-activation map): for classifiers a sample is an image (its spatially
 for dense labelling a sample is a pixel of the feature map, labelled by the nearest-neighbour
 resized per-pixel labels (our extension; 255 and negative labels are ignored). Scores of a
 channel's consumers are averaged.
+
+Labels are ``(N,)`` class indices per sample or ``(N, *S)`` per pixel; a singleton channel
+dimension (``(N, 1)``, or ``(N, 1, H, W)`` as mmseg's stacked ``gt_sem_seg`` is) is squeezed.
+Per-pixel labels feed the layers whose inputs have ``len(S)`` spatial dimensions; labels that
+fit no hooked layer are an error naming their shape.
 """
 
 from __future__ import annotations
@@ -52,22 +57,47 @@ class CDCImportance(StatsImportance):
         if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
             raise ValueError(f"num_classes must be None or an integer >= 2, got {num_classes!r}")
         self.test, self.num_classes, self.r, self.ignore_index = test, num_classes, r, ignore_index
+        # labels that fitted no layer input: (labels shape, an input shape, its layer)
+        self._misfit: tuple[tuple[int, ...], tuple[int, ...], str] | None = None
+
+    def set_labels(self, labels: torch.Tensor | None) -> None:
+        """Labels of the next forward pass: ``(N,)`` class indices, or ``(N, *S)`` per pixel
+        (a singleton dimension 1, ``(N, 1)`` or ``(N, 1, H, W)``, is squeezed).
+
+        Raises:
+            ValueError: labels that are not an integer tensor of at least one dimension.
+        """
+        if labels is not None:
+            labels = class_labels(labels)
+        super().set_labels(labels)
+
+    def _nothing_collected_reason(self) -> str | None:
+        if self._misfit is None:
+            return None
+        labels, inputs, layer = self._misfit
+        return (f"cdc's labels of shape {labels} fit none of the hooked layers (e.g. {layer!r}, "
+                f"input of shape {inputs}): labels are (N,) class indices per sample, or "
+                "(N, *S) per pixel for layers whose inputs have len(S) spatial dimensions "
+                "((N, 1, H, W) is accepted)")
 
     def _observe(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
         if self._labels is None:
             raise RuntimeError("cdc needs labels: call importance.set_labels(y) before each "
                                "forward (collect() does this from (inputs, labels) batches)")
         labels = self._labels
-        if labels.is_floating_point():
-            raise ValueError("cdc needs class labels (integers), got floating-point targets")
+        per_pixel = labels.dim() > 1
+        if per_pixel and (isinstance(module, nn.Linear) or x.dim() - 2 != labels.dim() - 1):
+            # no spatial map to align the labels with (a head's linear layer, a 3-D conv next
+            # to 2-D labels): fine if other layers take them; else collect() says so
+            self._misfit = (tuple(labels.shape), tuple(x.shape), name)
+            return
         feats = channels_last(x, module).double()  # [N, P, C]
-        if labels.dim() == 1:  # one label per sample: the spatially averaged map
-            if labels.shape[0] != feats.shape[0]:
-                raise ValueError(f"{labels.shape[0]} labels for a batch of {feats.shape[0]}")
-            values, labels = feats.mean(1), labels
+        if labels.shape[0] != feats.shape[0]:
+            raise ValueError(f"cdc got labels of shape {tuple(labels.shape)} for a batch of "
+                             f"{feats.shape[0]} (input of {name!r}: {tuple(x.shape)})")
+        if not per_pixel:  # one label per sample: the spatially averaged map
+            values = feats.mean(1)
         else:  # per-pixel labels, resized to this feature map
-            if isinstance(module, nn.Linear) or x.dim() - 2 != labels.dim() - 1:
-                return  # no spatial map to align the labels with
             labels = resize_labels(labels, tuple(x.shape[2:]))
             values, labels = feats.reshape(-1, feats.shape[-1]), labels.reshape(-1)
         keep = (labels >= 0) & (labels != self.ignore_index)
@@ -86,6 +116,10 @@ class CDCImportance(StatsImportance):
         self._add(name, "n", onehot.sum(0))
         self._add(name, "s1", onehot.t() @ values)
         self._add(name, "s2", onehot.t() @ values.pow(2))
+
+    def reset(self) -> None:
+        super().reset()
+        self._misfit = None
 
     def _classes(self, name: str) -> int:
         n = self._sums.get(name, {}).get("n")
@@ -139,3 +173,25 @@ class CDCImportance(StatsImportance):
         if not parts:
             return None
         return scatter_mean(parts, n_root)
+
+
+def class_labels(labels: Any) -> torch.Tensor:
+    """CDC's labels, checked: an integer tensor ``(N,)`` or ``(N, *S)``, with a singleton
+    dimension 1 squeezed (``(N, 1)`` -> ``(N,)``, ``(N, 1, H, W)`` -> ``(N, H, W)``: mmseg
+    stacks ``gt_sem_seg`` that way).
+
+    Raises:
+        ValueError: not a tensor, a scalar, or floating-point (regression targets: CDC scores
+            class separation and has no classes there).
+    """
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(f"cdc needs class labels as a tensor, got a {type(labels).__name__}")
+    if labels.is_floating_point():
+        raise ValueError(f"cdc needs class labels (integers), got floating-point targets of "
+                         f"shape {tuple(labels.shape)}")
+    if labels.dim() == 0:
+        raise ValueError("cdc needs one label per sample (N,) or per pixel (N, H, W), got a "
+                         "scalar")
+    if labels.dim() >= 2 and labels.shape[1] == 1:
+        labels = labels.squeeze(1)
+    return labels
