@@ -319,9 +319,10 @@ def kcp_pruned(
     _, imp_name, needs_grad = resolve_importance(importance, importance_kwargs)
     if needs_grad and (target_macs_ratio is not None or pruning_ratio is not None):
         raise ValueError(
-            f"kcp_pruned: importance {imp_name!r} reads gradients, which need data; at creation "
-            "time use a data-free criterion (kcp, l1, l2, fpgm, lamp, bn, ...) or prune during "
-            "training (tools/timm_train.py)"
+            f"kcp_pruned: importance {imp_name!r} reads gradients, which need a loss_fn on "
+            "training batches, which timm.create_model cannot pass; at creation time use a "
+            "data-free criterion (kcp, l1, l2, fpgm, lamp, bn, ...), or prune during training "
+            "(tools/timm_train.py, or TimmPruningSchedule(..., loss_fn=...))"
         )
     saved_plan = read_plan(plan) if plan is not None else None
     _check_timm_checkpoint(_timm_checkpoint_path())
