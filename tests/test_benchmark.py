@@ -412,20 +412,57 @@ def test_middlebury_profile_smoke(tmp_path):
     """--profile middlebury: the stereo rows carry the real-pair columns, and the real
     fine-tuning setting scores dense + FT and each criterion on the held-out part."""
     bench, _ = _real_study()
-    assert bench.main(["--profile", "middlebury", "--criteria", "l2", "--seeds", "0",
+    assert bench.main(["--profile", "middlebury", "--criteria", "l2", "cdc", "--seeds", "0",
                        "--targets", "0.5", "--dense-steps", "2", "--finetune-steps", "1",
                        "--n-train", "16", "--n-val", "4", "--real-steps", "1",
                        "--dense-cache", str(tmp_path / "cache"), "--out",
                        str(tmp_path / "out")]) == 0
     result = json.loads((tmp_path / "out" / "results.json").read_text())
     assert all(k in result["dense"][0] for k in ("epe_real", "bad1_real", "bad3_real"))
-    (row,) = result["rows"]
+    row, failed = result["rows"]
     assert row["epe_real"] > 0 and 0 <= row["bad3_real"] <= row["bad1_real"] <= 100
+    # cdc needs class labels: on disparities it fails, in both parts, and the study goes on
+    assert "CriterionError" in failed["error"] and "class labels" in failed["error"]
     ft = result["real_finetune"]
-    assert [r["criterion"] for r in ft] == ["dense + FT", "l2"]
-    assert all(r["held_out_pixels"] > 1000 and r["epe"] > 0 for r in ft)
+    assert [r["criterion"] for r in ft] == ["dense + FT", "l2", "cdc"]
+    assert all(r["held_out_pixels"] > 1000 and r["epe"] > 0 for r in ft[:2])
+    assert "CriterionError" in ft[2]["error"]
     assert abs(ft[1]["macs_ratio"] - 0.5) <= 0.03
-    assert "| setting | criterion | EPE held-out real" in (
-        tmp_path / "out" / "middlebury.md").read_text()
+    text = (tmp_path / "out" / "middlebury.md").read_text()
+    assert "| setting | criterion | EPE held-out real" in text
+    assert "| - | cdc | failed: CriterionError |" in text
     assert bench.main(["--profile", "middlebury", "--seeds", "0", "--out",
                        str(tmp_path / "nocache")]) == 2  # needs --dense-cache: said up front
+
+
+def test_middlebury_runs_of_other_seeds_merge_with_their_real_finetuning_rows(tmp_path):
+    """--summarize with the middlebury profile merges the stereo rows and the real fine-tuning
+    rows of runs of other seeds, writes middlebury.md, and refuses a real row given twice."""
+    bench, _ = _real_study()
+
+    def run(seed):
+        dense = {"task": "stereo", "model": "stereo_lite", "seed": seed, "metric": "epe",
+                 "value": 0.7, "epe": 0.7, "epe_real": 2.5, "bad1_real": 80.0,
+                 "bad3_real": 30.0, "macs": 1e6, "params": 10}
+        row = {"task": "stereo", "model": "stereo_lite", "seed": seed, "criterion": "kcp",
+               "schedule": "oneshot", "target_macs": 0.3, "metric": "epe", "value": 0.9,
+               "epe": 0.9, "epe_real": 2.0 + seed, "bad1_real": 70.0, "bad3_real": 20.0,
+               "macs_ratio": 0.3, "after_prune": 3.0, "dense_value": 0.7}
+        ft = [{"seed": seed, "criterion": c, "target_macs": t, "epe": 1.5 + seed, "bad1": 60.0,
+               "after_prune": 2.0, "dense_before_ft": 2.6, "macs_ratio": t}
+              for c, t in (("dense + FT", 1.0), ("kcp", 0.3))]
+        path = tmp_path / f"s{seed}.json"
+        path.write_text(json.dumps({"config": {}, "dense": [dense], "rows": [row],
+                                    "criteria": [], "real_finetune": ft}))
+        return str(path)
+
+    paths = [run(0), run(1)]
+    assert bench.main(["--profile", "middlebury", "--summarize", *paths, "--out",
+                       str(tmp_path / "all")]) == 0
+    merged = json.loads((tmp_path / "all" / "merged.json").read_text())
+    assert len(merged["rows"]) == 2 and len(merged["real_finetune"]) == 4
+    text = (tmp_path / "all" / "middlebury.md").read_text()
+    assert "| 30% | kcp | 0.90 ± 0.00 | 2.50 ± 0.50 |" in text  # EPE real of seeds 0, 1: 2.0, 3.0
+    assert "| 30% | kcp | 2.000 ± 0.500 |" in text  # held-out real EPE 1.5, 2.5
+    assert bench.main(["--profile", "middlebury", "--summarize", paths[0], paths[0], "--out",
+                       str(tmp_path / "twice")]) == 2

@@ -143,12 +143,16 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.summarize:
+        paths = [Path(f) for f in args.summarize]
         try:
-            result = merge_results([Path(f) for f in args.summarize])
+            result = (_study_module().merge_middlebury(paths) if args.profile == "middlebury"
+                      else merge_results(paths))
         except ValueError as exc:
             print(f"benchmark: error: {exc}", file=sys.stderr)
             return 2
         write_summary(result, out)
+        if args.profile == "middlebury":
+            (out / "middlebury.md").write_text(_study_module().middlebury_markdown(result))
         (out / "merged.json").write_text(json.dumps(result, indent=1))
         return 0
     state = {"rows": 0}

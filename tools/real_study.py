@@ -712,20 +712,49 @@ def run_middlebury(profile: Profile, real_criteria: list[str], real_target: floa
         val = make_loader(val_ds, profile.batch_size, seed, shuffle=False)
         before = crops.evaluate(dense, val)
         for criterion, target in [("l2", 1.0)] + [(c, real_target) for c in real_criteria]:
-            row, _ = run_one(dense, crops, criterion, target, "oneshot", ft_profile, loader,
-                             val, seed)
+            try:
+                row, _ = run_one(dense, crops, criterion, target, "oneshot", ft_profile, loader,
+                                 val, seed)
+            except (ValueError, RuntimeError) as exc:  # a criterion that does not apply (cdc
+                # on disparities): recorded, as run_benchmark records it, and the study goes on
+                row = {"seed": seed, "criterion": criterion, "target_macs": target,
+                       "error": f"{type(exc).__name__}: {exc}"}
             row.pop("widths", None)
             row.update({"setting": "real_finetune", "dense_before_ft": before["epe"],
                         "held_out_pixels": int(torch.isfinite(val_ds.tensors[2]).sum())})
             if target == 1.0:
                 row["criterion"] = "dense + FT"
             result["real_finetune"].append(row)
-            log(f"real FT seed {seed} {row['criterion']} {target:.0%}: EPE {row['epe']:.3f} "
-                f"(dense before FT {before['epe']:.3f}, right after prune "
-                f"{row['after_prune']:.3f})")
+            log(f"real FT seed {seed} {row['criterion']} {target:.0%}: " + (
+                row["error"] if "error" in row else
+                f"EPE {row['epe']:.3f} (dense before FT {before['epe']:.3f}, right after prune "
+                f"{row['after_prune']:.3f})"))
             if on_row:
                 on_row(row, result)
     return result
+
+
+def merge_middlebury(paths: list[Path]) -> dict[str, Any]:
+    """One middlebury result from runs of other seeds (or criteria): the stereo rows merged by
+    :func:`kcp_plugin.bench.merge_results`, the real fine-tuning rows concatenated.
+
+    Raises:
+        ValueError: conflicting duplicates (other settings), or the same real fine-tuning row
+            (seed, criterion) in two runs.
+    """
+    from kcp_plugin.bench import merge_results
+
+    merged = merge_results(paths)
+    merged["real_finetune"], seen = [], set()
+    for path in paths:
+        for row in json.loads(path.read_text()).get("real_finetune", []):
+            key = (row["seed"], row["criterion"])
+            if key in seen:
+                raise ValueError(f"real fine-tuning row {key} appears in two runs ({path})")
+            seen.add(key)
+            merged["real_finetune"].append(row)
+    merged["real_finetune"].sort(key=lambda r: r["seed"])
+    return merged
 
 
 def _newest(folder: Path, prefix: str) -> Path:
@@ -755,7 +784,11 @@ def middlebury_markdown(result: dict[str, Any]) -> str:
         lines += ["", "| setting | criterion | EPE held-out real | bad1 (%) | right after "
                   "prune |", "|---|---|---|---|---|"]
         for c in dict.fromkeys(r["criterion"] for r in ft):
-            sel = [r for r in ft if r["criterion"] == c]
+            sel = [r for r in ft if r["criterion"] == c and "error" not in r]
+            if not sel:
+                err = next(r["error"] for r in ft if r["criterion"] == c)
+                lines.append(f"| - | {c} | failed: {err.split(':')[0]} | | |")
+                continue
             lines.append(f"| {sel[0]['target_macs']:.0%} | {c} | "
                          f"{_mean_spread([r['epe'] for r in sel], 3)} | "
                          f"{_mean_spread([r['bad1'] for r in sel])} | "
