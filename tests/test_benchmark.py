@@ -267,6 +267,24 @@ def test_rows_do_not_depend_on_the_rows_before_them():
         assert torch.equal(value, runs[2][key]), key
 
 
+def test_a_cached_dense_model_gives_the_rows_a_trained_one_gives(tmp_path):
+    """The dense cache returns the model in the mode train() leaves (eval): a gradient
+    criterion (taylor reads BatchNorm-dependent gradients) scores the same channels, and its
+    row is identical, whether the dense model was trained in this run or loaded."""
+    from kcp_plugin.bench.protocol import _dense_model, run_one
+
+    rows, modes = [], []
+    for _ in range(2):  # trained and saved, then loaded
+        profile, task, loader, val, _ = _small_run(dense_steps=3, finetune_steps=1,
+                                                   dense_cache=str(tmp_path))
+        dense, dense_row = _dense_model(task, 0, profile, loader, val, progress=False)
+        modes.append(dense.training)
+        row, _ = run_one(dense, task, "taylor", 0.5, "oneshot", profile, loader, val, 0)
+        rows.append((row["after_prune"], row["value"], row["widths"]))
+    assert "cached" in dense_row and modes == [False, False]
+    assert rows[0] == rows[1]
+
+
 def test_realweights_profile_smoke(tmp_path):
     """--profile realweights on a few real images: the pretrained P-Net and R-Net (facenet-
     pytorch's bundled weights) pruned, compensated and distilled; the dense network agrees with

@@ -707,6 +707,7 @@ def run_middlebury(profile: Profile, real_criteria: list[str], real_target: floa
         path = Path(dense_row.get("cached") or _newest(cache, f"{real_eval.model}_s{seed}_"))
         dense = real_eval.build(seed)
         dense.load_state_dict(torch.load(path, weights_only=True))
+        dense.eval()  # the mode run_benchmark's dense models are in (train() leaves eval)
         train_ds, val_ds = crops.splits(seed, n_real, 10_000)
         loader = make_loader(train_ds, profile.batch_size, seed)
         val = make_loader(val_ds, profile.batch_size, seed, shuffle=False)

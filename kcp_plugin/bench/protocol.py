@@ -295,13 +295,16 @@ def _dense_model(task: Task, seed: int, profile: Profile, train_loader: Any, val
     ``profile.dense_cache`` when a model trained with the same settings and code is there.
 
     The cache holds a state dict (loaded with ``weights_only=True``) and the row as JSON; the
-    row's ``cached`` field says where a reused model came from. Latency is measured anew.
+    row's ``cached`` field says where a reused model came from. Latency is measured anew. The
+    model is returned in eval mode either way (what :func:`train` leaves).
     """
     dense = task.build(seed)
     cache = Path(profile.dense_cache) if profile.dense_cache else None
     name = f"{task.model}_s{seed}_{_dense_key(task, seed, profile)}" if cache else ""
     if cache and (cache / f"{name}.pt").is_file() and (cache / f"{name}.json").is_file():
         dense.load_state_dict(torch.load(cache / f"{name}.pt", weights_only=True))
+        dense.eval()  # as train() leaves a model trained here: gradient criteria (taylor,
+        # hessian) see BatchNorm in the same mode whether the dense model was cached or not
         dense_row = json.loads((cache / f"{name}.json").read_text())
         dense_row["cached"] = str(cache / f"{name}.pt")
     else:
