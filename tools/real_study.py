@@ -774,7 +774,7 @@ def middlebury_markdown(result: dict[str, Any]) -> str:
                  for k in ("epe", "epe_real", "bad1_real", "bad3_real")) + " |")
     rows = [r for r in result["rows"] if "error" not in r]
     for t in sorted({r["target_macs"] for r in rows}, reverse=True):
-        for c in dict.fromkeys(r["criterion"] for r in rows):
+        for c in sorted({r["criterion"] for r in rows}):
             sel = [r for r in rows if r["criterion"] == c and r["target_macs"] == t]
             if sel:
                 lines.append(f"| {t:.0%} | {c} | " + " | ".join(
@@ -784,7 +784,7 @@ def middlebury_markdown(result: dict[str, Any]) -> str:
     if ft:
         lines += ["", "| setting | criterion | EPE held-out real | bad1 (%) | right after "
                   "prune |", "|---|---|---|---|---|"]
-        for c in dict.fromkeys(r["criterion"] for r in ft):
+        for c in sorted({r["criterion"] for r in ft}, key=lambda c: (c != "dense + FT", c)):
             sel = [r for r in ft if r["criterion"] == c and "error" not in r]
             if not sel:
                 err = next(r["error"] for r in ft if r["criterion"] == c)
