@@ -12,6 +12,7 @@ the criteria can import it for the decorator without a cycle.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import inspect
 from collections.abc import Callable
@@ -158,8 +159,11 @@ def get_importance(name: str, **kwargs: Any) -> tp.importance.Importance:
         accepted = [n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL]
         bad = sorted(set(kwargs) - set(accepted))
         if bad:
+            named = ", ".join(
+                f"{b} (did you mean {close[0]}?)" if close else b
+                for b in bad for close in [difflib.get_close_matches(b, accepted, n=1)])
             raise ValueError(
-                f"importance {info.name!r} does not accept {', '.join(bad)}; "
+                f"importance {info.name!r} does not accept {named}; "
                 f"accepted arguments: {', '.join(accepted) or '(none)'}"
             )
     return info.factory(**kwargs)

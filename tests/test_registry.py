@@ -45,6 +45,11 @@ def test_unknown_name_lists_valid_names():
 def test_bad_keyword_names_the_accepted_ones():
     with pytest.raises(ValueError, match="accepted arguments: .*centre"):
         get_importance("kcp", center="mean")
+    # a typo gets the close match, as an unknown criterion name does; a stranger gets none
+    with pytest.raises(ValueError, match=r"does not accept tset \(did you mean test\?\); "):
+        get_importance("cdc", tset="ttest")
+    with pytest.raises(ValueError, match=r"does not accept foo; accepted arguments"):
+        get_importance("l2", foo=1)
 
 
 def test_register_a_new_criterion_and_use_it_everywhere():
