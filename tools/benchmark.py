@@ -65,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="size of the study (default: full); realweights / mnist / middlebury: "
                    "the real-data studies of tools/real_study.py")
     p.add_argument("--quick", action="store_true", help="same as --profile quick")
-    p.add_argument("--tasks", nargs="+", help="override the profile's tasks")
+    p.add_argument("--tasks", nargs="+", help="override the profile's tasks (realweights: "
+                   "the MTCNN networks pnet, rnet, onet)")
     p.add_argument("--criteria", nargs="+", help="override the profile's criteria")
     p.add_argument("--seeds", nargs="+", type=int, help="override the profile's seeds")
     p.add_argument("--targets", nargs="+", type=float, help="fractions of MACs kept")
@@ -79,8 +80,10 @@ def _parser() -> argparse.ArgumentParser:
                    "learning rate): does the criterion's choice of weights matter, or only the "
                    "widths?")
     p.add_argument("--dense-steps", type=int, help="dense training iterations")
-    p.add_argument("--finetune-steps", type=int, help="fine-tuning iterations after pruning")
-    p.add_argument("--n-train", type=int, help="training images (pairs) per seed")
+    p.add_argument("--finetune-steps", type=int, help="fine-tuning iterations after pruning "
+                   "(realweights: distillation steps)")
+    p.add_argument("--n-train", type=int, help="training images (pairs) per seed "
+                   "(realweights: training crops per network)")
     p.add_argument("--n-val", type=int, help="validation images (pairs) per seed")
     p.add_argument("--dense-cache", metavar="DIR", help="reuse dense models trained with the "
                    "same settings and code from DIR (and save new ones there), so that a "
@@ -88,7 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--small", action="store_true", help="realweights: a few images only "
                    "(the smoke test)")
     p.add_argument("--real-criteria", nargs="*", help="middlebury: criteria of the real "
-                   "fine-tuning setting (default: the profile's criteria)")
+                   "fine-tuning setting, pruned to the lowest --targets value (default: the "
+                   "profile's criteria; the flag with no names: only dense + FT)")
     p.add_argument("--real-steps", type=int, default=120, help="middlebury: fine-tuning "
                    "steps on real crops (default: 120)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -767,7 +767,9 @@ def _newest(folder: Path, prefix: str) -> Path:
 
 def middlebury_markdown(result: dict[str, Any]) -> str:
     """The stereo table with the real-pair columns and the real fine-tuning table."""
-    lines = ["| MACs kept | criterion | EPE generated | EPE real | bad1 real (%) | "
+    lines = ["Stereo with the real Middlebury pair: EPE in pixels, bad-pixel rates in % (lower is "
+             "better); mean ± half the range over the seeds.", "",
+             "| MACs kept | criterion | EPE generated | EPE real | bad1 real (%) | "
              "bad3 real (%) |", "|---|---|---|---|---|---|"]
     dense = result["dense"]
     lines.append("| 100% | dense | " + " | ".join(_mean_spread([d[k] for d in dense], 2)
@@ -782,8 +784,10 @@ def middlebury_markdown(result: dict[str, Any]) -> str:
                     for k in ("epe", "epe_real", "bad1_real", "bad3_real")) + " |")
     ft = result.get("real_finetune", [])
     if ft:
-        lines += ["", "| setting | criterion | EPE held-out real | bad1 (%) | right after "
-                  "prune |", "|---|---|---|---|---|"]
+        lines += ["", "Fine-tuned on real crops of the pair's left part, scored on its held-out "
+                  "right part:", "",
+                  "| setting | criterion | EPE held-out real | bad1 (%) | before real "
+                  "fine-tuning |", "|---|---|---|---|---|"]
         for c in sorted({r["criterion"] for r in ft}, key=lambda c: (c != "dense + FT", c)):
             sel = [r for r in ft if r["criterion"] == c and "error" not in r]
             if not sel:
