@@ -3,10 +3,17 @@
 The core API needs only torch and torch-pruning; integrations import their host libraries lazily.
 """
 
-from .export import ExportReport, export_onnx
+from .deploy import (
+    Backend,
+    ExportReport,
+    LatencyStats,
+    compare_latency,
+    export_onnx,
+    measure_latency,
+)
+from .errors import CriterionError, TargetUnreachable, UnprunableError
 from .graph import count_macs_params
 from .importance import KCPImportance
-from .latency import LatencyStats, compare_latency, measure_latency
 from .optim import rebuild_optimizer
 from .plan import apply_plan, get_plan, load_pruned, read_checkpoint, save_pruned, sync_plan
 from .pruning import prune, resolve_importance
@@ -24,12 +31,16 @@ from .tracking import track_pruning
 __version__ = "0.1.0"
 
 __all__ = [
+    "Backend",
+    "CriterionError",
     "ExportReport",
     "KCPImportance",
     "LatencyStats",
     "PruneReport",
     "RecentBatches",
     "StatsImportance",
+    "TargetUnreachable",
+    "UnprunableError",
     "apply_plan",
     "collect",
     "collecting",

@@ -14,9 +14,11 @@ from typing import Any
 import torch
 
 from . import __version__
+from .deploy.backends import BACKENDS, Backend, check_backend
+from .deploy.latency import LatencyStats, compare_latency, fill_latency
+from .deploy.search import ALLOCATIONS
 from .errors import ExportError, UnprunableError
 from .graph import check_runs
-from .latency import BACKENDS, compare_latency
 from .plan import save_pruned
 from .pruning import prune
 from .registry import importance_info, list_importances
@@ -127,8 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterative-steps", type=int, default=1, metavar="N",
                    help="prune in N steps, re-scoring each step (default: 1)")
     p.add_argument("--round-to", type=_round_to, default=None, metavar="N",
-                   help="keep channel counts multiples of N; 'auto' (with --target-latency): "
-                   "measure 1, 8 and 16 and keep the fastest")
+                   help="keep channel counts multiples of N (default with a MACs target: the "
+                   "--latency-backend's multiple, lowered for narrow nets; 1: never round); "
+                   "'auto' (with --target-latency): measure 1, 8 and 16 and keep the fastest")
     p.add_argument("--global-pruning", action="store_true",
                    help="rank channels across layers instead of per layer")
     p.add_argument("--max-pruning-ratio", type=float, default=0.9, metavar="RATIO",
@@ -137,13 +140,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="qualified layer name never to prune, repeatable (output layers are "
                    "protected automatically)")
     p.add_argument("--latency-runs", type=int, default=10, metavar="N",
-                   help="timed forward passes for the CPU latency (0 skips it; default: 10)")
+                   help="timed forward passes per latency measurement (0 skips the dense vs "
+                   "pruned measurement; default: 10)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for the latency measurement (default: 1, the most "
                    "repeatable on a shared machine)")
     p.add_argument("--latency-backend", choices=BACKENDS, default="torch",
-                   help="what runs the timed passes: torch eager, or onnxruntime on each model "
-                   "exported to ONNX (needs kcp-plugin[deploy]) (default: torch)")
+                   help="what runs the timed passes: torch eager on the CPU, onnxruntime on "
+                   "each model exported to ONNX (needs kcp-plugin[deploy]), or cuda (eager on "
+                   "a GPU, CUDA events); it also sets the default channel multiple of a MACs "
+                   "target (8 on the CPU, 32 on cuda) (default: torch)")
+    p.add_argument("--device", default=None, metavar="DEVICE",
+                   help="GPU of --latency-backend cuda: cuda or cuda:N (default: cuda)")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="dtype the latency is measured in (cuda: fp32/fp16/bf16; torch: "
+                   "fp32/bf16; onnxruntime: fp32) (default: fp32)")
+    p.add_argument("--batch", type=int, default=None, metavar="N",
+                   help="batch size the latency is measured at (default: that of "
+                   "--input-shape); pruning traces the model at --input-shape")
+    p.add_argument("--latency-allocation", choices=ALLOCATIONS, default=None,
+                   help="how --target-latency chooses widths: table (per-group widths from "
+                   "a latency table measured on the backend) or uniform (one channel ratio "
+                   "searched on measured latency) (default: table; uniform with --round-to)")
     p.add_argument("--seed", type=int, default=0, help="seed for the random initial weights")
     p.add_argument("--out", default=None, metavar="PATH",
                    help="write the pruning plan + weights here (torch.load(weights_only=True))")
@@ -203,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      f"loss_fn=...) or a data-free criterion: {', '.join(free)}")
     if args.onnx or (args.latency_backend == "onnxruntime"
                      and (args.latency_runs or args.target_latency is not None)):
-        from .export import require_deploy
+        from .deploy.export import require_deploy
 
         try:
             require_deploy()
@@ -211,6 +229,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(str(exc))
     if args.round_to == "auto" and args.target_latency is None:
         parser.error("--round-to auto measures latency: it needs --target-latency")
+    if args.latency_allocation is None:
+        args.latency_allocation = "uniform" if args.round_to is not None else "table"
+    elif args.latency_allocation == "table" and args.round_to is not None \
+            and args.target_latency is not None:
+        parser.error("--latency-allocation table keeps the backend's channel multiple itself: "
+                     "drop --round-to, or use --latency-allocation uniform")
+    if args.batch is not None and args.batch < 1:
+        parser.error("--batch must be >= 1")
+    backend = Backend(args.latency_backend, device=args.device, dtype=args.dtype,
+                      batch=args.batch, threads=args.threads or 1,
+                      runs=max(args.latency_runs, 3))
+    try:
+        check_backend(backend, imports=bool(args.latency_runs or args.target_latency))
+    except (ValueError, ImportError) as exc:
+        parser.error(str(exc))
     if args.pruning_ratio is None and args.target_macs is None and args.target_latency is None:
         args.target_macs = 0.3
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -235,7 +268,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               f": {exc}", file=sys.stderr)
         return EXIT_USAGE
 
-    dense = copy.deepcopy(model) if args.latency_runs else None  # timed next to the pruned one
+    # timed next to the pruned one (a latency target or a MACs target on a named backend is
+    # measured by prune itself)
+    dense = copy.deepcopy(model) if args.latency_runs else None
     try:  # timm models: the core applies the timm integration itself (kcp_plugin.hosts)
         report = prune(
             model, example, args.importance,
@@ -244,8 +279,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             ignored_layers=args.ignore or None, iterative_steps=args.iterative_steps,
             round_to=args.round_to, global_pruning=args.global_pruning,
             max_pruning_ratio=args.max_pruning_ratio, progress=False if args.quiet else None,
-            target_latency_ratio=args.target_latency, latency_backend=args.latency_backend,
-            latency_threads=args.threads or 1, latency_runs=max(args.latency_runs, 3),
+            target_latency_ratio=args.target_latency,
+            latency_backend=backend if args.latency_runs or args.target_latency else None,
+            latency_allocation=args.latency_allocation,
         )
     except UnprunableError as exc:  # a target out of reach: pruning failed, model restored
         print(f"kcp-prune: error: pruning failed: {exc}", file=sys.stderr)
@@ -256,24 +292,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a failure inside torch-pruning: the model was restored
         print(f"kcp-prune: error: pruning failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    latency, code = None, EXIT_OK
-    if dense is not None:
+    code = EXIT_OK
+    if dense is not None and report.latency_stats is None:
         try:
-            latency = compare_latency([dense, model], example, warmup=2, runs=args.latency_runs,
-                                      threads=args.threads or 1, backend=args.latency_backend)
-            report.latency_before_ms, report.latency_after_ms = (s.median_ms for s in latency)
+            before, after = compare_latency([dense, model], example, backend=backend)
+            fill_latency(report, backend, before, after)
         except ExportError as exc:  # the pruned model is still saved below
             print(f"kcp-prune: error: {args.latency_backend} latency: {exc}", file=sys.stderr)
             code = EXIT_ERROR
 
     print(f"model: {args.model}  inputs: {' + '.join('x'.join(map(str, s)) for s in shapes)}")
     print(report.table())
-    if latency is not None:
-        before, after = latency
-        engine = "torch eager" if before.backend == "torch" else before.backend
-        print(f"CPU latency ({engine}): median of {before.runs} passes each, dense and pruned "
-              f"interleaved, {before.threads} thread(s); dense {before.describe()}, pruned "
-              f"{after.describe()} (interquartile range)")
+    if report.latency_stats:
+        before, after = (LatencyStats(**s) for s in report.latency_stats)
+        print(f"latency ({report.latency_setting}): median of {before.runs} passes each, dense "
+              f"and pruned interleaved; dense {before.describe()}, pruned {after.describe()} "
+              "(interquartile range)")
     if args.out:
         save_pruned(model, args.out, extra={
             "model": args.model, "model_kwargs": dict(args.model_arg),
@@ -281,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         })
         print(f"saved plan + weights to {args.out}")
     if args.onnx:
-        from .export import export_onnx
+        from .deploy.export import export_onnx
 
         try:
             onnx = export_onnx(model, example, args.onnx)
@@ -290,7 +324,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ExportError as exc:
             print(f"kcp-prune: error: {exc}", file=sys.stderr)
             code = EXIT_ERROR
-    if (args.onnx or args.latency_backend == "onnxruntime") and args.round_to is None:
+    if (args.onnx or args.latency_backend == "onnxruntime") and report.round_to is None \
+            and args.target_latency is None:
         print("note: onnxruntime's fast convolution kernels need channel counts that are "
               "multiples of 8; pruned to odd widths a model can run slower than dense there "
               "(docs/deploy.md): consider --round-to 8 (or --round-to auto with "

@@ -680,6 +680,17 @@ class Pruner(tp.pruner.BasePruner):
     def _get_channel_groups(self, group: Any) -> int:
         return math.lcm(super()._get_channel_groups(group), split_channel_groups(self.DG, group))
 
+    def _round_to(self, n_pruned: int, current_channels: int, round_to: int) -> int:
+        """Channels to prune so that the kept width is a multiple of ``round_to``, never
+        rounded down to nothing: torch-pruning 1.6 rounds a kept width under ``round_to`` to 0,
+        and its ``check_pruning_group`` then skips the group, so with ``round_to=8`` a high
+        ratio left narrow layers entirely unpruned (and a MACs search found ratios that pruned
+        only the wide ones). Here at least one multiple is kept (layers narrower than one keep
+        their width)."""
+        keep = current_channels - n_pruned
+        keep = max(keep - keep % round_to, min(round_to, current_channels))
+        return max(current_channels - keep, 0)
+
     def estimate_importance(self, group: Any) -> Any:
         imp = super().estimate_importance(group)
         block = _shuffle_block(self.DG, group)

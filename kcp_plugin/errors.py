@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["CriterionError", "ExportError", "UnprunableError"]
+__all__ = ["CriterionError", "ExportError", "TargetUnreachable", "UnprunableError"]
 
 
 class UnprunableError(ValueError):
@@ -21,6 +21,14 @@ class UnprunableError(ValueError):
     def __init__(self, message: str, protected: list[Any] | None = None):
         super().__init__(message)
         self.protected = list(protected or [])
+
+
+class TargetUnreachable(UnprunableError):
+    """The target (MACs or latency) is out of reach with these settings: every safe group was
+    tried and the closest setting misses it. The model is unchanged. A coarser setting's
+    refusal (a large ``round_to``) can be retried with a finer one; :func:`kcp_plugin.prune`
+    does so for its default channel multiple.
+    """
 
 
 class CriterionError(ValueError):
@@ -38,7 +46,7 @@ class ExportError(ValueError):
     """The model cannot be exported to ONNX, or the exported file computes something else than
     the model in onnxruntime.
 
-    Raised by :func:`kcp_plugin.export.export_onnx`; no file is written at the requested path.
+    Raised by :func:`kcp_plugin.export_onnx`; no file is written at the requested path.
     ``op`` is the operator the exporter could not convert (e.g. ``"aten::histc"``) and ``layer``
     the qualified name of the module that called it (``""`` for the model's own forward), each
     None where it could not be found.

@@ -3,11 +3,12 @@ atomically."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -15,6 +16,10 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from .attention import detect_num_heads
+from .deploy.backends import Backend, as_backend, check_fits, default_multiples
+from .deploy.latency import compare_latency, fill_latency
+from .deploy.search import LatencyTarget, TableAllocator, check_latency_target, prune_to_latency
+from .errors import TargetUnreachable
 from .graph import (
     ForwardFn,
     LayerRef,
@@ -27,14 +32,13 @@ from .graph import (
     uncounted_fraction,
 )
 from .hosts import adapters_for, host_forward, host_pruners
-from .latency_search import LatencyTarget, check_latency_target, prune_to_latency
 from .plan import extend_plan
 from .registry import importance_info, list_importances
 from .report import PruneReport, layer_widths
 from .run import Job, RunSettings, copy_model
 from .safety import UnprunableError, input_layers, invalid_groups, output_signature
 from .safety_net import listing, prune_protecting
-from .search import Target
+from .search import Outcome, Target
 from .snapshot import ModuleSnapshot
 from .stats import StatsImportance, StepFn, check_batches
 
@@ -123,10 +127,11 @@ def prune(
     progress: bool | None = None,
     dry_run: bool = False,
     target_latency_ratio: float | None = None,
-    latency_backend: str = "torch",
-    latency_tolerance: float = 0.05,
-    latency_threads: int = 1,
-    latency_runs: int = 10,
+    latency_backend: str | Backend | dict[str, Any] | None = None,
+    latency_allocation: str = "table",
+    latency_tolerance: float = 0.025,
+    latency_threads: int | None = None,
+    latency_runs: int | None = None,
 ) -> PruneReport:
     """Prune ``model`` in place with a registered criterion and report what changed.
 
@@ -144,8 +149,15 @@ def prune(
         pruning_ratio: Channel pruning ratio in [0, 1) (instead of a MACs target).
         ignored_layers: Layers never pruned: modules, qualified names, or module types.
         iterative_steps: Prune in this many steps, re-scoring on the current weights each step.
-        round_to: Keep channel counts multiples of this (hardware-friendly widths); with a
-            latency target also ``"auto"``: 1, 8 and 16 are measured and the fastest is kept.
+        round_to: Keep channel counts multiples of this (hardware-friendly widths). Default
+            (None) with a MACs target: the channel multiple of ``latency_backend`` (8 on the
+            CPU runtimes, 32 on CUDA; :meth:`kcp_plugin.Backend.channel_multiple`), lowered
+            for narrow nets (a quarter of the multiple until the median layer is 8 multiples
+            wide) and dropped to 1 if the target is out of reach with it; ``report.round_to``
+            says which. ``round_to=1`` never rounds (torch-pruning's behaviour); a fixed
+            ``pruning_ratio`` is not rounded unless asked. With
+            ``latency_allocation="uniform"`` also ``"auto"``: 1, 8 and 16 are measured and the
+            fastest is kept.
         forward_fn: ``forward_fn(model, example_inputs)`` if the model is not called as
             ``model(x)`` / ``model(*x)`` / ``model(**x)``.
         output_transform: Maps the model output to tensors for tracing (torch-pruning's).
@@ -179,12 +191,22 @@ def prune(
             ``report.selected``, the output channels of each layer that would be removed (used
             by soft-pruning schedules; needs ``iterative_steps=1``).
         target_latency_ratio: Fraction of the dense *latency* to keep, in (0, 1], measured on
-            this machine with ``example_inputs`` (instead of a MACs target): the MACs target
-            whose pruned copy keeps it (within ``latency_tolerance``) is searched, then applied
-            (see :mod:`kcp_plugin.latency_search`).
-        latency_backend: ``"torch"`` (eager) or ``"onnxruntime"`` (exported, ``deploy`` extra).
+            ``latency_backend`` with ``example_inputs`` (at the backend's batch), within
+            ``latency_tolerance``; see :mod:`kcp_plugin.deploy.search`. May be combined with
+            ``target_macs_ratio`` (a MACs budget on top, ``latency_allocation="table"``).
+        latency_backend: Where latency is measured: ``"torch"`` (eager CPU, the default),
+            ``"onnxruntime"`` (exported, ``deploy`` extra) or ``"cuda"``, or a
+            :class:`kcp_plugin.Backend` record (device, dtype, batch, threads, runs), or a dict
+            of its fields. With a MACs target it sets the default channel multiple, and the
+            pruned model is measured against the dense one on it (``report.latency_*``), with
+            a warning if it is slower.
+        latency_allocation: How a latency target chooses widths: ``"table"`` (default:
+            per-group widths by a knapsack on the criterion's scores against a latency table
+            measured on the backend, verified end to end) or ``"uniform"`` (one channel ratio
+            for all groups, searched on measured latency).
         latency_tolerance: Allowed gap between measured and target latency fraction.
-        latency_threads / latency_runs: CPU threads and timed passes per measurement.
+        latency_threads / latency_runs: Deprecated: give ``threads`` / ``runs`` in the
+            ``latency_backend`` record.
 
     Returns:
         A :class:`PruneReport`; the model's cumulative pruning plan is also kept on the model for
@@ -198,47 +220,69 @@ def prune(
         kcp_plugin.errors.UnprunableError: the target is out of reach, or pruning breaks the
             model and no single channel group can be blamed (the model is restored).
     """
+    backend = _latency_backend(latency_backend, latency_threads, latency_runs)
+    allocator: TableAllocator | None = None
     if target_latency_ratio is not None:
-        if target_macs_ratio is not None or pruning_ratio is not None:
-            raise ValueError("target_latency_ratio replaces target_macs_ratio / pruning_ratio: "
-                             "give one target")
+        if pruning_ratio is not None:
+            raise ValueError("target_latency_ratio replaces pruning_ratio: give one target")
         if dry_run:
             raise ValueError("a latency target cannot be a dry run (dry_run=True)")
-        latency = LatencyTarget(target_latency_ratio, latency_tolerance, latency_backend,
-                                latency_threads, latency_runs)
+        latency = LatencyTarget(target_latency_ratio, latency_tolerance, backend,
+                                latency_allocation, macs_ratio=target_macs_ratio)
         check_latency_target(latency)
-        others = dict(
-            importance=importance, ignored_layers=ignored_layers,
-            iterative_steps=iterative_steps, output_transform=output_transform,
-            global_pruning=global_pruning, isomorphic=isomorphic, num_heads=num_heads,
-            prune_num_heads=prune_num_heads, head_pruning_ratio=head_pruning_ratio,
-            pruning_ratio_dict=pruning_ratio_dict, max_pruning_ratio=max_pruning_ratio,
-            importance_kwargs=importance_kwargs, loss_fn=loss_fn, data=data,
-            data_steps=data_steps, step_fn=step_fn, protect_outputs=protect_outputs,
-            macs_tolerance=macs_tolerance, unwrapped_parameters=unwrapped_parameters,
-            customized_pruners=customized_pruners)
-        # every other argument is checked before anything is measured or pruned
-        _validate(model=model, target_macs_ratio=target_latency_ratio, pruning_ratio=None,
-                  round_to=None if round_to == "auto" else round_to, dry_run=False,
-                  forward_fn=forward_fn, **{k: v for k, v in others.items()
-                                             if k not in _NOT_VALIDATED})
-        return prune_to_latency(model, example_inputs, prune, latency, round_to, forward_fn,
-                                progress, others)
-    if round_to == "auto":
-        raise ValueError("round_to='auto' picks the channel multiple by measuring latency: it "
-                         "needs target_latency_ratio")
-    # the latency options are checked even when unused, so a typo is not silently ignored
-    check_latency_target(LatencyTarget(1.0, latency_tolerance, latency_backend, latency_threads,
-                                       latency_runs), imports=False)
+        if latency_allocation == "uniform":
+            if target_macs_ratio is not None:
+                raise ValueError("a MACs budget combines with latency_allocation='table' only; "
+                                 "latency_allocation='uniform' searches the MACs target itself")
+            others = dict(
+                importance=importance, ignored_layers=ignored_layers,
+                iterative_steps=iterative_steps, output_transform=output_transform,
+                global_pruning=global_pruning, isomorphic=isomorphic, num_heads=num_heads,
+                prune_num_heads=prune_num_heads, head_pruning_ratio=head_pruning_ratio,
+                pruning_ratio_dict=pruning_ratio_dict, max_pruning_ratio=max_pruning_ratio,
+                importance_kwargs=importance_kwargs, loss_fn=loss_fn, data=data,
+                data_steps=data_steps, step_fn=step_fn, protect_outputs=protect_outputs,
+                macs_tolerance=macs_tolerance, unwrapped_parameters=unwrapped_parameters,
+                customized_pruners=customized_pruners)
+            # every other argument is checked before anything is measured or pruned
+            _validate(model=model, target_macs_ratio=target_latency_ratio, pruning_ratio=None,
+                      round_to=None if round_to in ("auto", None) else round_to, dry_run=False,
+                      forward_fn=forward_fn, **{k: v for k, v in others.items()
+                                                 if k not in _NOT_VALIDATED})
+            fwd = host_forward(model, forward_fn) or default_forward
+            check_runs(model, example_inputs, fwd)
+            check_fits(model, example_inputs, backend, fwd)
+            return prune_to_latency(model, example_inputs, prune, latency, round_to, forward_fn,
+                                    progress, others)
+        if global_pruning or isomorphic:
+            raise ValueError("latency_allocation='table' chooses every group's width itself: "
+                             "global_pruning / isomorphic do not apply (use "
+                             "latency_allocation='uniform' to combine them with a latency "
+                             "target)")
+        if round_to is not None:
+            raise ValueError("latency_allocation='table' keeps widths on the backend's channel "
+                             f"multiple ({backend.channel_multiple()}) itself; round_to does "
+                             "not apply (use latency_allocation='uniform' to choose it)")
+    else:
+        # the latency options are checked even when unused, so a typo is not silently ignored
+        check_latency_target(LatencyTarget(1.0, latency_tolerance, backend, latency_allocation),
+                             imports=latency_backend is not None)
+        if round_to == "auto":
+            raise ValueError("round_to='auto' picks the channel multiple by measuring latency: "
+                             "it needs target_latency_ratio with latency_allocation='uniform'")
+    if target_latency_ratio is not None and target_macs_ratio is None:
+        macs_target_for_validation = target_latency_ratio  # validated as a fraction
+    else:
+        macs_target_for_validation = target_macs_ratio
     req = _validate(
-        model=model, target_macs_ratio=target_macs_ratio, pruning_ratio=pruning_ratio,
+        model=model, target_macs_ratio=macs_target_for_validation, pruning_ratio=pruning_ratio,
         pruning_ratio_dict=pruning_ratio_dict, max_pruning_ratio=max_pruning_ratio,
         macs_tolerance=macs_tolerance, head_pruning_ratio=head_pruning_ratio,
-        iterative_steps=iterative_steps, round_to=round_to, dry_run=dry_run,
-        isomorphic=isomorphic, global_pruning=global_pruning, forward_fn=forward_fn,
-        importance=importance, importance_kwargs=importance_kwargs, loss_fn=loss_fn, data=data,
-        step_fn=step_fn, data_steps=data_steps, ignored_layers=ignored_layers,
-        num_heads=num_heads)
+        iterative_steps=iterative_steps, round_to=None if round_to == 1 else round_to,
+        dry_run=dry_run, isomorphic=isomorphic, global_pruning=global_pruning,
+        forward_fn=forward_fn, importance=importance, importance_kwargs=importance_kwargs,
+        loss_fn=loss_fn, data=data, step_fn=step_fn, data_steps=data_steps,
+        ignored_layers=ignored_layers, num_heads=num_heads)
     imp, imp_name, ignored, ratio_dict, heads = (req.importance, req.name, req.ignored,
                                                   req.ratio_dict, req.heads)
     hosts = adapters_for(model)  # timm & co.: refusals, custom pruners, protected blocks
@@ -247,6 +291,9 @@ def prune(
     customized_pruners = host_pruners(model, customized_pruners)
     fwd = host_forward(model, forward_fn) or default_forward
     check_runs(model, example_inputs, fwd)
+    measure_after = latency_backend is not None and not dry_run
+    if measure_after or target_latency_ratio is not None:
+        check_fits(model, example_inputs, backend, fwd)
     for host in hosts:
         ignored += [m for m in host.protected(model, example_inputs, fwd, customized_pruners)
                     if m not in ignored]
@@ -290,15 +337,28 @@ def prune(
         output_transform=output_transform, global_pruning=global_pruning,
         isomorphic=isomorphic, prune_num_heads=prune_num_heads,
         head_pruning_ratio=head_pruning_ratio, max_pruning_ratio=max_pruning_ratio,
-        iterative_steps=iterative_steps, round_to=round_to,
+        iterative_steps=iterative_steps, round_to=None if round_to == 1 else round_to,
         unwrapped_parameters=unwrapped_parameters, customized_pruners=customized_pruners,
         loss_fn=loss_fn, progress=progress,
         data=None if data is None else (data, data_steps, step_fn), signature=signature)
+    if round_to is None and target_macs_ratio is not None and target_latency_ratio is None:
+        multiples = default_multiples(model, fixed, backend.channel_multiple())
+    else:
+        multiples = [settings.round_to or 1]
+    # what the caller will compare the result with, on the backend they named
+    dense_copy = copy.deepcopy(model) if measure_after and target_latency_ratio is None else None
     try:
         widths0 = layer_widths(model)
-        target = Target(target_macs_ratio, pruning_ratio, macs0, macs_tolerance)
         job = Job(model, protected, heads, ratio_dict)
-        done = prune_protecting(job, names, snapshot, auto, settings, target, selected)
+        if target_latency_ratio is not None:
+            allocator = TableAllocator(latency, model, example_inputs, fwd, progress)
+            target = Target(target_macs_ratio, None, macs0, macs_tolerance, allocate=allocator)
+            done = prune_protecting(job, names, snapshot, auto, settings, target, selected)
+            used = None
+        else:
+            target = Target(target_macs_ratio, pruning_ratio, macs0, macs_tolerance)
+            done, used = _prune_rounded(job, names, snapshot, auto, settings, target, selected,
+                                        multiples)
         if not dry_run:
             for host in hosts:
                 for name, values in host.after_prune(model, example_inputs).items():
@@ -307,7 +367,7 @@ def prune(
     except UnprunableError as exc:
         snapshot.restore()
         if auto and not exc.protected:  # the search's refusal: name what the net kept
-            raise UnprunableError(f"{exc}{listing(auto)}", auto) from exc
+            raise type(exc)(f"{exc}{listing(auto)}", auto) from exc
         exc.protected = list(auto)
         raise
     except BaseException:
@@ -317,7 +377,7 @@ def prune(
         warnings.warn(
             f"kcp_plugin kept {len(auto)} channel group(s) unpruned, since pruning them would "
             "break the model:" + listing(auto), UserWarning, stacklevel=2)
-    return PruneReport(
+    report = PruneReport(
         importance=imp_name,
         macs_before=macs0, macs_after=done.macs, params_before=params0,
         params_after=done.params, pruning_ratio=done.ratio, target_macs_ratio=target_macs_ratio,
@@ -326,6 +386,60 @@ def prune(
         search=done.search, plan=plan, selected=selected,
         auto_protected=[asdict(r) for r in auto],
     )
+    report.round_to = used
+    if allocator is not None:
+        allocator.finish(model, report)
+    elif dense_copy is not None:
+        _measure_against_dense(dense_copy, model, example_inputs, fwd, backend, report)
+    return report
+
+
+def _prune_rounded(job: Job, names: dict[nn.Module, str], snapshot: ModuleSnapshot,
+                   auto: list, settings: RunSettings, target: Target,
+                   selected: dict[str, list[int]] | None, multiples: list[int]
+                   ) -> tuple[Outcome, int | None]:
+    """:func:`prune_protecting` with the first channel multiple that reaches the target
+    (``multiples`` from coarse to 1; only a refusal for reachability moves to the next)."""
+    for k, m in enumerate(multiples):
+        try:
+            done = prune_protecting(job, names, snapshot, auto,
+                                    replace(settings, round_to=m if m > 1 else None), target,
+                                    selected)
+            return done, (m if m > 1 else None)
+        except TargetUnreachable as exc:
+            if k == len(multiples) - 1:
+                raise
+            snapshot.restore()
+            if selected is not None:
+                selected.clear()
+            logger.info("round_to=%d cannot reach the target (%s); trying round_to=%d", m,
+                        str(exc).splitlines()[0], multiples[k + 1])
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def _measure_against_dense(dense: nn.Module, model: nn.Module, example_inputs: Any,
+                           fwd: ForwardFn, backend: Backend, report: PruneReport) -> None:
+    """Time the pruned model against its dense copy on the backend the caller named, fill
+    the report's latency fields, and warn if the prune made it slower."""
+    before, after = compare_latency([dense, model], example_inputs, fwd, backend=backend)
+    fill_latency(report, backend, before, after)
+    if after.median_ms > before.median_ms:
+        warnings.warn(
+            f"the pruned model is slower than the dense one on {backend.describe()}: "
+            f"{after.describe()} against {before.describe()}, at {report.macs_ratio:.0%} of the "
+            "MACs. Widths that suit this backend matter more than MACs here: ask for a latency "
+            "target instead (target_latency_ratio=..., latency_allocation='table')",
+            UserWarning, stacklevel=3)
+
+
+def _latency_backend(spec: Any, threads: int | None, runs: int | None) -> Backend:
+    """The backend record of :func:`prune`'s latency arguments (the deprecated
+    ``latency_threads`` / ``latency_runs`` folded in, with a FutureWarning)."""
+    if threads is not None or runs is not None:
+        warnings.warn("latency_threads / latency_runs are deprecated: pass "
+                      "latency_backend=kcp_plugin.Backend(name, threads=..., runs=...)",
+                      FutureWarning, stacklevel=3)
+    return as_backend(spec, threads=threads, runs=runs)
 
 
 # prune() arguments _validate does not take

@@ -82,12 +82,25 @@ class PruneReport(SizeReport):
             mmseg ``conv_seg``); groups the safety net kept are in ``auto_protected``.
         search: ``(channel ratio, MACs kept)`` for each trial of the MACs-target search.
         plan: The model's cumulative pruning plan after this prune (plain data).
-        latency_before_ms / latency_after_ms: CPU latency (median, ms), if measured: by the
-            latency target's search, or by the caller.
+        latency_before_ms / latency_after_ms: Latency (median, ms), if measured: by the
+            latency target, on the ``latency_backend`` a MACs target named, or by the caller.
         target_latency_ratio: The requested fraction of the dense latency, if any.
-        latency_backend: What the latency target measured: ``"torch"`` or ``"onnxruntime"``.
-        round_to: The channel multiple used (picked by measuring with ``round_to="auto"``).
-        latency_search: ``(MACs target, round_to, latency kept)`` for each latency trial.
+        latency_backend: The runtime that measured: ``"torch"``, ``"onnxruntime"``, ``"cuda"``.
+        latency_setting: The whole measurement setting (hardware, dtype, batch, threads).
+        latency_allocation: ``"table"`` or ``"uniform"`` (latency targets).
+        round_to: The channel multiple used (the default one of a MACs target, or picked by
+            measuring with ``round_to="auto"``).
+        latency_search: The latency trials: ``(MACs target, round_to, latency kept)`` for the
+            uniform search, ``(budget, 0, latency kept)`` for the table allocation; the last
+            entry is the pruned model measured again.
+        latency_stats: The dense and pruned :class:`kcp_plugin.LatencyStats` of the last
+            measurement, as dicts (median, quartiles, runs, threads, backend, hardware, dtype,
+            batch).
+        latency_model: Table allocation only: the latency model's summary (backend, layer
+            calls, signatures, measurements made, share of the dense latency the layers
+            explain, the fit, predicted vs measured latency of every trial, the largest
+            error after calibration, ``fallback`` where the table predicted poorly and the
+            end-to-end measurements decided) and the predicted widths.
         selected: With ``dry_run``: output channels each layer would lose, by layer name.
         auto_protected: Channel groups the safety net kept unpruned because pruning them would
             break the model (see :class:`kcp_plugin.safety.ProtectedGroup`: ``root``,
@@ -115,24 +128,32 @@ class PruneReport(SizeReport):
     latency_backend: str | None = None
     round_to: int | None = None
     latency_search: list[tuple[float, int, float]] = field(default_factory=list)
+    latency_setting: str | None = None
+    latency_allocation: str | None = None
+    latency_model: dict[str, Any] | None = None
+    latency_stats: list[dict[str, Any]] | None = None
 
     def table(self) -> str:
         """A before/after table for terminals and logs."""
         rows = []
         if self.latency_before_ms is not None and self.latency_after_ms is not None:
             rows.append((
-                "CPU latency",
+                f"latency ({self.latency_backend or 'torch'})",
                 f"{self.latency_before_ms:.2f} ms",
                 f"{self.latency_after_ms:.2f} ms",
                 self.latency_after_ms / max(self.latency_before_ms, 1e-9),
             ))
         head = f"importance: {self.importance}; channel pruning ratio {self.pruning_ratio:.3f}"
         if self.target_latency_ratio is not None:
-            head += (f" (latency target {self.target_latency_ratio:.1%} of dense in "
-                     f"{self.latency_backend}: searched for {self.target_macs_ratio:.1%} of MACs"
+            how = ("widths from a latency table" if self.latency_allocation == "table" else
+                   "one channel ratio")
+            head += (f" (latency target {self.target_latency_ratio:.1%} of dense, {how}"
                      f"{f', round_to {self.round_to}' if self.round_to else ''})")
         elif self.target_macs_ratio is not None:
-            head += f" (searched for {self.target_macs_ratio:.1%} of MACs)"
+            head += (f" (searched for {self.target_macs_ratio:.1%} of MACs"
+                     f"{f', round_to {self.round_to}' if self.round_to else ''})")
+        if self.latency_setting:
+            head += f"\nlatency measured on {self.latency_setting}"
         return head + "\n" + self.size_table(rows)
 
     def plot_widths(self, path: str | os.PathLike, title: str | None = None) -> None:

@@ -27,8 +27,9 @@ from .registry import KeepRatioAware
 from .safety import ROOT_TYPES, couplings, describe_exception, group_layers, verify_outputs
 from .stats import StatsImportance, StepFn, collect
 
-__all__ = ["Job", "RunSettings", "BrokenRun", "run_pruner", "checked_run", "trial_copy",
-           "copy_model", "per_sample_losses", "populate_gradients"]
+__all__ = ["Job", "RunSettings", "BrokenRun", "ScoredGroup", "run_pruner", "checked_run",
+           "group_scores", "make_pruner", "trial_copy", "copy_model", "per_sample_losses",
+           "populate_gradients"]
 
 # ``(protectable layer, layers, couplings)`` of a pruned group, by name
 GroupEntry = tuple[str, list[str], list[str]]
@@ -169,29 +170,19 @@ def run_pruner(
         The pruning history and the attention attributes that were set (both for the plan).
     """
     s, model = settings, job.model
-    heads = dict(job.heads)  # torch-pruning mutates (and shares) these dicts: always fresh copies
-    with preserved_modes(model), warnings.catch_warnings():
-        # torch-pruning warns about unwrapped parameters on every graph it builds: prune()
-        # built one already (the user saw it once), not again for each search trial
-        warnings.filterwarnings("ignore", message=r"[\s\S]*Unwrapped parameters detected")
-        pruner = Pruner(
-            model, s.example_inputs, importance=s.importance, global_pruning=s.global_pruning,
-            pruning_ratio=ratio, pruning_ratio_dict=dict(job.ratio_dict) or None,
-            max_pruning_ratio=s.max_pruning_ratio, iterative_steps=s.iterative_steps,
-            ignored_layers=list(job.protected), round_to=s.round_to, isomorphic=s.isomorphic,
-            num_heads=heads, prune_num_heads=s.prune_num_heads,
-            head_pruning_ratio=s.head_pruning_ratio, in_channel_groups={},
-            out_channel_groups={}, customized_pruners=s.customized_pruners,
-            unwrapped_parameters=s.unwrapped_parameters, forward_fn=s.forward_fn,
-            output_transform=s.output_transform,
-        )
+    pruner = make_pruner(job, ratio, settings)
     steps = range(1, s.iterative_steps + 1)
     names = {m: n for n, m in model.named_modules()}
     importance = s.importance
     pruned = 0
+    # the hint of keep-ratio-aware criteria: the base ratio, or, where only per-group ratios
+    # prune (a latency allocation), their mean
+    hint_ratio = ratio or (sum(job.ratio_dict.values()) / len(job.ratio_dict)
+                           if job.ratio_dict else 0.0)
     for step in progress_bar(steps, enabled=s.progress, desc=desc):
         if isinstance(importance, KeepRatioAware):
-            done, after = ratio * (step - 1) / s.iterative_steps, ratio * step / s.iterative_steps
+            done = hint_ratio * (step - 1) / s.iterative_steps
+            after = hint_ratio * step / s.iterative_steps
             importance.keep_ratio_hint = (1 - after) / max(1 - done, 1e-9)
         try:
             _feed_criterion(model, importance, s)
@@ -224,6 +215,135 @@ def run_pruner(
                         record.setdefault(names[module], []).extend(int(i) for i in idxs)
             group.prune()
     return pruner.pruning_history(), sync_attention_attrs(model, pruner.num_heads)
+
+
+
+def make_pruner(job: Job, ratio: float, settings: RunSettings) -> Pruner:
+    """The torch-pruning pruner of a run: :class:`kcp_plugin.depgraph.Pruner` on ``job.model``
+    with the run's settings (its graph is traced here, modes restored)."""
+    s, model = settings, job.model
+    heads = dict(job.heads)  # torch-pruning mutates (and shares) these dicts: always fresh copies
+    with preserved_modes(model), warnings.catch_warnings():
+        # torch-pruning warns about unwrapped parameters on every graph it builds: prune()
+        # built one already (the user saw it once), not again for each search trial
+        warnings.filterwarnings("ignore", message=r"[\s\S]*Unwrapped parameters detected")
+        return Pruner(
+            model, s.example_inputs, importance=s.importance, global_pruning=s.global_pruning,
+            pruning_ratio=ratio, pruning_ratio_dict=dict(job.ratio_dict) or None,
+            max_pruning_ratio=s.max_pruning_ratio, iterative_steps=s.iterative_steps,
+            ignored_layers=list(job.protected), round_to=s.round_to, isomorphic=s.isomorphic,
+            num_heads=heads, prune_num_heads=s.prune_num_heads,
+            head_pruning_ratio=s.head_pruning_ratio, in_channel_groups={},
+            out_channel_groups={}, customized_pruners=s.customized_pruners,
+            unwrapped_parameters=s.unwrapped_parameters, forward_fn=s.forward_fn,
+            output_transform=s.output_transform,
+        )
+
+
+@dataclass
+class ScoredGroup:
+    """A channel group a run would prune, scored by the run's criterion.
+
+    Attributes:
+        root: The pruner's root layer of the group (for attention groups, the downstream
+            layer torch-pruning re-roots them on).
+        out_layers: Layers whose output channels the group prunes: the keys a per-group ratio
+            is given under (``pruning_ratio_dict``).
+        members: ``(layer, prunes its output channels, channels of it in the group)`` for
+            every conv / linear / other module of the group.
+        channels: The root's channels in the group (``ch_groups * units``).
+        ch_groups: Channel groups (grouped convs, equal splits, heads): every group loses the
+            same positions, so the unit of pruning is one position in each.
+        importance: Score per unit (length ``channels // ch_groups``), as the pruner ranks
+            them: the lowest go first.
+        user_ratio: The user's ``pruning_ratio_dict`` ratio for this group, if any.
+    """
+
+    root: nn.Module
+    out_layers: list[nn.Module]
+    members: list[tuple[nn.Module, bool, int]]
+    channels: int
+    ch_groups: int
+    importance: torch.Tensor
+    user_ratio: float | None = None
+
+    @property
+    def units(self) -> int:
+        """Positions per channel group (what a ratio applies to)."""
+        return self.channels // self.ch_groups
+
+
+@torch.no_grad()
+def _score(pruner: Pruner, group: Any) -> Any:
+    return pruner.estimate_importance(group)
+
+
+def group_scores(job: Job, settings: RunSettings, keep_hint: float | None = None
+                 ) -> list[ScoredGroup]:
+    """Every group the run would prune, with the criterion's score of each channel.
+
+    The criterion is fed as for a run (gradients of ``loss_fn``, statistics of ``data``: the
+    user's callbacks run here), then each group is scored the way torch-pruning's
+    ``BasePruner._prune`` (v1.6, step 1) does before it thresholds: groups past
+    ``max_pruning_ratio`` skipped, attention groups re-rooted on their downstream layer,
+    importance averaged over channel groups. Used by latency-aware allocation
+    (:mod:`kcp_plugin.deploy.allocation`), which chooses each group's width itself.
+
+    Args:
+        job: The model (not changed, besides the criterion's gradients / statistics).
+        settings: The run's settings.
+        keep_hint: For keep-ratio-aware criteria (KCP representative), the fraction of
+            channels expected to stay.
+
+    Raises:
+        CriterionError: the criterion could not score the unpruned model.
+    """
+    pruner = make_pruner(job, 0.0, settings)
+    importance = settings.importance
+    if isinstance(importance, KeepRatioAware):
+        importance.keep_ratio_hint = keep_hint
+    try:
+        _feed_criterion(job.model, importance, settings)
+    except Exception as exc:
+        raise CriterionError(
+            f"{type(importance).__name__} could not score the channels (nothing was pruned, "
+            f"the model is unchanged): {describe_exception(exc)}") from exc
+    graph = pruner.DG
+    user = {}
+    for m, v in job.ratio_dict.items():
+        for sub in m.modules():
+            user[sub] = v
+    out: list[ScoredGroup] = []
+    with preserved_modes(job.model):
+        for group in graph.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                          root_module_types=pruner.root_module_types):
+            if not pruner._check_pruning_ratio(group):
+                continue
+            is_attention, _ = pruner._is_atten_group(group)
+            if is_attention:
+                group = pruner._downstream_node_as_root_if_attention(group)
+                if group is None:
+                    continue
+            ch_groups = pruner._get_channel_groups(group)
+            imp = _score(pruner, group)
+            if imp is None or len(imp) == 0 or len(imp) % ch_groups:
+                continue
+            dim_imp = imp.view(ch_groups, -1).mean(0) if ch_groups > 1 else imp
+            members, outs, ratio = [], [], None
+            for dep, idxs in group:
+                module = dep.target.module
+                if not isinstance(module, nn.Module):
+                    continue
+                is_out = graph.is_out_channel_pruning_fn(dep.handler)
+                members.append((module, is_out, len(idxs)))
+                if is_out and isinstance(module, ROOT_TYPES) and module not in outs:
+                    outs.append(module)
+                ratio = user.get(module, ratio) if is_out else ratio
+            if not outs:
+                continue
+            out.append(ScoredGroup(group[0].dep.target.module, outs, members, len(imp),
+                                   ch_groups, dim_imp.detach().float().cpu(), ratio))
+    return out
 
 
 def _feed_criterion(model: nn.Module, importance: Any, s: RunSettings) -> None:

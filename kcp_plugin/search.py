@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch.nn as nn
 import torch_pruning as tp
 
+from .errors import TargetUnreachable
 from .graph import build_graph, count_macs_params
 from .progress import progress_bar
 from .run import Job, RunSettings, checked_run, trial_copy
-from .safety import UnprunableError
 from .snapshot import ModuleSnapshot
 from .tracking import track_pruning
 
@@ -27,15 +28,22 @@ __all__ = ["Outcome", "Target", "prune_to_target", "search_ratio"]
 logger = logging.getLogger(__name__)
 
 
+# ``allocate(job, settings) -> (channel ratio, per-layer ratios, trials)``: chooses the widths
+# itself (latency-aware allocation, kcp_plugin.deploy.search.TableAllocator)
+Allocate = Callable[[Job, RunSettings], tuple[float, dict[nn.Module, float], list[Any]]]
+
+
 @dataclass(frozen=True)
 class Target:
     """What a prune aims at: ``macs_ratio`` (fraction of ``macs_dense`` kept, within
-    ``tolerance``) searched for, or a fixed channel ``pruning_ratio``."""
+    ``tolerance``) searched for, a fixed channel ``pruning_ratio``, or per-group widths
+    chosen by an ``allocate`` strategy (which then owns the search)."""
 
     macs_ratio: float | None
     pruning_ratio: float | None
     macs_dense: int
     tolerance: float
+    allocate: Allocate | None = None
 
 
 @dataclass
@@ -70,6 +78,14 @@ def prune_to_target(
     fast = target_macs_ratio is not None and not settings.global_pruning
     search: list[tuple[float, float]] = []
     snapshot = ModuleSnapshot(model)
+    if target.allocate is not None:
+        ratio, extra, search = target.allocate(job, settings)
+        with track_pruning():
+            history, attrs = checked_run(
+                replace(job, ratio_dict={**extra, **job.ratio_dict}), ratio,
+                {names[m]: v for m, v in extra.items()}, settings, record=selected)
+        macs1, params1 = count_macs_params(model, settings.example_inputs, settings.forward_fn)
+        return Outcome(ratio, search, macs1, params1, history, attrs)
     while True:
         if target_macs_ratio is not None:
             trial_settings = settings
@@ -150,7 +166,7 @@ def search_ratio(
                         hi, m_hi = r, m
                         break
         if m_hi > target + tol:
-            raise UnprunableError(
+            raise TargetUnreachable(
                 f"target_macs_ratio={target} is out of reach: pruning every prunable layer by "
                 f"max_pruning_ratio={hi} keeps {m_hi:.3f} of the MACs (protected layers: "
                 f"{len(job.protected)}). Raise max_pruning_ratio or protect fewer layers."
@@ -197,7 +213,7 @@ def search_ratio(
             if abs(m - target) <= tol:
                 return lo, {dict(model.named_modules())[n]: v for n, v in extra.items()}, trials
             a, b = (k, b) if m > target else (a, k)
-        raise UnprunableError(
+        raise TargetUnreachable(
             f"could not reach target_macs_ratio={target} within {tol}: the closest setting "
             f"keeps {best[1]:.4f} of the MACs: channel counts are too coarse (few channels per "
             f"layer, round_to={settings.round_to}); loosen macs_tolerance, lower round_to, "

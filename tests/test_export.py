@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 
 import kcp_plugin
+from kcp_plugin.deploy.export import export_onnx, inference_session
 from kcp_plugin.errors import ExportError
-from kcp_plugin.export import export_onnx, inference_session
 from kcp_plugin.models import build_model, example_inputs
 
 

@@ -48,10 +48,14 @@ def test_target_macs_is_reached_within_tolerance(builder, shape, target):
 def test_too_coarse_widths_give_a_clear_error_and_no_change():
     model = TinySeg().eval()
     state, params = _state(model), list(model.parameters())
-    with pytest.raises(ValueError, match="too coarse"):
+    with pytest.raises(ValueError, match="too coarse"):  # plain widths: round_to=1
         kcp_plugin.prune(model, torch.randn(1, 3, 16, 16), target_macs_ratio=0.5,
-                         progress=False)
+                         round_to=1, progress=False)
     _assert_untouched(model, state, params)
+    # the default tries the net's channel multiple too, which reaches it here
+    report = kcp_plugin.prune(model, torch.randn(1, 3, 16, 16), target_macs_ratio=0.5,
+                              progress=False)
+    assert abs(report.macs_ratio - 0.5) <= 0.02 and report.round_to == 2
 
 
 def test_global_and_iterative_kcp_reach_the_target():

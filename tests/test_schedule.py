@@ -103,15 +103,17 @@ def test_decay_scales_exactly_the_channels_a_prune_would_remove():
     for name, idxs in preview.selected.items():
         assert real.widths_before.get(name, 0) - real.widths_after.get(name, 0) in (
             0, len(set(idxs)))
-    before = model.b2[0].weight.detach().clone()
+    name = next(n for n in sorted(preview.selected) if n != "fc")  # a layer it decays
+    layer = dict(model.named_modules())[name]
+    before = layer.weight.detach().clone()
     sched = PruningScheduler(model, x, "kcp", target_macs_ratio=0.6, num_prunes=4,
                              mode="decay", decay="linear")
     assert sched.alpha(0) == pytest.approx(0.75) and sched.alpha(3) == 0.0
     sched.step()
-    sel = torch.tensor(sorted(set(preview.selected["b2.0"])))
-    torch.testing.assert_close(model.b2[0].weight[sel], 0.75 * before[sel])
-    keep = torch.tensor([i for i in range(64) if i not in set(sel.tolist())])
-    torch.testing.assert_close(model.b2[0].weight[keep], before[keep])
+    sel = torch.tensor(sorted(set(preview.selected[name])))
+    torch.testing.assert_close(layer.weight[sel], 0.75 * before[sel])
+    keep = torch.tensor([i for i in range(layer.out_channels) if i not in set(sel.tolist())])
+    torch.testing.assert_close(layer.weight[keep], before[keep])
 
 
 def test_resume_mid_schedule_gives_the_same_final_plan(tmp_path):

@@ -43,8 +43,8 @@ import torch
 import torch.nn as nn
 
 from kcp_plugin import compare_latency, count_macs_params, prune
+from kcp_plugin.deploy.latency import BACKENDS, LatencyStats
 from kcp_plugin.graph import ForwardFn, default_forward
-from kcp_plugin.latency import BACKENDS, LatencyStats
 from kcp_plugin.models import example_inputs as builtin_inputs
 from kcp_plugin.zoo import build_from_spec
 
@@ -178,7 +178,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
     if args.latency_target_backend == "onnxruntime" or "onnxruntime" in args.backends:
         try:
-            from kcp_plugin.export import require_deploy
+            from kcp_plugin.deploy.export import require_deploy
 
             require_deploy()
         except ImportError as exc:
@@ -350,7 +350,7 @@ def latency_target(args: argparse.Namespace) -> dict[str, Any]:
                            "runs": args.runs}
     _say(f"latency target: {name}, target_latency_ratio={args.latency_target} "
          f"({args.latency_target_backend}, 1 thread, {args.runs} runs per trial)")
-    logger = logging.getLogger("kcp_plugin.latency_search")  # one line per trial
+    logger = logging.getLogger("kcp_plugin.deploy.search")  # one line per trial
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("  %(message)s"))
     logger.addHandler(handler)

@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 
 from ..compensation import compensating
+from ..deploy.latency import measure_latency
 from ..graph import build_graph, count_macs_params
-from ..latency import measure_latency
 from ..pruning import prune
 from ..registry import criterion_arguments, get_importance, importance_info
 from ..report import layer_widths

@@ -44,9 +44,9 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-from .errors import ExportError
-from .graph import ForwardFn, default_forward, preserved_modes
-from .safety import describe_exception, output_tensors
+from ..errors import ExportError
+from ..graph import ForwardFn, default_forward, preserved_modes
+from ..safety import describe_exception, output_tensors
 
 __all__ = ["DEPLOY_HINT", "ExportReport", "export_onnx", "inference_session", "require_deploy"]
 
