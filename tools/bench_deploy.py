@@ -1,26 +1,32 @@
 #!/usr/bin/env python
-"""Deployment benchmark: latency kept vs MACs kept, torch eager and onnxruntime, 1 and 2 threads.
+"""Deployment benchmark: capacity kept for the latency removed, per backend, side by side.
 
-Issue 16 ("deploy what you prune"): a pruned model is only worth its MACs if the runtime it is
-deployed on turns fewer MACs into less time. For each model, pruned with ``kcp`` to each
-``--ratios`` fraction of its MACs (``round_to`` variants where listed), this measures the
-latency kept (pruned median / dense median) with :func:`kcp_plugin.compare_latency` (dense and
-pruned passes interleaved, fixed threads, median and quartiles) in torch eager and in
-onnxruntime (each model exported and checked by :func:`kcp_plugin.export_onnx`), on each
-``--threads`` count. Latency depends on the widths, not on the weights, so models are pruned at
-random initialisation (nothing is downloaded). Then the latency target: one model pruned with
-``prune(..., target_latency_ratio=r)``, its search time and the latency it keeps, measured
-again afterwards.
+Issue 23 ("pruned means faster"): for each model and backend (torch eager on the CPU,
+onnxruntime on the CPU, and CUDA when the machine has a GPU), three ways of pruning with
+``kcp`` are compared at the same measured latency:
 
-Writes ``deploy_latency.json``, ``deploy_latency.md`` and ``deploy_latency.png`` (latency kept
-vs MACs kept per backend, with the y = x line) into ``--out``.
+* **uniform, plain widths**: one channel ratio for every group (torch-pruning's local pruning,
+  ``round_to=1``), swept over ``--ratios`` and measured: the MACs kept where the curve crosses
+  each latency target are read off the sweep (linear interpolation between measured points);
+* **uniform, round_to=8**: the same with torch-pruning's ``round_to=8``;
+* **latency table**: ``prune(..., target_latency_ratio=t, latency_backend=backend)`` (the
+  table allocation of :mod:`kcp_plugin.deploy.search`), its latency measured again afterwards.
 
-    python tools/bench_deploy.py --out docs/benchmarks              # the full run (~30 min)
-    python tools/bench_deploy.py --quick --out /tmp/deploy          # smoke run (~1-2 min)
-    python tools/bench_deploy.py --models resnet50 mobilenetv3_large_100 --threads 1
+At equal latency, more MACs kept is more capacity kept (the issue's goal: MACs kept / latency
+kept >= 0.85 at a latency target of 0.5 on onnxruntime and the GPU). Also per model and
+backend: ``prune(..., target_macs_ratio=r)`` with the new default widths (the backend's channel
+multiple) against dense ("never slower than dense"), and the latency model's own check
+(prediction error, share of the latency its layers explain).
 
-(``tools/bench_latency.py`` is the older study of the benchmark's own small nets at several
-input sizes, torch eager only.)
+Models are built with random weights (latency depends on widths, not weights; nothing is
+downloaded). Every sweep variant of a model is timed in one ``compare_latency`` call with the
+dense model, passes interleaved. Writes ``deploy_latency.json`` / ``.md`` / ``.png`` into
+``--out`` (the JSON after every model, so an interrupted run keeps what it measured).
+
+    python tools/bench_deploy.py --out docs/benchmarks                       # CPU backends
+    python tools/bench_deploy.py --backends cuda --out /tmp/gpu --time-limit 420   # on a GPU
+    python tools/bench_deploy.py --quick --out /tmp/deploy                   # smoke run
+    python tools/bench_deploy.py --replot docs/benchmarks/deploy_latency.json --out docs/benchmarks
 """
 
 from __future__ import annotations
@@ -30,7 +36,6 @@ import copy
 import json
 import logging
 import os
-import platform
 import shlex
 import sys
 import time
@@ -42,15 +47,15 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from kcp_plugin import compare_latency, count_macs_params, prune
-from kcp_plugin.deploy.latency import BACKENDS, LatencyStats
+from kcp_plugin import Backend, compare_latency, count_macs_params, prune
+from kcp_plugin.deploy.backends import BACKENDS, check_backend
 from kcp_plugin.graph import ForwardFn, default_forward
 from kcp_plugin.models import example_inputs as builtin_inputs
 from kcp_plugin.zoo import build_from_spec
 
 CRITERION = "kcp"
 NAME = "deploy_latency"  # file stem of the outputs
-GOAL = 1.2  # the issue's goal: onnxruntime latency kept <= 1.2 x MACs kept (convnets)
+GOAL = 0.85  # the issue's goal: MACs kept / latency kept at a latency target of 0.5
 
 
 def segmentation_out(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -64,49 +69,48 @@ class Case:
 
     Attributes:
         spec: Model spec for :func:`kcp_plugin.zoo.build_from_spec` (random weights).
-        size: Input ``(H, W)`` of the full run; ``quick_size`` that of ``--quick``.
+        cpu_size: Input ``(H, W)`` on the CPU backends (batch 1).
+        cuda_size / cuda_batch: Input and batch on CUDA.
+        quick_size: Input of ``--quick`` (every backend, batch 1 / 2 on CUDA).
         kwargs: Constructor arguments.
         forward: How to call the model (None: ``model(x)`` / ``model(*x)``).
-        round_to: Channel multiples pruned and timed (None: no rounding).
-        prune_size: Input ``(H, W)`` the model is pruned (traced) at, if not ``size``: the
-            widths ``kcp`` keeps depend on the weights only, and tracing the 512x512
-            segmentation nets costs seconds per pass; MACs kept are counted at ``size``.
-        slow: Seconds per forward pass: timed with ``--slow-runs`` passes and one warm-up.
-        family: ``"convnet"`` (the issue's goal applies), ``"transformer"`` or ``"stereo"``.
+        sweep_size: Input ``(H, W)`` the uniform sweep is pruned (traced) at: a fixed channel
+            ratio gives the same widths at any input size, and tracing the 512x512
+            segmentation nets costs seconds per pass. MACs are counted at the timed size.
+        family: ``"convnet"`` (the issue's capacity goal applies), ``"transformer"`` or
+            ``"stereo"``.
     """
 
     spec: str
-    size: tuple[int, int]
+    cpu_size: tuple[int, int]
+    cuda_size: tuple[int, int]
+    cuda_batch: int
     quick_size: tuple[int, int]
     kwargs: dict[str, Any] = field(default_factory=dict)
     forward: ForwardFn | None = None
-    round_to: tuple[int | None, ...] = (None,)
-    prune_size: tuple[int, int] | None = None
-    slow: bool = False
+    sweep_size: tuple[int, int] | None = None
     family: str = "convnet"
 
 
-# round_to=8: onnxruntime's blocked-layout (NCHWc) convolutions need channel counts that are
-# multiples of its block (8 with AVX2, 16 with AVX-512); other widths fall back to plain NCHW
-# kernels. stereo_lite's layers (8-32 channels) are too narrow for 8 to reach 50% of the MACs.
-_SEG = dict(kwargs={"aux_loss": False}, forward=segmentation_out, prune_size=(128, 128),
-            slow=True, round_to=(None, 8))
+_SEG = dict(kwargs={"aux_loss": False}, forward=segmentation_out, sweep_size=(128, 128),
+            cpu_size=(256, 256), cuda_size=(512, 512), cuda_batch=8, quick_size=(64, 64))
 CASES: dict[str, Case] = {
-    "resnet50": Case("timm:resnet50", (224, 224), (64, 64), round_to=(None, 8)),
-    "mobilenetv3_large_100": Case("timm:mobilenetv3_large_100", (224, 224), (64, 64),
-                                  round_to=(None, 8)),
-    "deeplabv3_resnet50": Case("torchvision:deeplabv3_resnet50", (512, 512), (64, 64), **_SEG),
-    "fcn_resnet50": Case("torchvision:fcn_resnet50", (512, 512), (64, 64), **_SEG),
-    "vit_small_patch16_224": Case("timm:vit_small_patch16_224", (224, 224), (224, 224),
-                                  family="transformer"),
-    "stereo_lite": Case("builtin:stereo_lite", (256, 512), (64, 128), family="stereo"),
-    "resnet20": Case("builtin:resnet20", (32, 32), (32, 32)),
+    "resnet50": Case("timm:resnet50", (224, 224), (224, 224), 64, (64, 64)),
+    "convnext_tiny": Case("timm:convnext_tiny", (224, 224), (224, 224), 64, (64, 64)),
+    "vit_small_patch16_224": Case("timm:vit_small_patch16_224", (224, 224), (224, 224), 64,
+                                  (224, 224), family="transformer"),
+    "mobilenetv3_large_100": Case("timm:mobilenetv3_large_100", (224, 224), (224, 224), 64,
+                                  (64, 64)),
+    "deeplabv3_resnet50": Case("torchvision:deeplabv3_resnet50", **_SEG),
+    "fcn_resnet50": Case("torchvision:fcn_resnet50", **_SEG),
+    "stereo_lite": Case("builtin:stereo_lite", (128, 256), (256, 512), 8, (64, 128),
+                        family="stereo"),
+    "resnet20": Case("builtin:resnet20", (32, 32), (32, 32), 256, (32, 32)),
 }
-FULL_MODELS = ["resnet50", "mobilenetv3_large_100", "deeplabv3_resnet50", "fcn_resnet50",
-               "vit_small_patch16_224", "stereo_lite"]
-QUICK_MODELS = ["resnet20", "mobilenetv3_large_100"]
-FULL = {"runs": 10, "target_model": "resnet50"}
-QUICK = {"runs": 3, "target_model": "resnet20"}
+FULL_MODELS = ["resnet50", "convnext_tiny", "vit_small_patch16_224", "mobilenetv3_large_100",
+               "deeplabv3_resnet50", "fcn_resnet50", "stereo_lite"]
+QUICK_MODELS = ["resnet20"]
+RATIOS = (0.15, 0.3, 0.45, 0.6)  # uniform sweep: channel ratios
 
 
 def _fraction(text: str) -> float:
@@ -134,65 +138,74 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="models: " + ", ".join(
-                                    f"{k} ({c.spec}, {c.size[0]}x{c.size[1]})"
-                                    for k, c in CASES.items()))
+                                    f"{k} ({c.spec}; CPU {c.cpu_size[0]}x{c.cpu_size[1]}, "
+                                    f"CUDA {c.cuda_size[0]}x{c.cuda_size[1]} batch "
+                                    f"{c.cuda_batch})" for k, c in CASES.items()))
     p.add_argument("--models", nargs="+", choices=list(CASES), default=None, metavar="MODEL",
-                   help=f"models to time (default: {' '.join(FULL_MODELS)}; --quick: "
+                   help=f"models (default: {' '.join(FULL_MODELS)}; --quick: "
                    f"{' '.join(QUICK_MODELS)}); choices: {', '.join(CASES)}")
-    p.add_argument("--ratios", nargs="+", type=_fraction, default=[0.5, 0.3], metavar="R",
-                   help="fractions of the MACs kept by kcp (default: 0.5 0.3)")
-    p.add_argument("--threads", nargs="+", type=_positive, default=[1, 2], metavar="N",
-                   help="CPU thread counts timed (default: 1 2)")
-    p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS),
-                   help="latency backends (default: both; onnxruntime needs kcp-plugin[deploy])")
+    p.add_argument("--backends", nargs="+", choices=BACKENDS, default=None,
+                   help="latency backends (default: torch onnxruntime, and cuda when torch "
+                   "sees a GPU)")
+    p.add_argument("--targets", nargs="+", type=_fraction, default=[0.7, 0.5], metavar="T",
+                   help="latency targets of the table allocation (default: 0.7 0.5)")
+    p.add_argument("--macs-targets", nargs="+", type=_fraction, default=[0.5], metavar="R",
+                   help="MACs targets pruned with the default widths and timed against dense "
+                   "(default: 0.5)")
+    p.add_argument("--ratios", nargs="+", type=_fraction, default=list(RATIOS), metavar="R",
+                   help=f"channel ratios of the uniform sweep (default: {RATIOS})")
     p.add_argument("--runs", type=_positive, default=None,
-                   help="timed passes per model and setting (default 10; --quick: 3)")
-    p.add_argument("--slow-runs", type=_positive, default=5,
-                   help="timed passes for the slow models (512x512 segmentation; default 5)")
-    p.add_argument("--warmup", type=int, default=2,
-                   help="untimed passes first (default 2; slow models: 1)")
-    p.add_argument("--latency-target", type=_fraction, default=0.5, metavar="R",
-                   help="latency target row: prune(..., target_latency_ratio=R) (default 0.5)")
-    p.add_argument("--no-latency-target", action="store_true", help="skip that row")
-    p.add_argument("--latency-target-model", choices=list(CASES), default=None,
-                   help="model of the latency target row (default resnet50; --quick: resnet20)")
-    p.add_argument("--latency-target-backend", choices=BACKENDS, default="torch",
-                   help="backend of the latency target (default torch, on 1 thread)")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: small models at small inputs, 3 runs")
+                   help="timed passes per measurement (default: 10 on the CPU, 20 on CUDA; "
+                   "--quick: 3)")
+    p.add_argument("--threads", type=_positive, default=1, help="CPU threads (default 1)")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="bf16",
+                   help="CUDA dtype (default bf16; the CPU backends run fp32)")
+    p.add_argument("--device", default=None, help="CUDA device (default: cuda)")
+    p.add_argument("--time-limit", type=float, default=None, metavar="S",
+                   help="stop starting new models after S seconds (a GPU lease is short)")
+    p.add_argument("--quick", action="store_true", help="smoke run: resnet20, 3 runs")
     p.add_argument("--seed", type=int, default=0, help="random init seed")
     p.add_argument("--out", default="outputs/deploy", help="output folder")
-    p.add_argument("--replot", default=None, metavar="JSON",
-                   help="measure nothing: rewrite the table and plot of a saved "
-                   f"{NAME}.json into --out")
+    p.add_argument("--replot", default=None, metavar="JSON", nargs="+",
+                   help="measure nothing: merge saved deploy_latency.json files (e.g. a CPU "
+                   "and a GPU run) and rewrite the table and plot into --out")
     args = p.parse_args(argv)
-    if args.replot:
-        if not Path(args.replot).is_file():
-            p.error(f"--replot {args.replot}: no such file")
-        return args
-    profile = QUICK if args.quick else FULL
-    args.models = args.models or (QUICK_MODELS if args.quick else FULL_MODELS)
-    args.runs = args.runs or profile["runs"]
-    args.latency_target_model = args.latency_target_model or profile["target_model"]
-    if args.warmup < 0:
-        p.error(f"--warmup must be >= 0, got {args.warmup}")
-    if args.latency_target_backend == "onnxruntime" or "onnxruntime" in args.backends:
-        try:
-            from kcp_plugin.deploy.export import require_deploy
-
-            require_deploy()
-        except ImportError as exc:
-            p.error(f"{exc} (or pass --backends torch)")
-    args.ratios = sorted(set(args.ratios), reverse=True)
-    args.threads = sorted(set(args.threads))
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         p.error(f"--out {out} is a file; give a folder")
+    if args.replot:
+        for path in args.replot:
+            if not Path(path).is_file():
+                p.error(f"--replot {path}: no such file")
+        return args
+    args.models = args.models or (QUICK_MODELS if args.quick else FULL_MODELS)
+    if args.backends is None:
+        args.backends = ["torch", "onnxruntime"] + (["cuda"] if torch.cuda.is_available()
+                                                     else [])
+    for name in args.backends:
+        try:
+            check_backend(_backend(name, CASES[args.models[0]], args))
+        except (ValueError, ImportError) as exc:
+            p.error(f"--backends {name}: {exc}")
+    args.targets = sorted(set(args.targets), reverse=True)
+    args.ratios = sorted(set(args.ratios))
     return args
 
 
+def _backend(name: str, case: Case, args: argparse.Namespace) -> Backend:
+    """The measurement setting of a backend for a model."""
+    cuda = name == "cuda"
+    runs = args.runs or (3 if args.quick else 20 if cuda else 10)
+    if cuda:
+        batch = 2 if args.quick else case.cuda_batch
+        return Backend("cuda", device=args.device, dtype=args.dtype, batch=batch, runs=runs,
+                       warmup=5)
+    return Backend(name, threads=args.threads, runs=runs, warmup=2)
+
+
 def _inputs(case: Case, size: tuple[int, int], seed: int) -> Any:
-    """Random inputs at ``size``: the builtin models' own (stereo: a pair), else an image."""
+    """Random batch-1 inputs at ``size``: the builtin models' own (stereo: a pair), else an
+    image."""
     torch.manual_seed(seed)
     if case.spec.startswith("builtin:"):
         return builtin_inputs(case.spec.split(":", 1)[1], size=size)
@@ -204,345 +217,292 @@ def _build(case: Case, seed: int) -> nn.Module:
     return build_from_spec(case.spec, **case.kwargs).eval()
 
 
-def _aten_macs(model: nn.Module, x: Any, fwd: ForwardFn) -> float:
-    """Conv / matmul MACs counted by torch's ``FlopCounterMode`` (attention's matmuls too,
-    which torch-pruning's counter, the one MACs targets use, does not see)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        fwd(model, x)
-    return counter.get_total_flops() / 2
-
-
-def _kept_range(dense: LatencyStats, pruned: LatencyStats) -> tuple[float, float]:
-    """The latency kept's spread from the quartiles: pruned q1 / dense q3 .. pruned q3 /
-    dense q1 (conservative: both spreads at their extremes)."""
-    return pruned.q1_ms / dense.q3_ms, pruned.q3_ms / dense.q1_ms
-
-
 def _say(text: str) -> None:
     print(text, flush=True)
 
 
-def prepare(name: str, args: argparse.Namespace) -> tuple[nn.Module, list[dict[str, Any]], Any]:
-    """Build the dense model and its pruned variants.
+def _quiet_prune(*args: Any, **kwargs: Any) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return prune(*args, progress=False, **kwargs)
 
-    Returns:
-        ``(dense, variants, x)``: each variant a dict with ``model``, ``target_macs``,
-        ``round_to``, ``macs_kept``, ``aten_macs_kept``, ``params_kept``, ``prune_s`` (or
-        ``error``); ``x`` the timing inputs.
-    """
-    case = CASES[name]
-    size = case.quick_size if args.quick else case.size
-    prune_size = size if args.quick or case.prune_size is None else case.prune_size
+
+def _sweep(case: Case, dense: nn.Module, x: Any, size: tuple[int, int], backend: Backend,
+           args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Uniform channel ratios with plain widths and round_to=8, timed with dense in one
+    interleaved call."""
     fwd = case.forward or default_forward
-    dense = _build(case, args.seed)
-    x = _inputs(case, size, args.seed)
-    xp = x if prune_size == size else _inputs(case, prune_size, args.seed)
-    macs_d, params_d = count_macs_params(dense, x, fwd)
-    aten_d = _aten_macs(dense, xp, fwd)
+    sweep_size = size if args.quick or case.sweep_size is None else case.sweep_size
+    xs = x if sweep_size == size else _inputs(case, sweep_size, args.seed)
+    macs_d = count_macs_params(dense, x, fwd)[0]
     variants = []
-    for ratio in args.ratios:
-        for multiple in case.round_to:
-            v: dict[str, Any] = {"target_macs": ratio, "round_to": multiple}
-            pruned = copy.deepcopy(dense)
-            start = time.perf_counter()
+    for multiple in (1, 8):
+        for ratio in args.ratios:
+            model = copy.deepcopy(dense)
             try:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    prune(pruned, xp, CRITERION, target_macs_ratio=ratio, round_to=multiple,
-                          forward_fn=case.forward, progress=False)
-            except Exception as exc:  # recorded: one model's failure must not end the run
-                v["error"] = f"prune: {type(exc).__name__}: {exc}"
-                _say(f"  {name} target {ratio} round_to {multiple}: {v['error']}")
-                variants.append(v)
+                _quiet_prune(model, xs, CRITERION, pruning_ratio=ratio, round_to=multiple,
+                             forward_fn=case.forward)
+            except Exception as exc:  # recorded: one variant's failure must not end the run
+                _say(f"    uniform {ratio} round_to {multiple}: {type(exc).__name__}: {exc}")
                 continue
-            v["prune_s"] = time.perf_counter() - start
-            macs_p, params_p = count_macs_params(pruned, x, fwd)
-            v.update(model=pruned, macs_kept=macs_p / macs_d, params_kept=params_p / params_d,
-                     aten_macs_kept=_aten_macs(pruned, xp, fwd) / aten_d,
-                     warnings=sorted({str(w.message).split(":")[0] for w in caught
-                                      if issubclass(w.category, UserWarning)}))
-            _say(f"  pruned {name} to {ratio} of the MACs (round_to {multiple}): MACs kept "
-                 f"{v['macs_kept']:.3f}, params kept {v['params_kept']:.3f} "
-                 f"({v['prune_s']:.0f} s)")
-            variants.append(v)
-    info = {"macs_dense": macs_d, "params_dense": params_d, "aten_macs_dense": aten_d}
-    for v in variants:
-        v.update(info)
-    return dense, variants, x
-
-
-def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """One row per (model, variant, backend, threads): MACs kept and latency kept."""
-    rows: list[dict[str, Any]] = []
-    total = len(args.models) * len(args.backends) * len(args.threads)
-    done = 0
-    for name in args.models:
-        case = CASES[name]
-        _say(f"{name} ({case.spec}): building and pruning")
-        dense, variants, x = prepare(name, args)
-        ok = [v for v in variants if "error" not in v]
-        runs = min(args.runs, args.slow_runs) if case.slow and not args.quick else args.runs
-        warmup = min(args.warmup, 1) if case.slow and not args.quick else args.warmup
-        shape = list((x[0] if isinstance(x, tuple) else x).shape[-2:])
-        base = {"model": name, "spec": case.spec, "family": case.family, "input": shape}
-        for v in variants:
-            if "error" in v:
-                rows.append({**base, **{k: v[k] for k in ("target_macs", "round_to", "error")}})
-        for backend in args.backends:
-            for threads in args.threads:
-                done += 1
-                if not ok:
-                    continue
-                start = time.perf_counter()
-                try:
-                    with warnings.catch_warnings():
-                        # the exporter's notes on shape asserts it bakes in (timm's patch
-                        # embedding): the export is checked against torch at this shape
-                        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-                        stats = compare_latency([dense] + [v["model"] for v in ok], x,
-                                                case.forward, warmup=warmup, runs=runs,
-                                                threads=threads, backend=backend)
-                except Exception as exc:  # e.g. ExportError: recorded, the run goes on
-                    error = f"{backend}: {type(exc).__name__}: {exc}"
-                    _say(f"[{done}/{total}] {name} {backend} {threads} thread(s): {error}")
-                    for v in ok:
-                        rows.append({**base, "target_macs": v["target_macs"],
-                                     "round_to": v["round_to"], "backend": backend,
-                                     "threads": threads, "error": error})
-                    continue
-                d = stats[0]
-                kept = []
-                for v, s in zip(ok, stats[1:]):
-                    low, high = _kept_range(d, s)
-                    rows.append({
-                        **base, "target_macs": v["target_macs"], "round_to": v["round_to"],
-                        "macs_kept": v["macs_kept"], "aten_macs_kept": v["aten_macs_kept"],
-                        "params_kept": v["params_kept"], "macs_dense": v["macs_dense"],
-                        "prune_s": v["prune_s"], "prune_warnings": v["warnings"],
-                        "backend": backend, "threads": threads, "runs": s.runs,
-                        "dense_ms": d.median_ms, "dense_q1_ms": d.q1_ms, "dense_q3_ms": d.q3_ms,
-                        "pruned_ms": s.median_ms, "pruned_q1_ms": s.q1_ms,
-                        "pruned_q3_ms": s.q3_ms, "latency_kept": s.median_ms / d.median_ms,
-                        "latency_kept_low": low, "latency_kept_high": high,
-                        "load": os.getloadavg()[0]})
-                    kept.append(f"{v['macs_kept']:.2f}->{s.median_ms / d.median_ms:.2f}")
-                _say(f"[{done}/{total}] {name} {backend} {threads} thread(s): dense "
-                     f"{d.describe()}; MACs->latency kept {', '.join(kept)} "
-                     f"({time.perf_counter() - start:.0f} s)")
-        del dense, variants
+            variants.append({"round_to": multiple, "pruning_ratio": ratio, "model": model,
+                             "macs_kept": count_macs_params(model, x, fwd)[0] / macs_d})
+    stats = compare_latency([dense] + [v["model"] for v in variants], x, case.forward,
+                            backend=backend)
+    rows = []
+    for v, s in zip(variants, stats[1:]):
+        rows.append({"kind": "uniform", "round_to": v["round_to"],
+                     "pruning_ratio": v["pruning_ratio"], "macs_kept": v["macs_kept"],
+                     "latency_kept": s.median_ms / stats[0].median_ms,
+                     "dense_ms": stats[0].median_ms, "pruned_ms": s.median_ms,
+                     "spread": [s.q1_ms / stats[0].q3_ms, s.q3_ms / stats[0].q1_ms]})
     return rows
 
 
-def latency_target(args: argparse.Namespace) -> dict[str, Any]:
-    """The latency-target row: ``prune(..., target_latency_ratio=r)`` on one model (1 thread),
-    timed, then the result measured again against the dense model with twice the runs."""
-    name = args.latency_target_model
-    case = CASES[name]
-    size = case.quick_size if args.quick else case.size
-    dense = _build(case, args.seed)
-    x = _inputs(case, size, args.seed)
+def _macs_row(case: Case, dense: nn.Module, x: Any, size: tuple[int, int], backend: Backend,
+              target: float, args: argparse.Namespace) -> dict[str, Any]:
+    """``prune(target_macs_ratio=target)`` with the backend's default widths, timed against
+    dense by prune itself (``latency_backend`` named)."""
     model = copy.deepcopy(dense)
-    row: dict[str, Any] = {"model": name, "spec": case.spec, "input": list(size),
-                           "target_latency_ratio": args.latency_target,
-                           "backend": args.latency_target_backend, "threads": 1,
-                           "runs": args.runs}
-    _say(f"latency target: {name}, target_latency_ratio={args.latency_target} "
-         f"({args.latency_target_backend}, 1 thread, {args.runs} runs per trial)")
-    logger = logging.getLogger("kcp_plugin.deploy.search")  # one line per trial
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("  %(message)s"))
-    logger.addHandler(handler)
-    previous = logger.level
-    logger.setLevel(logging.INFO)
     start = time.perf_counter()
-    try:
-        report = prune(model, x, CRITERION, target_latency_ratio=args.latency_target,
-                       latency_backend=args.latency_target_backend, latency_threads=1,
-                       latency_runs=max(args.runs, 3), forward_fn=case.forward, progress=False)
-    except Exception as exc:
-        row["error"] = f"{type(exc).__name__}: {exc}"
-        _say(f"  latency target failed: {row['error']}")
-        return row
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(previous)
-    row["search_s"] = time.perf_counter() - start
-    fwd = case.forward or default_forward
-    d, p = compare_latency([dense, model], x, fwd, warmup=args.warmup, runs=2 * args.runs,
-                           threads=1, backend=args.latency_target_backend)
-    low, high = _kept_range(d, p)
-    row.update(
-        trials=[{"target_macs": m, "round_to": k, "latency_kept": lat}
-                for m, k, lat in report.latency_search],
-        macs_kept=report.macs_after / report.macs_before, round_to=report.round_to,
-        search_latency_kept=report.latency_after_ms / report.latency_before_ms,
-        latency_kept=p.median_ms / d.median_ms, latency_kept_low=low, latency_kept_high=high,
-        dense_ms=d.median_ms, pruned_ms=p.median_ms, recheck_runs=p.runs)
-    row["within_tolerance"] = abs(row["search_latency_kept"] - args.latency_target) <= 0.05
-    _say(f"  {len(row['trials'])} trials in {row['search_s']:.0f} s: MACs kept "
-         f"{row['macs_kept']:.3f}, latency kept {row['search_latency_kept']:.3f} in the search, "
-         f"{row['latency_kept']:.3f} re-measured ({p.runs} runs)")
-    return row
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = prune(model, x, CRITERION, target_macs_ratio=target, latency_backend=backend,
+                       forward_fn=case.forward, progress=False)
+    return {"kind": "macs", "target_macs": target, "round_to": report.round_to,
+            "macs_kept": report.macs_ratio,
+            "latency_kept": report.latency_after_ms / report.latency_before_ms,
+            "dense_ms": report.latency_before_ms, "pruned_ms": report.latency_after_ms,
+            "slower_warning": any("slower than the dense" in str(w.message) for w in caught),
+            "time_s": time.perf_counter() - start}
 
 
-def _cell(rows: list[dict[str, Any]], backend: str, threads: int) -> str:
-    r = next((r for r in rows if r.get("backend") == backend and r.get("threads") == threads),
-             None)
-    if r is None:
-        return "-"
-    if "error" in r:
-        return "failed"
-    return f"{r['latency_kept']:.2f} ({r['latency_kept_low']:.2f}-{r['latency_kept_high']:.2f})"
+def _table_row(case: Case, dense: nn.Module, x: Any, backend: Backend, target: float
+               ) -> dict[str, Any]:
+    """``prune(target_latency_ratio=target)``, table allocation, then measured again."""
+    model = copy.deepcopy(dense)
+    start = time.perf_counter()
+    report = _quiet_prune(model, x, CRITERION, target_latency_ratio=target,
+                          latency_backend=backend, forward_fn=case.forward)
+    elapsed = time.perf_counter() - start
+    d, p = compare_latency([dense, model], x, case.forward, backend=backend)
+    summary = report.latency_model or {}
+    return {"kind": "table", "target_latency": target, "macs_kept": report.macs_ratio,
+            "params_kept": report.params_ratio,
+            "search_latency_kept": report.latency_after_ms / report.latency_before_ms,
+            "latency_kept": p.median_ms / d.median_ms, "dense_ms": d.median_ms,
+            "pruned_ms": p.median_ms, "spread": [p.q1_ms / d.q3_ms, p.q3_ms / d.q1_ms],
+            "time_s": elapsed, "trials": summary.get("trials"),
+            "table_share": summary.get("table_share"),
+            "calibrated_max_abs_error": summary.get("calibrated_max_abs_error"),
+            "fallback": summary.get("fallback"),
+            "table_measurements": summary.get("table_measurements"),
+            "points": summary.get("points"),
+            "widths": {k: [report.widths_before[k], v] for k, v in report.widths_after.items()}}
 
 
-def _goal(rows: list[dict[str, Any]], backend: str, threads: int) -> str:
-    """Latency kept / MACs kept, and whether it meets the issue's goal (<= 1.2)."""
-    r = next((r for r in rows if r.get("backend") == backend and r.get("threads") == threads
-              and "latency_kept" in r), None)
-    if r is None:
-        return "-"
-    ratio = r["latency_kept"] / r["macs_kept"]
-    return f"{ratio:.2f} ({'yes' if ratio <= GOAL else 'no'})"
+def measure(args: argparse.Namespace, result: dict[str, Any], out: Path) -> None:
+    """Every (model, backend): sweep, MACs rows, table rows; the JSON written after each."""
+    start = time.perf_counter()
+    for name in args.models:
+        if args.time_limit and time.perf_counter() - start > args.time_limit:
+            _say(f"time limit reached: {name} and later models skipped")
+            result["meta"]["skipped"] = args.models[args.models.index(name):]
+            break
+        case = CASES[name]
+        dense = _build(case, args.seed)
+        for backend_name in args.backends:
+            backend = _backend(backend_name, case, args)
+            size = case.quick_size if args.quick else (
+                case.cuda_size if backend.is_cuda else case.cpu_size)
+            x = _inputs(case, size, args.seed)
+            base = {"model": name, "spec": case.spec, "family": case.family,
+                    "backend": backend_name, "setting": backend.describe(), "input": list(size),
+                    "batch": backend.batch or 1}
+            _say(f"{name} on {backend.describe()}, {size[0]}x{size[1]}")
+            steps: list[tuple[str, Any, tuple]] = [
+                ("sweep", _sweep, (case, dense, x, size, backend, args))]
+            steps += [(f"macs {r}", _macs_row, (case, dense, x, size, backend, r, args))
+                      for r in args.macs_targets]
+            steps += [(f"table {t}", _table_row, (case, dense, x, backend, t))
+                      for t in args.targets]
+            for label, step, step_args in steps:
+                t0 = time.perf_counter()
+                try:
+                    rows = step(*step_args)
+                    rows = rows if isinstance(rows, list) else [rows]
+                except Exception as exc:  # recorded, the run goes on
+                    rows = [{"kind": label.split()[0], "error": f"{type(exc).__name__}: {exc}"}]
+                for row in rows:
+                    result["rows"].append({**base, **row})
+                _say(f"  {label}: {_summary(rows)} ({time.perf_counter() - t0:.0f} s)")
+            if backend.is_cuda:
+                torch.cuda.empty_cache()
+        result["meta"]["total_s"] = time.perf_counter() - start
+        write(result, out, quiet=True)
 
 
-def _variants(rows: list[dict[str, Any]]) -> list[tuple[str, float, Any]]:
-    seen: dict[tuple[str, float, Any], None] = {}
+def _summary(rows: list[dict[str, Any]]) -> str:
+    parts = []
     for r in rows:
-        seen.setdefault((r["model"], r["target_macs"], r["round_to"]), None)
-    return list(seen)
+        if "error" in r:
+            parts.append(f"failed: {r['error'][:300]}")
+        elif r["kind"] == "uniform":
+            parts.append(f"r{r['round_to']}@{r['pruning_ratio']}: {r['macs_kept']:.2f}->"
+                         f"{r['latency_kept']:.2f}")
+        elif r["kind"] == "macs":
+            parts.append(f"MACs {r['macs_kept']:.3f} (round_to {r['round_to']}) -> latency "
+                         f"{r['latency_kept']:.3f}")
+        else:
+            parts.append(f"latency {r['latency_kept']:.3f} (search {r['search_latency_kept']:.3f}"
+                         f") at MACs {r['macs_kept']:.3f}; table share {r['table_share']}, "
+                         f"calibrated error {r['calibrated_max_abs_error']}")
+    return "; ".join(parts)
+
+
+# --------------------------------------------------------------------------------- summaries
+def uniform_at(rows: list[dict[str, Any]], round_to: int, target: float) -> float | None:
+    """MACs kept where the uniform sweep (``round_to``) crosses latency ``target``: linear
+    interpolation between the two measured points around it (dense is (1, 1)); None if the
+    sweep does not reach that low."""
+    points = sorted([(1.0, 1.0)] + [(r["latency_kept"], r["macs_kept"]) for r in rows
+                                    if r.get("kind") == "uniform" and r["round_to"] == round_to
+                                    and "latency_kept" in r])
+    for (l0, m0), (l1, m1) in zip(points, points[1:]):
+        if l0 <= target <= l1:
+            return m0 if l1 == l0 else m0 + (target - l0) * (m1 - m0) / (l1 - l0)
+    return None
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """The results as markdown: latency kept per variant and setting, dense medians, the
-    latency-target row."""
+    """Per backend: at each latency target, MACs kept by uniform widths (plain, round_to=8)
+    and by the table allocation, with the measured latency and the capacity ratio; then the
+    MACs-target rows against dense."""
     meta, rows = result["meta"], result["rows"]
-    settings = [(b, t) for b in meta["backends"] for t in meta["threads"]]
-    label = {"torch": "torch", "onnxruntime": "ORT"}
-    goal_setting = ("onnxruntime", min(meta["threads"]))
-    goal_head = f"ORT {goal_setting[1]}T / MACs kept"
-    lines = [
-        f"`{meta['command']}`: {meta['total_s'] / 60:.1f} min on {meta['machine']} "
-        f"({meta['cpus']} CPUs; load average {meta['load_before'][0]:.1f} before, "
-        f"{meta['load_after'][0]:.1f} after); torch {meta['torch']}, onnxruntime "
-        f"{meta.get('onnxruntime') or '-'}. Batch 1, random init, `{CRITERION}`; latency kept = "
-        "pruned median / dense median, passes interleaved; in brackets pruned q1 / dense q3 to "
-        "pruned q3 / dense q1.", "",
-        "| model | input | MACs target | round_to | MACs kept | "
-        + " | ".join(f"{label[b]} {t}T" for b, t in settings) + f" | {goal_head} |",
-        "|---|---|---|---|---|" + "---|" * (len(settings) + 1)]
-    for model, target, multiple in _variants(rows):
-        rs = [r for r in rows if (r["model"], r["target_macs"], r["round_to"])
-              == (model, target, multiple)]
-        first = next((r for r in rs if "macs_kept" in r), rs[0])
-        macs = f"{first['macs_kept']:.3f}" if "macs_kept" in first else "failed"
-        if "macs_kept" in first and abs(first["aten_macs_kept"] - first["macs_kept"]) > 0.01:
-            macs += f" (aten {first['aten_macs_kept']:.3f})"
-        lines.append(f"| {model} | {first['input'][0]}x{first['input'][1]} | {target} | "
-                     f"{multiple or '-'} | {macs} | "
-                     + " | ".join(_cell(rs, b, t) for b, t in settings)
-                     + f" | {_goal(rs, *goal_setting)} |")
-    lines += ["", "Dense medians (ms):", "",
-              "| model | " + " | ".join(f"{label[b]} {t}T" for b, t in settings) + " |",
-              "|---|" + "---|" * len(settings)]
-    for model in dict.fromkeys(r["model"] for r in rows):
-        cells = []
-        for b, t in settings:
-            r = next((r for r in rows if r["model"] == model and r.get("backend") == b
-                      and r.get("threads") == t and "dense_ms" in r), None)
-            cells.append(f"{r['dense_ms']:.1f}" if r else "-")
-        lines.append(f"| {model} | " + " | ".join(cells) + " |")
-    target = result.get("latency_target")
-    if target:
-        lines += ["", f"Latency target ({target['backend']}, 1 thread): "
-                  f"`prune(..., target_latency_ratio={target['target_latency_ratio']})`", ""]
-        if "error" in target:
-            lines.append(f"{target['model']}: failed: {target['error']}")
-        else:
-            lines += [
-                "| model | target | MACs kept | latency kept (search) | latency kept "
-                "(re-measured) | trials | search time |", "|---|---|---|---|---|---|---|",
-                f"| {target['model']} | {target['target_latency_ratio']} | "
-                f"{target['macs_kept']:.3f} | {target['search_latency_kept']:.3f} | "
-                f"{target['latency_kept']:.3f} ({target['latency_kept_low']:.2f}-"
-                f"{target['latency_kept_high']:.2f}) | {len(target['trials'])} | "
-                f"{target['search_s']:.0f} s |"]
+    lines = [f"`{meta['command']}`", "",
+             f"{meta.get('total_s', 0) / 60:.1f} min; torch {meta['torch']}; criterion "
+             f"`{CRITERION}`, random init. Latency kept = pruned median / dense median, passes "
+             "interleaved. Uniform rows: MACs kept where the measured sweep of channel ratios "
+             f"({', '.join(map(str, meta['ratios']))}) crosses the target (interpolated). "
+             "Table rows: `prune(target_latency_ratio=t)`, measured again after the prune "
+             "(search measurement in brackets).", ""]
+    for setting in dict.fromkeys(r["setting"] for r in rows):
+        rs = [r for r in rows if r["setting"] == setting]
+        lines += [f"### {setting}", "",
+                  "| model | input | target | uniform plain: MACs | uniform r8: MACs | table: "
+                  "MACs | table: latency kept | within 5% | table: MACs / latency |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for model in dict.fromkeys(r["model"] for r in rs):
+            mr = [r for r in rs if r["model"] == model]
+            size = f"{mr[0]['input'][0]}x{mr[0]['input'][1]} (b{mr[0]['batch']})"
+            for t in meta["targets"]:
+                u1, u8 = uniform_at(mr, 1, t), uniform_at(mr, 8, t)
+                tab = next((r for r in mr if r.get("kind") == "table"
+                            and r.get("target_latency") == t), None)
+                cells = [f"{u:.3f}" if u is not None else "not reached" for u in (u1, u8)]
+                if tab is None:
+                    cells += ["-", "-", "-", "-"]
+                elif "error" in tab:
+                    cells += [f"failed: {tab['error'][:80]}", "-", "-", "-"]
+                else:
+                    ok = abs(tab["latency_kept"] - t) <= 0.05 * t
+                    cells += [f"{tab['macs_kept']:.3f}",
+                              f"{tab['latency_kept']:.3f} ({tab['search_latency_kept']:.3f})",
+                              "yes" if ok else "no",
+                              f"{tab['macs_kept'] / tab['latency_kept']:.2f}"]
+                lines.append(f"| {model} | {size} | {t} | " + " | ".join(cells) + " |")
+        macs = [r for r in rs if r.get("kind") == "macs"]
+        if macs:
+            lines += ["", "MACs targets with the default widths (the backend's channel "
+                      "multiple), against dense:", "",
+                      "| model | MACs target | round_to used | MACs kept | latency kept | "
+                      "slower than dense |", "|---|---|---|---|---|---|"]
+            for r in macs:
+                if "error" in r:
+                    lines.append(f"| {r['model']} | - | - | failed: {r['error'][:80]} | - | - |")
+                    continue
+                lines.append(f"| {r['model']} | {r['target_macs']} | {r['round_to'] or 1} | "
+                             f"{r['macs_kept']:.3f} | {r['latency_kept']:.3f} | "
+                             f"{'yes' if r['latency_kept'] > 1 else 'no'} |")
+        tables = [r for r in rs if r.get("kind") == "table" and "error" not in r]
+        if tables:
+            lines += ["", "Latency model (table allocation): share of the dense latency the "
+                      "table's layers explain, largest prediction error after calibration, "
+                      "trials, allocation time:", "",
+                      "| model | target | table share | calibrated error | trials | "
+                      "measurements | time |", "|---|---|---|---|---|---|---|"]
+            for r in tables:
+                err = r["calibrated_max_abs_error"]
+                lines.append(f"| {r['model']} | {r['target_latency']} | {r['table_share']} | "
+                             f"{'-' if err is None else f'{err:.1%}'} | {len(r['trials'] or [])}"
+                             f" | {r['table_measurements']} | {r['time_s']:.0f} s |")
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    """Latency kept vs MACs kept, one panel per backend (columns) and thread count (rows): a
-    colour per model, circles for plain widths and hollow squares for ``round_to`` variants,
-    bars from the quartiles; the y = x line and the issue's goal line y = 1.2 x."""
+    """MACs kept vs latency kept, one panel per backend setting: the uniform sweeps (plain:
+    dashed, round_to=8: solid) and the table allocation (stars) per model; up and left is
+    better; the dotted line is MACs kept = latency kept."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
-    meta, rows = result["meta"], [r for r in result["rows"] if "latency_kept" in r]
-    backends, threads = meta["backends"], meta["threads"]
-    fig, axes = plt.subplots(len(threads), len(backends), sharex=True, sharey=True,
-                             figsize=(4.6 * len(backends) + 2.2, 3.9 * len(threads)),
+    rows = [r for r in result["rows"] if "latency_kept" in r]
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    if not settings:
+        return
+    fig, axes = plt.subplots(1, len(settings), figsize=(5.2 * len(settings) + 2.4, 4.6),
                              squeeze=False)
     colours = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(r["model"] for r in rows))}
-    target = result.get("latency_target")
-    xs = [r["macs_kept"] for r in rows] + ([target["macs_kept"]] if target
-                                           and "macs_kept" in target else [])
-    left, right = max(0.0, min(xs, default=0) - 0.08), min(1.02, max(xs, default=1) + 0.08)
-    # the medians set the scale; a wild quartile (a load spike) is clipped, not the axis
-    top = max([1.3] + [1.1 * r["latency_kept"] for r in rows])
-    for i, n in enumerate(threads):
-        for j, backend in enumerate(backends):
-            ax = axes[i][j]
-            ax.plot([0, 1.1], [0, 1.1], "k:", lw=1)
-            ax.plot([0, 1.1], [0, 1.1 * GOAL], "k--", lw=0.8, alpha=0.5)
-            for r in rows:
-                if r["backend"] != backend or r["threads"] != n:
-                    continue
-                colour = colours[r["model"]]
-                ax.errorbar(r["macs_kept"], r["latency_kept"],
-                            yerr=[[r["latency_kept"] - r["latency_kept_low"]],
-                                  [r["latency_kept_high"] - r["latency_kept"]]],
-                            fmt="s" if r["round_to"] else "o", ms=6, color=colour, capsize=2,
-                            mfc="none" if r["round_to"] else colour, lw=0.7, alpha=0.85)
-            if target and "latency_kept" in target and target["backend"] == backend \
-                    and target["threads"] == n:
-                ax.plot(target["macs_kept"], target["latency_kept"], "*", ms=13, color="k")
-            engine = "torch eager" if backend == "torch" else backend
-            ax.set_title(f"{engine}, {n} thread{'s' if n > 1 else ''}", fontsize=10)
-            ax.set_xlim(left, right)
-            ax.set_ylim(0, top)
-            ax.grid(alpha=0.3)
-            if i == len(threads) - 1:
-                ax.set_xlabel("MACs kept")
-            if j == 0:
-                ax.set_ylabel("latency kept (pruned / dense median)")
-    handles = [Line2D([], [], ls=":", color="k"), Line2D([], [], ls="--", color="k", alpha=0.5)]
-    labels = ["latency kept = MACs kept", f"{GOAL} x MACs kept (the goal)"]
-    handles += [Line2D([], [], ls="", marker="o", color=c) for c in colours.values()]
-    labels += list(colours)
-    handles += [Line2D([], [], ls="", marker="o", color="grey"),
-                Line2D([], [], ls="", marker="s", color="grey", mfc="none")]
-    labels += ["plain widths", "round_to variant"]
-    if target and "latency_kept" in target:
-        handles.append(Line2D([], [], ls="", marker="*", ms=10, color="k"))
-        labels.append(f"{target['model']}, target_latency_ratio={target['target_latency_ratio']}")
+    for ax, setting in zip(axes[0], settings):
+        ax.plot([0, 1.05], [0, 1.05], "k:", lw=1)
+        for model, colour in colours.items():
+            mr = [r for r in rows if r["setting"] == setting and r["model"] == model]
+            for multiple, style in ((1, "--"), (8, "-")):
+                pts = sorted([(1.0, 1.0)] + [(r["latency_kept"], r["macs_kept"]) for r in mr
+                                             if r["kind"] == "uniform"
+                                             and r["round_to"] == multiple])
+                if len(pts) > 1:
+                    ax.plot(*zip(*pts), style, color=colour, lw=1, marker=".", ms=4,
+                            alpha=0.8)
+            for r in mr:
+                if r["kind"] == "table":
+                    ax.plot(r["latency_kept"], r["macs_kept"], "*", ms=12, color=colour,
+                            mec="k", mew=0.5)
+                elif r["kind"] == "macs":
+                    ax.plot(r["latency_kept"], r["macs_kept"], "s", ms=6, mfc="none",
+                            color=colour)
+        ax.set_title(setting, fontsize=8)
+        ax.set_xlabel("latency kept (pruned / dense median)")
+        ax.set_ylabel("MACs kept")
+        ax.set_xlim(0, 1.4)
+        ax.set_ylim(0, 1.05)
+        ax.grid(alpha=0.3)
+    handles = [Line2D([], [], ls="", marker="o", color=c) for c in colours.values()]
+    labels = list(colours)
+    handles += [Line2D([], [], ls="--", color="grey"), Line2D([], [], ls="-", color="grey"),
+                Line2D([], [], ls="", marker="*", ms=10, color="grey", mec="k"),
+                Line2D([], [], ls="", marker="s", mfc="none", color="grey"),
+                Line2D([], [], ls=":", color="k")]
+    labels += ["uniform, plain widths", "uniform, round_to=8", "latency table allocation",
+               "MACs target, default widths", "MACs kept = latency kept"]
     fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
-    fig.suptitle(f"{CRITERION}-pruned models: CPU latency kept vs MACs kept (batch 1, bars: "
-                 "quartile range)", fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1 - 2.3 / fig.get_figwidth(), 1))
+    fig.suptitle(f"{CRITERION}-pruned models: capacity (MACs) kept against latency kept; "
+                 "higher and further left is better", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1 - 2.5 / fig.get_figwidth(), 0.95))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def _versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {"torch": torch.__version__}
-    for module in ("onnxruntime", "timm", "torchvision"):
+    for module in ("onnxruntime", "timm", "torchvision", "torch_pruning"):
         try:
             out[module] = __import__(module).__version__
-        except ImportError:
+        except (ImportError, AttributeError):
             out[module] = None
     return out
 
@@ -556,47 +516,49 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.replot:
-        write(json.loads(Path(args.replot).read_text()), out)
+        merged: dict[str, Any] = {"meta": {}, "rows": []}
+        for path in args.replot:
+            data = json.loads(Path(path).read_text())
+            merged["rows"] += data["rows"]
+            for k, v in data["meta"].items():
+                merged["meta"].setdefault(k, v)
+            if len(args.replot) > 1:
+                merged["meta"]["command"] = " and ".join(
+                    json.loads(Path(p).read_text())["meta"]["command"] for p in args.replot)
+        write(merged, out)
         return 0
     command = "python tools/bench_deploy.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    threads_before = torch.get_num_threads()
     meta: dict[str, Any] = {
-        "command": command.strip(), "criterion": CRITERION, "ratios": args.ratios,
-        "threads": args.threads, "backends": args.backends, "runs": args.runs,
-        "slow_runs": args.slow_runs, "warmup": args.warmup, "quick": args.quick,
-        "seed": args.seed, "goal": GOAL, "machine": platform.processor() or platform.machine(),
+        "command": command.strip(), "criterion": CRITERION, "targets": args.targets,
+        "macs_targets": args.macs_targets, "ratios": args.ratios, "backends": args.backends,
+        "threads": args.threads, "quick": args.quick, "seed": args.seed, "goal": GOAL,
         "cpus": os.cpu_count(), "load_before": list(os.getloadavg()), **_versions()}
-    # pruning and counting on one thread: on a shared machine a second one mostly waits
-    # (compare_latency sets each measurement's own thread count)
-    torch.set_num_threads(1)
-    start = time.perf_counter()
+    if torch.cuda.is_available():
+        meta["gpu"] = torch.cuda.get_device_name()
+    result: dict[str, Any] = {"meta": meta, "rows": []}
+    logging.getLogger("kcp_plugin").setLevel(logging.WARNING)
     try:
-        rows = measure(args)
-        target = None if args.no_latency_target else latency_target(args)
+        measure(args, result, out)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted: the rows measured so far are written", file=sys.stderr)
+        write(result, out)
         return 130
-    finally:
-        torch.set_num_threads(threads_before)
-    meta["total_s"] = time.perf_counter() - start
     meta["load_after"] = list(os.getloadavg())
-    write({"meta": meta, "rows": rows, "latency_target": target}, out)
-    print(f"{meta['total_s'] / 60:.1f} min")
+    write(result, out)
+    print(f"{meta.get('total_s', 0) / 60:.1f} min")
     return 0
 
 
-def write(result: dict[str, Any], out: Path) -> None:
-    """``{NAME}.json`` (unless it is the file replotted), ``.md`` and ``.png`` into ``out``."""
-    path = out / f"{NAME}.json"
-    text = json.dumps(result, indent=2) + "\n"
-    if not path.exists() or path.read_text() != text:
-        path.write_text(text)
+def write(result: dict[str, Any], out: Path, quiet: bool = False) -> None:
+    """``{NAME}.json``, ``.md`` and ``.png`` into ``out``."""
+    (out / f"{NAME}.json").write_text(json.dumps(result, indent=1) + "\n")
     table = markdown(result)
     (out / f"{NAME}.md").write_text(table)
     plot(result, out / f"{NAME}.png")
-    print(table)
-    print(f"results in {out}/ ({NAME}.json, {NAME}.md, {NAME}.png)")
+    if not quiet:
+        print(table)
+        print(f"results in {out}/ ({NAME}.json, {NAME}.md, {NAME}.png)")
 
 
 if __name__ == "__main__":

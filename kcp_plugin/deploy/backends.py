@@ -291,7 +291,7 @@ def placed(model: nn.Module, example_inputs: Any, backend: Backend) -> tuple[nn.
     device, dtype = backend.run_device, backend.torch_dtype
     moved = copy.deepcopy(model).to(device=device, dtype=dtype)
     if backend.memory_channels_last:
-        moved = moved.to(memory_format=torch.channels_last)
+        channels_last(moved)
 
     def place(t: torch.Tensor) -> torch.Tensor:
         t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
@@ -306,7 +306,18 @@ def place_module(module: nn.Module, backend: Backend) -> nn.Module:
     """A (new, standalone) module moved to the backend's device and dtype, in place."""
     module = module.to(device=backend.run_device, dtype=backend.torch_dtype)
     if backend.memory_channels_last:
-        module = module.to(memory_format=torch.channels_last)
+        channels_last(module)
+    return module
+
+
+def channels_last(module: nn.Module) -> nn.Module:
+    """Put the 4-D parameters and buffers of ``module`` in ``torch.channels_last``, in place.
+    ``module.to(memory_format=...)`` refuses a model with any weight of another rank (3-D
+    convs of a stereo cost volume); their tensors stay as they are."""
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            if tensor.dim() == 4:
+                tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
     return module
 
 
