@@ -271,13 +271,13 @@ def test_a_cached_dense_model_gives_the_rows_a_trained_one_gives(tmp_path):
     """The dense cache returns the model in the mode train() leaves (eval): a gradient
     criterion (taylor reads BatchNorm-dependent gradients) scores the same channels, and its
     row is identical, whether the dense model was trained in this run or loaded."""
-    from kcp_plugin.bench.protocol import _dense_model, run_one
+    from kcp_plugin.bench.protocol import dense_model, run_one
 
     rows, modes = [], []
     for _ in range(2):  # trained and saved, then loaded
         profile, task, loader, val, _ = _small_run(dense_steps=3, finetune_steps=1,
                                                    dense_cache=str(tmp_path))
-        dense, dense_row = _dense_model(task, 0, profile, loader, val, progress=False)
+        dense, dense_row = dense_model(task, 0, profile, loader, val, progress=False)
         modes.append(dense.training)
         row, _ = run_one(dense, task, "taylor", 0.5, "oneshot", profile, loader, val, 0)
         rows.append((row["after_prune"], row["value"], row["widths"]))

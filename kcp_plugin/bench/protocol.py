@@ -27,7 +27,7 @@ from ..stats import StatsImportance, collect
 from .tasks import Task, get_task
 from .training import make_loader, train
 
-__all__ = ["Profile", "PROFILES", "run_benchmark", "criterion_analysis"]
+__all__ = ["Profile", "PROFILES", "criterion_analysis", "dense_model", "forward_for", "run_benchmark"]
 
 
 @dataclass
@@ -289,7 +289,7 @@ def _dense_key(task: Task, seed: int, profile: Profile) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _dense_model(task: Task, seed: int, profile: Profile, train_loader: Any, val_loader: Any,
+def dense_model(task: Task, seed: int, profile: Profile, train_loader: Any, val_loader: Any,
                  progress: bool | None) -> tuple[nn.Module, dict[str, Any]]:
     """The trained dense model of ``task`` and ``seed`` with its result row; from
     ``profile.dense_cache`` when a model trained with the same settings and code is there.
@@ -370,7 +370,7 @@ def run_benchmark(
                 train_ds, val_ds = task.splits(seed, profile.n_train, profile.n_val)
                 train_loader = make_loader(train_ds, profile.batch_size, seed)
                 val_loader = make_loader(val_ds, profile.batch_size, seed, shuffle=False)
-                dense, dense_row = _dense_model(task, seed, profile, train_loader, val_loader,
+                dense, dense_row = dense_model(task, seed, profile, train_loader, val_loader,
                                                 progress)
                 result["dense"].append(dense_row)
                 analysis = criterion_analysis(dense, task, next(iter(train_loader)),
