@@ -27,7 +27,8 @@ from ..stats import StatsImportance, collect
 from .tasks import Task, get_task
 from .training import make_loader, train
 
-__all__ = ["Profile", "PROFILES", "criterion_analysis", "dense_model", "forward_for", "run_benchmark"]
+__all__ = ["Profile", "PROFILES", "criterion_analysis", "dense_model", "forward_for",
+           "run_benchmark"]
 
 
 @dataclass
