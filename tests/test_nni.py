@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from conftest import ResBlockNet
+from fake_clock import CostClock
 from nni.compression import TorchEvaluator
 from nni.compression.base.compressor import Pruner as NNIPruner
 from nni.compression.pruning import AGPPruner, L1NormPruner, LinearPruner
@@ -377,7 +378,15 @@ def test_search_space_is_checked_before_any_experiment():
     with pytest.raises(ValueError, match="stereo task"):
         search.check_search_space({"criterion": {"_type": "choice", "_value": ["cdc"]}},
                                   "stereo")
-    for path in ("configs/nni/search_space.json", "configs/nni/search_space_stages.json"):
+    with pytest.raises(ValueError, match=r"'target_latency': values must be in \(0, 1\]"):
+        search.check_search_space({"target_latency": {"_type": "uniform", "_value": [.3, 1.5]}},
+                                  "segmentation")
+    with pytest.raises(ValueError, match="target_latency or per-stage ratio_<stage> keys"):
+        search.check_search_space({"target_latency": {"_type": "uniform", "_value": [.3, .5]},
+                                   "ratio_stem": {"_type": "uniform", "_value": [0, .5]}},
+                                  "segmentation")
+    for path in ("configs/nni/search_space.json", "configs/nni/search_space_stages.json",
+                 "configs/nni/search_space_latency.json"):
         with open(kcp_plugin_root() / path) as f:
             search.check_search_space(json.load(f), "segmentation")
 
@@ -611,6 +620,291 @@ def test_quick_flag_sets_the_quick_search_and_prints_progress(monkeypatch, tmp_p
     count = len(calls)
     assert tool.main(["--n-train", "4", "--out", str(tmp_path)]) == 2  # not a single batch
     assert len(calls) == count and "n_train (4) must be at least" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- latency search
+CLOCK_SETTING = "torch (stand-in clock), fp32, batch 1, 1 thread"
+
+
+@pytest.mark.parametrize("latency,message", [
+    ({"backend": "tensorrt"}, "unknown latency backend 'tensorrt'; valid: torch, onnxruntime, "
+                              "cuda"),
+    ("torhc", "unknown latency backend 'torhc'; valid: torch, onnxruntime, cuda; close "
+              "matches: torch"),
+    ({"backnd": "torch"}, "unknown latency setting 'backnd'; valid: backend, device, dtype, "
+                          "batch, .*; close matches: backend"),
+    ({"backend": "onnxruntime", "dtype": "fp16"}, "cannot run dtype 'fp16'; valid: fp32"),
+    ({"backend": "torch", "device": "cuda"}, "runs on the CPU; device 'cuda' is not valid"),
+    ({"allocation": "knapsack"}, "unknown latency allocation 'knapsack'; valid: table, uniform"),
+    ({"target": 1.5}, r"latency target must be a fraction of the dense latency in \(0, 1\]"),
+    ({"threads": 0}, "threads must be an integer >= 1, got 0"),
+    ({"timer": "my.clock"}, "unknown latency setting 'timer'"),
+    (["torch"], "latency settings must be a mapping with keys among backend"),
+])
+def test_bad_latency_settings_are_named_with_the_valid_choices(latency, message):
+    with pytest.raises(ValueError, match=message):
+        search.SearchSettings(latency=latency)
+
+
+def test_latency_problems_stop_the_search_before_anything_runs(monkeypatch, tmp_path):
+    """A backend this machine lacks, or a latency target the settings cannot reach, fails in
+    run_search before the dense model is trained or NNI starts (nothing written)."""
+    def never(*args, **kwargs):
+        raise AssertionError("ran before the latency settings were checked")
+
+    monkeypatch.setattr(search, "train_dense", never)
+    monkeypatch.setattr(search, "launch_experiment", never)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    macs = {"target_macs": {"_type": "uniform", "_value": [0.3, 0.6]}}
+    latency = {"target_latency": {"_type": "uniform", "_value": [0.3, 0.6]}}
+    out = tmp_path / "out"
+    cases = [
+        (macs, {"backend": "cuda", "dtype": "fp16"}, "'cuda' needs an NVIDIA GPU"),
+        (latency, {"runs": 2}, "needs >= 3 timed passes per measurement, got runs=2"),
+        ({**latency, **macs}, {"allocation": "uniform"},
+         "MACs budget, which only the 'table' latency allocation takes"),
+        ({"ratio_stem": {"_type": "uniform", "_value": [0.0, 0.5]}}, {"target": 0.5},
+         "search it or ratio_<stage> keys, not both"),
+    ]
+    for space, options, message in cases:
+        settings = search.SearchSettings(latency=options)
+        with pytest.raises(ValueError, match=message):
+            search.run_search(space, settings, out, config_path=None, progress=False)
+    config = tmp_path / "bad.yml"
+    config.write_text("trialConcurrency: 1\nlatency:\n  backend: torch\n  trheads: 1\n")
+    with pytest.raises(ValueError, match="unknown latency setting 'trheads'.*close matches: "
+                                         "threads"):
+        search.run_search(macs, search.SearchSettings(), out, config_path=config,
+                          progress=False)
+    assert not out.exists()
+
+
+@pytest.fixture
+def tiny_search(tmp_path):
+    """Settings of a tiny search and its (untrained) dense checkpoint."""
+    settings = search.SearchSettings(n_train=16, n_val=8, batch_size=8, finetune_steps=2,
+                                     report_every=1, threads=1)
+    search.train_dense(settings, 0, 3e-3, tmp_path / "dense.pt", progress=False)
+    settings.dense = str(tmp_path / "dense.pt")
+    return settings
+
+
+def test_trial_reports_the_latency_it_kept_on_the_backend(tiny_search, tmp_path):
+    """Every trial times its pruned model against the dense one on the configured backend (here
+    the deterministic stand-in clock) and reports it with its metrics, naming the setting."""
+    from dataclasses import asdict
+
+    from kcp_plugin.bench import get_task
+
+    plain = search.run_trial({"criterion": "l2", "target_macs": 0.5}, tiny_search)
+    assert not any(k.startswith("latency") for k in plain)  # no backend: nothing measured
+    settings = copy.copy(tiny_search)
+    settings.latency = {"backend": "torch", "runs": 3}
+    (tmp_path / "settings.json").write_text(json.dumps(asdict(settings)))  # what trials read
+    assert search.SearchSettings.load(tmp_path / "settings.json") == settings
+    reports: list = []
+    result = search.run_trial({"criterion": "l2", "target_macs": 0.5}, settings,
+                              lambda kind, value: reports.append((kind, value)),
+                              timer=CostClock())
+    assert result["latency_setting"] == CLOCK_SETTING
+    assert 0.0 < result["latency_ratio"] < 1.0 and "target_latency" not in result
+    assert result["latency_ratio"] == pytest.approx(result["latency_ms"]
+                                                    / result["dense_latency_ms"])
+    assert result["latency_q1_ms"] <= result["latency_ms"] <= result["latency_q3_ms"]
+    # the dense figure is the stand-in clock's cost of the dense model
+    task = get_task("segmentation")
+    dense = task.build(0)
+    dense.load_state_dict(torch.load(settings.dense)["state_dict"])
+    (stats,) = kcp_plugin.compare_latency([dense], task.example_inputs(),
+                                          backend=kcp_plugin.Backend(timer=CostClock(), runs=3))
+    assert result["dense_latency_ms"] == pytest.approx(stats.median_ms)
+    intermediate = [v for kind, v in reports if kind == "intermediate"]
+    assert intermediate and all(v["latency_ratio"] == result["latency_ratio"]
+                                for v in intermediate)
+    assert reports[-1] == ("final", result)
+    again = search.run_trial({"criterion": "l2", "target_macs": 0.5}, settings,
+                             timer=CostClock())
+    assert again["latency_ratio"] == result["latency_ratio"]  # deterministic
+
+
+@pytest.mark.parametrize("allocation", ["table", "uniform"])
+def test_trial_prunes_to_a_latency_target(tiny_search, allocation):
+    settings = copy.copy(tiny_search)
+    settings.latency = {"backend": "torch", "runs": 3, "allocation": allocation}
+    result = search.run_trial({"criterion": "l2", "target_latency": 0.4}, settings,
+                              timer=CostClock())
+    assert result["target_latency"] == 0.4 and result["latency_allocation"] == allocation
+    assert result["latency_ratio"] == pytest.approx(0.4, abs=0.025)  # prune's tolerance
+    assert result["macs_ratio"] < 0.6
+    # a fixed target from the latency settings, when the search space has none
+    settings.latency = {"runs": 3, "allocation": allocation, "target": 0.6}
+    result = search.run_trial({"criterion": "l2"}, settings, timer=CostClock())
+    assert result["target_latency"] == 0.6
+    assert result["latency_ratio"] == pytest.approx(0.6, abs=0.025)
+    with pytest.raises(ValueError, match="not both"):
+        search.run_trial({"criterion": "l2", "ratio_stem": 0.3}, settings, timer=CostClock())
+
+
+def _timed_row(name, value, macs, latency, criterion="kcp"):
+    return {"trial": name, "number": 0, "status": "SUCCEEDED", "intermediate": [],
+            "params": {"criterion": criterion},
+            "final": {"default": value, "macs_ratio": macs, "after_prune": 10.0,
+                      "latency_ratio": latency, "dense_latency_ms": 20.0 + latency,
+                      "latency_ms": 20.0 * latency, "latency_setting": CLOCK_SETTING}}
+
+
+def test_summary_writes_the_accuracy_vs_latency_front(tmp_path):
+    rows = [_timed_row("a", 50.0, 0.4, 0.6), _timed_row("b", 45.0, 0.3, 0.7, "l2"),
+            _timed_row("c", 48.0, 0.5, 0.45), _timed_row("d", 40.0, 0.6, 0.8)]
+    assert [r["trial"] for r in search.pareto_front(rows)] == ["b", "a"]
+    assert [r["trial"] for r in search.pareto_front(rows, cost="latency_ratio")] == ["c", "a"]
+    text = search.summarize(rows, tmp_path, metric="miou",
+                            dense={"value": 55.0, "macs": 2e7, "task": "segmentation"})
+    assert f"on {CLOCK_SETTING}; the dense model: 20.65 ms (median over the " in text
+    head, latency = text.split("## Accuracy-vs-latency front")
+    assert latency.startswith(f" (2 trials; {CLOCK_SETTING})")
+    assert latency.index("| c |") < latency.index("| a |") and "| b |" not in latency
+    assert "| trial | miou | MACs kept | latency kept | after prune |" in head
+    assert "| c | 48.00 | 0.500 | 0.450 | 10.00 |" in head
+    for png in ("accuracy_vs_macs.png", "accuracy_vs_latency.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    plain = tmp_path
+    for r in rows:
+        for key in [k for k in r["final"] if k.startswith(("latency", "dense_latency"))]:
+            del r["final"][key]
+    text = search.summarize(rows, plain, metric="miou")
+    assert "latency" not in text and not (plain / "accuracy_vs_latency.png").exists()
+    line = search.format_trial(_row(final={**_row()["final"], "latency_ratio": 0.5123}), "miou")
+    assert "MACs kept 0.289  latency kept 0.512  after prune 15.49" in line
+
+
+def test_latency_trials_run_one_at_a_time_and_name_the_backend(monkeypatch, tmp_path):
+    """The config's latency section fills the settings (the settings' own keys win); while
+    latency is measured, trials run one at a time unless a concurrency is given (warned)."""
+    calls = []
+    meta = {"task": "segmentation", "metric": "miou", "value": 30.0, "macs": 2e7,
+            "train_s": 0.1, "baseline": None}
+    monkeypatch.setattr(search, "train_dense", lambda *args, **kwargs: meta)
+    monkeypatch.setattr(search, "launch_experiment", lambda space, settings, out, **kwargs:
+                        calls.append((settings, kwargs)) or [])
+    config = tmp_path / "experiment.yml"
+    config.write_text("trialConcurrency: 3\nlatency:\n  backend: torch\n  threads: 2\n"
+                      "  runs: 5\n")
+    space = {"target_macs": {"_type": "uniform", "_value": [0.3, 0.6]}}
+    lines: list[str] = []
+    settings = search.SearchSettings(latency={"threads": 1})
+    search.run_search(space, settings, tmp_path / "a", config_path=config, progress=False,
+                      log=lines.append)
+    assert settings.latency == {"backend": "torch", "threads": 1, "runs": 5}  # updated
+    used, kwargs = calls[-1]
+    assert used.latency == {"backend": "torch", "threads": 1, "runs": 5}
+    assert kwargs["concurrency"] == 1
+    assert any("trialConcurrency 3 is overridden" in line for line in lines)
+    (where,) = [line for line in lines if line.startswith("latency: every trial")]
+    assert where.endswith("fp32, batch 1, 1 thread") and "torch (" in where
+    lines.clear()
+    search.run_search(space, search.SearchSettings(latency={"threads": 1}), tmp_path / "b",
+                      config_path=config, concurrency=2, progress=False, log=lines.append)
+    assert calls[-1][1]["concurrency"] == 2
+    assert any(line.startswith("warning: 2 trials at a time, each measuring latency")
+               for line in lines)
+    lines.clear()
+    target = {"target_latency": {"_type": "uniform", "_value": [0.3, 0.6]}}
+    search.run_search(target, search.SearchSettings(), tmp_path / "c", progress=False,
+                      log=lines.append)  # a latency target alone: the default backend
+    assert calls[-1][1]["concurrency"] == 1
+    assert any("each prunes to the target_latency it is given (allocation table)" in line
+               for line in lines)
+    lines.clear()
+    search.run_search(space, search.SearchSettings(), tmp_path / "d", progress=False,
+                      log=lines.append)
+    assert calls[-1][1]["concurrency"] is None and not any("latency" in x for x in lines)
+
+
+def _tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_tool_nni_search",
+                                                  kcp_plugin_root() / "tools" / "nni_search.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def test_latency_flags_of_the_search_tool(monkeypatch, tmp_path, capsys):
+    tool = _tool()
+    calls = []
+
+    def fake_run_search(space, settings, out, **kwargs):
+        calls.append((space, settings, kwargs))
+        return [{"final": {"default": 1.0}}], "summary"
+
+    monkeypatch.setattr(tool, "run_search", fake_run_search)
+    out = ["--out", str(tmp_path)]
+    assert tool.main(["--latency-backend", "torch", "--latency-threads", "1",
+                      "--target-latency", "0.5", *out]) == 0
+    assert calls[-1][1].latency == {"backend": "torch", "threads": 1, "target": 0.5}
+    assert calls[-1][2]["concurrency"] is None  # run_search makes it 1
+    assert tool.main(["--quick", "--latency-backend", "onnxruntime", *out]) == 0
+    assert calls[-1][2]["concurrency"] == 1 and calls[-1][1].latency == {
+        "backend": "onnxruntime"}
+    assert tool.main(["--quick", *out]) == 0
+    assert calls[-1][2]["concurrency"] == search.QUICK_CONCURRENCY
+    config = str(kcp_plugin_root() / "configs/nni/experiment_latency.yml")
+    assert tool.main(["--config", config, "--latency-batch", "4", *out]) == 0
+    assert calls[-1][1].latency == {"backend": "torch", "dtype": "fp32", "batch": 4,
+                                    "threads": 1, "runs": 10, "allocation": "table"}
+    count = len(calls)
+    capsys.readouterr()
+    assert tool.main(["--latency-backend", "tensorrt", *out]) == 2
+    assert "unknown latency backend 'tensorrt'; valid: torch, onnxruntime, cuda" in \
+        capsys.readouterr().err
+    assert tool.main(["--latency-allocation", "greedy", *out]) == 2
+    assert "valid: table, uniform" in capsys.readouterr().err
+    assert len(calls) == count  # refused before the search
+    with pytest.raises(SystemExit):
+        tool.main(["--help"])
+    assert "--latency-backend" in capsys.readouterr().out
+
+
+def test_a_failed_trial_names_the_exception_that_ended_it(tmp_path):
+    """An unreachable latency target fails its trial; the trial line and the summary say why
+    (read from the trial's stderr) instead of only pointing at its log."""
+    import types
+
+    folder = tmp_path / "trials" / "Zx9"
+    folder.mkdir(parents=True)
+    (folder / "trial.stderr").write_text(
+        "Traceback (most recent call last):\n  File \"a.py\", line 1, in f\n    g()\n"
+        "ValueError: first\n\nDuring handling of the above exception, another exception "
+        "occurred:\n\nTraceback (most recent call last):\n  File \"b.py\", line 2, in g\n"
+        "    h()\nkcp_plugin.errors.TargetUnreachable: target_latency_ratio=0.4 is out of reach "
+        "with this criterion and settings\n  a continuation line\n")
+    error = ("kcp_plugin.errors.TargetUnreachable: target_latency_ratio=0.4 is out of reach "
+             "with this criterion and settings")
+    for log in (str(folder), f"file://localhost{folder}"):
+        job = types.SimpleNamespace(trialJobId="Zx9", sequenceId=3, status="FAILED",
+                                    hyperParameters=[], logPath=log, startTime=0, endTime=0)
+        row = search._trial_row(job, {})
+        assert row["error"] == error
+    assert f"FAILED  error {error}  log {row['log']}" in search.format_trial(row, "miou")
+    assert f"- Zx9 (FAILED): {error}; log in" in search.summarize([row], tmp_path / "s",
+                                                                  metric="miou")
+    job.logPath = str(tmp_path / "missing")
+    assert "error" not in search._trial_row(job, {})
+
+
+def test_latency_config_is_read_by_nni_without_its_latency_section():
+    config = kcp_plugin_root() / "configs/nni/experiment_latency.yml"
+    nni_config = search._experiment_config(config)
+    assert nni_config.trial_concurrency == 1 and nni_config.tuner.name == "TPE"
+    section = search.config_latency(config)
+    search.check_latency_options(section)
+    with open(kcp_plugin_root() / "configs/nni/search_space_latency.json") as f:
+        space = json.load(f)
+    backend = search.check_latency(space, search.SearchSettings(latency=section))
+    assert (backend.name, backend.threads, backend.batch) == ("torch", 1, 1)
+    assert search.config_latency(kcp_plugin_root() / "configs/nni/experiment.yml") is None
 
 
 def test_benchmark_training_refuses_a_loader_without_batches():

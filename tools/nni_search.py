@@ -2,10 +2,19 @@
 """Search pruning settings with an NNI experiment on a benchmark task (local mode).
 
 Trains the task's dense model once (or reuses --dense), then NNI's tuner (TPE by default, from
-configs/nni/experiment.yml) proposes criterion, MACs target or per-stage ratios, and
-fine-tuning settings (configs/nni/search_space*.json); every trial prunes, fine-tunes and
-reports accuracy with MACs. Writes results.json, summary.md (best trials, accuracy-vs-MACs
-front) and accuracy_vs_macs.png to --out.
+configs/nni/experiment.yml) proposes criterion, MACs target, latency target or per-stage
+ratios, and fine-tuning settings (configs/nni/search_space*.json); every trial prunes,
+fine-tunes and reports accuracy with MACs. Writes results.json, summary.md (best trials,
+accuracy-vs-MACs front) and accuracy_vs_macs.png to --out.
+
+Latency, as an objective: with --latency-backend (or a `latency:` section in the config)
+every trial times its pruned model against the dense one on that backend (hardware, runtime,
+dtype, batch and threads named in the output), and summary.md / accuracy_vs_latency.png add
+the accuracy-vs-latency front. As a constraint: `target_latency` in the search space
+(configs/nni/search_space_latency.json) or --target-latency makes every trial prune to that
+fraction of the dense latency instead of a MACs target. While latency is measured the trials
+run one at a time (unless --concurrency says otherwise), so that no trial is timed while
+another trains on the same cores; the backend measures on 1 thread by default.
 
 It prints its progress to stdout: dense training (a bar on a terminal, otherwise a line every
 tenth of the steps), the dense model against predicting the most frequent class everywhere,
@@ -15,9 +24,13 @@ parameters), next to NNI's own lines (web UI address).
     python tools/nni_search.py --task segmentation --max-trials 20
     python tools/nni_search.py --search-space configs/nni/search_space_stages.json
     python tools/nni_search.py --quick          # 4 small trials that rank (about 2 min here)
+    python tools/nni_search.py --config configs/nni/experiment_latency.yml \
+        --search-space configs/nni/search_space_latency.json   # latency targets, torch CPU
+    python tools/nni_search.py --quick --latency-backend onnxruntime   # + latency kept
 
-Exit codes: 0 done, 1 the experiment failed, 2 invalid arguments or search space,
-3 NNI's tuner could not start in time (busy machine; retry).
+Exit codes: 0 done, 1 the experiment failed, 2 invalid arguments, search space or latency
+settings (e.g. --latency-backend cuda without a GPU), 3 NNI's tuner could not start in time
+(busy machine; retry).
 """
 
 from __future__ import annotations
@@ -40,6 +53,8 @@ from kcp_plugin.bench.nni_search import (
     QUICK_TRIALS,
     SearchSettings,
     TunerConnectionError,
+    config_latency,
+    quick_concurrency,
     run_search,
 )
 
@@ -87,11 +102,41 @@ def _parser() -> argparse.ArgumentParser:
                    f"torch's; --quick: {QUICK_SETTINGS['threads']})")
     p.add_argument("--quick", action="store_true",
                    help=f"the smallest search that ranks: {QUICK_TRIALS} trials, "
-                   f"{QUICK_CONCURRENCY} at a time, {QUICK_DENSE_STEPS} dense steps on "
+                   f"{QUICK_CONCURRENCY} at a time (1 when latency is measured), "
+                   f"{QUICK_DENSE_STEPS} dense steps on "
                    f"{QUICK_SETTINGS['n_train']} images, {QUICK_SETTINGS['finetune_steps']} "
                    "fine-tuning steps (overrides --n-train, --n-val, --batch-size, "
                    "--finetune-steps, --report-every)")
+    lat = p.add_argument_group(
+        "latency", "where every trial times its pruned model against the dense one (these "
+        "override the config's `latency:` section; any of them turns the measurement on). "
+        "While latency is measured the trials run one at a time unless --concurrency is given")
+    lat.add_argument("--latency-backend", metavar="NAME",
+                     help="torch (eager CPU), onnxruntime (exported, CPU; extra 'deploy') or "
+                     "cuda (eager GPU)")
+    lat.add_argument("--latency-dtype", metavar="DTYPE",
+                     help="fp32 (default), bf16 (torch, cuda) or fp16 (cuda)")
+    lat.add_argument("--latency-batch", type=int, metavar="N",
+                     help="batch size timed (default: the task's example batch, 1)")
+    lat.add_argument("--latency-threads", type=int, metavar="N",
+                     help="CPU threads of the measurement (default 1)")
+    lat.add_argument("--latency-runs", type=int, metavar="N",
+                     help="timed passes per model (default 10; a latency target needs >= 3)")
+    lat.add_argument("--latency-device", metavar="DEVICE", help="cuda or cuda:N (cuda only)")
+    lat.add_argument("--latency-allocation", metavar="HOW",
+                     help="how a latency target chooses widths: table (default: per-group "
+                     "widths from a latency table) or uniform (one ratio)")
+    lat.add_argument("--target-latency", type=float, metavar="R",
+                     help="every trial prunes to this fraction of the dense latency instead "
+                     "of a MACs target (unless the search space has target_latency)")
     return p
+
+
+LATENCY_FLAGS = {"latency_backend": "backend", "latency_dtype": "dtype",
+                 "latency_batch": "batch", "latency_threads": "threads",
+                 "latency_runs": "runs", "latency_device": "device",
+                 "latency_allocation": "allocation", "target_latency": "target"}
+"""Command-line flags and the latency settings' keys they set."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, json.JSONDecodeError) as exc:
         print(f"error: cannot read the search space {args.search_space}: {exc}", file=sys.stderr)
         return 2
+    latency = {key: getattr(args, flag) for flag, key in LATENCY_FLAGS.items()
+               if getattr(args, flag) is not None}
     chosen = dict(
         task=args.task, dense=args.dense or "", seed=args.seed, n_train=args.n_train,
         n_val=args.n_val, batch_size=args.batch_size, finetune_steps=args.finetune_steps,
@@ -111,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads is not None:
             chosen["threads"] = args.threads
     try:
+        section = config_latency(args.config)  # the flags override the config's section
+        if section is not None or latency:
+            chosen["latency"] = {**(section or {}), **latency}
         settings = SearchSettings(**chosen)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -119,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         dense_steps = QUICK_DENSE_STEPS if dense_steps is None else dense_steps
         max_trials = max_trials or QUICK_TRIALS
-        concurrency = concurrency or QUICK_CONCURRENCY
         space = {k: v for k, v in space.items() if k != "finetune_steps"}
+        concurrency = concurrency or quick_concurrency(space, settings)
     try:
         rows, text = run_search(
             space, settings, args.out, dense_steps=300 if dense_steps is None else dense_steps,
@@ -130,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     except TunerConnectionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:

@@ -3,7 +3,8 @@
 
 Reads the experiment's fixed settings (--settings JSON), takes the tuner's parameters from
 ``nni.get_next_parameter()`` (or --params JSON when run by hand), prunes the dense benchmark
-model, fine-tunes it and reports intermediate and final accuracy with MACs to NNI.
+model, fine-tunes it and reports intermediate and final accuracy with MACs to NNI (and the
+latency kept on the experiment's latency backend, when the search measures latency).
 
     python tools/nni_trial.py --settings out/settings.json --params '{"criterion": "kcp"}'
 """

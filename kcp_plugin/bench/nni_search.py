@@ -8,13 +8,24 @@ MACs. The search space (``configs/nni/search_space*.json``) may contain:
 * ``target_macs``: fraction of MACs kept (:func:`kcp_plugin.prune` searches the channel ratio),
   **or** ``ratio_<stage>``: the channel pruning ratio of every conv / linear layer under the
   model's top-level module ``<stage>`` (:func:`task_stages` lists them); MACs then follow;
+* ``target_latency``: fraction of the dense model's *latency* kept, measured on the
+  experiment's latency backend (``SearchSettings.latency``, or the ``latency:`` section of the
+  experiment config): each trial prunes to it with :func:`kcp_plugin.prune`'s latency target
+  instead of a MACs target (``target_macs`` beside it is a MACs budget on top);
 * ``finetune_lr``, ``finetune_steps``: fine-tuning after the prune (AdamW, cosine schedule).
 
 Each trial reports the task metric every ``report_every`` fine-tuning steps (intermediate
 results, so NNI's assessors can stop bad trials early) and a final result
-``{"default": metric, "macs_ratio": ..., ...}``. :func:`run_search` trains the dense model once,
-runs the experiment and writes ``results.json``, ``summary.md`` (best trials and the
-accuracy-vs-MACs Pareto front) and ``accuracy_vs_macs.png``. With ``log`` (``tools/nni_search.py``
+``{"default": metric, "macs_ratio": ..., ...}``. With a latency backend (or a latency target)
+every trial also measures its pruned model against the dense one on that backend
+(:func:`kcp_plugin.compare_latency`, through :func:`kcp_plugin.prune`) and reports
+``latency_ratio`` (latency kept) with the setting that measured it
+(:meth:`kcp_plugin.Backend.describe`: hardware, runtime, dtype, batch, threads); trials then run
+one at a time by default, since concurrent trials would slow each other's measurements.
+:func:`run_search` trains the dense model once, runs the experiment and writes
+``results.json``, ``summary.md`` (best trials and the accuracy-vs-MACs Pareto front, and the
+accuracy-vs-latency front when latency was measured), ``accuracy_vs_macs.png`` and
+``accuracy_vs_latency.png``. With ``log`` (``tools/nni_search.py``
 passes one) it reports as it goes: dense-training progress (a tqdm bar on a terminal, otherwise a
 line every tenth of the steps), the dense model against a constant prediction
 (:func:`constant_baseline`: background everywhere, for segmentation), and one line per finished
@@ -36,17 +47,25 @@ import math
 import os
 import shlex
 import socket
+import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 
+from ..hints import did_you_mean
+
+if TYPE_CHECKING:
+    from ..deploy.backends import Backend, Timer
+
 __all__ = [
+    "LATENCY_KEYS",
+    "LATENCY_SECTION",
     "PARAM_KEYS",
     "QUICK_CONCURRENCY",
     "QUICK_DENSE_STEPS",
@@ -55,11 +74,17 @@ __all__ = [
     "SearchSettings",
     "TunerConnectionError",
     "check_dense",
+    "check_latency",
+    "check_latency_options",
     "check_search_space",
+    "config_latency",
     "constant_baseline",
     "format_trial",
+    "latency_backend",
     "launch_experiment",
+    "measures_latency",
     "pareto_front",
+    "quick_concurrency",
     "quick_settings",
     "run_search",
     "run_trial",
@@ -68,7 +93,15 @@ __all__ = [
     "train_dense",
 ]
 
-PARAM_KEYS = ("criterion", "target_macs", "finetune_lr", "finetune_steps")
+PARAM_KEYS = ("criterion", "target_macs", "target_latency", "finetune_lr", "finetune_steps")
+LATENCY_SECTION = "latency"
+"""The experiment config's own section (not NNI's) holding :attr:`SearchSettings.latency`."""
+LATENCY_KEYS = ("backend", "device", "dtype", "batch", "threads", "runs", "warmup",
+                "channels_last", "allocation", "target")
+"""Keys of :attr:`SearchSettings.latency`: ``backend`` (the runtime: ``"torch"``,
+``"onnxruntime"``, ``"cuda"``) and the other :class:`kcp_plugin.Backend` fields, ``allocation``
+(``"table"`` or ``"uniform"``: how a latency target chooses widths) and ``target`` (a fixed
+latency target of every trial, when the search space has no ``target_latency``)."""
 TRIAL_MODULE = "kcp_plugin.bench.nni_search"
 FINISHED = ("SUCCEEDED", "FAILED", "USER_CANCELED", "SYS_CANCELED", "EARLY_STOPPED")
 """NNI trial statuses of a trial that will not run again."""
@@ -94,10 +127,18 @@ class SearchSettings:
         threads: torch CPU threads of every trial and of the dense training (0: leave torch's
             default). On a busy machine one thread can be several times faster than two (the
             threads wait for each other): 0.044 s against 0.46 s per segmentation step here.
+        latency: Where every trial measures latency (:data:`LATENCY_KEYS`), e.g.
+            ``"torch"`` (a runtime's name), ``{"backend": "torch", "threads": 1}`` or
+            ``{"backend": "cuda", "dtype": "fp16", "batch": 32, "target": 0.5}``; missing
+            :class:`kcp_plugin.Backend` fields take its defaults (torch, fp32, 1 thread, 10
+            timed passes), a missing batch the task's example batch. None: no latency is
+            measured, unless the search space has ``target_latency`` (then the default torch
+            backend measures it).
 
     Raises:
         ValueError: ``n_train`` below ``batch_size`` (training drops incomplete batches, so
-            there would be none), or ``batch_size`` / ``n_val`` below 1.
+            there would be none), ``batch_size`` / ``n_val`` below 1, or bad ``latency``
+            settings (an unknown key, backend, dtype or allocation, a target out of (0, 1]).
     """
 
     task: str = "segmentation"
@@ -113,6 +154,7 @@ class SearchSettings:
     report_every: int = 25
     data_steps: int = 4
     threads: int = 0
+    latency: dict[str, Any] | str | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.n_val < 1:
@@ -123,6 +165,10 @@ class SearchSettings:
             # kcp_plugin.bench.train would wait for one forever
             raise ValueError(f"n_train ({self.n_train}) must be at least batch_size "
                              f"({self.batch_size}): training drops incomplete batches")
+        if isinstance(self.latency, str):  # a runtime's name: its defaults
+            self.latency = {"backend": self.latency}
+        if self.latency is not None:
+            check_latency_options(self.latency)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SearchSettings:
@@ -148,16 +194,202 @@ QUICK_DENSE_STEPS = 600
 QUICK_TRIALS = 4
 """Trials of the quick search (NNI's ``maxTrialNumber``)."""
 QUICK_CONCURRENCY = 2
-"""Concurrent trials of the quick search: one thread each on two cores."""
+"""Concurrent trials of the quick search: one thread each on two cores (1 when the trials
+measure latency: :func:`quick_concurrency`)."""
 
 
 def quick_settings(settings: SearchSettings) -> SearchSettings:
     """``settings`` changed to the quick search's data and budget (:data:`QUICK_SETTINGS`).
 
-    Task, seed, dense checkpoint, criterion and MACs target are kept. Use with
-    :data:`QUICK_DENSE_STEPS`, :data:`QUICK_TRIALS` and :data:`QUICK_CONCURRENCY`.
+    Task, seed, dense checkpoint, criterion, MACs target and latency settings are kept. Use
+    with :data:`QUICK_DENSE_STEPS`, :data:`QUICK_TRIALS` and :func:`quick_concurrency`.
     """
     return replace(settings, **QUICK_SETTINGS)
+
+
+def quick_concurrency(search_space: dict[str, Any], settings: SearchSettings) -> int:
+    """Concurrent trials of the quick search: :data:`QUICK_CONCURRENCY`, or 1 when the trials
+    measure latency (:func:`measures_latency`), so that no trial is timed while another one
+    trains on the same cores."""
+    return 1 if measures_latency(search_space, settings) else QUICK_CONCURRENCY
+
+
+# ---------------------------------------------------------------------------- latency
+def measures_latency(search_space: dict[str, Any], settings: SearchSettings) -> bool:
+    """Whether the trials measure latency: a latency backend is set
+    (:attr:`SearchSettings.latency`), or the search space (or a trial's parameters) has
+    ``target_latency``."""
+    return settings.latency is not None or "target_latency" in search_space
+
+
+def _latency_target(params: dict[str, Any], settings: SearchSettings) -> float | None:
+    """A trial's latency target: its ``target_latency`` parameter, else the settings' fixed
+    ``latency["target"]``, else None (a MACs target or per-stage ratios)."""
+    if "target_latency" in params:
+        return float(params["target_latency"])
+    target = (settings.latency or {}).get("target")
+    return None if target is None else float(target)
+
+
+def latency_backend(settings: SearchSettings, timer: Timer | None = None,
+                    example_inputs: Any = None) -> Backend:
+    """The :class:`kcp_plugin.Backend` of :attr:`SearchSettings.latency`.
+
+    Args:
+        settings: The experiment's settings (``latency`` None: the default backend).
+        timer: A stand-in clock (``timer(model, call) -> ms``; tests), else the backend's own.
+        example_inputs: When given and no batch is set, the batch becomes theirs, so every
+            latency figure names its batch (``"batch 1"`` rather than ``"example batch"``).
+
+    Raises:
+        ValueError: an unknown key (:data:`LATENCY_KEYS`) or a field of the wrong type.
+    """
+    return _backend_of(settings.latency or {}, timer, example_inputs)
+
+
+def _backend_of(options: dict[str, Any], timer: Timer | None = None,
+                example_inputs: Any = None) -> Backend:
+    """:func:`latency_backend` of the latency settings themselves."""
+    from ..deploy.backends import as_backend, first_tensor
+
+    opts = dict(options)
+    unknown = [k for k in opts if k not in LATENCY_KEYS]
+    if unknown:
+        raise ValueError(f"unknown latency setting {unknown[0]!r}; valid: "
+                         f"{', '.join(LATENCY_KEYS)}" + did_you_mean(unknown[0], LATENCY_KEYS))
+    fields = {k: v for k, v in opts.items() if k not in ("backend", "allocation", "target")}
+    if "backend" in opts:
+        fields["name"] = opts["backend"]
+    try:
+        backend = as_backend(fields)
+    except TypeError as exc:  # every key is a field: only the record's own checks fail here
+        raise ValueError(f"latency settings: {exc}") from exc
+    if timer is not None:
+        backend = replace(backend, timer=timer)
+    if backend.batch is None and example_inputs is not None:
+        first = first_tensor(example_inputs)
+        if first is not None and first.dim() > 0:
+            backend = replace(backend, batch=int(first.shape[0]))
+    return backend
+
+
+def check_latency_options(options: Any) -> None:
+    """Check :attr:`SearchSettings.latency` on its own (without importing runtimes).
+
+    Raises:
+        ValueError: not a mapping, an unknown key, backend, dtype, device or allocation, a
+            count out of range, or a target out of (0, 1]; each message names the valid
+            choices.
+    """
+    from ..deploy.backends import check_backend
+    from ..deploy.search import ALLOCATIONS
+
+    if not isinstance(options, dict):
+        raise ValueError(f"latency settings must be a mapping with keys among "
+                         f"{', '.join(LATENCY_KEYS)}, got {options!r}")
+    backend = _backend_of(options)
+    allocation = options.get("allocation", "table")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"unknown latency allocation {allocation!r}; valid: "
+                         f"{', '.join(ALLOCATIONS)}" + did_you_mean(str(allocation), ALLOCATIONS))
+    target = options.get("target")
+    if target is not None and (not isinstance(target, (int, float)) or isinstance(target, bool)
+                               or not 0 < target <= 1):
+        raise ValueError(f"latency target must be a fraction of the dense latency in (0, 1], "
+                         f"got {target!r}")
+    check_backend(backend, imports=False)
+
+
+def check_latency(search_space: dict[str, Any], settings: SearchSettings,
+                  imports: bool = True) -> Backend | None:
+    """Check the latency settings against the search space before an experiment starts.
+
+    Args:
+        search_space: The NNI search space (checked by :func:`check_search_space` too).
+        settings: The experiment's settings.
+        imports: Also check that the backend's runtime is there (onnx / onnxruntime for
+            ``"onnxruntime"``, a visible GPU for ``"cuda"``).
+
+    Returns:
+        The backend every trial measures on (batch left as set), or None when the trials
+        measure no latency.
+
+    Raises:
+        ValueError: bad latency settings (:func:`check_latency_options`), ``"cuda"`` without a
+            GPU, a latency target combined with ``ratio_<stage>`` keys, a MACs budget
+            (``target_macs``) with the ``"uniform"`` allocation, or fewer than 3 timed passes
+            for a latency target.
+        ImportError: ``"onnxruntime"`` without the ``deploy`` extra.
+    """
+    from ..deploy.backends import check_backend
+    from ..deploy.search import LatencyTarget, check_latency_target
+
+    if not measures_latency(search_space, settings):
+        return None
+    options = settings.latency or {}
+    check_latency_options(options)
+    backend = latency_backend(settings)
+    allocation = options.get("allocation", "table")
+    targets: list[float] = []
+    if "target_latency" in search_space:
+        spec = search_space["target_latency"]
+        values = _values(spec, "target_latency")
+        targets = list(values if spec["_type"] == "choice" else values[:2])
+    elif options.get("target") is not None:
+        targets = [options["target"]]
+    if targets:
+        if any(k.startswith("ratio_") for k in search_space):
+            raise ValueError("a latency target (target_latency, or the latency settings' "
+                             "target) chooses every layer's width itself: search it or "
+                             "ratio_<stage> keys, not both")
+        if allocation == "uniform" and "target_macs" in search_space:
+            raise ValueError("target_macs beside a latency target is a MACs budget, which only "
+                             "the 'table' latency allocation takes; drop target_macs or use "
+                             "allocation 'table'")
+        for ratio in targets:
+            check_latency_target(LatencyTarget(ratio, backend=backend, allocation=allocation),
+                                 imports=imports)
+    else:
+        check_backend(backend, imports=imports)
+    return backend
+
+
+def config_latency(config_path: str | os.PathLike | None) -> dict[str, Any] | None:
+    """The ``latency:`` section (:data:`LATENCY_SECTION`) of an experiment config, or None."""
+    if config_path is None:
+        return None
+    section = _read_config(config_path).get(LATENCY_SECTION)
+    if section is not None and not isinstance(section, dict):
+        raise ValueError(f"{config_path}: the {LATENCY_SECTION!r} section must be a mapping "
+                         f"with keys among {', '.join(LATENCY_KEYS)}, got {section!r}")
+    return section
+
+
+def _read_config(config_path: str | os.PathLike) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(config_path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"cannot read the experiment config {config_path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"the experiment config {config_path} is not a YAML mapping")
+    return data
+
+
+def _experiment_config(config_path: str | os.PathLike) -> Any:
+    """NNI's ``ExperimentConfig`` of a config file, without this package's own section
+    (what ``ExperimentConfig.load`` does, which refuses keys it does not know)."""
+    from nni.experiment import ExperimentConfig
+    from nni.experiment.config import utils
+
+    data = _read_config(config_path)
+    data.pop(LATENCY_SECTION, None)
+    utils.set_base_path(Path(config_path).parent)  # relative paths: from the config's folder
+    try:
+        return ExperimentConfig(**data)
+    finally:
+        utils.unset_base_path()
 
 
 # ---------------------------------------------------------------------------- search space
@@ -187,10 +419,12 @@ def _values(spec: Any, key: str) -> list[Any]:
 def check_search_space(space: Any, task_name: str) -> None:
     """Check a search space against the task before an experiment starts.
 
+    The latency settings are checked against the space by :func:`check_latency`.
+
     Raises:
         ValueError: unknown keys or stages, unregistered criteria (or ones the task cannot
-            feed, e.g. label-based criteria on stereo), ratios out of range, or both
-            ``target_macs`` and ``ratio_*`` keys.
+            feed, e.g. label-based criteria on stereo), ratios out of range, or
+            ``ratio_*`` keys beside ``target_macs`` or ``target_latency``.
     """
     from ..registry import get_importance, importance_info
     from . import get_task
@@ -207,6 +441,9 @@ def check_search_space(space: Any, task_name: str) -> None:
                              f"{', '.join(stages)}")
     if ratio_keys and "target_macs" in space:
         raise ValueError("search either target_macs or per-stage ratio_<stage> keys, not both")
+    if ratio_keys and "target_latency" in space:
+        raise ValueError("search either target_latency or per-stage ratio_<stage> keys, not "
+                         "both: a latency target chooses every layer's width itself")
     for key in ratio_keys:
         if key[len("ratio_"):] not in stages:
             raise ValueError(f"{key!r}: {task_name} models have no stage "
@@ -228,13 +465,12 @@ def check_search_space(space: Any, task_name: str) -> None:
         numbers = values if kind == "choice" else values[:2]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
             raise ValueError(f"search space entry {key!r}: values must be numbers, got {values}")
-        if key == "target_macs" or key.startswith("ratio_"):
-            low, high = (0.0, 1.0)
-            ok = all((low < v <= high) if key == "target_macs" else (low <= v < high)
-                     for v in numbers)
+        if key in ("target_macs", "target_latency") or key.startswith("ratio_"):
+            fraction = key in ("target_macs", "target_latency")
+            ok = all((0.0 < v <= 1.0) if fraction else (0.0 <= v < 1.0) for v in numbers)
             if not ok:
                 raise ValueError(f"search space entry {key!r}: values must be in "
-                                 f"{'(0, 1]' if key == 'target_macs' else '[0, 1)'}, got {values}")
+                                 f"{'(0, 1]' if fraction else '[0, 1)'}, got {values}")
         if key == "finetune_steps" and not all(float(v) >= 0 for v in numbers):
             raise ValueError("finetune_steps must be >= 0")
         if key == "finetune_lr" and not all(float(v) > 0 for v in numbers):
@@ -416,18 +652,38 @@ def _stage_ratios(model: nn.Module, ratios: dict[str, float]) -> dict[str, float
 
 
 def run_trial(params: dict[str, Any], settings: SearchSettings,
-              report: Callable[[str, Any], None] | None = None) -> dict[str, Any]:
+              report: Callable[[str, Any], None] | None = None, *,
+              timer: Timer | None = None) -> dict[str, Any]:
     """Prune the dense model with ``params``, fine-tune, evaluate; return the final result.
+
+    The prune applies the ``ratio_<stage>`` parameters when there are any, else keeps
+    ``target_latency`` of the dense latency (a trial parameter, or the latency settings'
+    ``target``) when there is one, else ``target_macs`` of the MACs.
+    When the trials measure latency (:func:`measures_latency`), :func:`kcp_plugin.prune` is
+    given the backend (:func:`latency_backend`; a MACs target then rounds widths to its channel
+    multiple) and times the pruned model against the dense one on it
+    (:func:`kcp_plugin.compare_latency`, passes interleaved), before the fine-tuning (which
+    changes weights, not widths).
 
     Args:
         params: Search-space values (missing keys take ``settings``' defaults).
         settings: The experiment's fixed settings.
         report: ``report(kind, value)`` with kind ``"intermediate"`` or ``"final"`` (NNI's
             ``report_intermediate_result`` / ``report_final_result`` in a trial).
+        timer: A stand-in clock for the latency measurements (``timer(model, call) -> ms``,
+            e.g. tests' cost model); None: the backend's own clock.
 
     Returns:
         The final result: ``default`` (the task metric), ``macs_ratio``, ``params_ratio``,
-        ``after_prune`` (metric before fine-tuning), ``dense`` and timing.
+        ``after_prune`` (metric before fine-tuning), ``dense`` and timing; when latency is
+        measured also ``latency_ratio`` (pruned / dense median), ``latency_ms``,
+        ``latency_q1_ms`` / ``latency_q3_ms`` (the pruned model's quartiles),
+        ``dense_latency_ms`` and ``latency_setting`` (:meth:`kcp_plugin.Backend.describe`),
+        and for a latency target ``target_latency`` and ``latency_allocation``.
+
+    Raises:
+        ValueError: a latency target beside ``ratio_<stage>`` parameters, or bad latency
+            settings.
     """
     from ..pruning import prune
     from ..registry import criterion_arguments, importance_info
@@ -458,14 +714,28 @@ def run_trial(params: dict[str, Any], settings: SearchSettings,
     kwargs: dict[str, Any] = criterion_arguments(
         info, lambda m, b, reduction: task.loss(task.forward(m, b), b, reduction),
         batch=batch, batches=batches)
+    x = task.example_inputs()
+    target_latency = _latency_target(params, settings)
+    backend = (latency_backend(settings, timer, x) if measures_latency(params, settings)
+               else None)
+    if ratios and target_latency is not None:
+        raise ValueError("a latency target chooses every layer's width itself: give it or "
+                         "ratio_<stage> parameters, not both")
     if ratios:
         kwargs["pruning_ratio_dict"] = _stage_ratios(model, ratios)
+    elif target_latency is not None:
+        kwargs["target_latency_ratio"] = target_latency
+        kwargs["latency_allocation"] = (settings.latency or {}).get("allocation", "table")
+        if "target_macs" in params:  # a MACs budget on top (table allocation)
+            kwargs["target_macs_ratio"] = float(params["target_macs"])
     else:
         kwargs["target_macs_ratio"] = float(params.get("target_macs", settings.target_macs))
+    if backend is not None:
+        kwargs["latency_backend"] = backend
     t0 = time.perf_counter()
-    pruned = prune(model, task.example_inputs(), criterion, forward_fn=fwd, progress=False,
-                   **kwargs)
+    pruned = prune(model, x, criterion, forward_fn=fwd, progress=False, **kwargs)
     prune_s = time.perf_counter() - t0
+    latency = _latency_result(pruned) if backend is not None else {}
     after_prune = task.evaluate(model, val_loader)[task.metric]
     history: list[dict[str, float]] = []
     state = {"step": 0}
@@ -478,6 +748,8 @@ def run_trial(params: dict[str, Any], settings: SearchSettings,
             history.append({"step": state["step"], "value": value})
             if report:
                 report("intermediate", {"default": value, "macs_ratio": pruned.macs_ratio,
+                                        **({"latency_ratio": latency["latency_ratio"]}
+                                           if latency else {}),
                                         "step": state["step"]})
         return False
 
@@ -488,7 +760,7 @@ def run_trial(params: dict[str, Any], settings: SearchSettings,
     result = {
         "default": final[task.metric], **{k: v for k, v in final.items() if k != task.metric},
         "metric": task.metric, "macs_ratio": pruned.macs_ratio, "macs": pruned.macs_after,
-        "params_ratio": pruned.params_ratio, "after_prune": after_prune,
+        "params_ratio": pruned.params_ratio, "after_prune": after_prune, **latency,
         "dense": dense["meta"]["value"], "prune_s": prune_s,
         "trial_s": time.perf_counter() - start, "history": history,
         "params": dict(params),
@@ -497,6 +769,23 @@ def run_trial(params: dict[str, Any], settings: SearchSettings,
         # NNI's final metric must be plain data; "metric" names the task metric
         report("final", result)
     return result
+
+
+def _latency_result(report: Any) -> dict[str, Any]:
+    """A trial's latency figures from :func:`kcp_plugin.prune`'s report: the dense-vs-pruned
+    measurement it made on the backend it was given (:func:`kcp_plugin.compare_latency`)."""
+    if not report.latency_stats:
+        raise RuntimeError("kcp_plugin.prune was given a latency backend but reported no "
+                           "latency measurement")
+    dense, pruned = report.latency_stats
+    out = {"latency_ratio": pruned["median_ms"] / dense["median_ms"],
+           "latency_ms": pruned["median_ms"], "latency_q1_ms": pruned["q1_ms"],
+           "latency_q3_ms": pruned["q3_ms"], "dense_latency_ms": dense["median_ms"],
+           "latency_setting": report.latency_setting}
+    if report.target_latency_ratio is not None:
+        out["target_latency"] = report.target_latency_ratio
+        out["latency_allocation"] = report.latency_allocation
+    return out
 
 
 def trial_main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -568,7 +857,8 @@ def launch_experiment(
 ) -> list[dict[str, Any]]:
     """Run an NNI experiment in local mode and return one row per trial.
 
-    The experiment config (``configs/nni/experiment.yml`` format) gives the tuner and limits;
+    The experiment config (``configs/nni/experiment.yml`` format; its ``latency:`` section,
+    this package's own, is left out of NNI's config) gives the tuner and limits;
     the search space, trial command (this interpreter, ``-m kcp_plugin.bench.nni_search``), code and
     working directories are set here. The web server listens on ``port`` (a free one by
     default); this function talks to it on localhost, polling every second.
@@ -597,7 +887,7 @@ def launch_experiment(
     settings_path = out_dir / "settings.json"
     settings_path.write_text(json.dumps(asdict(settings), indent=1))
     if config_path is not None:
-        config = ExperimentConfig.load(str(config_path))
+        config = _experiment_config(config_path)
     else:
         config = ExperimentConfig("local")
         config.tuner.name = "TPE"
@@ -684,10 +974,37 @@ def _trial_row(job: Any, metrics: dict[str, Any]) -> dict[str, Any]:
         params = job.hyperParameters[0].parameters if job.hyperParameters else {}
     start, end = getattr(job, "startTime", None), getattr(job, "endTime", None)
     duration = (end - start) / 1000.0 if start and end and end > 0 else None
-    return {"trial": job.trialJobId, "number": job.sequenceId, "status": job.status,
-            "params": params, "final": final_value,
-            "intermediate": [_decode(v) for v in inter], "log": job.logPath,
-            "duration_s": duration}
+    row = {"trial": job.trialJobId, "number": job.sequenceId, "status": job.status,
+           "params": params, "final": final_value,
+           "intermediate": [_decode(v) for v in inter], "log": job.logPath,
+           "duration_s": duration}
+    if job.status == "FAILED":
+        error = _trial_error(job.logPath)
+        if error:
+            row["error"] = error
+    return row
+
+
+def _trial_error(log: Any) -> str | None:
+    """The exception that ended a failed trial: the first line after the last traceback of
+    its ``trial.stderr`` (e.g. ``kcp_plugin.errors.TargetUnreachable: target_latency_ratio=0.4
+    is out of reach ...``), or None when the log is not a local folder with one."""
+    from urllib.parse import urlparse
+
+    if not isinstance(log, str) or not log:
+        return None
+    folder = Path(urlparse(log).path if log.startswith("file://") else log)
+    try:
+        lines = (folder / "trial.stderr").read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent")]
+    if not starts:
+        return None
+    for line in lines[starts[-1] + 1:]:
+        if line.strip() and not line[0].isspace():
+            return line.strip()
+    return None
 
 
 def _decode(value: Any) -> Any:
@@ -709,20 +1026,27 @@ def _value(row: dict[str, Any]) -> float:
     return float(final) if isinstance(final, (int, float)) else math.nan
 
 
-def pareto_front(rows: list[dict[str, Any]], higher_is_better: bool = True
-                 ) -> list[dict[str, Any]]:
-    """Trials no other trial beats on both MACs kept (lower) and metric; by MACs."""
+def pareto_front(rows: list[dict[str, Any]], higher_is_better: bool = True,
+                 cost: str = "macs_ratio") -> list[dict[str, Any]]:
+    """Trials no other trial beats on both cost (lower) and metric; by cost.
+
+    Args:
+        rows: Rows of :func:`launch_experiment`.
+        higher_is_better: The metric's direction.
+        cost: The final result's key that is better lower: ``"macs_ratio"`` (MACs kept) or
+            ``"latency_ratio"`` (latency kept); trials without it are left out.
+    """
     ok = [r for r in rows if isinstance(r.get("final"), dict)
-          and not math.isnan(_value(r)) and "macs_ratio" in r["final"]]
+          and not math.isnan(_value(r)) and cost in r["final"]]
     sign = 1.0 if higher_is_better else -1.0
     front = []
     for r in ok:
-        m, v = r["final"]["macs_ratio"], sign * _value(r)
-        dominated = any(o["final"]["macs_ratio"] <= m and sign * _value(o) >= v
-                        and (o["final"]["macs_ratio"] < m or sign * _value(o) > v) for o in ok)
+        m, v = r["final"][cost], sign * _value(r)
+        dominated = any(o["final"][cost] <= m and sign * _value(o) >= v
+                        and (o["final"][cost] < m or sign * _value(o) > v) for o in ok)
         if not dominated:
             front.append(r)
-    return sorted(front, key=lambda r: r["final"]["macs_ratio"])
+    return sorted(front, key=lambda r: r["final"][cost])
 
 
 def _describe(params: dict[str, Any]) -> str:
@@ -740,8 +1064,10 @@ def format_trial(row: dict[str, Any], metric: str, *, done: int | None = None,
 
     ``[trial 3/8] No. 2 Ab3xY SUCCEEDED  miou 24.44 (dense 32.33)  MACs kept 0.289  after prune
     15.49  34 s  criterion=kcp, target_macs=0.3`` (``done`` / ``total``: trials finished so far
-    and the experiment's trial limit). An early-stopped trial shows its last intermediate
-    result; a failed one, its log.
+    and the experiment's trial limit), with ``latency kept 0.512`` after the MACs when the
+    trial measured latency (on the setting :func:`run_search` names once). An early-stopped
+    trial shows its last intermediate result; a failed one, the exception that ended it (when
+    its log is readable here: e.g. a latency target out of reach) and its log.
 
     Args:
         row: A row of :func:`launch_experiment`.
@@ -762,12 +1088,17 @@ def format_trial(row: dict[str, Any], metric: str, *, done: int | None = None,
         parts.append(f"{metric} {value:.2f}{dense}{step}")
         if "macs_ratio" in result:
             parts.append(f"MACs kept {result['macs_ratio']:.3f}")
+        if "latency_ratio" in result:
+            parts.append(f"latency kept {result['latency_ratio']:.3f}")
         if "after_prune" in result:
             parts.append(f"after prune {result['after_prune']:.2f}")
     elif isinstance(final, (int, float)):
         parts.append(f"{metric} {final:.2f}")
     if row.get("duration_s") is not None:
         parts.append(f"{row['duration_s']:.0f} s")
+    if row.get("error"):
+        error = row["error"]
+        parts.append(f"error {error if len(error) <= 300 else error[:297] + '...'}")
     if row["status"] != "SUCCEEDED" and row.get("log"):
         parts.append(f"log {row['log']}")
     parts.append(_describe(row.get("params") or {}) or "(no parameters)")
@@ -780,6 +1111,9 @@ def summarize(rows: list[dict[str, Any]], out_dir: str | os.PathLike, *,
     """Write ``results.json``, ``summary.md`` and ``accuracy_vs_macs.png``; return the markdown.
 
     The table lists the best trials (by metric) and the Pareto front of metric against MACs.
+    When the trials measured latency, the tables gain a latency-kept column, and the
+    accuracy-vs-latency front follows (with ``accuracy_vs_latency.png``), both naming the
+    setting that measured it (hardware, runtime, dtype, batch, threads) and the dense latency.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -788,15 +1122,19 @@ def summarize(rows: list[dict[str, Any]], out_dir: str | os.PathLike, *,
     failed = [r for r in rows if r not in ok]
     ranked = sorted(ok, key=_value, reverse=higher_is_better)
     front = pareto_front(ok, higher_is_better)
-    head = "| trial | {m} | MACs kept | after prune | intermediate | parameters |"
-    sep = "|---|---|---|---|---|---|"
+    timed = [r for r in ok if "latency_ratio" in r["final"]]
+    lat = "latency kept | " if timed else ""
+    head = f"| trial | {{m}} | MACs kept | {lat}after prune | intermediate | parameters |"
+    sep = "|---|---|---|" + "---|" * bool(timed) + "---|---|---|"
 
     def line(r: dict[str, Any]) -> str:
         f = r["final"]
         inter = " ".join(f"{_value({'final': v}):.1f}" if isinstance(v, dict) else f"{v:.1f}"
                          for v in r["intermediate"])
+        kept = (f"{f['latency_ratio']:.3f} | " if "latency_ratio" in f else "- | ") if timed \
+            else ""
         return (f"| {r['trial']} | {_value(r):.2f} | {f.get('macs_ratio', math.nan):.3f} | "
-                f"{f.get('after_prune', math.nan):.2f} | {inter or '-'} | "
+                f"{kept}{f.get('after_prune', math.nan):.2f} | {inter or '-'} | "
                 f"{_describe(r['params'])} |")
 
     lines = [f"# NNI pruning search: {len(ok)} trials finished, {len(failed)} failed", ""]
@@ -804,21 +1142,54 @@ def summarize(rows: list[dict[str, Any]], out_dir: str | os.PathLike, *,
         base = _baseline_text(dense)
         lines += [f"Dense model: {metric} {dense['value']:.2f}{f' ({base})' if base else ''}, "
                   f"{dense['macs'] / 1e6:.2f} M MACs", ""]
+    if timed:
+        lines += [_latency_text(timed), ""]
     lines += [f"## Best trials ({metric}, {'higher' if higher_is_better else 'lower'} is "
               "better)", "", head.format(m=metric), sep] + [line(r) for r in ranked[:top]]
     lines += ["", f"## Accuracy-vs-MACs front ({len(front)} trials)", "",
               head.format(m=metric), sep] + [line(r) for r in front]
+    if timed:
+        latency_front = pareto_front(timed, higher_is_better, cost="latency_ratio")
+        lines += ["", f"## Accuracy-vs-latency front ({len(latency_front)} trials; "
+                  f"{'; '.join(_settings_of(timed))})", "", head.format(m=metric), sep]
+        lines += [line(r) for r in latency_front]
     if failed:
-        lines += ["", "## Failed trials", ""] + [f"- {r['trial']} ({r['status']}): log in "
-                                                 f"{r.get('log')}" for r in failed]
+        lines += ["", "## Failed trials", ""] + [
+            f"- {r['trial']} ({r['status']}): {r['error'] + '; ' if r.get('error') else ''}log "
+            f"in {r.get('log')}" for r in failed]
     text = "\n".join(lines) + "\n"
     (out_dir / "summary.md").write_text(text)
     _plot(ok, front, out_dir / "accuracy_vs_macs.png", metric, higher_is_better, dense)
+    if timed:
+        _plot(timed, latency_front, out_dir / "accuracy_vs_latency.png", metric,
+              higher_is_better, dense, cost="latency_ratio",
+              setting="; ".join(_settings_of(timed)))
+    else:  # not an earlier search's plot beside this one's summary
+        (out_dir / "accuracy_vs_latency.png").unlink(missing_ok=True)
     return text
 
 
+def _settings_of(rows: list[dict[str, Any]]) -> list[str]:
+    """The latency settings (:meth:`kcp_plugin.Backend.describe`) the trials measured on."""
+    return list(dict.fromkeys(str(r["final"].get("latency_setting", "unnamed setting"))
+                              for r in rows))
+
+
+def _latency_text(rows: list[dict[str, Any]]) -> str:
+    """What the latency figures of a summary are: setting, method and the dense latency."""
+    dense_ms = sorted(r["final"]["dense_latency_ms"] for r in rows
+                      if "dense_latency_ms" in r["final"])
+    dense = (f"; the dense model: {statistics.median(dense_ms):.2f} ms (median over the "
+             f"trials' measurements, {dense_ms[0]:.2f} to {dense_ms[-1]:.2f})" if dense_ms
+             else "")
+    return (f"Latency kept: the pruned model's median latency over the dense model's, timed in "
+            f"the trial with their passes interleaved (kcp_plugin.compare_latency), on "
+            f"{'; '.join(_settings_of(rows))}{dense}.")
+
+
 def _plot(rows: list[dict[str, Any]], front: list[dict[str, Any]], path: Path, metric: str,
-          higher_is_better: bool, dense: dict[str, Any] | None) -> None:
+          higher_is_better: bool, dense: dict[str, Any] | None, cost: str = "macs_ratio",
+          setting: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -828,19 +1199,26 @@ def _plot(rows: list[dict[str, Any]], front: list[dict[str, Any]], path: Path, m
     by_criterion: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
         crit = str(r["params"].get("criterion", "(fixed)"))
-        by_criterion.setdefault(crit, []).append((r["final"]["macs_ratio"], _value(r)))
+        by_criterion.setdefault(crit, []).append((r["final"][cost], _value(r)))
     for crit, pts in sorted(by_criterion.items()):
         xs, ys = zip(*pts)
         ax.scatter(xs, ys, label=crit, alpha=0.8)
     if front:
-        ax.plot([r["final"]["macs_ratio"] for r in front], [_value(r) for r in front], "k--x",
+        ax.plot([r["final"][cost] for r in front], [_value(r) for r in front], "k--x",
                 lw=1, label="front")
     if dense:
         ax.axhline(dense["value"], color="gray", ls=":", lw=1, label="dense")
-    ax.set_xlabel("fraction of MACs kept")
+    latency = cost == "latency_ratio"
+    ax.set_xlabel("fraction of the dense latency kept" if latency else "fraction of MACs kept")
     ax.set_ylabel(metric + ("" if higher_is_better else " (lower is better)"))
-    ax.set_title(f"NNI pruning search: {metric} vs MACs")
-    ax.legend(fontsize=7)
+    title = f"NNI pruning search: {metric} vs {'latency' if latency else 'MACs'}"
+    if setting:
+        import textwrap
+
+        title += "\n" + textwrap.fill(setting, 80)
+    ax.set_title(title, fontsize=10 if setting else None)
+    if ax.get_legend_handles_labels()[0]:  # nothing to label when every trial failed
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -863,7 +1241,17 @@ def run_search(
 ) -> tuple[list[dict[str, Any]], str]:
     """Check the search space, train (or reuse) the dense model, run the experiment, summarise.
 
+    Latency: the config's ``latency:`` section (:func:`config_latency`) fills the keys
+    ``settings.latency`` does not set (``settings`` is updated). When the trials measure
+    latency (:func:`measures_latency`) the backend is checked before anything runs
+    (:func:`check_latency`: a ``"cuda"`` backend without a GPU, ``"onnxruntime"`` without the
+    ``deploy`` extra), its setting is logged, and the trials run one at a time unless
+    ``concurrency`` says otherwise (then a warning is logged: concurrent trials share the
+    CPU, so one trial's training slows another's measurement).
+
     Args:
+        concurrency: Trials at a time (``None``: the config's ``trialConcurrency``, or 1
+            when latency is measured).
         progress: tqdm bars of the dense training and of the finished trials (``None``: only
             when stderr is a terminal).
         log: Receives the progress lines: dense training (every tenth of the steps when no
@@ -878,9 +1266,16 @@ def run_search(
 
     task = get_task(settings.task)
     check_search_space(search_space, settings.task)
+    section = config_latency(config_path)
+    if section is not None:
+        check_latency_options(section)
+        settings.latency = {**section, **(settings.latency or {})}
+    backend = check_latency(search_space, settings)
+    say = log or (lambda line: None)
+    if backend is not None:
+        concurrency = _latency_concurrency(concurrency, config_path, say)
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    say = log or (lambda line: None)
     if settings.dense:
         dense = _load_dense(settings.dense)["meta"]
         if dense.get("task") != settings.task:
@@ -900,6 +1295,16 @@ def run_search(
     warning = check_dense(dense, task.higher_is_better)
     if warning:
         say(f"warning: {warning}")
+    if backend is not None:
+        options = settings.latency or {}
+        where = latency_backend(settings, example_inputs=task.example_inputs()).describe()
+        goal = ("; each prunes to the target_latency it is given" if "target_latency" in
+                search_space else f"; each prunes to {options['target']:g} of the dense latency"
+                if options.get("target") is not None else "")
+        how = f" (allocation {options.get('allocation', 'table')})" if goal else ""
+        say(f"latency: every trial times its pruned model against the dense one on "
+            f"{where}{goal}{how}")
+
     def on_trial(row: dict[str, Any], finished: int, limit: int | None) -> None:
         say(format_trial(row, task.metric, done=finished, total=limit))
 
@@ -910,6 +1315,25 @@ def run_search(
     text = summarize(rows, out_dir, metric=task.metric, higher_is_better=task.higher_is_better,
                      dense=dense)
     return rows, text
+
+
+def _latency_concurrency(concurrency: int | None, config_path: str | os.PathLike | None,
+                         say: Callable[[str], None]) -> int:
+    """Trials at a time when every trial measures latency: 1 unless asked for more (then a
+    warning), also overriding a larger ``trialConcurrency`` of the config (said)."""
+    if concurrency is not None:
+        if concurrency > 1:
+            say(f"warning: {concurrency} trials at a time, each measuring latency: they share "
+                "the CPU, so one trial's training slows another's timed passes and the latency "
+                "figures carry that load; run one trial at a time (concurrency 1) for figures "
+                "to compare")
+        return concurrency
+    configured = _read_config(config_path).get("trialConcurrency") if config_path else None
+    if isinstance(configured, int) and configured > 1:
+        say(f"latency: trials run one at a time (the config's trialConcurrency {configured} is "
+            "overridden: concurrent trials would slow each other's latency measurements; "
+            "pass a concurrency to keep it)")
+    return 1
 
 
 if __name__ == "__main__":  # a trial, started by NNI (see launch_experiment)
