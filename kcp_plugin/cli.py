@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from .deploy.backends import BACKENDS, Backend, check_backend
+from .deploy.backends import BACKENDS, Backend, check_backend, unavailable
 from .deploy.latency import LatencyStats, compare_latency, fill_latency
 from .deploy.search import ALLOCATIONS
 from .errors import ExportError, UnprunableError
@@ -241,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       batch=args.batch, threads=args.threads or 1,
                       runs=max(args.latency_runs, 3))
     try:
-        check_backend(backend, imports=bool(args.latency_runs or args.target_latency))
+        check_backend(backend, imports=args.target_latency is not None)
     except (ValueError, ImportError) as exc:
         parser.error(str(exc))
     if args.pruning_ratio is None and args.target_macs is None and args.target_latency is None:
@@ -293,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kcp-prune: error: pruning failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_ERROR
     code = EXIT_OK
-    if dense is not None and report.latency_stats is None:
+    if dense is not None and report.latency_stats is None and unavailable(backend) is None:
         try:
             before, after = compare_latency([dense, model], example, backend=backend)
             fill_latency(report, backend, before, after)

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from .attention import detect_num_heads
-from .deploy.backends import Backend, as_backend, check_fits, default_multiples
+from .deploy.backends import Backend, as_backend, check_fits, default_multiples, unavailable
 from .deploy.latency import compare_latency, fill_latency
 from .deploy.search import LatencyTarget, TableAllocator, check_latency_target, prune_to_latency
 from .errors import TargetUnreachable
@@ -266,7 +266,7 @@ def prune(
     else:
         # the latency options are checked even when unused, so a typo is not silently ignored
         check_latency_target(LatencyTarget(1.0, latency_tolerance, backend, latency_allocation),
-                             imports=latency_backend is not None)
+                             imports=False)
         if round_to == "auto":
             raise ValueError("round_to='auto' picks the channel multiple by measuring latency: "
                              "it needs target_latency_ratio with latency_allocation='uniform'")
@@ -292,6 +292,13 @@ def prune(
     fwd = host_forward(model, forward_fn) or default_forward
     check_runs(model, example_inputs, fwd)
     measure_after = latency_backend is not None and not dry_run
+    if measure_after and target_latency_ratio is None:
+        missing = unavailable(backend)
+        if missing:  # the widths still follow the backend: only the measurement is skipped
+            warnings.warn(f"the pruned model is not timed on {backend.name}: {missing}; its "
+                          f"widths are rounded to that backend's channel multiple all the same",
+                          UserWarning, stacklevel=2)
+            measure_after = False
     if measure_after or target_latency_ratio is not None:
         check_fits(model, example_inputs, backend, fwd)
     for host in hosts:

@@ -208,3 +208,23 @@ def test_unreachable_latency_target_is_a_pruning_failure(capsys):
                  "--latency-runs", "3", "-q"])
     assert code == 1
     assert "pruning failed: target_latency_ratio=0.01" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_gpu_widths_from_a_machine_without_a_gpu(tmp_path, capsys):
+    """A MACs target for a CUDA deployment prunes here (widths on cuda's multiple); a latency
+    target, which must measure on the GPU, is a usage error naming the way out."""
+    out = tmp_path / "r.json"
+    code = main(["--model", SPEC, "--model-arg", "width=256", "--input-shape", "1,3,8,8",
+                 "--target-macs", "0.5", "--latency-backend", "cuda", "--dtype", "bf16",
+                 "--json", str(out), "-q"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads(out.read_text())
+    assert report["round_to"] in (16, 32) and report["latency_before_ms"] is None
+    assert all(w % report["round_to"] == 0 for n, w in report["widths_after"].items()
+               if n != "fc")
+    with pytest.raises(SystemExit) as info:
+        main(["--model", SPEC, "--input-shape", "1,3,16,16", "--target-latency", "0.5",
+              "--latency-backend", "cuda", "-q"])
+    assert info.value.code == 2
+    assert "needs an NVIDIA GPU" in capsys.readouterr().err

@@ -302,3 +302,25 @@ def test_deprecated_latency_keywords_still_work_with_a_warning(monkeypatch):
         report = kcp_plugin.prune(model, X, "kcp", target_latency_ratio=0.6, latency_runs=3,
                                   latency_allocation="uniform")
     assert report.latency_search
+
+
+def test_a_binding_macs_budget_is_not_reported_as_unstable_measurements(caplog):
+    model = _wide()
+    with caplog.at_level("INFO", logger="kcp_plugin.deploy.search"):
+        report = kcp_plugin.prune(model, X, "l2", target_latency_ratio=0.9,
+                                  target_macs_ratio=0.4, latency_backend=_clock_backend())
+    assert report.macs_ratio <= 0.42 and len(report.latency_model["trials"]) == 1
+    assert "unstable" not in caplog.text and "MACs budget 0.400 bound first" in caplog.text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_a_macs_target_for_a_gpu_backend_prunes_on_a_machine_without_one():
+    """Widths for the GPU (its multiple, 32) on a CPU-only machine; only the timing is
+    skipped, with a warning."""
+    torch.manual_seed(0)
+    model = build_model("resnet20", width=128).eval()
+    with pytest.warns(UserWarning, match="not timed on cuda.*rounded to that backend"):
+        report = kcp_plugin.prune(model, X, "l2", target_macs_ratio=0.5,
+                                  latency_backend=kcp_plugin.Backend("cuda", dtype="bf16"))
+    assert report.round_to == 32 and report.latency_before_ms is None
+    assert all(w % 32 == 0 for n, w in report.widths_after.items() if n != "fc")

@@ -42,7 +42,8 @@ import torch.nn as nn
 from ..hints import did_you_mean
 
 __all__ = ["BACKENDS", "DTYPES", "Backend", "Timer", "as_backend", "batched", "check_backend",
-           "check_fits", "default_multiples", "first_tensor", "placed"]
+           "check_fits", "default_multiples", "first_tensor", "placed",
+           "unavailable"]
 
 BACKENDS = ("torch", "onnxruntime", "cuda")
 # dtypes each runtime can run (fp16 convolutions on the CPU are not worth timing: many torch
@@ -256,6 +257,17 @@ def check_backend(backend: Backend, imports: bool = True) -> None:
         from .export import require_deploy
 
         require_deploy()
+
+
+def unavailable(backend: Backend) -> str | None:
+    """Why the backend cannot measure on this machine (no GPU for ``"cuda"``, no onnxruntime
+    for ``"onnxruntime"``), or None if it can. For callers that can do without the
+    measurement (a MACs target only takes the backend's channel multiple)."""
+    try:
+        check_backend(backend, imports=True)
+    except (ValueError, ImportError) as exc:
+        return str(exc)
+    return None
 
 
 def batched(example_inputs: Any, batch: int | None) -> Any:
