@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "mmseg"
 RECIPE = CONFIGS / "fcn_r18-tiny_kcp50_generated-64x64_cpu.py"
 DEPLOY = CONFIGS / "fcn_r18-tiny_kcp50_generated-64x64_cpu_deploy.py"
+LATENCY_RECIPE = CONFIGS / "fcn_r18-tiny_lat60_generated-64x64_cpu.py"
 R50_RECIPES = sorted(CONFIGS.glob("*_r50-d8_kcp50_*.py"))
 MAX_ITERS = 30
 CKPT_EVERY = 15  # iter_15 lies between the pruning points at 10 and 20
@@ -553,6 +554,163 @@ def test_data_driven_criteria_collect_on_recent_training_batches(tmp_path, data_
 
 def runner_hook(runner):
     return next(h for h in runner.hooks if isinstance(h, kmm.PruningHook))
+
+
+# --------------------------------------------------------------------------- latency target
+def _clock_backend() -> kcp_plugin.Backend:
+    """A deterministic stand-in for the latency clock (tests/fake_clock.py): no timing, no
+    GPU; the rest of the latency machinery (tables, allocation, verification) runs."""
+    from fake_clock import CostClock
+
+    return kcp_plugin.Backend(timer=CostClock(), runs=3)
+
+
+def _latency_cfg(work_dir, data_root: str, max_iters: int, ckpt_every: int = 1000,
+                 **hook) -> Config:
+    cfg = recipe_cfg(work_dir, data_root)
+    cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=max_iters, val_interval=1000)
+    cfg.param_scheduler = []
+    cfg.default_hooks.checkpoint = dict(type="CheckpointHook", by_epoch=False,
+                                        interval=ckpt_every)
+    cfg.custom_hooks = [dict(type="kcp_plugin.PruningHook", importance="kcp",
+                             target_latency_ratio=0.6, **hook)]
+    return cfg
+
+
+def _latency_kept(model: nn.Module) -> float:
+    """Latency of ``model`` as a fraction of the recipe's dense network, on the stand-in
+    clock (the traced forward, as the hook measures)."""
+    dense = _tiny_segmentor()
+    x = kmm.example_inputs(model)
+    d, p = kcp_plugin.compare_latency([dense, model], x, kmm.trace_forward,
+                                      backend=_clock_backend())
+    return p.median_ms / d.median_ms
+
+
+@pytest.mark.parametrize("schedule", [None, dict(num_prunes=2, start=0, every=2)],
+                         ids=["one-shot", "scheduled"])
+def test_hook_prunes_to_a_latency_target(tmp_path, data_root, monkeypatch, schedule):
+    """One-shot, and scheduled: the first point follows the MACs ramp (to the latency ratio
+    read as a MACs fraction), the last one prunes to the latency target of the dense net."""
+    import kcp_plugin.integrations.mmseg.hooks as hooks_module
+    import kcp_plugin.schedule
+
+    cfg = _latency_cfg(tmp_path, data_root, 3, latency_backend=_clock_backend(),
+                       schedule=schedule)
+    calls = []
+
+    def spy(real):
+        def prune(model, x, importance, **kwargs):
+            calls.append({k: kwargs.get(k) for k in ("target_macs_ratio", "target_latency_ratio",
+                                                     "latency_allocation")})
+            return real(model, x, importance, **kwargs)
+        return prune
+
+    monkeypatch.setattr(hooks_module, "prune", spy(hooks_module.prune))
+    monkeypatch.setattr(kcp_plugin.schedule, "prune", spy(kcp_plugin.schedule.prune))
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    model, hook = _unwrapped(runner), runner_hook(runner)
+    kept = _latency_kept(model)
+    assert abs(kept - 0.6) <= 0.03, kept
+    assert hook.latency["ratio"] == pytest.approx(kept, abs=1e-6)
+    assert runner.message_hub.get_info("kcp_plugin/latency_ratio") == hook.latency["ratio"]
+    assert model.decode_head.conv_seg.out_channels == 5
+    if schedule is None:
+        assert calls == [dict(target_macs_ratio=None, target_latency_ratio=0.6,
+                              latency_allocation="table")]
+    else:
+        first, last = calls
+        assert first["target_macs_ratio"] == pytest.approx(0.8)  # the ramp's first point
+        assert first["target_latency_ratio"] is None
+        # the rest of the way, relative to the network the first point left
+        assert 0.6 < last["target_latency_ratio"] < 1.0
+        assert last["latency_allocation"] == "table"
+    # the checkpoint records the outcome with the plan
+    assert hook.latency["target"] == 0.6 and hook.latency["allocation"] == "table"
+
+
+def test_hook_latency_target_resumes_between_points(tmp_path, data_root):
+    """Resumed between the MACs point and the latency point: the dense reference comes from
+    the freshly built model, before the checkpoint's plan is replayed on it."""
+    schedule = dict(num_prunes=2, start=0, every=3)
+    first = tmp_path / "a"
+    runner = Runner.from_cfg(_latency_cfg(first, data_root, 4, ckpt_every=2,
+                                          latency_backend=_clock_backend(), schedule=schedule))
+    runner.train()
+    src = first / "iter_2.pth"
+    meta = _load_checkpoint(str(src))["meta"]["kcp_plugin"]
+    assert meta["scheduler"]["calls"] == 2 and meta["latency"] is None
+    second = tmp_path / "b"
+    second.mkdir()
+    shutil.copy(src, second / src.name)
+    cfg = _latency_cfg(second, data_root, 4, ckpt_every=2, latency_backend=_clock_backend(),
+                       schedule=schedule)
+    cfg.resume = True
+    cfg.load_from = str(second / src.name)
+    resumed = Runner.from_cfg(cfg)
+    resumed.train()
+    a, b = _unwrapped(runner), _unwrapped(resumed)
+    assert get_plan(b) == get_plan(a)
+    assert abs(_latency_kept(b) - 0.6) <= 0.03
+    done = _load_checkpoint(str(second / "iter_4.pth"))["meta"]["kcp_plugin"]
+    assert done["latency"]["ratio"] == pytest.approx(runner_hook(resumed).latency["ratio"])
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(target_latency_ratio=1.5), ValueError, r"target_latency_ratio must be in \(0, 1\]"),
+    (dict(target_latency_ratio=0), ValueError, r"target_latency_ratio must be in \(0, 1\]"),
+    (dict(target_latency_ratio=0.5, pruning_ratio=0.3), ValueError, "exactly one of"),
+    (dict(target_latency_ratio=0.5, latency_backend="tensorrt"), ValueError,
+     "unknown latency backend 'tensorrt'; valid: torch, onnxruntime, cuda"),
+    (dict(target_latency_ratio=0.5, latency_backend=dict(name="cuda", dtype="int8")),
+     ValueError, "cannot run dtype 'int8'; valid: fp32, fp16, bf16"),
+    (dict(target_latency_ratio=0.5, latency_backend=dict(name="cuda", dtyp="bf16")),
+     TypeError, "unknown field.*dtyp.*close matches: dtype"),
+    (dict(target_latency_ratio=0.5, latency_backend=dict(name="torch", batch=0)), ValueError,
+     "batch must be an integer >= 1"),
+    (dict(target_latency_ratio=0.5, latency_backend=dict(runs=2)), ValueError,
+     ">= 3 timed passes"),
+    (dict(target_latency_ratio=0.5, latency_allocation="greedy"), ValueError,
+     "unknown latency_allocation 'greedy'; valid: table, uniform"),
+    (dict(target_latency_ratio=0.5, target_macs_ratio=0.4, latency_allocation="uniform"),
+     ValueError, "latency_allocation='table' only"),
+    (dict(target_latency_ratio=0.5, prune_kwargs=dict(round_to=8)), ValueError,
+     "round_to: latency_allocation='table' chooses"),
+    (dict(target_macs_ratio=0.5, prune_kwargs=dict(latency_backend="torch")), ValueError,
+     "latency_backend cannot be set here: give .* as PruningHook's own arguments"),
+    (dict(target_macs_ratio=0.5, latency_backend=dict(name="torch", device="cuda")),
+     ValueError, "runs on the CPU"),
+])
+def test_hook_rejects_bad_latency_settings_when_built(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        HOOKS.build(dict(type="kcp_plugin.PruningHook", **kwargs))
+
+
+def test_hook_accepts_a_gpu_backend_in_the_config_and_checks_for_the_gpu_before_training(
+        tmp_path, data_root):
+    """A config for the GPU machine builds anywhere; on a machine without a GPU the run is
+    refused before the first iteration, naming the way out."""
+    hook = HOOKS.build(dict(type="kcp_plugin.PruningHook", target_latency_ratio=0.5,
+                            latency_backend=dict(name="cuda", dtype="bf16", batch=64),
+                            schedule=dict(num_prunes=3, start=0, every=10)))
+    assert hook.latency_backend == kcp_plugin.Backend("cuda", dtype="bf16", batch=64)
+    if torch.cuda.is_available():
+        return
+    cfg = _latency_cfg(tmp_path, data_root, 2, latency_backend=dict(name="cuda"))
+    runner = Runner.from_cfg(cfg)
+    with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
+        runner.train()
+    assert not get_plan(_unwrapped(runner))["history"]
+
+
+def test_latency_recipe_config_builds_its_hook():
+    cfg = Config.fromfile(str(LATENCY_RECIPE))
+    (spec,) = cfg.custom_hooks
+    hook = HOOKS.build(copy.deepcopy(spec))
+    assert hook.target_latency_ratio == spec["target_latency_ratio"]
+    assert hook.latency_backend.name == "torch" and hook.latency_backend.threads == 1
+    assert hook.schedule["num_prunes"] > 1  # the last point is the latency point
 
 
 def _tiny_segmentor() -> nn.Module:

@@ -127,6 +127,25 @@ def test_plan_kwarg_from_save_pruned_checkpoint(tmp_path):
     ({"importance": "taylor", "target_macs_ratio": 0.5}, "reads gradients"),
     ({"plan": "/nonexistent/plan.pt"}, "does not exist"),
     ({"prune_kwargs": {"dry_run": True}, "target_macs_ratio": 0.5}, "not accepted"),
+    ({"target_latency_ratio": 0}, r"target_latency_ratio must be in \(0, 1\]"),
+    ({"target_latency_ratio": 0.5, "pruning_ratio": 0.3}, "at most one of"),
+    ({"target_latency_ratio": 0.5, "plan": {"format": "x"}}, "at most one of"),
+    ({"target_latency_ratio": 0.5, "latency_backend": "tensorrt"},
+     "unknown latency backend 'tensorrt'; valid: torch, onnxruntime, cuda"),
+    ({"target_latency_ratio": 0.5, "latency_backend": {"name": "cuda", "dtype": "int8"}},
+     "cannot run dtype 'int8'; valid: fp32, fp16, bf16"),
+    ({"target_latency_ratio": 0.5, "latency_backend": {"nme": "cuda"}},
+     "unknown field.*nme.*close matches: name"),
+    ({"target_latency_ratio": 0.5, "latency_allocation": "greedy"},
+     "unknown latency_allocation 'greedy'; valid: table, uniform"),
+    ({"target_latency_ratio": 0.5, "target_macs_ratio": 0.4, "latency_allocation": "uniform"},
+     "'table' only"),
+    ({"target_latency_ratio": 0.5, "prune_kwargs": {"round_to": 8}},
+     "round_to: latency_allocation='table' chooses"),
+    ({"target_macs_ratio": 0.5, "prune_kwargs": {"latency_backend": "torch"}},
+     "latency_backend cannot be set in prune_kwargs: give .* as kcp_pruned's own"),
+    ({"latency_backend": "torch"}, "latency_backend applies when the model is pruned"),
+    ({"target_latency_ratio": 0.5, "importance": "taylor"}, "reads gradients"),
 ])
 def test_entrypoint_rejects_bad_arguments(kwargs, match):
     kwargs.setdefault("base", "resnet18")
@@ -544,6 +563,221 @@ def test_resnest_split_attention_is_left_to_the_safety_net():
     assert pruning_setup(model, x)["ignored_layers"] == []  # nothing protected by class
     report = kcp_plugin.prune(model, x, "kcp", target_macs_ratio=0.5, progress=False)
     assert abs(report.macs_ratio - 0.5) <= 0.02 and model(x).shape == (1, 7)
+
+
+# ---------------------------------------------------------------------- latency targets
+def _clock(**settings) -> kcp_plugin.Backend:
+    """A deterministic stand-in for the latency clock (tests/fake_clock.py): no timing, no
+    GPU; the latency tables, allocation and verification run as on a real backend."""
+    from fake_clock import CostClock
+
+    return kcp_plugin.Backend(timer=CostClock(), runs=3, **settings)
+
+
+def _latency_kept(model: nn.Module, side: int = 32, **dense_kwargs) -> float:
+    dense = timm.create_model("resnet18", **dense_kwargs).eval()
+    d, p = kcp_plugin.compare_latency([dense, model], _x(side, batch=1), backend=_clock())
+    return p.median_ms / d.median_ms
+
+
+def test_entrypoint_prunes_to_a_latency_target(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model("kcp_pruned", base="resnet18", num_classes=5, input_size=32,
+                              target_latency_ratio=0.6, latency_backend=_clock()).eval()
+    assert abs(_latency_kept(model, num_classes=5) - 0.6) <= 0.03
+    assert model.get_classifier().out_features == 5
+    # a latency target with a MACs cap: both fractions kept at most
+    capped = timm.create_model("kcp_pruned", base="resnet18", num_classes=5, input_size=32,
+                               target_latency_ratio=0.9, target_macs_ratio=0.5,
+                               latency_backend=_clock())
+    assert _macs(capped) / _macs(timm.create_model("resnet18", num_classes=5)) <= 0.52
+    # the plan travels in the state dict as for a MACs target
+    path = tmp_path / "lat.pth"
+    torch.save(model.state_dict(), path)
+    again = timm.create_model("kcp_pruned", base="resnet18", num_classes=5,
+                              checkpoint_path=str(path)).eval()
+    assert torch.equal(again(_x()), model(_x()))
+
+
+def test_entrypoint_refuses_a_gpu_backend_without_a_gpu_before_building(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    built = []
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: built.append(a) or None,
+                        raising=True)
+    from kcp_plugin.integrations.timm import entrypoints
+
+    with pytest.raises(ValueError, match="kcp_pruned: latency backend 'cuda' needs an NVIDIA"):
+        entrypoints.kcp_pruned(base="resnet18", target_latency_ratio=0.5,
+                               latency_backend={"name": "cuda", "dtype": "bf16", "batch": 64})
+    assert not built
+
+
+def _latency_schedule(model, **kwargs):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    return kt.TimmPruningSchedule(model, opt, "l1", example_inputs=_x(32, batch=1),
+                                  target_latency_ratio=0.6, latency_backend=_clock(),
+                                  num_prunes=2, every=1, **kwargs)
+
+
+def test_training_schedule_reaches_a_latency_target_at_its_last_point(caplog, monkeypatch):
+    """The first point follows the MACs ramp (to 0.6 read as MACs), the last prunes to 0.6 of
+    the dense latency; a schedule resumed between the points (model rebuilt from the
+    checkpoint's plan) takes its dense reference from a fresh build of the base."""
+    import logging
+
+    import kcp_plugin.integrations.timm.training as training
+
+    calls = []
+    real = training.prune
+
+    def spy(model, x, importance, **kwargs):
+        calls.append(kwargs.get("target_latency_ratio"))
+        return real(model, x, importance, **kwargs)
+
+    monkeypatch.setattr(training, "prune", spy)
+    torch.manual_seed(0)
+    model = timm.create_model("kcp_pruned", base="resnet18", num_classes=5)
+    sched = _latency_schedule(model)
+    dense_macs = _macs(model)
+    assert sched.step()
+    assert abs(_macs(model) / dense_macs - 0.8) <= 0.05  # the MACs ramp's first point
+    state, weights = sched.state_dict(), copy.deepcopy(model.state_dict())
+    with caplog.at_level(logging.INFO, logger="train"):
+        assert sched.step()
+    kept = _latency_kept(model, num_classes=5)
+    assert abs(kept - 0.6) <= 0.03 and sched.latency["ratio"] == pytest.approx(kept)
+    assert len(calls) == 1 and 0.6 < calls[0] < 1.0  # the rest of the way, relative
+    assert any("latency target at optimizer step 1" in r.getMessage() for r in caplog.records)
+    assert sched.finished and sched.state_dict()["latency"] == sched.latency
+
+    resumed = timm.create_model("kcp_pruned", base="resnet18", num_classes=5)
+    resumed.load_state_dict(weights)  # the plan of the first point is replayed first
+    again = _latency_schedule(resumed)
+    again.load_state_dict(state)
+    assert again.step()
+    assert kcp_plugin.get_plan(resumed) == kcp_plugin.get_plan(model)
+
+
+def test_an_unreachable_latency_point_is_named_in_the_users_terms():
+    """The last point's latency target is relative to the model the earlier points left; its
+    refusal names the user's target of the dense model and what the earlier points kept."""
+    from fake_clock import CostClock
+
+    model = timm.create_model("kcp_pruned", base="resnet18", num_classes=5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    sched = kt.TimmPruningSchedule(  # the clock's latency is nearly all per-pass overhead
+        model, opt, "l1", example_inputs=_x(32, batch=1), target_latency_ratio=0.6,
+        latency_backend=kcp_plugin.Backend(timer=CostClock(overhead_ms=1e4), runs=3),
+        num_prunes=2, every=1)
+    assert sched.step()
+    with pytest.raises(kcp_plugin.TargetUnreachable,
+                       match=r"target_latency_ratio=0.6 of the dense model: the earlier pruning "
+                             r"points kept 0\.9\d+ of its latency, so the last point needed "
+                             r"0\.6\d+ of the model as it was then, and: .*out of reach"):
+        sched.step()
+
+
+def test_training_schedule_refuses_bad_latency_settings():
+    model = timm.create_model("resnet18", num_classes=5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.raises(ValueError, match="TimmPruningSchedule: latency_backend cannot be set"):
+        kt.TimmPruningSchedule(model, opt, target_macs_ratio=0.5,
+                               prune_kwargs={"latency_backend": "torch"})
+    with pytest.raises(ValueError, match=r"target_latency_ratio must be in \(0, 1\]"):
+        kt.TimmPruningSchedule(model, opt, target_latency_ratio=2.0)
+    kcp_plugin.prune(model, _x(32, batch=1), "l1", pruning_ratio=0.3)
+    with pytest.raises(ValueError, match="does not record its base architecture"):
+        kt.TimmPruningSchedule(model, opt, target_latency_ratio=0.5, latency_backend=_clock())
+
+
+def test_timm_train_builtin_loop_prunes_to_a_latency_target(image_folder, tmp_path,
+                                                            monkeypatch):
+    """--kcp-target-latency and --kcp-latency-* reach the schedule (a stand-in clock put in
+    the parsed backend: deterministic, no timing)."""
+    import dataclasses
+
+    tool = _tool("timm_train")
+    parsed = []
+    real = tool.latency_backend
+
+    def with_clock(kcp):
+        backend = real(kcp)
+        parsed.append(backend)
+        return dataclasses.replace(backend, timer=_clock().timer)
+
+    monkeypatch.setattr(tool, "latency_backend", with_clock)
+    summary = tool.run_builtin([
+        str(image_folder), "--model", "resnet18", "--num-classes", "2", "--input-size", "3",
+        "16", "16", "--batch-size", "4", "--opt", "sgd", "--lr", "0.01", "--epochs", "1",
+        "--workers", "0", "--output", str(tmp_path / "run"), "--max-steps", "3",
+        "--kcp-target-latency", "0.6", "--kcp-latency-backend", "torch",
+        "--kcp-latency-batch", "4", "--kcp-latency-runs", "3", "--kcp-num-prunes", "2",
+        "--kcp-start", "1", "--kcp-every", "1"])
+    assert parsed[0] == kcp_plugin.Backend("torch", batch=4, runs=3)
+    assert summary["pruned_at_steps"] == [1, 2]
+    assert abs(summary["latency"]["ratio"] - 0.6) <= 0.03, summary["latency"]
+    assert "batch 4" in summary["latency"]["setting"]
+
+
+def test_timm_train_script_route_prunes_to_a_latency_target(image_folder, tmp_path):
+    """timm's real train.py under the wrapper (in this process, so that the parsed backend
+    can be given the stand-in clock): the last pruning point is the latency point."""
+    import dataclasses
+
+    tool = _tool("timm_train")
+    kcp, rest = tool.parse_kcp([
+        str(image_folder), "--model", "resnet18", *_TRAIN_ARGS, "--output", str(tmp_path),
+        "--experiment", "run", "--kcp-target-latency", "0.6", "--kcp-latency-runs", "3",
+        "--kcp-num-prunes", "2", "--kcp-start", "1", "--kcp-every", "1"])
+    assert kcp.kcp_latency == kcp_plugin.Backend(runs=3)
+    kcp.kcp_latency = dataclasses.replace(kcp.kcp_latency, timer=_clock().timer)
+    schedule = tool.run_train_script(os.path.join(TIMM_SCRIPTS, "train.py"), kcp, rest)
+    assert schedule.pruned_at == [1, 2]
+    assert abs(schedule.latency["ratio"] - 0.6) <= 0.03, schedule.latency
+    model = timm.create_model("kcp_pruned", base="resnet18", num_classes=2,
+                              checkpoint_path=str(tmp_path / "run" / "last.pth.tar")).eval()
+    assert kcp_plugin.get_plan(model) == kcp_plugin.get_plan(schedule.model)
+
+
+def test_timm_train_refuses_bad_latency_options_before_training(tmp_path):
+    tool = _tool("timm_train")
+    for argv, match in [
+        (["--kcp-target-latency", "1.5"], r"target_latency_ratio must be in \(0, 1\]"),
+        (["--kcp-target-latency", "0.5", "--kcp-latency-backend", "tensorrt"],
+         "unknown latency backend 'tensorrt'; valid: torch, onnxruntime, cuda"),
+        (["--kcp-target-latency", "0.5", "--kcp-latency-backend", "cuda",
+          "--kcp-latency-dtype", "int8"], "cannot run dtype 'int8'"),
+        (["--kcp-target-latency", "0.5", "--kcp-latency-allocation", "tabel"],
+         "close matches: table"),
+        (["--kcp-target-latency", "0.5", "--kcp-prune-kwargs", "{'round_to': 8}"],
+         "round_to: latency_allocation='table'"),
+        (["--kcp-latency-backend", "cuda"], "add --kcp-target-latency"),
+    ]:
+        with pytest.raises(SystemExit, match=match):
+            tool.parse_kcp(argv)
+    # a dict literal and the field flags make one backend
+    kcp, _ = tool.parse_kcp(["--kcp-target-latency", "0.5", "--kcp-latency-backend",
+                             "{'name': 'cuda', 'dtype': 'bf16'}", "--kcp-latency-batch", "64"])
+    assert kcp.kcp_latency == kcp_plugin.Backend("cuda", dtype="bf16", batch=64)
+    if not torch.cuda.is_available():  # refused before timm's train.py runs
+        script = tmp_path / "train.py"
+        script.write_text("raise RuntimeError('must not run')\n")
+        with pytest.raises(SystemExit, match="needs an NVIDIA GPU"):
+            tool.run_train_script(str(script), kcp, [])
+
+
+def test_latency_recipes_parse(tmp_path):
+    tool = _tool("timm_train")
+    for name in ("resnet50_lat50_cuda", "resnet18_lat_smoke"):
+        path = os.path.join(ROOT, "configs", "timm", f"{name}.yaml")
+        args = tool.parse_builtin([str(tmp_path), "--config", path])
+        kcp, _ = tool.parse_kcp(["--config", path])
+        assert 0 < kcp.kcp_target_latency < 1 and kcp.kcp_latency is not None
+        assert args.kcp_target_latency == kcp.kcp_target_latency and timm.is_model(args.model)
+    kcp, _ = tool.parse_kcp(["--config", os.path.join(ROOT, "configs", "timm",
+                                                      "resnet50_lat50_cuda.yaml")])
+    assert kcp.kcp_latency == kcp_plugin.Backend("cuda", dtype="bf16", batch=64)
 
 
 def test_training_schedule_logs_each_pruning_point_through_timms_logger(caplog):

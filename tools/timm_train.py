@@ -25,6 +25,11 @@ alike). Two ways to run timm's code:
 Pruning options (``--kcp-*``) can also be set as ``kcp_*`` keys in the same YAML file
 (``--config``); command-line flags win. ``start`` / ``every`` count optimizer steps.
 
+A latency target (``--kcp-target-latency 0.5 --kcp-latency-backend cuda --kcp-latency-dtype
+bf16 --kcp-latency-batch 64``) is reached at the last pruning point; the earlier points follow
+the MACs ramp (to ``--kcp-target-macs``, or to the latency ratio read as a MACs fraction), and
+``--kcp-target-macs`` given as well caps the last point's MACs.
+
     python tools/timm_train.py --config configs/timm/resnet50_kcp.yaml --data-dir /data/imagenet
     python tools/timm_train.py --train-script ~/pytorch-image-models/train.py \\
         --config configs/timm/resnet50_kcp.yaml /data/imagenet
@@ -81,7 +86,33 @@ def kcp_parser() -> argparse.ArgumentParser:
     g.add_argument("--kcp-data-steps", type=int, default=8,
                    help="data-driven criteria (fisher, cdc, cap): training batches, the last "
                    "ones before each pruning point, to collect on (default: 8; built-in loop)")
+    g.add_argument("--kcp-target-latency", type=float, default=None,
+                   help="fraction of the dense latency kept at the end, measured on "
+                   "--kcp-latency-backend: reached at the last pruning point, the earlier ones "
+                   "follow the MACs ramp (--kcp-target-macs, if given, caps the last point's "
+                   "MACs)")
+    g.add_argument("--kcp-latency-backend", default=None,
+                   help="where latency is measured: torch (CPU eager; default), onnxruntime, "
+                   "cuda, or a dict literal of kcp_plugin.Backend fields; with "
+                   "--kcp-target-macs alone, widths are rounded to its channel multiple and "
+                   "each pruning point is measured")
+    g.add_argument("--kcp-latency-dtype", default=None, help="fp32 | fp16 | bf16 (cuda)")
+    g.add_argument("--kcp-latency-batch", type=int, default=None,
+                   help="batch the latency is measured at (default: 1)")
+    g.add_argument("--kcp-latency-device", default=None, help="cuda or cuda:N (cuda backend)")
+    g.add_argument("--kcp-latency-threads", type=int, default=None,
+                   help="CPU threads while measuring (CPU backends; default 1)")
+    g.add_argument("--kcp-latency-runs", type=int, default=None,
+                   help="timed passes per measurement (default 10)")
+    g.add_argument("--kcp-latency-allocation", default="table",
+                   help="table (per-layer widths from a latency table; default) | uniform")
     return p
+
+
+# YAML spellings of the options that match kcp_plugin.prune's argument names
+_ALIASES = {"kcp_target_macs_ratio": "kcp_target_macs",
+            "kcp_target_latency_ratio": "kcp_target_latency"}
+_LATENCY_FIELDS = ("dtype", "batch", "device", "threads", "runs")
 
 
 def _literal(value: Any, what: str) -> dict[str, Any] | None:
@@ -125,20 +156,19 @@ def parse_kcp(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     valid = {a.dest for a in parser._actions}
     defaults = {}
     for key, value in cfg.items():
-        dest = key.replace("-", "_")
-        if dest.startswith("kcp_") and dest != "kcp_target_macs_ratio":
+        dest = _ALIASES.get(key.replace("-", "_"), key.replace("-", "_"))
+        if dest.startswith("kcp_"):
             if dest not in valid:
                 raise SystemExit(f"{key}: unknown pruning option; valid: "
                                  f"{', '.join(sorted(d for d in valid if d.startswith('kcp_')))}")
             defaults[dest] = value
-        elif dest == "kcp_target_macs_ratio":
-            defaults["kcp_target_macs"] = value
     parser.set_defaults(**defaults)
     kcp, rest = parser.parse_known_args(argv)
     kcp.kcp_importance_kwargs = _literal(kcp.kcp_importance_kwargs, "--kcp-importance-kwargs")
     kcp.kcp_prune_kwargs = _literal(kcp.kcp_prune_kwargs, "--kcp-prune-kwargs")
     if kcp.kcp_target_macs is not None and not 0 < kcp.kcp_target_macs <= 1:
         raise SystemExit(f"--kcp-target-macs must be in (0, 1], got {kcp.kcp_target_macs}")
+    kcp.kcp_latency = latency_backend(kcp)
     if kcp.kcp_data_steps < 1:
         raise SystemExit(f"--kcp-data-steps must be >= 1, got {kcp.kcp_data_steps}")
     from kcp_plugin import importance_info
@@ -151,6 +181,34 @@ def parse_kcp(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         kcp.kcp_input_size = kcp.kcp_input_size[0] if len(kcp.kcp_input_size) == 1 \
             else tuple(kcp.kcp_input_size)
     return kcp, rest
+
+
+def latency_backend(kcp: argparse.Namespace) -> Any:
+    """The ``kcp_plugin.Backend`` of the ``--kcp-latency-*`` options (None: none given),
+    checked with the latency target (the runtime itself is checked before training)."""
+    from kcp_plugin.deploy.backends import as_backend
+    from kcp_plugin.integrations.timm.pruning import latency_options
+
+    spec = kcp.kcp_latency_backend
+    if isinstance(spec, str) and spec.lstrip().startswith("{"):  # fields as a dict literal
+        spec = _literal(spec, "--kcp-latency-backend")
+    overrides = {f: getattr(kcp, f"kcp_latency_{f}") for f in _LATENCY_FIELDS}
+    given = spec is not None or any(v is not None for v in overrides.values())
+    if given and not prunes(kcp):
+        raise SystemExit("--kcp-latency-* options apply to a pruning run: add "
+                         "--kcp-target-latency (or --kcp-target-macs)")
+    try:
+        backend = as_backend(spec, **overrides) if given else None
+        return latency_options("--kcp-target-latency / --kcp-latency-*", kcp.kcp_target_latency,
+                               backend, kcp.kcp_latency_allocation, kcp.kcp_target_macs,
+                               kcp.kcp_prune_kwargs, imports=False)
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(str(exc)) from None
+
+
+def prunes(kcp: argparse.Namespace) -> bool:
+    """Whether a pruning target (MACs or latency) was asked for."""
+    return kcp.kcp_target_macs is not None or kcp.kcp_target_latency is not None
 
 
 def needs_batches(kcp: argparse.Namespace) -> bool:
@@ -189,8 +247,21 @@ def make_schedule(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         num_prunes=kcp.kcp_num_prunes, start=kcp.kcp_start, every=kcp.kcp_every,
         ramp=kcp.kcp_ramp, mode=kcp.kcp_mode, example_inputs=x,
         importance_kwargs=kcp.kcp_importance_kwargs, prune_kwargs=prune_kwargs,
-        loss_fn=grad_loss, emas=emas, ddp=ddp,
+        loss_fn=grad_loss, emas=emas, ddp=ddp, target_latency_ratio=kcp.kcp_target_latency,
+        latency_backend=kcp.kcp_latency, latency_allocation=kcp.kcp_latency_allocation,
     )
+
+
+def check_runtime(kcp: argparse.Namespace) -> None:
+    """Before training: the latency backend's runtime is there (a GPU for cuda, onnxruntime)."""
+    if kcp.kcp_latency is None:
+        return
+    from kcp_plugin.deploy.backends import check_backend
+
+    try:
+        check_backend(kcp.kcp_latency, imports=True)
+    except (ImportError, ValueError) as exc:
+        raise SystemExit(f"--kcp-latency-backend: {exc}") from None
 
 
 # ---------------------------------------------------------------------- mode 1: timm's train.py
@@ -269,7 +340,8 @@ def run_train_script(path: str, kcp: argparse.Namespace, argv: list[str]) -> Any
     if not os.path.isfile(path):
         raise SystemExit(f"--train-script: {path} does not exist (timm's train.py is in the "
                          "pytorch-image-models repository, not in the pip package)")
-    if kcp.kcp_target_macs is not None and needs_batches(kcp):
+    check_runtime(kcp)
+    if prunes(kcp) and needs_batches(kcp):
         from kcp_plugin import importance_info, list_importances
 
         free = [n for n in list_importances() if importance_info(n).data_free]
@@ -305,7 +377,7 @@ def run_train_script(path: str, kcp: argparse.Namespace, argv: list[str]) -> Any
 
     def on_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         model = state.get("model")
-        if "schedule" in state or model is None or kcp.kcp_target_macs is None:
+        if "schedule" in state or model is None or not prunes(kcp):
             return
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         if not any(id(p) in held for p in model.parameters()):
@@ -408,9 +480,7 @@ def parse_builtin(argv: list[str]) -> argparse.Namespace:
     valid = {a.dest for a in parser._actions}
     defaults = {}
     for key, value in cfg.items():
-        dest = key.replace("-", "_")
-        if dest == "kcp_target_macs_ratio":
-            dest = "kcp_target_macs"
+        dest = _ALIASES.get(key.replace("-", "_"), key.replace("-", "_"))
         if dest in valid:
             defaults[dest] = value
         else:
@@ -485,6 +555,7 @@ def run_builtin(argv: list[str]) -> dict[str, Any]:
 
     args = parse_builtin(argv)
     kcp, _ = parse_kcp(argv)
+    check_runtime(kcp)
     for name in args.device_modules or ():  # as train.py: e.g. a device or model plug-in
         importlib.import_module(name)
     torch.manual_seed(args.seed)
@@ -535,7 +606,7 @@ def run_builtin(argv: list[str]) -> dict[str, Any]:
                else torch.nn.CrossEntropyLoss()).to(device)
     schedule = None
     recent = None
-    if kcp.kcp_target_macs is not None:
+    if prunes(kcp):
         if needs_batches(kcp):
             recent = kcp_plugin.RecentBatches(kcp.kcp_data_steps, owner="timm_train")
         schedule = make_schedule(model, optimizer, kcp, [model_ema] if model_ema else [],
@@ -618,6 +689,7 @@ def run_builtin(argv: list[str]) -> dict[str, Any]:
         "pruned_at_steps": schedule.pruned_at if schedule is not None else [],
         "macs_dense": macs_dense, "macs": macs, "macs_ratio": macs / macs_dense,
         "params": params, "top1": top1, "best_top1": best,
+        "latency": schedule.latency if schedule is not None else None,
         "checkpoint": os.path.join(output, "last.pth.tar"), "output": output,
         "seconds": time.time() - t_start,
     }

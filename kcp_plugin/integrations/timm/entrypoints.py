@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ...deploy.backends import Backend
 from ...hints import did_you_mean
 from ...plan import CARRIED_PLAN_KEY as PLAN_KEY
 from ...plan import carried_plan as _plan_from_state_dict
@@ -37,11 +38,11 @@ from ...plan import (
     validate_plan,
 )
 from ...pruning import resolve_importance
-from .pruning import apply_timm_plan, prune_timm_model
+from .pruning import apply_timm_plan, latency_options, prune_timm_model
 from .support import check_supported
 
-__all__ = ["kcp_pruned", "PLAN_KEY", "dense_macs", "read_plan", "install_plan_hooks", "encode_plan",
-           "decode_plan"]
+__all__ = ["kcp_pruned", "PLAN_KEY", "check_rebuildable", "dense_copy", "dense_macs", "read_plan",
+           "install_plan_hooks", "encode_plan", "decode_plan"]
 
 _BUILD = "_kcp_timm_build"
 _HOOKED = "_kcp_timm_hooks"
@@ -135,18 +136,41 @@ def dense_macs(model: nn.Module, example_inputs: torch.Tensor) -> int:
     Raises:
         ValueError: the model is pruned but does not record how it was built.
     """
-    import timm
-
     from ...graph import count_macs_params
 
     if not get_plan(model)["history"]:
         return count_macs_params(model, example_inputs)[0]
+    return count_macs_params(dense_copy(model), example_inputs.detach().cpu())[0]
+
+
+def check_rebuildable(model: nn.Module) -> None:
+    """Raise unless :func:`dense_copy` can give ``model``'s unpruned architecture.
+
+    Raises:
+        ValueError: the model is pruned but does not record how it was built.
+    """
     build = model.__dict__.get(_BUILD)
-    if not build or not build.get("base"):
+    if get_plan(model)["history"] and (not build or not build.get("base")):
         raise ValueError("the model is pruned and does not record its base architecture; "
                          "build it with kcp_pruned or call install_plan_hooks(model, base=...)")
+
+
+def dense_copy(model: nn.Module) -> nn.Module:
+    """A new module with ``model``'s unpruned architecture, on the CPU, in eval mode: a deep
+    copy of a model never pruned, else a fresh build of its base with the arguments recorded
+    by :func:`install_plan_hooks` (random weights: a reference for MACs and latency).
+
+    Raises:
+        ValueError: the model is pruned but does not record how it was built.
+    """
+    import timm
+
+    if not get_plan(model)["history"]:
+        return copy.deepcopy(model).cpu().eval()
+    check_rebuildable(model)
+    build = model.__dict__[_BUILD]
     fresh = timm.create_model(build["base"], pretrained=False, **copy.deepcopy(build["kwargs"]))
-    return count_macs_params(fresh, example_inputs.detach().cpu())[0]
+    return fresh.eval()
 
 
 def _apply_carried_plan(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any,
@@ -256,6 +280,9 @@ def kcp_pruned(
     input_size: int | Sequence[int] | None = None,
     importance_kwargs: dict[str, Any] | None = None,
     prune_kwargs: dict[str, Any] | None = None,
+    target_latency_ratio: float | None = None,
+    latency_backend: str | dict[str, Any] | Backend | None = None,
+    latency_allocation: str = "table",
     **kwargs: Any,
 ) -> nn.Module:
     """timm entrypoint: any timm architecture, pruned with a registered criterion or a plan.
@@ -281,13 +308,26 @@ def kcp_pruned(
             so a small one (e.g. 64) makes creation faster.
         importance_kwargs: Arguments of the criterion.
         prune_kwargs: Further :func:`kcp_plugin.prune` arguments (``round_to``,
-            ``global_pruning``, ``ignored_layers``, ``macs_tolerance``...).
+            ``global_pruning``, ``ignored_layers``, ``macs_tolerance``,
+            ``latency_tolerance``...).
+        target_latency_ratio: Fraction of the dense latency to keep, measured on
+            ``latency_backend`` at ``input_size`` (and the backend's batch); prunes at
+            creation time. May be combined with ``target_macs_ratio``, a MACs cap
+            (``latency_allocation="table"``).
+        latency_backend: Where latency is measured: ``"torch"`` (CPU eager, the default),
+            ``"onnxruntime"`` or ``"cuda"``, a dict of :class:`kcp_plugin.Backend` fields
+            (``{"name": "cuda", "dtype": "bf16", "batch": 64}``) or a record. With a MACs
+            target alone it sets the channel multiple and the pruned model is measured against
+            the dense one (a warning if slower).
+        latency_allocation: ``"table"`` (per-group widths from a latency table) or
+            ``"uniform"`` (one channel ratio searched on measured latency).
         **kwargs: Arguments of the base model (``num_classes``, ``img_size``, ``drop_path_rate``
             ...), passed to ``timm.create_model(base, ...)``.
 
-    With neither ``target_macs_ratio``, ``pruning_ratio`` nor ``plan`` the model is the dense
-    base: ready for pruning during training, or for ``checkpoint_path=`` of a pruned
-    ``kcp_pruned`` checkpoint (whose plan is applied before its weights are loaded).
+    With none of ``target_macs_ratio``, ``pruning_ratio``, ``target_latency_ratio`` and
+    ``plan`` the model is the dense base: ready for pruning during training, or for
+    ``checkpoint_path=`` of a pruned ``kcp_pruned`` checkpoint (whose plan is applied before
+    its weights are loaded).
 
     Raises:
         ValueError / TypeError: invalid arguments, raised before anything is built.
@@ -305,19 +345,32 @@ def kcp_pruned(
         raise ValueError(f"kcp_pruned: timm has no model {base!r}{hint}")
     _check_fraction("target_macs_ratio", target_macs_ratio, allow_zero=False)
     _check_fraction("pruning_ratio", pruning_ratio, allow_zero=True)
+    _check_fraction("target_latency_ratio", target_latency_ratio, allow_zero=False)
     given = [n for n, v in (("target_macs_ratio", target_macs_ratio),
-                            ("pruning_ratio", pruning_ratio), ("plan", plan)) if v is not None]
-    if len(given) > 1:
-        raise ValueError(f"kcp_pruned: give at most one of target_macs_ratio, pruning_ratio and "
-                         f"plan; got {', '.join(given)}")
+                            ("pruning_ratio", pruning_ratio), ("plan", plan),
+                            ("target_latency_ratio", target_latency_ratio)) if v is not None]
+    # a latency target may carry a MACs cap; every other pair is a conflict
+    if len(given) > 1 and set(given) != {"target_macs_ratio", "target_latency_ratio"}:
+        raise ValueError(f"kcp_pruned: give at most one of target_macs_ratio, pruning_ratio, "
+                         f"target_latency_ratio (which target_macs_ratio may cap) and plan; got "
+                         f"{', '.join(given)}")
     if prune_kwargs is not None and not isinstance(prune_kwargs, dict):
         raise TypeError(f"kcp_pruned: prune_kwargs must be a dict, got {prune_kwargs!r}")
+    if latency_backend is not None and not {"target_macs_ratio", "pruning_ratio",
+                                            "target_latency_ratio"} & set(given):
+        raise ValueError("kcp_pruned: latency_backend applies when the model is pruned at "
+                         "creation (target_latency_ratio, or target_macs_ratio / pruning_ratio "
+                         "measured against the dense model); nothing is measured here")
+    # the runtime is checked too (a GPU for "cuda"): the model is measured right after building
+    backend = latency_options("kcp_pruned", target_latency_ratio, latency_backend,
+                              latency_allocation, target_macs_ratio, prune_kwargs)
     for reserved in ("target_macs_ratio", "pruning_ratio", "importance_kwargs",
                      "example_inputs", "dry_run", "loss_fn"):
         if reserved in (prune_kwargs or {}):
             raise ValueError(f"kcp_pruned: {reserved!r} is not accepted in prune_kwargs")
     _, imp_name, needs_grad = resolve_importance(importance, importance_kwargs)
-    if needs_grad and (target_macs_ratio is not None or pruning_ratio is not None):
+    if needs_grad and (target_macs_ratio is not None or pruning_ratio is not None
+                       or target_latency_ratio is not None):
         raise ValueError(
             f"kcp_pruned: importance {imp_name!r} reads gradients, which need a loss_fn on "
             "training batches, which timm.create_model cannot pass; at creation time use a "
@@ -339,9 +392,11 @@ def kcp_pruned(
     check_supported(model)
     if saved_plan is not None:
         apply_timm_plan(model, saved_plan, input_size=input_size)
-    elif target_macs_ratio is not None or pruning_ratio is not None:
+    elif given:
         prune_timm_model(model, importance, input_size=input_size,
                          target_macs_ratio=target_macs_ratio, pruning_ratio=pruning_ratio,
+                         target_latency_ratio=target_latency_ratio, latency_backend=backend,
+                         latency_allocation=latency_allocation,
                          importance_kwargs=importance_kwargs, **(prune_kwargs or {}))
     # The base's data config (input size, mean/std, interpolation, classifier name) stays;
     # only the architecture names this entrypoint, so that timm's exports rebuild it here.

@@ -16,22 +16,42 @@ all-reduced over the ranks, rank 0's plan is made every rank's (:func:`kcp_plugi
 agree_on_plan`), and the DDP wrappers given as ``ddp`` are re-made in place around the pruned
 model (:func:`kcp_plugin.distributed.rebuild_ddp`), which also broadcasts rank 0's weights.
 ``torch.compile`` is not supported (compiled graphs specialise on the old shapes).
+
+A latency target (``target_latency_ratio``) is reached at the schedule's last pruning point:
+the earlier points follow the MACs ramp (to ``target_macs_ratio``, or to the latency ratio read
+as a MACs fraction), and the last one measures what they kept of the dense latency and prunes
+with :func:`kcp_plugin.prune`'s latency target for the rest (capped by ``target_macs_ratio``
+when both are given). "Dense" is the unpruned architecture: a CPU copy of the model taken when
+the schedule is made, or a fresh build of its base for a model pruned already (resumed).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from ...deploy.backends import Backend
+from ...deploy.latency import compare_latency
 from ...distributed import prune_on_every_rank, rank, rebuild_ddp, world_size
+from ...errors import TargetUnreachable
 from ...graph import count_macs_params
 from ...optim import rebuild_optimizer
+from ...plan import get_plan
+from ...pruning import prune
 from ...schedule import PruningScheduler
-from .pruning import default_inputs, head_map, replay_new_entries
+from .entrypoints import check_rebuildable, dense_copy
+from .pruning import (
+    check_latency_device,
+    default_inputs,
+    head_map,
+    latency_options,
+    replay_new_entries,
+)
 from .support import check_supported
 
 __all__ = ["TimmPruningSchedule"]
@@ -61,14 +81,28 @@ class TimmPruningSchedule:
         ddp: Under ``torch.distributed``: the ``DistributedDataParallel`` wrapper(s) around
             ``model``, re-made in place after each pruning point (required with more than one
             process; may also be set later, before the first pruning point, as ``.ddp``).
+        target_latency_ratio: Fraction of the dense latency kept at the end, in (0, 1],
+            measured on ``latency_backend`` with ``example_inputs`` (at the backend's batch);
+            reached at the last pruning point (module docstring). ``target_macs_ratio`` is
+            then optional: the ramp of the earlier points and a MACs cap on the last one.
+        latency_backend: Where latency is measured: a name (``"torch"``, ``"onnxruntime"``,
+            ``"cuda"``), a dict of :class:`kcp_plugin.Backend` fields or a record. With a MACs
+            target alone every point rounds widths to its channel multiple and measures the
+            pruned model against the one before it. The CPU runtimes need the model on the
+            CPU; ``"cuda"`` a GPU (both checked here).
+        latency_allocation: ``"table"`` or ``"uniform"`` (see :func:`kcp_plugin.prune`).
         **scheduler_kwargs: :class:`kcp_plugin.schedule.PruningScheduler`'s arguments
             (``target_macs_ratio``, ``num_prunes``, ``start`` / ``every`` counted in optimizer
             steps, ``ramp``, ``mode``, ``loss_fn``, ``prune_kwargs``...), except ``optimizer``,
             ``forward_fn`` and ``on_prune``, which this class sets.
 
+    Attributes:
+        latency: After the latency target's point: ``target``, ``ratio`` (latency kept of the
+            dense model's), ``ms``, ``dense_ms``, ``setting`` (the backend), ``step``.
+
     Raises:
         UnsupportedModelError: the architecture cannot be pruned (nothing changed).
-        ValueError / TypeError: invalid schedule arguments.
+        ValueError / TypeError: invalid schedule or latency arguments.
         RuntimeError: at a pruning point, when pruning failed on any rank (on every rank).
     """
 
@@ -84,6 +118,9 @@ class TimmPruningSchedule:
         on_prune: Callable[[TimmPruningSchedule], None] | None = None,
         ddp: nn.parallel.DistributedDataParallel
         | Sequence[nn.parallel.DistributedDataParallel] = (),
+        target_latency_ratio: float | None = None,
+        latency_backend: str | dict[str, Any] | Backend | None = None,
+        latency_allocation: str = "table",
         **scheduler_kwargs: Any,
     ):
         taken = sorted({"optimizer", "forward_fn", "on_prune"} & set(scheduler_kwargs))
@@ -95,7 +132,17 @@ class TimmPruningSchedule:
         if isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
             raise ValueError("pass the bare timm model: pruning a DDP-wrapped or compiled model "
                              "in place leaves the wrapper stale")
+        owner = "TimmPruningSchedule"
+        prune_kwargs = dict(scheduler_kwargs.get("prune_kwargs") or {})
+        macs_ratio = scheduler_kwargs.get("target_macs_ratio")
+        backend = latency_options(owner, target_latency_ratio, latency_backend,
+                                  latency_allocation, macs_ratio, prune_kwargs)
         check_supported(model)
+        check_latency_device(owner, model, backend)
+        if target_latency_ratio is not None:
+            check_rebuildable(model)  # the dense reference, for a model pruned already
+            if macs_ratio is None:  # the earlier points' ramp: latency read as MACs
+                scheduler_kwargs["target_macs_ratio"] = target_latency_ratio
         self.model = model
         self.optimizer = optimizer
         self.example_inputs = (example_inputs if example_inputs is not None
@@ -104,10 +151,24 @@ class TimmPruningSchedule:
         self.user_on_prune = on_prune
         self.ddp = [ddp] if isinstance(ddp, nn.parallel.DistributedDataParallel) else list(ddp)
         head_map(model, self.example_inputs)
+        # the last point's prune arguments; the earlier points get the backend, not 'auto'
+        self.latency_kwargs = dict(prune_kwargs)
+        if backend is not None:
+            if prune_kwargs.get("round_to") == "auto":
+                del prune_kwargs["round_to"]
+            scheduler_kwargs["prune_kwargs"] = {**prune_kwargs, "latency_backend": backend}
         # kcp_plugin.prune applies the timm adapter (pruners, protections, heads) itself; the
         # optimizer is rebuilt here, once every rank has the same structure
         self.scheduler = PruningScheduler(model, self.example_inputs, importance,
                                           **scheduler_kwargs)
+        self.target_macs_ratio = macs_ratio
+        self.target_latency_ratio = target_latency_ratio
+        self.latency_backend = backend
+        self.latency_allocation = latency_allocation
+        self.latency: dict[str, Any] | None = None
+        # the dense reference of the latency target: taken now, while the model is unpruned
+        self._dense = dense_copy(model) if target_latency_ratio is not None \
+            and not get_plan(model)["history"] else None
         self._handle: Any = None
         self.pruned_at: list[int] = []
 
@@ -150,7 +211,13 @@ class TimmPruningSchedule:
         if scheduler.point_at(call) is None:
             return scheduler.step()
         self._check_ddp()
-        prune_on_every_rank(self.model, scheduler.step, self.example_inputs,
+        last = scheduler.point_at(call) == scheduler.num_prunes - 1
+        run = scheduler.step
+        if last and self.target_latency_ratio is not None:
+            def run() -> None:
+                scheduler.calls = call + 1
+                self._prune_to_latency(call)
+        prune_on_every_rank(self.model, run, self.example_inputs,
                             what=f"pruning point at optimizer step {call}")
         rebuild_optimizer(self.optimizer, self.model)
         for wrapper in self.ddp:
@@ -158,6 +225,67 @@ class TimmPruningSchedule:
         self.pruned_at.append(call)
         self._after_prune(scheduler)
         return True
+
+    def _prune_to_latency(self, call: int) -> None:
+        """The latency target's point: measure what the earlier points kept of the dense
+        latency, then prune with :func:`kcp_plugin.prune`'s latency target for the rest (and
+        the MACs cap, relative to the model as it is now)."""
+        scheduler, model, x = self.scheduler, self.model, self.example_inputs
+        backend = self.latency_backend
+        assert backend is not None
+        dense = self._dense if self._dense is not None else dense_copy(model)
+        pruned = bool(get_plan(model)["history"])
+        kept, after_ms, dense_ms = 1.0, math.nan, math.nan
+        if pruned:  # the earlier points (or a resumed checkpoint) pruned already
+            d, p = compare_latency([dense, model], x, scheduler.forward_fn, backend=backend)
+            after_ms, dense_ms = p.median_ms, d.median_ms
+            kept = after_ms / dense_ms
+        cap = None
+        if self.target_macs_ratio is not None:
+            macs = count_macs_params(model, x, scheduler.forward_fn)[0]
+            cap = self.target_macs_ratio * scheduler.macs_dense / macs
+        kwargs = dict(self.latency_kwargs, forward_fn=scheduler.forward_fn,
+                      importance_kwargs=scheduler.importance_kwargs, loss_fn=scheduler.loss_fn,
+                      latency_backend=backend, progress=False)
+        ratio = self.target_latency_ratio / kept
+        report = None
+        if ratio < 1.0:
+            try:
+                report = prune(model, x, scheduler.importance, target_latency_ratio=ratio,
+                               target_macs_ratio=cap if cap is not None and cap < 1.0 else None,
+                               latency_allocation=self.latency_allocation, **kwargs)
+            except TargetUnreachable as exc:
+                if kept >= 1.0:
+                    raise
+                raise TargetUnreachable(
+                    f"target_latency_ratio={self.target_latency_ratio} of the dense model: the "
+                    f"earlier pruning points kept {kept:.3f} of its latency, so the last point "
+                    f"needed {ratio:.3f} of the model as it was then, and: {exc}",
+                    exc.protected) from exc
+        elif cap is not None and cap < 1.0:  # fast enough already: only the MACs cap is left
+            if kwargs.get("round_to") == "auto":
+                del kwargs["round_to"]
+            report = prune(model, x, scheduler.importance, target_macs_ratio=cap, **kwargs)
+        final = kept
+        log = _logger.info if rank() == 0 else _logger.debug
+        if report is None:
+            log("kcp_plugin: the model keeps %.3f of the dense latency already, within the "
+                "latency target %s: nothing left to prune for it", kept,
+                self.target_latency_ratio)
+        elif pruned:  # measured once more, against the dense model itself
+            d, p = compare_latency([dense, model], x, scheduler.forward_fn, backend=backend)
+            after_ms, dense_ms = p.median_ms, d.median_ms
+            final = after_ms / dense_ms
+        elif report.latency_before_ms is not None:
+            after_ms, dense_ms = report.latency_after_ms, report.latency_before_ms
+            final = after_ms / dense_ms
+        self._dense = None  # the last point: the reference is not needed any more
+        self.latency = {"target": self.target_latency_ratio, "ratio": final, "ms": after_ms,
+                        "dense_ms": dense_ms, "setting": backend.describe(),
+                        "allocation": self.latency_allocation, "step": call}
+        log("kcp_plugin: latency target at optimizer step %d: %.3f of the dense model's latency "
+            "(target %s; %.3g ms against %.3g ms, %s)", call, final, self.target_latency_ratio,
+            after_ms, dense_ms, backend.describe())
 
     def _on_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.step()
@@ -183,9 +311,13 @@ class TimmPruningSchedule:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """The schedule's plain-data state (the model's structure is in its plan)."""
-        return self.scheduler.state_dict()
+        """The schedule's plain-data state (the model's structure is in its plan), with the
+        latency target's outcome."""
+        return {**self.scheduler.state_dict(), "latency": self.latency}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the step counter, after the model was rebuilt with its saved plan."""
         self.scheduler.load_state_dict(state)
+        self.latency = state.get("latency")
+        if self.scheduler.finished:
+            self._dense = None
