@@ -253,8 +253,9 @@ def make_schedule(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 
 def check_runtime(kcp: argparse.Namespace) -> None:
-    """Before training: the latency backend's runtime is there (a GPU for cuda, onnxruntime)."""
-    if kcp.kcp_latency is None:
+    """Before training: a latency target's runtime is there (a GPU for cuda, onnxruntime; with
+    a MACs target only, kcp_plugin.prune skips the timing with a warning)."""
+    if kcp.kcp_latency is None or kcp.kcp_target_latency is None:
         return
     from kcp_plugin.deploy.backends import check_backend
 

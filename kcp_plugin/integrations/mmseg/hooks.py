@@ -125,7 +125,8 @@ class PruningHook(Hook):
             dtype='bf16', batch=64)``) or a record. With a MACs target alone it sets the
             channel multiple widths are rounded to, and every pruning point measures the
             pruned network against the one before it (a warning if slower). The CPU runtimes
-            need the model on the CPU; ``'cuda'`` needs a GPU (checked before training).
+            need the model on the CPU; with a latency target ``'cuda'`` needs a GPU (both
+            checked before training; a MACs target only skips the timing, with a warning).
         latency_allocation: ``'table'`` (per-group widths from a latency table of the
             backend) or ``'uniform'`` (one channel ratio, searched on measured latency).
     """
@@ -301,8 +302,9 @@ class PruningHook(Hook):
         model = self._model(runner)
         inputs = self._example(runner)
         loaded = self._loaded or {}
-        if self.latency_backend is not None:  # the runtime is there, the model can run on it
-            check_backend(self.latency_backend, imports=True)
+        if self.latency_backend is not None:  # the model can run where it is timed
+            if self.target_latency_ratio is not None:  # and the runtime is there (a MACs
+                check_backend(self.latency_backend, imports=True)  # target only warns)
             _check_device(model, self.latency_backend)
         if self.pruning_ratio is None:
             kwargs = dict(self.prune_kwargs)
@@ -586,7 +588,9 @@ def _check_device(model: nn.Module, backend: Backend) -> None:
         f"PruningHook latency_backend {backend.name!r} times the model on the CPU, but it is "
         f"on {device}: measure on this GPU with latency_backend=dict(name='cuda', dtype=..., "
         "batch=...), or prune on a CPU machine (kcp-prune / kcp_plugin.prune with "
-        f"latency_backend={backend.name!r}) and fine-tune the pruned model with load_from")
+        f"latency_backend={backend.name!r}) and fine-tune the pruned model with load_from (for "
+        f"the channel multiple alone: prune_kwargs=dict(round_to="
+        f"{backend.channel_multiple()}) and no latency_backend)")
 
 
 def _cpu_copy(model: nn.Module) -> nn.Module:

@@ -291,7 +291,9 @@ def latency_options(owner: str, ratio: Any, backend_spec: Any, allocation: Any,
         allocation: ``latency_allocation`` (``"table"`` or ``"uniform"``).
         macs_ratio: ``target_macs_ratio``: with a latency target, a MACs cap (table only).
         prune_kwargs: The other :func:`kcp_plugin.prune` arguments given.
-        imports: Also check the runtime is there (a GPU for ``"cuda"``, onnxruntime).
+        imports: With a latency target, also check the runtime is there (a GPU for
+            ``"cuda"``, onnxruntime); a MACs target on a backend this machine cannot run only
+            skips the timing (:func:`kcp_plugin.prune` warns).
 
     Returns:
         The backend record, or None when neither a latency target nor a backend is given.
@@ -316,8 +318,8 @@ def latency_options(owner: str, ratio: Any, backend_spec: Any, allocation: Any,
                            macs_ratio=macs_ratio if ratio is not None else None)
     try:
         check_latency_target(target, imports=False)  # ratio, allocation, backend fields
-        if imports and (ratio is not None or backend_spec is not None):
-            check_backend(backend, imports=True)  # a GPU for "cuda", onnxruntime installed
+        if imports and ratio is not None:  # a GPU for "cuda", onnxruntime installed (a
+            check_backend(backend, imports=True)  # MACs target only warns: kcp_plugin.prune)
     except ValueError as exc:
         raise ValueError(f"{owner}: {exc}") from None
     if ratio is None:
@@ -351,4 +353,6 @@ def check_latency_device(owner: str, model: nn.Module, backend: Backend | None) 
     raise ValueError(
         f"{owner}: latency_backend {backend.name!r} times the model on the CPU, but it is on "
         f"{device}: measure on this GPU with latency_backend=dict(name='cuda', dtype=..., "
-        "batch=...), or prune on the CPU (kcp_pruned / kcp-prune) and fine-tune the result")
+        "batch=...), or prune on the CPU (kcp_pruned / kcp-prune) and fine-tune the result (for "
+        f"the channel multiple alone: round_to={backend.channel_multiple()} and no "
+        "latency_backend)")

@@ -89,7 +89,8 @@ class TimmPruningSchedule:
             ``"cuda"``), a dict of :class:`kcp_plugin.Backend` fields or a record. With a MACs
             target alone every point rounds widths to its channel multiple and measures the
             pruned model against the one before it. The CPU runtimes need the model on the
-            CPU; ``"cuda"`` a GPU (both checked here).
+            CPU (checked here); with a latency target ``"cuda"`` needs a GPU (checked here;
+            a MACs target only skips the timing, with a warning).
         latency_allocation: ``"table"`` or ``"uniform"`` (see :func:`kcp_plugin.prune`).
         **scheduler_kwargs: :class:`kcp_plugin.schedule.PruningScheduler`'s arguments
             (``target_macs_ratio``, ``num_prunes``, ``start`` / ``every`` counted in optimizer
