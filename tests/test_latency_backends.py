@@ -140,3 +140,4 @@ def test_a_batch_that_does_not_run_is_refused_before_pruning():
     with pytest.raises(ValueError, match="batch 64 does not fit"):
         kcp_plugin.prune(model, X[:1], "l1", target_macs_ratio=0.5,
                          latency_backend=kcp_plugin.Backend("torch", batch=64))
+

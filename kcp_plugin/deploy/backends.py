@@ -294,11 +294,12 @@ def batched(example_inputs: Any, batch: int | None) -> Any:
 
 def placed(model: nn.Module, example_inputs: Any, backend: Backend) -> tuple[nn.Module, Any]:
     """The model and inputs as the backend runs them: inputs batched to ``backend.batch``;
-    for ``"cuda"`` or a non-fp32 dtype, a deep copy of the model moved to the device and dtype
+    for ``"cuda"``, a non-fp32 dtype or a model / inputs not already where the backend runs (a
+    GPU model timed on a CPU runtime), a deep copy of the model moved to the device and dtype
     (channels-last where asked) and the inputs cast alike (floating tensors only). The user's
     model itself is never moved or cast."""
     inputs = batched(example_inputs, backend.batch)
-    if not backend.is_cuda and backend.dtype == "fp32":
+    if not backend.is_cuda and backend.dtype == "fp32" and _all_on_cpu(model, inputs):
         return model, inputs
     device, dtype = backend.run_device, backend.torch_dtype
     moved = copy.deepcopy(model).to(device=device, dtype=dtype)
@@ -445,6 +446,13 @@ def default_multiples(model: nn.Module, fixed: list[nn.Module], multiple: int) -
     while out[-1] > 1 and len(out) < 3:  # the multiple, half of it, then plain widths
         out.append(out[-1] // 2 if len(out) < 2 else 1)
     return out
+
+
+def _all_on_cpu(model: nn.Module, inputs: Any) -> bool:
+    tensors = [*model.parameters(), *model.buffers()]
+    found: list[torch.Tensor] = []
+    _map_tensors(inputs, lambda t: found.append(t) or t)
+    return all(t.device.type == "cpu" for t in tensors + found)
 
 
 def first_tensor(obj: Any) -> torch.Tensor | None:

@@ -20,7 +20,7 @@ import os
 import statistics
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -174,9 +174,10 @@ def _onnxruntime_calls(models: Sequence[nn.Module], example_inputs: Any, fwd: Fo
             if backend.timer is not None:  # a stand-in clock (tests): time torch's pass
                 calls.append((m, lambda m=m: fwd(m, inputs)))
                 continue
-            report = export_onnx(m, inputs, os.path.join(folder, f"model{k}.onnx"),
+            cpu_model, cpu_inputs = placed(m, inputs, replace(backend, batch=None))
+            report = export_onnx(cpu_model, cpu_inputs, os.path.join(folder, f"model{k}.onnx"),
                                  dynamic_batch=False, forward_fn=fwd)
-            session, feeds = inference_session(report.path, threads), report.feeds(inputs)
+            session, feeds = inference_session(report.path, threads), report.feeds(cpu_inputs)
             calls.append((m, lambda s=session, f=feeds: s.run(None, f)))
         yield calls
 
