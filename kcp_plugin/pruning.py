@@ -42,7 +42,8 @@ from .search import Outcome, Target
 from .snapshot import ModuleSnapshot
 from .stats import StatsImportance, StepFn, check_batches
 
-__all__ = ["prune", "resolve_importance", "UnprunableError"]
+__all__ = ["LATENCY_ARGS", "check_latency_arguments", "prune", "resolve_importance",
+           "UnprunableError"]
 
 logger = logging.getLogger(__name__)
 
@@ -221,19 +222,17 @@ def prune(
             model and no single channel group can be blamed (the model is restored).
     """
     backend = _latency_backend(latency_backend, latency_threads, latency_runs)
+    check_latency_arguments(
+        target_latency_ratio, backend, latency_allocation, target_macs_ratio=target_macs_ratio,
+        pruning_ratio=pruning_ratio, imports=True,
+        prune_kwargs=dict(round_to=round_to, global_pruning=global_pruning,
+                          isomorphic=isomorphic, dry_run=dry_run,
+                          latency_tolerance=latency_tolerance))
     allocator: TableAllocator | None = None
     if target_latency_ratio is not None:
-        if pruning_ratio is not None:
-            raise ValueError("target_latency_ratio replaces pruning_ratio: give one target")
-        if dry_run:
-            raise ValueError("a latency target cannot be a dry run (dry_run=True)")
         latency = LatencyTarget(target_latency_ratio, latency_tolerance, backend,
                                 latency_allocation, macs_ratio=target_macs_ratio)
-        check_latency_target(latency)
         if latency_allocation == "uniform":
-            if target_macs_ratio is not None:
-                raise ValueError("a MACs budget combines with latency_allocation='table' only; "
-                                 "latency_allocation='uniform' searches the MACs target itself")
             others = dict(
                 importance=importance, ignored_layers=ignored_layers,
                 iterative_steps=iterative_steps, output_transform=output_transform,
@@ -254,22 +253,6 @@ def prune(
             check_fits(model, example_inputs, backend, fwd)
             return prune_to_latency(model, example_inputs, prune, latency, round_to, forward_fn,
                                     progress, others)
-        if global_pruning or isomorphic:
-            raise ValueError("latency_allocation='table' chooses every group's width itself: "
-                             "global_pruning / isomorphic do not apply (use "
-                             "latency_allocation='uniform' to combine them with a latency "
-                             "target)")
-        if round_to is not None:
-            raise ValueError("latency_allocation='table' keeps widths on the backend's channel "
-                             f"multiple ({backend.channel_multiple()}) itself; round_to does "
-                             "not apply (use latency_allocation='uniform' to choose it)")
-    else:
-        # the latency options are checked even when unused, so a typo is not silently ignored
-        check_latency_target(LatencyTarget(1.0, latency_tolerance, backend, latency_allocation),
-                             imports=False)
-        if round_to == "auto":
-            raise ValueError("round_to='auto' picks the channel multiple by measuring latency: "
-                             "it needs target_latency_ratio with latency_allocation='uniform'")
     if target_latency_ratio is not None and target_macs_ratio is None:
         macs_target_for_validation = target_latency_ratio  # validated as a fraction
     else:
@@ -437,6 +420,103 @@ def _measure_against_dense(dense: nn.Module, model: nn.Module, example_inputs: A
             "MACs. Widths that suit this backend matter more than MACs here: ask for a latency "
             "target instead (target_latency_ratio=..., latency_allocation='table')",
             UserWarning, stacklevel=3)
+
+
+# prune()'s latency arguments: who takes them as its own arguments (the schedule, the
+# integrations) refuses them inside a dict of further prune() arguments
+LATENCY_ARGS = ("target_latency_ratio", "latency_backend", "latency_allocation",
+                "latency_threads", "latency_runs")
+
+
+def check_latency_arguments(
+    target_latency_ratio: Any = None,
+    latency_backend: str | Backend | dict[str, Any] | None = None,
+    latency_allocation: Any = "table",
+    *,
+    target_macs_ratio: Any = None,
+    pruning_ratio: Any = None,
+    prune_kwargs: dict[str, Any] | None = None,
+    owner: str | None = None,
+    imports: bool = False,
+) -> Backend | None:
+    """Validate the latency arguments of a prune, without a model: the one check of them for
+    :func:`prune`, :class:`kcp_plugin.schedule.PruningScheduler` and the integrations (which
+    call it when their config, entrypoint or schedule is built, before any model exists).
+
+    Args:
+        target_latency_ratio: Fraction of the dense latency to keep (None: no latency target).
+        latency_backend: A name, a dict of :class:`kcp_plugin.Backend` fields or a record
+            (None: the default, eager torch on the CPU).
+        latency_allocation: ``"table"`` or ``"uniform"``.
+        target_macs_ratio: With a latency target, a MACs cap (``"table"`` only).
+        pruning_ratio: A fixed channel ratio, which no latency target may accompany.
+        prune_kwargs: The other :func:`prune` arguments given (``round_to``,
+            ``global_pruning``, ``isomorphic``, ``dry_run``, ``latency_tolerance`` are read).
+        owner: Who takes the latency arguments as its own (``"PruningHook"``,
+            ``"kcp_pruned"``...): they are then refused inside ``prune_kwargs``, and every
+            message starts with the owner's name.
+        imports: With a latency target, also check that its runtime is there (a GPU for
+            ``"cuda"``, onnxruntime installed). A MACs target on a backend this machine cannot
+            run needs only its channel multiple (:func:`prune` skips the timing and warns).
+
+    Returns:
+        The backend record; None when neither a latency target nor a backend is given
+        (nothing is measured).
+
+    Raises:
+        ValueError / TypeError: a bad ratio, backend or allocation, a latency argument inside
+            ``prune_kwargs``, or an option that conflicts with the latency target (each
+            message names the valid choices).
+        ImportError: ``"onnxruntime"`` without the ``deploy`` extra (``imports``).
+    """
+    try:
+        return _check_latency_arguments(target_latency_ratio, latency_backend,
+                                        latency_allocation, target_macs_ratio, pruning_ratio,
+                                        dict(prune_kwargs or {}), owner, imports)
+    except (ValueError, TypeError) as exc:
+        if owner is None or type(exc) not in (ValueError, TypeError):
+            raise
+        raise type(exc)(f"{owner}: {exc}") from None
+
+
+def _check_latency_arguments(ratio: Any, spec: Any, allocation: Any, macs_ratio: Any,
+                             pruning_ratio: Any, others: dict[str, Any], owner: str | None,
+                             imports: bool) -> Backend | None:
+    if owner is not None:
+        own = sorted(set(others) & set(LATENCY_ARGS))
+        if own:
+            raise ValueError(f"{', '.join(own)} cannot be set in prune_kwargs: give "
+                             "target_latency_ratio, latency_backend and latency_allocation as "
+                             f"{owner}'s own arguments (threads and runs inside "
+                             "latency_backend)")
+    backend = as_backend(spec)
+    tolerance = others.get("latency_tolerance", 0.025)
+    if ratio is None:
+        # checked even when unused, so that a typo is not silently ignored
+        check_latency_target(LatencyTarget(1.0, tolerance, backend, allocation), imports=False)
+        if others.get("round_to") == "auto":
+            raise ValueError("round_to='auto' picks the channel multiple by measuring latency: "
+                             "it needs target_latency_ratio with latency_allocation='uniform'")
+        return None if spec is None else backend
+    if pruning_ratio is not None:
+        raise ValueError("target_latency_ratio replaces pruning_ratio: give one target")
+    if others.get("dry_run"):
+        raise ValueError("a latency target cannot be a dry run (dry_run=True)")
+    check_latency_target(LatencyTarget(ratio, tolerance, backend, allocation,
+                                       macs_ratio=macs_ratio), imports=imports)
+    if allocation == "uniform" and macs_ratio is not None:
+        raise ValueError("target_macs_ratio (a MACs budget) combines with "
+                         "latency_allocation='table' only: latency_allocation='uniform' "
+                         "searches the MACs target itself; give target_latency_ratio alone")
+    bad = [k for k in ("round_to", "global_pruning", "isomorphic")
+           if others.get(k) not in (None, False)]
+    if allocation == "table" and bad:
+        raise ValueError(f"{', '.join(bad)}: latency_allocation='table' chooses every group's "
+                         "width itself, on the backend's channel multiple "
+                         f"({backend.channel_multiple()}), so round_to does not apply, nor "
+                         "global_pruning / isomorphic; use latency_allocation='uniform' to set "
+                         "them")
+    return backend
 
 
 def _latency_backend(spec: Any, threads: int | None, runs: int | None) -> Backend:
