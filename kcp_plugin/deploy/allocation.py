@@ -107,7 +107,9 @@ def plan_groups(groups: Sequence[ScoredGroup], names: dict[nn.Module, str],
     """
     if value not in VALUES:
         raise ValueError(f"unknown allocation value {value!r}; valid: {', '.join(VALUES)}")
-    calls = {c.name: c for c, _, _ in model.calls}
+    calls: dict[str, list] = {}
+    for call, _, _ in model.calls:
+        calls.setdefault(call.name, []).append(call)
     plans = []
     for g in groups:
         units = g.units
@@ -119,10 +121,11 @@ def plan_groups(groups: Sequence[ScoredGroup], names: dict[nn.Module, str],
                 continue
             per_unit = n / units
             effects.append((name, "out" if is_out else "in", per_unit))
-            for call, _, _ in model.calls:
-                if call.name == name:
-                    dense = call.macs(call.cin, call.cout)
-                    macs_per_unit += dense * per_unit / (call.cout if is_out else call.cin)
+            for call in calls[name]:
+                if call.depthwise and not is_out:
+                    continue  # one channel of a depthwise conv: counted once, on its output
+                dense = call.macs(call.cin, call.cout)
+                macs_per_unit += dense * per_unit / (call.cout if is_out else call.cin)
         channel_step = width_step(g.channels, multiple, g.ch_groups)
         step = max(1, channel_step // g.ch_groups)
         max_units = min(int(math.floor(units * max_pruning_ratio)), units - step)
