@@ -657,6 +657,28 @@ def test_hook_latency_target_resumes_between_points(tmp_path, data_root):
     assert done["latency"]["ratio"] == pytest.approx(runner_hook(resumed).latency["ratio"])
 
 
+def test_hook_names_an_unreachable_latency_point_in_the_users_terms(tmp_path, data_root):
+    """The last point's latency target is relative to the network the first point left: the
+    refusal reaching the hook's user names their target of the dense network, what the first
+    point kept of its latency and what the last point needed; the network stays as the first
+    point left it."""
+    from fake_clock import CostClock
+
+    slow = kcp_plugin.Backend(timer=CostClock(overhead_ms=1e4), runs=3)  # nearly all overhead
+    runner = Runner.from_cfg(_latency_cfg(tmp_path, data_root, 3, latency_backend=slow,
+                                          schedule=dict(num_prunes=2, start=0, every=1)))
+    with pytest.raises(kcp_plugin.TargetUnreachable,
+                       match=r"target_latency_ratio=0.6 of the dense model: the earlier pruning "
+                             r"points kept [01]\.\d+ of its latency, so the last point needed "
+                             r"0\.6\d+ of the model as it was then, and: .*out of reach"):
+        runner.train()
+    hook, model = runner_hook(runner), _unwrapped(runner)
+    with open(tmp_path / "kcp_pruning_plan.json") as f:
+        after_first = json.load(f)  # written after the first point, the last change
+    assert after_first["history"] and get_plan(model) == after_first
+    assert hook.latency is None and hook.scheduler.calls == 1  # the point can run again
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(target_latency_ratio=1.5), ValueError, r"target_latency_ratio must be in \(0, 1\]"),
     (dict(target_latency_ratio=0), ValueError, r"target_latency_ratio must be in \(0, 1\]"),
@@ -678,7 +700,7 @@ def test_hook_latency_target_resumes_between_points(tmp_path, data_root):
     (dict(target_latency_ratio=0.5, prune_kwargs=dict(round_to=8)), ValueError,
      "round_to: latency_allocation='table' chooses"),
     (dict(target_macs_ratio=0.5, prune_kwargs=dict(latency_backend="torch")), ValueError,
-     "latency_backend cannot be set here: give .* as PruningHook's own arguments"),
+     "latency_backend cannot be set in prune_kwargs: give .* as PruningHook's own arguments"),
     (dict(target_macs_ratio=0.5, latency_backend=dict(name="torch", device="cuda")),
      ValueError, "runs on the CPU"),
 ])

@@ -187,7 +187,7 @@ def latency_backend(kcp: argparse.Namespace) -> Any:
     """The ``kcp_plugin.Backend`` of the ``--kcp-latency-*`` options (None: none given),
     checked with the latency target (the runtime itself is checked before training)."""
     from kcp_plugin.deploy.backends import as_backend
-    from kcp_plugin.integrations.timm.pruning import latency_options
+    from kcp_plugin.pruning import check_latency_arguments
 
     spec = kcp.kcp_latency_backend
     if isinstance(spec, str) and spec.lstrip().startswith("{"):  # fields as a dict literal
@@ -199,9 +199,10 @@ def latency_backend(kcp: argparse.Namespace) -> Any:
                          "--kcp-target-latency (or --kcp-target-macs)")
     try:
         backend = as_backend(spec, **overrides) if given else None
-        return latency_options("--kcp-target-latency / --kcp-latency-*", kcp.kcp_target_latency,
-                               backend, kcp.kcp_latency_allocation, kcp.kcp_target_macs,
-                               kcp.kcp_prune_kwargs, imports=False)
+        return check_latency_arguments(
+            kcp.kcp_target_latency, backend, kcp.kcp_latency_allocation,
+            target_macs_ratio=kcp.kcp_target_macs, prune_kwargs=kcp.kcp_prune_kwargs,
+            owner="--kcp-target-latency / --kcp-latency-*")
     except (TypeError, ValueError) as exc:
         raise SystemExit(str(exc)) from None
 

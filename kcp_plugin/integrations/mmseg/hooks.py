@@ -28,11 +28,12 @@ Where it acts in mmengine's ``Runner.train()`` (build optim wrapper -> param sch
   state in ``checkpoint['meta']['kcp_plugin']``.
 
 A latency target (``target_latency_ratio=r``, measured on ``latency_backend``) is reached at
-one pruning point, the schedule's last: earlier points follow the schedule's MACs ramp (to
-``target_macs_ratio``, or to ``r`` read as a MACs fraction when no MACs target is given), and
-the last one prunes with :func:`kcp_plugin.prune`'s latency target until the network keeps
-``r`` of the latency of the dense network (the architecture before any pruning, kept as a
-reference copy on the CPU until then), capped by ``target_macs_ratio`` when both are given.
+one pruning point, the schedule's last, by :class:`kcp_plugin.schedule.PruningScheduler`: earlier
+points follow the schedule's MACs ramp, and the last one prunes with :func:`kcp_plugin.prune`'s
+latency target until the network keeps ``r`` of the latency of the dense network. What the hook
+adds: the dense reference of a resumed run (the freshly built segmentor, copied before the
+checkpoint's plan is replayed on it), the runtime and device checks at ``before_train``, and the
+outcome in the log, the message hub and the checkpoint meta.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ import copy
 import functools
 import inspect
 import json
-import math
 import os.path as osp
 from typing import Any
 
@@ -55,19 +55,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from kcp_plugin import (
     Backend,
-    compare_latency,
     count_macs_params,
     get_plan,
     importance_info,
     prune,
     rebuild_optimizer,
 )
-from kcp_plugin.deploy.backends import as_backend, check_backend
-from kcp_plugin.deploy.search import LatencyTarget, check_latency_target
 from kcp_plugin.distributed import prune_on_every_rank
-from kcp_plugin.errors import TargetUnreachable
 from kcp_plugin.graph import preserved_modes, resolve_layers
 from kcp_plugin.plan import validate_plan
+from kcp_plugin.pruning import LATENCY_ARGS, check_latency_arguments
 from kcp_plugin.registry import criterion_arguments
 from kcp_plugin.schedule import RAMPS, PruningScheduler, resolve_mode
 from kcp_plugin.stats import RecentBatches
@@ -85,9 +82,6 @@ _SCHEDULE_KEYS = {"num_prunes": 1, "start": 0, "every": 1, "ramp": "linear", "mo
 _OWN_ARGS = {"model", "example_inputs", "importance", "target_macs_ratio", "pruning_ratio",
              "ignored_layers", "forward_fn", "importance_kwargs", "loss_fn", "progress",
              "dry_run", "iterative_steps", "data", "data_steps", "step_fn"}
-# prune() latency arguments that are the hook's own (validated when the hook is built)
-_LATENCY_ARGS = ("target_latency_ratio", "latency_backend", "latency_allocation",
-                 "latency_threads", "latency_runs")
 
 
 @HOOKS.register_module()
@@ -190,13 +184,11 @@ class PruningHook(Hook):
             raise ValueError("pruning_ratio prunes once (num_prunes=1, mode='hard'); use "
                              "target_macs_ratio for iterative or soft schedules")
         prune_kwargs = dict(prune_kwargs or {})
-        own = sorted(set(prune_kwargs) & set(_LATENCY_ARGS))
-        if own:
-            raise ValueError(f"prune_kwargs: {', '.join(own)} cannot be set here: give "
-                             "target_latency_ratio, latency_backend and latency_allocation as "
-                             "PruningHook's own arguments (threads and runs inside "
-                             "latency_backend)")
-        accepted = set(inspect.signature(prune).parameters) - _OWN_ARGS - set(_LATENCY_ARGS)
+        # the latency arguments (the runtime itself is checked at before_train)
+        backend = check_latency_arguments(
+            target_latency_ratio, latency_backend, latency_allocation,
+            target_macs_ratio=target_macs_ratio, prune_kwargs=prune_kwargs, owner="PruningHook")
+        accepted = set(inspect.signature(prune).parameters) - _OWN_ARGS - set(LATENCY_ARGS)
         bad = sorted(set(prune_kwargs) - accepted)
         if bad:
             raise ValueError(f"prune_kwargs: {', '.join(bad)} cannot be set here; accepted: "
@@ -205,8 +197,6 @@ class PruningHook(Hook):
                 isinstance(ignored_layers, str)
                 or not all(isinstance(n, str) for n in ignored_layers)):
             raise TypeError("ignored_layers must be a list of layer names")
-        backend = _latency_options(target_latency_ratio, latency_backend, latency_allocation,
-                                   target_macs_ratio, prune_kwargs)
         self.importance = info.name
         self.importance_kwargs = dict(importance_kwargs or {})
         self.info = info  # what the criterion needs (gradients, per-sample losses, data)
@@ -217,8 +207,8 @@ class PruningHook(Hook):
         self.target_latency_ratio = target_latency_ratio
         self.latency_backend = backend  # None: nothing is measured
         self.latency_allocation = latency_allocation
-        self.latency: dict[str, Any] | None = None  # the latency target's outcome
-        self._dense: nn.Module | None = None  # the latency target's reference, on the CPU
+        # a resumed run's latency reference (the model before the plan was replayed on it)
+        self._dense: nn.Module | None = None
         self.schedule = sched
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         self.ignored_layers = list(ignored_layers or [])
@@ -229,6 +219,12 @@ class PruningHook(Hook):
         self._inputs: torch.Tensor | None = None
         self._loaded: dict[str, Any] | None = None
         self._batch: Any = None
+
+    @property
+    def latency(self) -> dict[str, Any] | None:
+        """The latency target's outcome (:attr:`kcp_plugin.schedule.PruningScheduler.latency`),
+        None before its point."""
+        return self.scheduler.latency if self.scheduler is not None else None
 
     # ------------------------------------------------------------------ helpers
     def _model(self, runner) -> nn.Module:
@@ -304,44 +300,37 @@ class PruningHook(Hook):
         loaded = self._loaded or {}
         if self.latency_backend is not None:  # the model can run where it is timed
             if self.target_latency_ratio is not None:  # and the runtime is there (a MACs
-                check_backend(self.latency_backend, imports=True)  # target only warns)
+                self._check_latency(imports=True)  # target only warns)
             _check_device(model, self.latency_backend)
         if self.pruning_ratio is None:
             kwargs = dict(self.prune_kwargs)
-            if kwargs.get("round_to") == "auto":  # measured at the latency point only
-                del kwargs["round_to"]
-            if self.latency_backend is not None:
-                kwargs["latency_backend"] = self.latency_backend
             kwargs["ignored_layers"] = self._protected(model)
             feed = self._feed(runner)
             loss_fn = feed.pop("loss_fn", None)
             kwargs.update(feed)
+            if self.target_latency_ratio is not None and self._dense is None \
+                    and get_plan(model)["history"]:
+                raise ValueError(
+                    "PruningHook target_latency_ratio is a fraction of the dense network's "
+                    "latency, and this model was pruned before the hook saw it unpruned (the "
+                    "config builds a pruned model?); build the dense segmentor and load_from "
+                    "the pruned checkpoint, or use target_macs_ratio")
             s = self.schedule
-            # the MACs ramp of the schedule's points (a latency target replaces the last one)
-            ramp_to = self.target_macs_ratio if self.target_macs_ratio is not None \
-                else self.target_latency_ratio
             self.scheduler = PruningScheduler(
-                model, inputs, self.importance, target_macs_ratio=ramp_to,
+                model, inputs, self.importance, target_macs_ratio=self.target_macs_ratio,
                 num_prunes=s["num_prunes"], start=s["start"], every=s["every"], ramp=s["ramp"],
                 mode=s["mode"], decay=s["decay"], decay_rate=s["decay_rate"],
                 forward_fn=trace_forward, importance_kwargs=self.importance_kwargs or None,
                 loss_fn=loss_fn, prune_kwargs=kwargs,
+                target_latency_ratio=self.target_latency_ratio,
+                latency_backend=self.latency_backend,
+                latency_allocation=self.latency_allocation, dense_model=self._dense,
             )
+            self._dense = None  # the scheduler holds it now
             if loaded.get("resumed") and loaded.get("scheduler"):
                 self.scheduler.load_state_dict(loaded["scheduler"])
-            if self.target_latency_ratio is not None and not self.scheduler.finished:
-                if self._dense is None:
-                    if get_plan(model)["history"]:
-                        raise ValueError(
-                            "PruningHook target_latency_ratio is a fraction of the dense "
-                            "network's latency, and this model was pruned before the hook saw "
-                            "it unpruned (the config builds a pruned model?); build the dense "
-                            "segmentor and load_from the pruned checkpoint, or use "
-                            "target_macs_ratio")
-                    self._dense = _cpu_copy(model)
-            else:
-                self._dense = None
-            self.latency = loaded.get("latency") if loaded.get("resumed") else None
+                if self.scheduler.latency is None and loaded.get("latency"):
+                    self.scheduler.latency = loaded["latency"]  # saved beside it before
         else:
             self.calls = int(loaded.get("calls", 0)) if loaded.get("resumed") else 0
         # One definition of "MACs of the model" in the logs: the deployed forward (tensor mode,
@@ -389,13 +378,13 @@ class PruningHook(Hook):
         """This rank's part of a pruning point (all of it outside distributed training)."""
         model = self._model(runner)
         if self.scheduler is not None:
-            last = self.scheduler.point_at(call) == self.scheduler.num_prunes - 1
-            if last and self.target_latency_ratio is not None:
-                self._prune_to_latency(runner, call)
-                self.scheduler.calls = call + 1
-            else:
-                self.scheduler.calls = call
-                self.scheduler.step()
+            self.scheduler.calls = call
+            self.scheduler.step()
+            latency = self.scheduler.latency
+            if latency is not None and latency["call"] == call:  # the latency point
+                unit = "epoch" if self.schedule["by_epoch"] else "iter"
+                runner.message_hub.update_info("kcp_plugin/latency_ratio", latency["ratio"])
+                runner.logger.info(f"kcp_plugin: {self.scheduler.describe_latency(unit)}")
         else:
             prune(model, self._example(runner), self.importance,
                   pruning_ratio=self.pruning_ratio, ignored_layers=self._protected(model),
@@ -403,67 +392,6 @@ class PruningHook(Hook):
                   progress=False, latency_backend=self.latency_backend,
                   **self._feed(runner), **self.prune_kwargs)
             self.calls = call + 1
-
-    def _prune_to_latency(self, runner, call: int) -> None:
-        """The latency target's pruning point: measure what the earlier points kept of the
-        dense latency, then prune with :func:`kcp_plugin.prune`'s latency target for the
-        rest (and the MACs cap, relative to the model as it is now)."""
-        model = self._model(runner)
-        x = self._example(runner)
-        backend = self.latency_backend
-        if self._dense is None:
-            raise RuntimeError("the latency target's dense reference is missing")
-        pruned = bool(get_plan(model)["history"])
-        kept, after_ms, dense_ms = 1.0, math.nan, math.nan
-        if pruned:  # the earlier points (or a loaded checkpoint) pruned already
-            dense, now = compare_latency([self._dense, model], x, trace_forward, backend=backend)
-            after_ms, dense_ms = now.median_ms, dense.median_ms
-            kept = after_ms / dense_ms
-        kwargs = dict(self.prune_kwargs, ignored_layers=self._protected(model),
-                      **self._feed(runner))
-        cap = None
-        if self.target_macs_ratio is not None:
-            macs = count_macs_params(model, x, trace_forward)[0]
-            cap = self.target_macs_ratio * self.scheduler.macs_dense / macs
-        common = dict(forward_fn=trace_forward, latency_backend=backend, progress=False,
-                      importance_kwargs=self.importance_kwargs or None)
-        ratio = self.target_latency_ratio / kept
-        report = None
-        if ratio < 1.0:
-            try:
-                report = prune(model, x, self.importance, target_latency_ratio=ratio,
-                               target_macs_ratio=cap if cap is not None and cap < 1.0 else None,
-                               latency_allocation=self.latency_allocation, **common, **kwargs)
-            except TargetUnreachable as exc:
-                raise _relative_unreachable(exc, self.target_latency_ratio, kept, ratio,
-                                            "network") from exc
-        elif cap is not None and cap < 1.0:  # fast enough already: only the MACs cap is left
-            if kwargs.get("round_to") == "auto":
-                del kwargs["round_to"]
-            report = prune(model, x, self.importance, target_macs_ratio=cap, **common,
-                           **kwargs)
-        final = kept
-        if report is None:
-            runner.logger.info(f"kcp_plugin: the network keeps {kept:.3f} of the dense latency "
-                               f"already, within the latency target {self.target_latency_ratio}"
-                               ": nothing left to prune for it")
-        elif pruned:  # measured once more, against the dense network itself
-            dense, now = compare_latency([self._dense, model], x, trace_forward, backend=backend)
-            after_ms, dense_ms = now.median_ms, dense.median_ms
-            final = after_ms / dense_ms
-        elif report.latency_before_ms is not None:
-            after_ms, dense_ms = report.latency_after_ms, report.latency_before_ms
-            final = after_ms / dense_ms
-        self.latency = {"target": self.target_latency_ratio, "ratio": final,
-                        "dense_ms": dense_ms, "ms": after_ms, "setting": backend.describe(),
-                        "allocation": self.latency_allocation, "call": call}
-        self._dense = None  # the last point: the reference is not needed any more
-        unit = "epoch" if self.schedule["by_epoch"] else "iter"
-        runner.message_hub.update_info("kcp_plugin/latency_ratio", final)
-        runner.logger.info(
-            f"kcp_plugin: latency target at {unit} {call}: {final:.3f} of the dense network's "
-            f"latency (target {self.target_latency_ratio}; {after_ms:.3g} ms against "
-            f"{dense_ms:.3g} ms, {backend.describe()})")
 
     def _step(self, runner, call: int) -> None:
         if self.scheduler is None and self.pruning_ratio is None:
@@ -521,6 +449,13 @@ class PruningHook(Hook):
             with open(osp.join(runner.work_dir, "kcp_pruning_plan.json"), "w") as f:
                 json.dump(plan, f)
 
+    def _check_latency(self, imports: bool = False) -> Backend | None:
+        """The latency arguments, checked by the core (``imports``: the runtime too)."""
+        return check_latency_arguments(
+            self.target_latency_ratio, self.latency_backend, self.latency_allocation,
+            target_macs_ratio=self.target_macs_ratio, prune_kwargs=self.prune_kwargs,
+            owner="PruningHook", imports=imports)
+
     def _macs(self, model: nn.Module) -> tuple[int, int]:
         """MACs and parameters of the deployed forward (tensor mode, no auxiliary heads)."""
         return count_macs_params(model, self._example_for(model),
@@ -533,50 +468,6 @@ class PruningHook(Hook):
         runner.message_hub.update_info("kcp_plugin/params", params)
         runner.logger.info(f"kcp_plugin: {when}: {macs / 1e9:.4g} GMACs "
                            f"({macs / dense:.3f} of dense), {params / 1e6:.4g} M params")
-
-
-def _latency_options(ratio: Any, backend_spec: Any, allocation: Any, macs_ratio: Any,
-                     prune_kwargs: dict[str, Any]) -> Backend | None:
-    """Validate the hook's latency arguments when the config is built (nothing is measured,
-    and the runtime is checked at ``before_train``); returns the backend record, or None when
-    neither a latency target nor a backend is given."""
-    try:
-        backend = as_backend(backend_spec)
-    except TypeError as exc:
-        raise TypeError(f"PruningHook latency_backend: {exc}") from None
-    target = LatencyTarget(1.0 if ratio is None else ratio,
-                           prune_kwargs.get("latency_tolerance", 0.025), backend, allocation,
-                           macs_ratio=macs_ratio if ratio is not None else None)
-    check_latency_target(target, imports=False)  # ratio, allocation, backend fields
-    if ratio is None:
-        if prune_kwargs.get("round_to") == "auto":
-            raise ValueError("prune_kwargs round_to='auto' measures channel multiples for a "
-                             "latency target: it needs target_latency_ratio with "
-                             "latency_allocation='uniform'")
-        return None if backend_spec is None else backend
-    if allocation == "uniform" and macs_ratio is not None:
-        raise ValueError("target_macs_ratio caps a latency target's MACs with "
-                         "latency_allocation='table' only; with 'uniform' give "
-                         "target_latency_ratio alone")
-    if allocation == "table":
-        bad = [k for k in ("round_to", "global_pruning", "isomorphic")
-               if prune_kwargs.get(k) not in (None, False)]
-        if bad:
-            raise ValueError(f"prune_kwargs {', '.join(bad)}: latency_allocation='table' "
-                             "chooses every group's width itself, on the backend's channel "
-                             "multiple; use latency_allocation='uniform' to set them")
-    return backend
-
-
-def _relative_unreachable(exc: TargetUnreachable, target: float, kept: float, ratio: float,
-                          what: str) -> TargetUnreachable:
-    """The core's refusal of the last point's (relative) latency target, in the user's terms."""
-    if kept >= 1.0:
-        return exc
-    return TargetUnreachable(
-        f"target_latency_ratio={target} of the dense {what}: the earlier pruning points kept "
-        f"{kept:.3f} of its latency, so the last point needed {ratio:.3f} of the {what} as it "
-        f"was then, and: {exc}", exc.protected)
 
 
 def _check_device(model: nn.Module, backend: Backend) -> None:

@@ -37,8 +37,8 @@ from ...plan import (
     read_checkpoint,
     validate_plan,
 )
-from ...pruning import resolve_importance
-from .pruning import apply_timm_plan, latency_options, prune_timm_model
+from ...pruning import check_latency_arguments, resolve_importance
+from .pruning import apply_timm_plan, prune_timm_model
 from .support import check_supported
 
 __all__ = ["kcp_pruned", "PLAN_KEY", "check_rebuildable", "dense_copy", "dense_macs", "read_plan",
@@ -362,8 +362,10 @@ def kcp_pruned(
                          "creation (target_latency_ratio, or target_macs_ratio / pruning_ratio "
                          "measured against the dense model); nothing is measured here")
     # the runtime is checked too (a GPU for "cuda"): the model is measured right after building
-    backend = latency_options("kcp_pruned", target_latency_ratio, latency_backend,
-                              latency_allocation, target_macs_ratio, prune_kwargs)
+    backend = check_latency_arguments(
+        target_latency_ratio, latency_backend, latency_allocation,
+        target_macs_ratio=target_macs_ratio, pruning_ratio=pruning_ratio,
+        prune_kwargs=prune_kwargs, owner="kcp_pruned", imports=True)
     for reserved in ("target_macs_ratio", "pruning_ratio", "importance_kwargs",
                      "example_inputs", "dry_run", "loss_fn"):
         if reserved in (prune_kwargs or {}):

@@ -23,8 +23,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from ...deploy.backends import Backend, as_backend, check_backend
-from ...deploy.search import LatencyTarget, check_latency_target
+from ...deploy.backends import Backend
 from ...graph import preserved_modes
 from ...plan import apply_plan, get_plan, sync_plan, validate_plan
 from ...pruning import prune
@@ -32,9 +31,7 @@ from ...report import PruneReport
 from .support import check_supported
 
 __all__ = [
-    "LATENCY_ARGS",
     "check_latency_device",
-    "latency_options",
     "default_inputs",
     "prune_timm_model",
     "apply_timm_plan",
@@ -273,72 +270,6 @@ def replay_new_entries(copy_model: nn.Module, model: nn.Module,
 
 
 # ---------------------------------------------------------------------- latency targets
-# kcp_plugin.prune's latency arguments that kcp_pruned / TimmPruningSchedule take as their own
-LATENCY_ARGS = ("target_latency_ratio", "latency_backend", "latency_allocation",
-                "latency_threads", "latency_runs")
-
-
-def latency_options(owner: str, ratio: Any, backend_spec: Any, allocation: Any,
-                    macs_ratio: Any, prune_kwargs: dict[str, Any] | None,
-                    imports: bool = True) -> Backend | None:
-    """Validate a latency target's arguments before any model is built or pruned.
-
-    Args:
-        owner: Who takes them (``"kcp_pruned"``, ``"TimmPruningSchedule"``), for messages.
-        ratio: ``target_latency_ratio`` (None: no latency target).
-        backend_spec: ``latency_backend``: a name, a dict of :class:`kcp_plugin.Backend`
-            fields or a record (None: the default, CPU eager torch).
-        allocation: ``latency_allocation`` (``"table"`` or ``"uniform"``).
-        macs_ratio: ``target_macs_ratio``: with a latency target, a MACs cap (table only).
-        prune_kwargs: The other :func:`kcp_plugin.prune` arguments given.
-        imports: With a latency target, also check the runtime is there (a GPU for
-            ``"cuda"``, onnxruntime); a MACs target on a backend this machine cannot run only
-            skips the timing (:func:`kcp_plugin.prune` warns).
-
-    Returns:
-        The backend record, or None when neither a latency target nor a backend is given.
-
-    Raises:
-        ValueError / TypeError: a bad ratio, backend, allocation, a latency argument given in
-            ``prune_kwargs``, or options the allocation does not take (the message names the
-            valid choices).
-    """
-    prune_kwargs = prune_kwargs or {}
-    own = sorted(set(prune_kwargs) & set(LATENCY_ARGS))
-    if own:
-        raise ValueError(f"{owner}: {', '.join(own)} cannot be set in prune_kwargs: give "
-                         f"target_latency_ratio, latency_backend and latency_allocation as "
-                         f"{owner}'s own arguments (threads and runs inside latency_backend)")
-    try:
-        backend = as_backend(backend_spec)
-    except TypeError as exc:
-        raise TypeError(f"{owner}: {exc}") from None
-    target = LatencyTarget(1.0 if ratio is None else ratio,
-                           prune_kwargs.get("latency_tolerance", 0.025), backend, allocation,
-                           macs_ratio=macs_ratio if ratio is not None else None)
-    try:
-        check_latency_target(target, imports=False)  # ratio, allocation, backend fields
-        if imports and ratio is not None:  # a GPU for "cuda", onnxruntime installed (a
-            check_backend(backend, imports=True)  # MACs target only warns: kcp_plugin.prune)
-    except ValueError as exc:
-        raise ValueError(f"{owner}: {exc}") from None
-    if ratio is None:
-        return None if backend_spec is None else backend
-    if allocation == "uniform" and macs_ratio is not None:
-        raise ValueError(f"{owner}: target_macs_ratio caps a latency target's MACs with "
-                         "latency_allocation='table' only; with 'uniform' give "
-                         "target_latency_ratio alone")
-    if allocation == "table":
-        bad = [k for k in ("round_to", "global_pruning", "isomorphic")
-               if prune_kwargs.get(k) not in (None, False)]
-        if bad:
-            raise ValueError(f"{owner}: prune_kwargs {', '.join(bad)}: "
-                             "latency_allocation='table' chooses every group's width itself, "
-                             "on the backend's channel multiple; use "
-                             "latency_allocation='uniform' to set them")
-    return backend
-
-
 def check_latency_device(owner: str, model: nn.Module, backend: Backend | None) -> None:
     """Refuse a model on a GPU for the CPU runtimes, which time the model where it is.
 

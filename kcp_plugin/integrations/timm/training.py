@@ -17,18 +17,17 @@ agree_on_plan`), and the DDP wrappers given as ``ddp`` are re-made in place arou
 model (:func:`kcp_plugin.distributed.rebuild_ddp`), which also broadcasts rank 0's weights.
 ``torch.compile`` is not supported (compiled graphs specialise on the old shapes).
 
-A latency target (``target_latency_ratio``) is reached at the schedule's last pruning point:
-the earlier points follow the MACs ramp (to ``target_macs_ratio``, or to the latency ratio read
-as a MACs fraction), and the last one measures what they kept of the dense latency and prunes
-with :func:`kcp_plugin.prune`'s latency target for the rest (capped by ``target_macs_ratio``
-when both are given). "Dense" is the unpruned architecture: a CPU copy of the model taken when
-the schedule is made, or a fresh build of its base for a model pruned already (resumed).
+A latency target (``target_latency_ratio``) is reached at the schedule's last pruning point by
+:class:`kcp_plugin.schedule.PruningScheduler` (the earlier points follow the MACs ramp; the last
+one measures what they kept of the dense latency and prunes the rest of the way). "Dense" is
+the unpruned architecture: a CPU copy of the model taken when the schedule is made, or, what
+this module adds, a fresh build of its base for a model pruned already (resumed).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -36,22 +35,14 @@ import torch
 import torch.nn as nn
 
 from ...deploy.backends import Backend
-from ...deploy.latency import compare_latency
 from ...distributed import prune_on_every_rank, rank, rebuild_ddp, world_size
-from ...errors import TargetUnreachable
 from ...graph import count_macs_params
 from ...optim import rebuild_optimizer
 from ...plan import get_plan
-from ...pruning import prune
+from ...pruning import check_latency_arguments
 from ...schedule import PruningScheduler
 from .entrypoints import check_rebuildable, dense_copy
-from .pruning import (
-    check_latency_device,
-    default_inputs,
-    head_map,
-    latency_options,
-    replay_new_entries,
-)
+from .pruning import check_latency_device, default_inputs, head_map, replay_new_entries
 from .support import check_supported
 
 __all__ = ["TimmPruningSchedule"]
@@ -95,11 +86,13 @@ class TimmPruningSchedule:
         **scheduler_kwargs: :class:`kcp_plugin.schedule.PruningScheduler`'s arguments
             (``target_macs_ratio``, ``num_prunes``, ``start`` / ``every`` counted in optimizer
             steps, ``ramp``, ``mode``, ``loss_fn``, ``prune_kwargs``...), except ``optimizer``,
-            ``forward_fn`` and ``on_prune``, which this class sets.
+            ``forward_fn``, ``on_prune`` and ``dense_model``, which this class sets.
 
     Attributes:
         latency: After the latency target's point: ``target``, ``ratio`` (latency kept of the
-            dense model's), ``ms``, ``dense_ms``, ``setting`` (the backend), ``step``.
+            dense model's), ``ms``, ``dense_ms``, ``setting`` (the backend), ``call`` (the
+            optimizer step), ``earlier`` (what the earlier points kept); see
+            :attr:`kcp_plugin.schedule.PruningScheduler.latency`.
 
     Raises:
         UnsupportedModelError: the architecture cannot be pruned (nothing changed).
@@ -124,7 +117,8 @@ class TimmPruningSchedule:
         latency_allocation: str = "table",
         **scheduler_kwargs: Any,
     ):
-        taken = sorted({"optimizer", "forward_fn", "on_prune"} & set(scheduler_kwargs))
+        taken = sorted({"optimizer", "forward_fn", "on_prune", "dense_model"}
+                       & set(scheduler_kwargs))
         if taken:
             raise TypeError(f"TimmPruningSchedule sets {', '.join(taken)} itself")
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -134,16 +128,16 @@ class TimmPruningSchedule:
             raise ValueError("pass the bare timm model: pruning a DDP-wrapped or compiled model "
                              "in place leaves the wrapper stale")
         owner = "TimmPruningSchedule"
-        prune_kwargs = dict(scheduler_kwargs.get("prune_kwargs") or {})
-        macs_ratio = scheduler_kwargs.get("target_macs_ratio")
-        backend = latency_options(owner, target_latency_ratio, latency_backend,
-                                  latency_allocation, macs_ratio, prune_kwargs)
+        backend = check_latency_arguments(
+            target_latency_ratio, latency_backend, latency_allocation,
+            target_macs_ratio=scheduler_kwargs.get("target_macs_ratio"),
+            prune_kwargs=scheduler_kwargs.get("prune_kwargs"), owner=owner, imports=True)
         check_supported(model)
         check_latency_device(owner, model, backend)
-        if target_latency_ratio is not None:
-            check_rebuildable(model)  # the dense reference, for a model pruned already
-            if macs_ratio is None:  # the earlier points' ramp: latency read as MACs
-                scheduler_kwargs["target_macs_ratio"] = target_latency_ratio
+        dense = None  # the latency target's reference: the scheduler copies an unpruned model
+        if target_latency_ratio is not None and get_plan(model)["history"]:
+            check_rebuildable(model)  # a pruned one is rebuilt from its base, when needed
+            dense = functools.partial(dense_copy, model)
         self.model = model
         self.optimizer = optimizer
         self.example_inputs = (example_inputs if example_inputs is not None
@@ -152,24 +146,12 @@ class TimmPruningSchedule:
         self.user_on_prune = on_prune
         self.ddp = [ddp] if isinstance(ddp, nn.parallel.DistributedDataParallel) else list(ddp)
         head_map(model, self.example_inputs)
-        # the last point's prune arguments; the earlier points get the backend, not 'auto'
-        self.latency_kwargs = dict(prune_kwargs)
-        if backend is not None:
-            if prune_kwargs.get("round_to") == "auto":
-                del prune_kwargs["round_to"]
-            scheduler_kwargs["prune_kwargs"] = {**prune_kwargs, "latency_backend": backend}
         # kcp_plugin.prune applies the timm adapter (pruners, protections, heads) itself; the
         # optimizer is rebuilt here, once every rank has the same structure
-        self.scheduler = PruningScheduler(model, self.example_inputs, importance,
-                                          **scheduler_kwargs)
-        self.target_macs_ratio = macs_ratio
-        self.target_latency_ratio = target_latency_ratio
-        self.latency_backend = backend
-        self.latency_allocation = latency_allocation
-        self.latency: dict[str, Any] | None = None
-        # the dense reference of the latency target: taken now, while the model is unpruned
-        self._dense = dense_copy(model) if target_latency_ratio is not None \
-            and not get_plan(model)["history"] else None
+        self.scheduler = PruningScheduler(
+            model, self.example_inputs, importance, target_latency_ratio=target_latency_ratio,
+            latency_backend=backend, latency_allocation=latency_allocation, dense_model=dense,
+            **scheduler_kwargs)
         self._handle: Any = None
         self.pruned_at: list[int] = []
 
@@ -212,13 +194,7 @@ class TimmPruningSchedule:
         if scheduler.point_at(call) is None:
             return scheduler.step()
         self._check_ddp()
-        last = scheduler.point_at(call) == scheduler.num_prunes - 1
-        run = scheduler.step
-        if last and self.target_latency_ratio is not None:
-            def run() -> None:
-                scheduler.calls = call + 1
-                self._prune_to_latency(call)
-        prune_on_every_rank(self.model, run, self.example_inputs,
+        prune_on_every_rank(self.model, scheduler.step, self.example_inputs,
                             what=f"pruning point at optimizer step {call}")
         rebuild_optimizer(self.optimizer, self.model)
         for wrapper in self.ddp:
@@ -226,67 +202,6 @@ class TimmPruningSchedule:
         self.pruned_at.append(call)
         self._after_prune(scheduler)
         return True
-
-    def _prune_to_latency(self, call: int) -> None:
-        """The latency target's point: measure what the earlier points kept of the dense
-        latency, then prune with :func:`kcp_plugin.prune`'s latency target for the rest (and
-        the MACs cap, relative to the model as it is now)."""
-        scheduler, model, x = self.scheduler, self.model, self.example_inputs
-        backend = self.latency_backend
-        assert backend is not None
-        dense = self._dense if self._dense is not None else dense_copy(model)
-        pruned = bool(get_plan(model)["history"])
-        kept, after_ms, dense_ms = 1.0, math.nan, math.nan
-        if pruned:  # the earlier points (or a resumed checkpoint) pruned already
-            d, p = compare_latency([dense, model], x, scheduler.forward_fn, backend=backend)
-            after_ms, dense_ms = p.median_ms, d.median_ms
-            kept = after_ms / dense_ms
-        cap = None
-        if self.target_macs_ratio is not None:
-            macs = count_macs_params(model, x, scheduler.forward_fn)[0]
-            cap = self.target_macs_ratio * scheduler.macs_dense / macs
-        kwargs = dict(self.latency_kwargs, forward_fn=scheduler.forward_fn,
-                      importance_kwargs=scheduler.importance_kwargs, loss_fn=scheduler.loss_fn,
-                      latency_backend=backend, progress=False)
-        ratio = self.target_latency_ratio / kept
-        report = None
-        if ratio < 1.0:
-            try:
-                report = prune(model, x, scheduler.importance, target_latency_ratio=ratio,
-                               target_macs_ratio=cap if cap is not None and cap < 1.0 else None,
-                               latency_allocation=self.latency_allocation, **kwargs)
-            except TargetUnreachable as exc:
-                if kept >= 1.0:
-                    raise
-                raise TargetUnreachable(
-                    f"target_latency_ratio={self.target_latency_ratio} of the dense model: the "
-                    f"earlier pruning points kept {kept:.3f} of its latency, so the last point "
-                    f"needed {ratio:.3f} of the model as it was then, and: {exc}",
-                    exc.protected) from exc
-        elif cap is not None and cap < 1.0:  # fast enough already: only the MACs cap is left
-            if kwargs.get("round_to") == "auto":
-                del kwargs["round_to"]
-            report = prune(model, x, scheduler.importance, target_macs_ratio=cap, **kwargs)
-        final = kept
-        log = _logger.info if rank() == 0 else _logger.debug
-        if report is None:
-            log("kcp_plugin: the model keeps %.3f of the dense latency already, within the "
-                "latency target %s: nothing left to prune for it", kept,
-                self.target_latency_ratio)
-        elif pruned:  # measured once more, against the dense model itself
-            d, p = compare_latency([dense, model], x, scheduler.forward_fn, backend=backend)
-            after_ms, dense_ms = p.median_ms, d.median_ms
-            final = after_ms / dense_ms
-        elif report.latency_before_ms is not None:
-            after_ms, dense_ms = report.latency_after_ms, report.latency_before_ms
-            final = after_ms / dense_ms
-        self._dense = None  # the last point: the reference is not needed any more
-        self.latency = {"target": self.target_latency_ratio, "ratio": final, "ms": after_ms,
-                        "dense_ms": dense_ms, "setting": backend.describe(),
-                        "allocation": self.latency_allocation, "step": call}
-        log("kcp_plugin: latency target at optimizer step %d: %.3f of the dense model's latency "
-            "(target %s; %.3g ms against %.3g ms, %s)", call, final, self.target_latency_ratio,
-            after_ms, dense_ms, backend.describe())
 
     def _on_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.step()
@@ -297,6 +212,9 @@ class TimmPruningSchedule:
             replay_new_entries(module, self.model, self.example_inputs)
         macs, params = count_macs_params(self.model, self.example_inputs)
         log = _logger.info if rank() == 0 else _logger.debug  # one line per run, as train.py
+        latency = scheduler.latency
+        if latency is not None and latency["call"] == scheduler.calls - 1:  # the latency point
+            log("kcp_plugin: %s", scheduler.describe_latency("optimizer step"))
         log(
             "kcp_plugin: pruning point %d/%d at optimizer step %d (%s): %.4g GMACs (%.1f%% of "
             "dense), %.4g M params", scheduler.point_at(scheduler.calls - 1) + 1,
@@ -310,15 +228,22 @@ class TimmPruningSchedule:
         """Whether every pruning point has been applied."""
         return self.scheduler.finished
 
+    @property
+    def latency(self) -> dict[str, Any] | None:
+        """The latency target's outcome (class docstring), None before its point."""
+        return self.scheduler.latency
+
+    @property
+    def latency_backend(self) -> Backend | None:
+        """Where latency is measured (None: nothing is)."""
+        return self.scheduler.latency_backend
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """The schedule's plain-data state (the model's structure is in its plan), with the
         latency target's outcome."""
-        return {**self.scheduler.state_dict(), "latency": self.latency}
+        return self.scheduler.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the step counter, after the model was rebuilt with its saved plan."""
         self.scheduler.load_state_dict(state)
-        self.latency = state.get("latency")
-        if self.scheduler.finished:
-            self._dense = None
