@@ -17,7 +17,9 @@ This module does the same for any DepGraph group of any net with any registered 
   the first step making the width a multiple; at most ``max_pruning_ratio`` of a group goes;
 * **search**: greedy on value lost per millisecond saved, looking 1, 2 and 4 steps ahead (GPU
   kernels run in tiles, so one step can save nothing where two save a tile), until the
-  predicted latency is within the budget (and the MACs within a MACs budget, if one is given).
+  predicted latency is within the budget (and the MACs within a MACs budget, if one is given);
+  the best single ratio on the same steps within the budget is computed too, and the one that
+  loses less value is kept (the greedy is myopic where a conv's cost couples two groups).
 
 The greedy is the classic knapsack heuristic (exact for divisible items); HALP solves a 0/1
 knapsack by dynamic programming on a fixed latency grid, which the coupled costs here (a
@@ -75,6 +77,8 @@ class Allocation:
         macs: MACs of the table layers at these widths.
         reached: Whether the budget(s) were met (False: no step that saves latency is left).
         widths: Each table layer's ``(cin, cout)`` at these widths.
+        method: ``"greedy"`` (the knapsack) or ``"uniform"`` (one ratio on the multiples,
+            kept where it loses less value than the greedy's solution).
     """
 
     removed: list[int]
@@ -82,6 +86,7 @@ class Allocation:
     macs: int
     reached: bool
     widths: dict[str, tuple[int, int]] = field(default_factory=dict)
+    method: str = "greedy"
 
     def ratios(self, plans: Sequence[GroupPlan]) -> dict[nn.Module, float]:
         """Per-layer ratios for torch-pruning's ``pruning_ratio_dict`` that remove exactly
@@ -253,5 +258,53 @@ def allocate(plans: Sequence[GroupPlan], model: LatencyModel, budget_ms: float,
             cand[k] = candidates(k)
         pred, macs = total()
     reached = pred <= budget_ms and (macs_cap is None or macs <= macs_cap)
+    greedy = (list(removed), pred, macs, reached)
+
+    def evaluate(vector: list[int]) -> tuple[float, int]:
+        """Predicted latency and MACs with ``vector`` units removed per group."""
+        cut_in.clear()
+        cut_out.clear()
+        for k, units in enumerate(vector):
+            if units:
+                apply(k, units, 1)
+        removed[:] = vector
+        return total()
+
+    def uniform(ratio: float) -> list[int]:
+        """One ratio for every group, kept widths on each group's step."""
+        out = []
+        for p in plans:
+            if p.fixed is not None:
+                out.append(p.fixed)
+                continue
+            keep = p.group.units - int(p.group.units * ratio)
+            keep = max(keep - keep % p.step, p.group.units - p.max_units)
+            out.append(min(p.group.units - keep, p.max_units))
+        return out
+
+    def fits(pred_ms: float, macs_now: int) -> bool:
+        return pred_ms <= budget_ms and (macs_cap is None or macs_now <= macs_cap)
+
+    # The greedy is myopic where costs couple (a conv's cost depends on two groups): the best
+    # single ratio within the budget is its floor. The better of the two, by value lost, wins.
+    lo, hi = 0.0, 1.0
+    best_uniform = None
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        vector = uniform(mid)
+        pred_u, macs_u = evaluate(vector)
+        if fits(pred_u, macs_u):
+            best_uniform, hi = (vector, pred_u, macs_u), mid
+        else:
+            lo = mid
+
+    def lost(vector: list[int]) -> float:
+        return sum(sum(p.values[:units]) for p, units in zip(plans, vector) if p.fixed is None)
+
+    chosen = greedy
+    if best_uniform is not None and (not greedy[3] or lost(best_uniform[0]) < lost(greedy[0])):
+        chosen = (best_uniform[0], best_uniform[1], best_uniform[2], True)
+    pred, macs = evaluate(chosen[0])
     widths = {name: widths_of(name) for name in calls}
-    return Allocation(removed, pred, macs, reached, widths)
+    return Allocation(list(chosen[0]), pred, macs, chosen[3], widths,
+                      "greedy" if chosen is greedy else "uniform")

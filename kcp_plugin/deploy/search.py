@@ -207,7 +207,7 @@ class TableAllocator:
                 self.trials.append({"budget_ratio": round(budget, 4),
                                     "predicted": round(predicted, 4), "measured": round(kept, 4),
                                     "macs": round(alloc.macs / max(dense_macs, 1), 4),
-                                    "reached": alloc.reached})
+                                    "reached": alloc.reached, "method": alloc.method})
                 tried.append((budget, kept, alloc, extra))
                 bar.update(1)
                 bar.set_postfix(budget=f"{budget:.3f}", latency=f"{kept:.3f}")
