@@ -23,8 +23,8 @@ This module builds such a table for any net and any backend of :mod:`.backends`:
 The sum of layers misses what is not a conv or linear layer: normalisation, activations,
 residual additions, pooling (memory-bound, roughly proportional to the activations) and fixed
 costs (kernel launches, the input stem). :class:`LatencyModel` adds a residual term
-``b * activations + a`` and a scale ``s`` on the table's sum, fitted by non-negative least
-squares to the end-to-end measurements it is given (the dense model first, then each pruned
+``b * activations + a`` (and, given enough points, a scale ``s`` on the table's sum), fitted by
+least squares to the end-to-end measurements it is given (the dense model first, then each pruned
 model measured), and reports how well it predicts (:attr:`LatencyModel.points`) and how much
 of the dense latency the layers explain (:attr:`LatencyModel.table_share`). Where the layers
 explain little (launch-bound small batches on a GPU, fused blocks), the prediction is poor; the
@@ -431,7 +431,7 @@ class LatencyModel:
 
     ``predict = s * (sum of the table over the layer calls) + b * activations + a``, where
     activations are the output elements of the layer calls (what normalisation, activation
-    and residual ops traffic scales with); ``(s, b, a) >= 0`` are fitted to the end-to-end
+    and residual ops traffic scales with); ``s, b >= 0`` and ``a`` are fitted to the end-to-end
     measurements in :attr:`points` (the dense model's first).
 
     Attributes:
@@ -467,9 +467,11 @@ class LatencyModel:
                          for call, _, _ in self.calls))
 
     def predict(self, widths: dict[str, tuple[int, int]]) -> float:
-        """Predicted end-to-end latency (ms) at ``widths``."""
+        """Predicted end-to-end latency (ms) at ``widths`` (never below 1% of the layers'
+        sum: a negative intercept must not predict a free model)."""
         s, b, a = self.coef
-        return s * self.layer_sum(widths) + b * self.activations(widths) + a
+        layers = s * self.layer_sum(widths)
+        return max(layers + b * self.activations(widths) + a, 0.01 * layers)
 
     # ----------------------------------------------------------- calibration
     def add_measurement(self, widths: dict[str, tuple[int, int]], measured_ms: float,
@@ -526,38 +528,44 @@ class LatencyModel:
 
 
 def _fit(points: Sequence[tuple[float, float, float, Any]]) -> tuple[float, float, float]:
-    """Non-negative least squares of ``measured ~ s * layers + b * activations + a``.
+    """Least squares of ``measured ~ s * layers + b * activations + a``, ``s, b >= 0``.
 
-    One point cannot separate the terms: the residual (measured - layers) is put on the
-    activations when positive (memory-bound ops scale with them), and the layers are scaled
-    down when negative (layers timed alone can run slower than inside the net). With more
-    points every subset of the three terms is solved by least squares and the best
-    non-negative fit kept (at most 3 terms: the subsets are few).
+    The table is trusted (``s = 1``) and the residual ``measured - layers`` is what is fitted:
+    ``b * activations`` is the memory-bound traffic (normalisation, activations, additions)
+    that scales with the widths, ``a`` what does not: fixed costs when positive, per-call
+    overhead the standalone timings count once per layer but the net overlaps when negative.
+    One point cannot separate the two: a positive residual goes on the activations, a negative
+    one on ``a``. Two points fit ``(b, a)``. From three, a free scale ``s`` is tried too and
+    kept only if it explains the points clearly better (noise must not pick it).
     """
     layers0, act0, measured0, _ = points[0]
     if len(points) == 1:
         residual = measured0 - layers0
-        if residual >= 0:
-            return 1.0, residual / act0 if act0 > 0 else 0.0, 0.0 if act0 > 0 else residual
-        return measured0 / layers0 if layers0 > 0 else 1.0, 0.0, 0.0
+        if residual >= 0 and act0 > 0:
+            return 1.0, residual / act0, 0.0
+        return 1.0, 0.0, residual
     x = torch.tensor([[p[0], p[1], 1.0] for p in points], dtype=torch.float64)
     y = torch.tensor([p[2] for p in points], dtype=torch.float64)
-    # scale the columns so the solve is well conditioned (ms vs millions of elements)
-    scale = x.abs().max(0).values.clamp_min(1e-12)
-    xs = x / scale
-    best: tuple[float, tuple[float, float, float]] | None = None
-    for k in range(1, min(3, len(points)) + 1):
-        for cols in itertools.combinations(range(3), k):
-            sol = torch.linalg.lstsq(xs[:, cols], y.unsqueeze(1)).solution.squeeze(1)
-            if (sol < 0).any():
-                continue
-            coef = [0.0, 0.0, 0.0]
-            for c, v in zip(cols, sol.tolist()):
-                coef[c] = v / float(scale[c])
-            err = float(((x @ torch.tensor(coef, dtype=torch.float64)) - y).pow(2).sum())
-            # prefer fewer terms unless more explain clearly better (noise must not pick)
-            if best is None or err < best[0] * 0.8:
-                best = (err, (coef[0], coef[1], coef[2]))
-    if best is None:
-        return _fit(points[:1])
-    return best[1]
+    scale = x.abs().max(0).values.clamp_min(1e-12)  # ms against millions of elements
+
+    def solve(cols: tuple[int, ...], target: torch.Tensor) -> list[float] | None:
+        sol = torch.linalg.lstsq(x[:, cols] / scale[list(cols)],
+                                 target.unsqueeze(1)).solution.squeeze(1)
+        coef = [0.0, 0.0, 0.0]
+        for c, v in zip(cols, sol.tolist()):
+            coef[c] = v / float(scale[c])
+        return None if coef[0] < 0 or coef[1] < 0 else coef
+
+    def sse(coef: list[float]) -> float:
+        return float(((x @ torch.tensor(coef, dtype=torch.float64)) - y).pow(2).sum())
+
+    residual = y - x[:, 0]
+    fits = [c for c in (solve((1, 2), residual), solve((2,), residual)) if c is not None]
+    for c in fits:
+        c[0] = 1.0
+    best = min(fits, key=sse)
+    if len(points) >= 3:
+        free = solve((0, 1, 2), y)
+        if free is not None and sse(free) < 0.5 * sse(best):
+            best = free
+    return best[0], best[1], best[2]
