@@ -6,6 +6,7 @@ import argparse
 import copy
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -116,13 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     target = p.add_mutually_exclusive_group()
     target.add_argument("--target-macs", type=_fraction, default=None, metavar="FRACTION",
                         help="fraction of MACs to keep, e.g. 0.3 (default: 0.3 unless "
-                        "--pruning-ratio is given)")
+                        "--pruning-ratio or --target-latency is given); with --target-latency "
+                        "a MACs cap on top of it")
     target.add_argument("--pruning-ratio", type=float, default=None, metavar="RATIO",
                         help="channel pruning ratio in [0, 1) instead of a MACs target")
-    target.add_argument("--target-latency", type=_fraction, default=None, metavar="FRACTION",
-                        help="fraction of the dense latency to keep, measured here on the "
-                        "example input with --latency-backend and --threads (searched; slower "
-                        "than a MACs target)")
+    p.add_argument("--target-latency", type=_fraction, default=None, metavar="FRACTION",
+                   help="fraction of the dense latency to keep, measured here on the example "
+                   "input with --latency-backend, --dtype, --batch and --threads (slower than a "
+                   "MACs target: the model is measured)")
     p.add_argument("--input-shape", action="append", type=_shape, default=None,
                    metavar="N,C,H,W", help="example input shape; repeat for models taking "
                    "several inputs (stereo) (default: 1,3,128,128)")
@@ -237,12 +239,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "drop --round-to, or use --latency-allocation uniform")
     if args.batch is not None and args.batch < 1:
         parser.error("--batch must be >= 1")
-    backend = Backend(args.latency_backend, device=args.device, dtype=args.dtype,
-                      batch=args.batch, threads=args.threads or 1,
-                      runs=max(args.latency_runs, 3))
+    if args.target_latency is not None and args.pruning_ratio is not None:
+        parser.error("--target-latency replaces --pruning-ratio: give one target")
     try:
+        backend = Backend(args.latency_backend, device=args.device, dtype=args.dtype,
+                          batch=args.batch, threads=args.threads or 1,
+                          runs=max(args.latency_runs, 3))
         check_backend(backend, imports=args.target_latency is not None)
-    except (ValueError, ImportError) as exc:
+    except (ValueError, TypeError, ImportError) as exc:
         parser.error(str(exc))
     if args.pruning_ratio is None and args.target_macs is None and args.target_latency is None:
         args.target_macs = 0.3
@@ -332,10 +336,23 @@ def main(argv: Sequence[str] | None = None) -> int:
               "--target-latency)")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"model": args.model, **report.to_dict()}, fh, indent=2)
+            # strict JSON: a NaN or infinity (nothing measured) is written as null
+            json.dump(_finite({"model": args.model, **report.to_dict()}), fh, indent=2,
+                      allow_nan=False)
     if args.plot:
         report.plot_widths(args.plot, title=f"{args.model}: channels kept per layer")
     return code
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with every float NaN or infinity replaced by None (JSON has neither)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 if __name__ == "__main__":  # pragma: no cover

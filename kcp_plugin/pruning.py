@@ -279,8 +279,9 @@ def prune(
         missing = unavailable(backend)
         if missing:  # the widths still follow the backend: only the measurement is skipped
             warnings.warn(f"the pruned model is not timed on {backend.name}: {missing}; its "
-                          f"widths are rounded to that backend's channel multiple all the same",
-                          UserWarning, stacklevel=2)
+                          f"widths are rounded for that backend all the same (its channel "
+                          f"multiple, {backend.channel_multiple()}, lowered for narrow layers: "
+                          "report.round_to says which was used)", UserWarning, stacklevel=2)
             measure_after = False
     if measure_after or target_latency_ratio is not None:
         check_fits(model, example_inputs, backend, fwd)
@@ -494,6 +495,12 @@ def _check_latency_arguments(ratio: Any, spec: Any, allocation: Any, macs_ratio:
     if ratio is None:
         # checked even when unused, so that a typo is not silently ignored
         check_latency_target(LatencyTarget(1.0, tolerance, backend, allocation), imports=False)
+        unused = [name for name, value, default in (
+            ("latency_allocation", allocation, "table"), ("latency_tolerance", tolerance, 0.025))
+            if value != default]
+        if unused:
+            warnings.warn(f"{' and '.join(unused)} only apply to a latency target "
+                          "(target_latency_ratio): ignored here", UserWarning, stacklevel=4)
         if others.get("round_to") == "auto":
             raise ValueError("round_to='auto' picks the channel multiple by measuring latency: "
                              "it needs target_latency_ratio with latency_allocation='uniform'")

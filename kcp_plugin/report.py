@@ -138,12 +138,14 @@ class PruneReport(SizeReport):
         rows = []
         if self.latency_before_ms is not None and self.latency_after_ms is not None:
             rows.append((
-                f"latency ({self.latency_backend or 'torch'})",
+                "Latency",
                 f"{self.latency_before_ms:.2f} ms",
                 f"{self.latency_after_ms:.2f} ms",
                 self.latency_after_ms / max(self.latency_before_ms, 1e-9),
             ))
-        head = f"importance: {self.importance}; channel pruning ratio {self.pruning_ratio:.3f}"
+        head = f"importance: {self.importance}"
+        if self.latency_allocation != "table":  # table widths come per group, not from a ratio
+            head += f"; channel pruning ratio {self.pruning_ratio:.3f}"
         if self.target_latency_ratio is not None:
             how = ("widths from a latency table" if self.latency_allocation == "table" else
                    "one channel ratio")
@@ -153,7 +155,7 @@ class PruneReport(SizeReport):
             head += (f" (searched for {self.target_macs_ratio:.1%} of MACs"
                      f"{f', round_to {self.round_to}' if self.round_to else ''})")
         if self.latency_setting:
-            head += f"\nlatency measured on {self.latency_setting}"
+            head += f"\nlatency: median on {self.latency_setting}"
         return head + "\n" + self.size_table(rows)
 
     def plot_widths(self, path: str | os.PathLike, title: str | None = None) -> None:

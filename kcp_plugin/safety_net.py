@@ -29,8 +29,8 @@ def listing(records: list[ProtectedGroup]) -> str:
         return ""
     return "".join(f"\n  - {r.describe()}" for r in records) + (
         "\n(these groups stay unpruned; passing their roots in ignored_layers skips the checks "
-        "next time but prunes nothing more: to reach a lower MACs target, prune the other "
-        "layers harder with max_pruning_ratio, or lower the target)")
+        "next time but prunes nothing more: to reach a lower MACs or latency target, prune "
+        "the other layers harder with max_pruning_ratio, or ask for less)")
 
 
 def prune_protecting(

@@ -86,7 +86,8 @@ def test_stereo_style_two_inputs_and_iterative_steps(tmp_path, capsys):
     (["--threads", "0"], 2, "--threads must be >= 1"),
     (["--round-to", "auto"], 2, "--round-to auto measures latency: it needs --target-latency"),
     (["--round-to", "x"], 2, "expected an integer >= 1 or 'auto'"),
-    (["--target-latency", "0.5", "--target-macs", "0.5"], 2, "not allowed with"),
+    (["--target-latency", "0.5", "--pruning-ratio", "0.5"], 2, "replaces --pruning-ratio"),
+    (["--latency-backend", "cuda", "--device", "gpu0"], 2, "bad device 'gpu0'"),
 ])
 def test_bad_input_gives_clear_message_and_exit_code(argv, code, message, capsys):
     runs = [] if "--latency-runs" in argv else ["--latency-runs", "0"]
@@ -228,3 +229,28 @@ def test_gpu_widths_from_a_machine_without_a_gpu(tmp_path, capsys):
               "--latency-backend", "cuda", "-q"])
     assert info.value.code == 2
     assert "needs an NVIDIA GPU" in capsys.readouterr().err
+
+
+def test_latency_target_with_a_macs_cap_from_the_command_line(tmp_path, monkeypatch):
+    """--target-latency with --target-macs: the MACs cap on top of the latency target (table
+    allocation); latency measured through a stand-in (latency = MACs), and the report JSON is
+    strict (no NaN)."""
+    import kcp_plugin.deploy.search as search
+    from kcp_plugin import count_macs_params
+    from kcp_plugin.deploy.latency import LatencyStats
+
+    def by_macs(models, example_inputs, *args, backend="torch", **kwargs):
+        macs = [float(count_macs_params(m, example_inputs)[0]) for m in models]
+        return [LatencyStats(v, v, v, 3, 1, "torch") for v in macs]
+
+    monkeypatch.setattr(search, "compare_latency", by_macs)
+    out = tmp_path / "r.json"
+    code = main(["--model", SPEC, "--model-arg", "width=32", "--input-shape", "1,3,16,16",
+                 "--target-latency", "0.95", "--target-macs", "0.5", "--latency-runs", "3",
+                 "--json", str(out), "-q"])
+    assert code == 0
+    text = out.read_text()
+    assert "NaN" not in text
+    report = json.loads(text)
+    assert report["macs_after"] / report["macs_before"] <= 0.52
+    assert report["latency_allocation"] == "table" and report["target_latency_ratio"] == 0.95

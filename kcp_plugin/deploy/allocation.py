@@ -182,8 +182,11 @@ def allocate(plans: Sequence[GroupPlan], model: LatencyModel, budget_ms: float,
 
     def widths_of(name: str) -> tuple[int, int]:
         call = calls[name][0][0]
-        return (int(round(call.cin - cut_in.get(name, 0.0))),
-                int(round(call.cout - cut_out.get(name, 0.0))))
+        cin = int(round(call.cin - cut_in.get(name, 0.0)))
+        cout = int(round(call.cout - cut_out.get(name, 0.0)))
+        if call.depthwise:  # one width: whichever side the group recorded, both follow it
+            return min(cin, cout), min(cin, cout)
+        return cin, cout
 
     def layer_cost(name: str) -> tuple[float, float]:
         cin, cout = widths_of(name)

@@ -42,7 +42,7 @@ import torch.nn as nn
 from ..hints import did_you_mean
 
 __all__ = ["BACKENDS", "DTYPES", "Backend", "Timer", "as_backend", "batched", "check_backend",
-           "check_fits", "default_multiples", "first_tensor", "placed",
+           "check_fields", "check_fits", "default_multiples", "first_tensor", "placed",
            "unavailable"]
 
 BACKENDS = ("torch", "onnxruntime", "cuda")
@@ -87,6 +87,22 @@ class Backend:
     warmup: int = 3
     channels_last: bool | None = None
     timer: Timer | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # a torch dtype or another spelling of a name is taken as meant; anything else that
+        # is wrong is refused here, when the record is made (whether the runtime is there, a
+        # GPU or onnxruntime, is checked where it is used: check_backend)
+        if isinstance(self.dtype, torch.dtype):
+            names = {v: k for k, v in TORCH_DTYPES.items()}
+            if self.dtype not in names:
+                raise ValueError(f"latency backend dtype {self.dtype} is not one of "
+                                 f"{', '.join(TORCH_DTYPES)}")
+            object.__setattr__(self, "dtype", names[self.dtype])
+        for name in ("name", "dtype"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value.lower() != value:
+                object.__setattr__(self, name, value.lower())
+        check_fields(self)
 
     @property
     def is_cuda(self) -> bool:
@@ -199,19 +215,12 @@ def as_backend(spec: str | Backend | dict[str, Any] | None, **overrides: Any) ->
     return replace(backend, **changes) if changes else backend
 
 
-def check_backend(backend: Backend, imports: bool = True) -> None:
-    """Validate a backend before anything is measured or pruned.
-
-    Args:
-        backend: The record.
-        imports: Also check that the runtime is there: onnx / onnxruntime for
-            ``"onnxruntime"``, a visible GPU for ``"cuda"``.
+def check_fields(backend: Backend) -> None:
+    """The record's own checks (made by :class:`Backend` itself): a known runtime, a dtype it
+    runs, counts in range, a device of the runtime's kind.
 
     Raises:
-        ValueError: an unknown runtime, a dtype it cannot run, a device that is not its own,
-            a batch / thread / run count out of range, or ``"cuda"`` without a GPU (each
-            message names the valid choices).
-        ImportError: ``"onnxruntime"`` without the ``deploy`` extra.
+        ValueError / TypeError: naming the field, what was given and the valid choices.
     """
     b = backend
     if b.name not in BACKENDS:
@@ -228,31 +237,53 @@ def check_backend(backend: Backend, imports: bool = True) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"latency backend {name} must be an integer >= {low}, got "
                              f"{value!r}")
+    if b.channels_last not in (None, True, False):
+        raise TypeError(f"latency backend channels_last must be None, True or False, got "
+                        f"{b.channels_last!r}")
     if b.timer is not None and not callable(b.timer):
         raise TypeError("latency backend timer must be callable as timer(model, call) -> ms")
     if b.is_cuda:
         device = b.device or "cuda"
         try:
             dev = torch.device(device)
-        except RuntimeError as exc:
+        except (RuntimeError, TypeError) as exc:
             raise ValueError(f"latency backend 'cuda': bad device {device!r} ({exc}); use "
                              "'cuda' or 'cuda:N'") from exc
         if dev.type != "cuda":
             raise ValueError(f"latency backend 'cuda' runs on a GPU; device {device!r} is not "
                              "one (use 'cuda' or 'cuda:N', or backend 'torch' for the CPU)")
-        if imports and b.timer is None:
-            if not torch.cuda.is_available():
-                raise ValueError("latency backend 'cuda' needs an NVIDIA GPU, and torch sees "
-                                 "none here (torch.cuda.is_available() is False); measure on "
-                                 "the machine you deploy to, or use backend 'torch' or "
-                                 "'onnxruntime' (CPU)")
-            count = torch.cuda.device_count()
-            if dev.index is not None and dev.index >= count:
-                raise ValueError(f"latency backend 'cuda': device {device!r} does not exist; "
-                                 f"this machine has {count} GPU(s): cuda:0..cuda:{count - 1}")
     elif b.device not in (None, "cpu"):
         raise ValueError(f"latency backend {b.name!r} runs on the CPU; device {b.device!r} is "
                          "not valid for it (leave it None, or use backend 'cuda')")
+
+
+def check_backend(backend: Backend, imports: bool = True) -> None:
+    """Validate a backend before anything is measured or pruned.
+
+    Args:
+        backend: The record (its fields were checked when it was made: :func:`check_fields`).
+        imports: Also check that the runtime is there: onnx / onnxruntime for
+            ``"onnxruntime"``, a visible GPU (and that device index) for ``"cuda"``.
+
+    Raises:
+        ValueError: an unknown runtime, a dtype it cannot run, a device that is not its own,
+            a batch / thread / run count out of range, or ``"cuda"`` without a GPU (each
+            message names the valid choices).
+        ImportError: ``"onnxruntime"`` without the ``deploy`` extra.
+    """
+    b = backend
+    check_fields(b)
+    if b.is_cuda and imports and b.timer is None:
+        if not torch.cuda.is_available():
+            raise ValueError("latency backend 'cuda' needs an NVIDIA GPU, and torch sees none "
+                             "here (torch.cuda.is_available() is False); measure on the "
+                             "machine you deploy to, or use backend 'torch' or 'onnxruntime' "
+                             "(CPU)")
+        count = torch.cuda.device_count()
+        index = torch.device(b.device or "cuda").index
+        if index is not None and index >= count:
+            raise ValueError(f"latency backend 'cuda': device {b.device!r} does not exist; "
+                             f"this machine has {count} GPU(s): cuda:0..cuda:{count - 1}")
     if imports and b.name == "onnxruntime":
         from .export import require_deploy
 

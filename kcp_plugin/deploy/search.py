@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -135,6 +136,7 @@ class TableAllocator:
         self.dense_ms = math.nan
         self.trials: list[dict[str, Any]] = []
         self.allocation: Allocation | None = None
+        self.budget = math.nan
 
     def _measure(self, dense: nn.Module, pruned: nn.Module) -> float:
         """Latency kept by ``pruned`` against ``dense``, passes interleaved."""
@@ -177,6 +179,7 @@ class TableAllocator:
         dense_macs = sum(c.macs(c.cin, c.cout) for c, _, _ in lm.calls)
         self.trials = []
         tried: list[tuple[float, float, Allocation, dict[nn.Module, float]]] = []
+        closest: tuple[float, nn.Module | None] | None = None
         budget = t.ratio
         bar = progress_bar(enabled=self.progress, total=t.max_trials,
                            desc="latency allocation")
@@ -186,10 +189,12 @@ class TableAllocator:
                 alloc = allocate(plans, lm, budget * dense_pred, t.macs_ratio, dense_macs)
                 extra = alloc.ratios(plans)
                 predicted = alloc.predicted_ms / dense_pred
+                trial_model = None
                 if extra:
                     trial = trial_copy(job, {names[m]: r for m, r in extra.items()})
                     checked_run(trial, 0.0, {names[m]: r for m, r in extra.items()},
                                 replace(settings, progress=False))
+                    trial_model = trial.model
                     kept = self._measure(job.model, trial.model)
                     if trial_no == 0 and abs(kept / max(predicted, 1e-9) - 1) > 0.25:
                         # the calibration point sets the model for every later trial: a
@@ -201,6 +206,8 @@ class TableAllocator:
                     del trial
                 else:
                     kept, widths = 1.0, {}
+                if closest is None or abs(kept - t.ratio) < abs(closest[0] - t.ratio):
+                    closest = (kept, trial_model)  # kept to re-measure before refusing
                 # the first pruned point calibrates the model's non-layer terms; later points
                 # only check it (a model refitted between trials would move the search's target)
                 lm.add_measurement(widths, kept * self.dense_ms, refit=trial_no == 0)
@@ -225,11 +232,22 @@ class TableAllocator:
         finally:
             bar.close()
         best = min(tried, key=lambda r: abs(r[1] - t.ratio))
+        if best[1] > t.ratio + t.tolerance and closest is not None \
+                and closest[1] is not None and best[1] < t.ratio + 3 * t.tolerance:
+            # a near miss can be one noisy reading: the closest model measured twice more
+            again = sorted([best[1], self._measure(job.model, closest[1]),
+                            self._measure(job.model, closest[1])])[1]
+            logger.info("latency allocation: the closest trial measured again: %.3f", again)
+            i = tried.index(best)
+            best = (best[0], again, best[2], best[3])
+            tried[i] = best
+        closest = None  # the trial model is not needed any more
         if best[1] > t.ratio + t.tolerance:
             raise TargetUnreachable(
                 f"target_latency_ratio={t.ratio} is out of reach with this criterion and "
                 f"settings: the allocation closest to it keeps {best[1]:.3f} of the dense "
-                f"latency ({t.backend.describe()}); ask for less, or let more be pruned "
+                f"latency ({t.backend.describe()}); ask for a higher target_latency_ratio "
+                f"(about {best[1]:.2f} or more here), or let more be pruned "
                 "(max_pruning_ratio, fewer ignored_layers)")
         if abs(best[1] - t.ratio) > t.tolerance and not (t.macs_ratio is not None
                                                           and best[1] < t.ratio):
@@ -237,6 +255,7 @@ class TableAllocator:
                            "latency (target %.3f +- %.3f)", len(tried), best[1], t.ratio,
                            t.tolerance)
         self.allocation = best[2]
+        self.budget = best[0]
         return 0.0, best[3], [(r["budget_ratio"], r["measured"]) for r in self.trials]
 
     def _next_budget(self, tried: list, trial_no: int) -> float | None:
@@ -272,6 +291,15 @@ class TableAllocator:
         dense, pruned = compare_latency([self.dense, model], self.example_inputs,
                                         self.forward_fn, backend=t.backend)
         kept = pruned.median_ms / dense.median_ms
+        if abs(kept - t.ratio) > t.tolerance and not (t.macs_ratio is not None
+                                                      and kept < t.ratio):
+            # one reading off the search's: two more, and the median of the three is the figure
+            runs = [(kept, dense, pruned)]
+            for _ in range(2):
+                d, p = compare_latency([self.dense, model], self.example_inputs,
+                                       self.forward_fn, backend=t.backend)
+                runs.append((p.median_ms / d.median_ms, d, p))
+            kept, dense, pruned = sorted(runs, key=lambda r: r[0])[1]
         lm = self.latency_model
         if lm is not None:
             lm.add_measurement(lm.widths_of(model), kept * self.dense_ms, refit=False)
@@ -281,13 +309,15 @@ class TableAllocator:
             logger.info("latency target %.3f: the MACs budget %.3f bound first; the pruned "
                         "model keeps %.3f of the dense latency", t.ratio, t.macs_ratio, kept)
         elif abs(kept - t.ratio) > t.tolerance:
-            logger.warning("latency target %.3f: the pruned model measures %.3f of the dense "
-                           "latency on a second measurement: the measurements are unstable on "
-                           "this machine; raise the backend's runs or measure on a quiet "
-                           "machine", t.ratio, kept)
+            warnings.warn(
+                f"latency target {t.ratio}: the pruned model measures {kept:.3f} of the dense "
+                f"latency after the prune (median of three measurements), where the search "
+                "measured it within the tolerance: the measurements are unstable on this "
+                "machine; measure again (kcp_plugin.compare_latency), raise the backend's "
+                "runs, or prune on a quiet machine", UserWarning, stacklevel=4)
         _fill_report(report, t, dense, pruned, None)
         report.latency_search = [(r["budget_ratio"], 0, r["measured"]) for r in self.trials]
-        report.latency_search.append((math.nan, 0, kept))
+        report.latency_search.append((self.budget, 0, kept))
         summary = lm.summary() if lm is not None else {}
         summary["trials"] = self.trials
         if lm is not None:
@@ -366,9 +396,11 @@ def prune_to_latency(
             trial = copy.deepcopy(model)
             if macs_ratio < 1.0:
                 try:
-                    macs_prune(trial, example_inputs, target_macs_ratio=macs_ratio,
-                               round_to=multiple, forward_fn=forward_fn, progress=False,
-                               **prune_kwargs)
+                    with warnings.catch_warnings():  # said once, by the final prune
+                        warnings.simplefilter("ignore", UserWarning)
+                        macs_prune(trial, example_inputs, target_macs_ratio=macs_ratio,
+                                   round_to=multiple, forward_fn=forward_fn, progress=False,
+                                   **prune_kwargs)
                 except UnprunableError as exc:
                     raise TargetUnreachable(
                         f"target_latency_ratio={target.ratio}: the search needed a model with "
@@ -428,9 +460,10 @@ def prune_to_latency(
                     raise TargetUnreachable(
                         f"target_latency_ratio={target.ratio} is out of reach with this "
                         f"criterion and settings: at {hi[0]:.3f} of the MACs the latency is "
-                        f"still {hi[1]:.3f} of dense ({backend.describe()}){limit}; ask for "
-                        "less, or let more be pruned (max_pruning_ratio, fewer ignored_layers)"
-                        "; latency_allocation='table' chooses the widths for latency")
+                        f"still {hi[1]:.3f} of dense ({backend.describe()}){limit}; ask for a "
+                        "higher target_latency_ratio, or let more be pruned (max_pruning_ratio, "
+                        "fewer ignored_layers); latency_allocation='table' chooses the widths "
+                        "for latency")
                 slope = (hi[1] - 1.0) / (hi[0] - 1.0) if hi[0] < 1.0 else 1.0
                 point = max(low_end, hi[0] + (target.ratio - hi[1]) / max(slope, 0.2))
             else:  # secant inside the bracket
@@ -447,9 +480,9 @@ def prune_to_latency(
             raise TargetUnreachable(
                 f"target_latency_ratio={target.ratio} is out of reach with this criterion and "
                 f"settings: the closest pruned model keeps {lat:.3f} of the dense latency "
-                f"({backend.describe()}, round_to {multiple}); ask for less, or let more be "
-                "pruned (max_pruning_ratio, fewer ignored_layers); latency_allocation='table' "
-                "chooses the widths for latency")
+                f"({backend.describe()}, round_to {multiple}); ask for a higher "
+                "target_latency_ratio, or let more be pruned (max_pruning_ratio, fewer "
+                "ignored_layers); latency_allocation='table' chooses the widths for latency")
         if abs(lat - target.ratio) > target.tolerance:
             logger.warning("latency search stopped after %d trials at %.3f of the dense latency "
                            "(target %.3f +- %.3f)", len(trials), lat, target.ratio,
@@ -467,10 +500,11 @@ def prune_to_latency(
     again = pruned.median_ms / dense.median_ms
     trials.append((macs_ratio, multiple, again))
     if abs(again - target.ratio) > target.tolerance:
-        logger.warning("latency target %.3f: the pruned model measures %.3f of the dense latency "
-                       "on a second measurement (%.3f in the search): the measurements are "
-                       "unstable on this machine; raise the backend's runs or measure on a "
-                       "quiet machine", target.ratio, again, lat)
+        warnings.warn(
+            f"latency target {target.ratio}: the pruned model measures {again:.3f} of the dense "
+            f"latency on a second measurement ({lat:.3f} in the search): the measurements are "
+            "unstable on this machine; raise the backend's runs or measure on a quiet machine",
+            UserWarning, stacklevel=3)
     _fill_report(report, target, dense, pruned, multiple)
     report.latency_search = trials
     return report
