@@ -39,9 +39,11 @@ import torch.nn as nn
 from ..run import ScoredGroup
 from .table import LatencyModel, width_step
 
-__all__ = ["VALUES", "Allocation", "GroupPlan", "allocate", "plan_groups"]
+__all__ = ["FLOOR", "VALUES", "Allocation", "GroupPlan", "allocate", "plan_groups"]
 
-VALUES = ("importance_macs", "importance")
+VALUES = ("importance_macs", "importance", "lamp", "lamp_macs")
+# no group keeps less than this fraction of the width the best single ratio leaves it
+FLOOR = 0.5
 
 
 @dataclass
@@ -137,7 +139,15 @@ def plan_groups(groups: Sequence[ScoredGroup], names: dict[nn.Module, str],
         imp = g.importance.clamp_min(0)
         mean = float(imp.mean()) if len(imp) else 0.0
         norm = sorted((float(v) / mean if mean > 0 else 1.0) for v in imp)
-        weight = g.ch_groups * (macs_per_unit if value == "importance_macs" else 1.0)
+        if value.startswith("lamp"):
+            # LAMP (Lee et al., ICLR 2021): a unit's score over the scores of the units still
+            # there, so a group's last units grow dear and no group collapses
+            total, suffix = sum(norm), []
+            for v in norm:
+                suffix.append(v / total if total > 0 else 1.0)
+                total -= v
+            norm = [v * units for v in suffix]
+        weight = g.ch_groups * (macs_per_unit if value.endswith("macs") else 1.0)
         values = [v * weight for v in norm]
         fixed = None
         if g.user_ratio is not None:
@@ -147,10 +157,15 @@ def plan_groups(groups: Sequence[ScoredGroup], names: dict[nn.Module, str],
 
 
 def allocate(plans: Sequence[GroupPlan], model: LatencyModel, budget_ms: float,
-             macs_budget: float | None = None, dense_macs: int | None = None) -> Allocation:
+             macs_budget: float | None = None, dense_macs: int | None = None,
+             floor: float = FLOOR) -> Allocation:
     """Greedy knapsack: remove the steps of least value per millisecond saved until the
     predicted latency is at most ``budget_ms`` (and the table layers' MACs at most
     ``macs_budget`` of ``dense_macs``, if given).
+
+    First the best single ratio within the budget (every group on its steps) is found: it
+    bounds the greedy (no group keeps less than ``floor`` times the width that ratio leaves
+    it) and is kept instead where it loses less value than the greedy's solution.
 
     Args:
         plans: From :func:`plan_groups`.
@@ -158,27 +173,25 @@ def allocate(plans: Sequence[GroupPlan], model: LatencyModel, budget_ms: float,
         budget_ms: Latency budget, in the model's milliseconds.
         macs_budget: Fraction of the dense MACs to keep at most, or None.
         dense_macs: The table layers' dense MACs (needed with ``macs_budget``).
+        floor: Fraction of the uniform solution's width every group keeps at least.
 
     Returns:
         The :class:`Allocation` (``reached=False`` if the budgets could not be met: the widths
         are then the furthest the steps went).
     """
-    calls = {}
+    calls: dict[str, list] = {}
     for call, free_in, free_out in model.calls:
         calls.setdefault(call.name, []).append((call, free_in, free_out))
     removed = [p.fixed or 0 for p in plans]
     cut_in: dict[str, float] = {}
     cut_out: dict[str, float] = {}
+    s, b, _ = model.coef
+    macs_cap = None if macs_budget is None or dense_macs is None else macs_budget * dense_macs
 
     def apply(k: int, units: int, sign: int) -> None:
         for name, side, per_unit in plans[k].effects:
             cut = cut_out if side == "out" else cut_in
             cut[name] = cut.get(name, 0.0) + sign * units * per_unit
-
-    for k in range(len(plans)):
-        if removed[k]:
-            apply(k, removed[k], 1)
-    s, b, _ = model.coef
 
     def widths_of(name: str) -> tuple[int, int]:
         call = calls[name][0][0]
@@ -201,6 +214,55 @@ def allocate(plans: Sequence[GroupPlan], model: LatencyModel, budget_ms: float,
             ms, macs = ms + t, macs + m
         return ms + model.coef[2], int(macs)
 
+    def evaluate(vector: list[int]) -> tuple[float, int]:
+        """Predicted latency and MACs with ``vector`` units removed per group (the state)."""
+        cut_in.clear()
+        cut_out.clear()
+        for k, units in enumerate(vector):
+            if units:
+                apply(k, units, 1)
+        removed[:] = vector
+        return total()
+
+    def fits(pred_ms: float, macs_now: int) -> bool:
+        return pred_ms <= budget_ms and (macs_cap is None or macs_now <= macs_cap)
+
+    def uniform(ratio: float) -> list[int]:
+        """One ratio for every group, kept widths on each group's step."""
+        out = []
+        for p in plans:
+            if p.fixed is not None:
+                out.append(p.fixed)
+                continue
+            keep = p.group.units - int(p.group.units * ratio)
+            keep = max(keep - keep % p.step, p.group.units - p.max_units)
+            out.append(min(p.group.units - keep, p.max_units))
+        return out
+
+    def lost(vector: list[int]) -> float:
+        return sum(sum(p.values[:units]) for p, units in zip(plans, vector) if p.fixed is None)
+
+    # the best single ratio within the budget (bisection: latency falls with the ratio)
+    lo, hi = 0.0, 1.0
+    best_uniform = None
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        vector = uniform(mid)
+        pred_u, macs_u = evaluate(vector)
+        if fits(pred_u, macs_u):
+            best_uniform, hi = (vector, pred_u, macs_u), mid
+        else:
+            lo = mid
+    # the greedy may not thin a group below `floor` of what that ratio leaves it: a channel of
+    # a high-resolution layer saves the most time, and a trunk cut to a sliver is a bottleneck
+    # fine-tuning does not recover from (seen on the segmentation benchmark)
+    limit = [p.max_units for p in plans]
+    if best_uniform is not None:
+        for k, p in enumerate(plans):
+            keep = p.group.units - best_uniform[0][k]
+            least = max(p.step, math.ceil(floor * keep))
+            limit[k] = max(0, min(p.max_units, p.group.units - least))
+
     def candidates(k: int) -> list[tuple[float, float, float, int]]:
         """Group k's next moves, 1, 2 or 4 steps (the first step brings the kept width onto the
         multiple): ``(value lost, ms saved, MACs saved, units)`` of those that save time."""
@@ -213,30 +275,27 @@ def allocate(plans: Sequence[GroupPlan], model: LatencyModel, budget_ms: float,
         moves = []
         for n_steps in (1, 2, 4):
             amount = head + (n_steps - 1) * p.step
-            if removed[k] + amount > p.max_units:
+            if removed[k] + amount > limit[k]:
                 break
             apply(k, amount, 1)
             after = [layer_cost(n) for n in names]
             apply(k, amount, -1)
             saved = sum(t for t, _ in before) - sum(t for t, _ in after)
             macs_saved = sum(m for _, m in before) - sum(m for _, m in after)
-            lost = sum(p.values[removed[k]:removed[k] + amount])
+            lost_value = sum(p.values[removed[k]:removed[k] + amount])
             if saved > 1e-12:
-                moves.append((lost, saved, macs_saved, amount))
+                moves.append((lost_value, saved, macs_saved, amount))
         return moves
 
-    neighbours: dict[int, set[int]] = {}
     by_layer: dict[str, set[int]] = {}
     for k, p in enumerate(plans):
         for name, _, _ in p.effects:
             by_layer.setdefault(name, set()).add(k)
-    for k, p in enumerate(plans):
-        neighbours[k] = set().union(*(by_layer[n] for n, _, _ in p.effects)) if p.effects \
-            else {k}
+    neighbours = {k: set().union(*(by_layer[n] for n, _, _ in p.effects)) if p.effects else {k}
+                  for k, p in enumerate(plans)}
+    pred, macs = evaluate([p.fixed or 0 for p in plans])
     cand = {k: candidates(k) for k in range(len(plans))}
-    pred, macs = total()
-    macs_cap = None if macs_budget is None or dense_macs is None else macs_budget * dense_macs
-    while pred > budget_ms or (macs_cap is not None and macs > macs_cap):
+    while not fits(pred, macs):
         latency_bound = pred > budget_ms
         moves = [(k, mv) for k, mvs in cand.items() for mv in mvs]
         if not latency_bound:  # only the MACs budget is left: value lost per MAC saved
@@ -260,54 +319,10 @@ def allocate(plans: Sequence[GroupPlan], model: LatencyModel, budget_ms: float,
         for k in neighbours[best_k]:
             cand[k] = candidates(k)
         pred, macs = total()
-    reached = pred <= budget_ms and (macs_cap is None or macs <= macs_cap)
-    greedy = (list(removed), pred, macs, reached)
-
-    def evaluate(vector: list[int]) -> tuple[float, int]:
-        """Predicted latency and MACs with ``vector`` units removed per group."""
-        cut_in.clear()
-        cut_out.clear()
-        for k, units in enumerate(vector):
-            if units:
-                apply(k, units, 1)
-        removed[:] = vector
-        return total()
-
-    def uniform(ratio: float) -> list[int]:
-        """One ratio for every group, kept widths on each group's step."""
-        out = []
-        for p in plans:
-            if p.fixed is not None:
-                out.append(p.fixed)
-                continue
-            keep = p.group.units - int(p.group.units * ratio)
-            keep = max(keep - keep % p.step, p.group.units - p.max_units)
-            out.append(min(p.group.units - keep, p.max_units))
-        return out
-
-    def fits(pred_ms: float, macs_now: int) -> bool:
-        return pred_ms <= budget_ms and (macs_cap is None or macs_now <= macs_cap)
-
-    # The greedy is myopic where costs couple (a conv's cost depends on two groups): the best
-    # single ratio within the budget is its floor. The better of the two, by value lost, wins.
-    lo, hi = 0.0, 1.0
-    best_uniform = None
-    for _ in range(20):
-        mid = (lo + hi) / 2
-        vector = uniform(mid)
-        pred_u, macs_u = evaluate(vector)
-        if fits(pred_u, macs_u):
-            best_uniform, hi = (vector, pred_u, macs_u), mid
-        else:
-            lo = mid
-
-    def lost(vector: list[int]) -> float:
-        return sum(sum(p.values[:units]) for p, units in zip(plans, vector) if p.fixed is None)
-
-    chosen = greedy
+    greedy = (list(removed), pred, macs, fits(pred, macs))
+    chosen, method = greedy, "greedy"
     if best_uniform is not None and (not greedy[3] or lost(best_uniform[0]) < lost(greedy[0])):
-        chosen = (best_uniform[0], best_uniform[1], best_uniform[2], True)
+        chosen, method = (best_uniform[0], best_uniform[1], best_uniform[2], True), "uniform"
     pred, macs = evaluate(chosen[0])
     widths = {name: widths_of(name) for name in calls}
-    return Allocation(list(chosen[0]), pred, macs, chosen[3], widths,
-                      "greedy" if chosen is greedy else "uniform")
+    return Allocation(list(chosen[0]), pred, macs, chosen[3], widths, method)
