@@ -18,8 +18,12 @@ This module does the same for any DepGraph group of any net with any registered 
 * **search**: greedy on value lost per millisecond saved, looking 1, 2 and 4 steps ahead (GPU
   kernels run in tiles, so one step can save nothing where two save a tile), until the
   predicted latency is within the budget (and the MACs within a MACs budget, if one is given);
-  the best single ratio on the same steps within the budget is computed too, and the one that
-  loses less value is kept (the greedy is myopic where a conv's cost couples two groups).
+* **bounds**: the best single ratio on the same steps within the budget is computed first; no
+  group keeps less than :data:`FLOOR` of the width it leaves that group (a channel of a
+  full-resolution layer saves the most time, and on the segmentation benchmark an unbounded
+  greedy cut the trunk to a sliver that fine-tuning did not recover from), and where that ratio
+  loses less value than the greedy's solution it is kept instead (the greedy is myopic where a
+  conv's cost couples two groups).
 
 The greedy is the classic knapsack heuristic (exact for divisible items); HALP solves a 0/1
 knapsack by dynamic programming on a fixed latency grid, which the coupled costs here (a
@@ -41,9 +45,10 @@ from .table import LatencyModel, width_step
 
 __all__ = ["FLOOR", "VALUES", "Allocation", "GroupPlan", "allocate", "plan_groups"]
 
-VALUES = ("importance_macs", "importance", "lamp", "lamp_macs")
-# no group keeps less than this fraction of the width the best single ratio leaves it
-FLOOR = 0.5
+VALUES = ("importance_macs", "importance")
+# no group keeps less than this fraction of the width the best single ratio leaves it (0.5 and
+# 0.75 / 0.9 were compared on the segmentation benchmark: docs/deploy.md)
+FLOOR = 0.75
 
 
 @dataclass
@@ -139,15 +144,7 @@ def plan_groups(groups: Sequence[ScoredGroup], names: dict[nn.Module, str],
         imp = g.importance.clamp_min(0)
         mean = float(imp.mean()) if len(imp) else 0.0
         norm = sorted((float(v) / mean if mean > 0 else 1.0) for v in imp)
-        if value.startswith("lamp"):
-            # LAMP (Lee et al., ICLR 2021): a unit's score over the scores of the units still
-            # there, so a group's last units grow dear and no group collapses
-            total, suffix = sum(norm), []
-            for v in norm:
-                suffix.append(v / total if total > 0 else 1.0)
-                total -= v
-            norm = [v * units for v in suffix]
-        weight = g.ch_groups * (macs_per_unit if value.endswith("macs") else 1.0)
+        weight = g.ch_groups * (macs_per_unit if value == "importance_macs" else 1.0)
         values = [v * weight for v in norm]
         fixed = None
         if g.user_ratio is not None:
