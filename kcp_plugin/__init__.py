@@ -11,6 +11,7 @@ from .deploy import (
     export_onnx,
     measure_latency,
 )
+from .distill import DistillConfig, Distiller
 from .errors import CriterionError, TargetUnreachable, UnprunableError
 from .graph import count_macs_params
 from .importance import KCPImportance
@@ -33,6 +34,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Backend",
     "CriterionError",
+    "DistillConfig",
+    "Distiller",
     "ExportReport",
     "KCPImportance",
     "LatencyStats",

@@ -24,6 +24,11 @@ of the unpruned model taken when the schedule is made, or ``dense_model`` for a 
 already), then prunes with :func:`kcp_plugin.prune`'s latency target the rest of the way,
 ``r / kept`` of the model as it is then (capped by ``target_macs_ratio`` when both are given).
 The integrations (the mmseg hook, timm's schedule) drive this one implementation.
+
+With ``distill=`` the schedule also keeps the dense model as a frozen teacher (a copy taken when
+the schedule is made, or ``teacher=``) and :meth:`PruningScheduler.distill_loss` gives the
+distillation terms of a training step (:class:`kcp_plugin.distill.Distiller`: output, kept-channel
+feature and DCA terms); they follow the student through every pruning point.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import torch_pruning as tp
 
 from .deploy.backends import Backend
 from .deploy.latency import compare_latency
+from .distill import DistillConfig, Distiller
 from .errors import TargetUnreachable
 from .graph import ForwardFn, count_macs_params, default_forward
 from .optim import rebuild_optimizer
@@ -153,12 +159,22 @@ class PruningScheduler:
             architecture (weights do not matter), or a function without arguments that
             builds it, called at the latency point. Default: a CPU copy of ``model`` taken
             now; a pruned model without it is refused.
+        distill: Distillation from the dense model during training (:class:`DistillConfig`,
+            a dict of its fields or an output loss name such as ``"kl"``); add
+            :meth:`distill_loss` to the task loss of every step. Adapters (``adapter=True``)
+            are refused: the student is pruned again during the schedule.
+        teacher: The teacher of ``distill`` (default: a copy of ``model`` taken now, frozen; a
+            model pruned already needs it: its unpruned version with the dense weights).
+        output_fn: Which tensor of the model's output is distilled (default:
+            :func:`kcp_plugin.distill.main_output`).
 
     Attributes:
         latency: After the latency point (None before): ``target``, ``ratio`` (latency kept of
             the dense model's), ``ms``, ``dense_ms``, ``setting`` (the backend),
             ``allocation``, ``call`` (the point's call index) and ``earlier`` (what the
             earlier points had kept); saved in :meth:`state_dict`.
+        distiller: The :class:`kcp_plugin.distill.Distiller` of ``distill`` (None without);
+            ``distiller.teacher`` is the teacher.
 
     Raises:
         ValueError / TypeError: invalid schedule, criterion or latency arguments (before the
@@ -192,6 +208,9 @@ class PruningScheduler:
         latency_backend: str | dict[str, Any] | Backend | None = None,
         latency_allocation: str = "table",
         dense_model: nn.Module | Callable[[], nn.Module] | None = None,
+        distill: DistillConfig | dict[str, Any] | str | None = None,
+        teacher: nn.Module | None = None,
+        output_fn: Callable[[Any], torch.Tensor] | None = None,
     ):
         if target_macs_ratio is None and target_latency_ratio is None:
             raise ValueError("give target_macs_ratio (fraction of the dense MACs kept) or "
@@ -213,6 +232,18 @@ class PruningScheduler:
                                             or callable(dense_model)):
             raise TypeError("dense_model must be a module or a function that builds one, got "
                             f"{type(dense_model).__name__}")
+        distill = DistillConfig.from_value(distill)
+        if distill is not None and distill.adapter:
+            raise ValueError("PruningScheduler: distillation adapters (adapter=True) need a "
+                             "student of fixed width, and a schedule prunes it during "
+                             "training: distil the teacher's kept channels (adapter=False)")
+        if distill is not None and teacher is None and get_plan(model)["history"]:
+            raise ValueError("PruningScheduler: distill needs the dense teacher, and this model "
+                             "is pruned already: pass teacher= (the unpruned model with the "
+                             "dense weights)")
+        if teacher is not None and distill is None:
+            raise ValueError("PruningScheduler: teacher= is given without distill= (what to "
+                             "distil: e.g. distill='kl')")
         mode, ramp = resolve_mode(mode, ramp)
         if decay not in ("linear", "exponential"):
             raise ValueError(f"decay must be 'linear' or 'exponential'; got {decay!r}")
@@ -247,6 +278,20 @@ class PruningScheduler:
         self.intermediate_tolerance = 0.05
         self.calls = 0
         self.macs_dense = count_macs_params(model, example_inputs, self.forward_fn)[0]
+        self.distiller: Distiller | None = None
+        if distill is not None:
+            self.distiller = Distiller(
+                teacher if teacher is not None else copy.deepcopy(model), model, distill,
+                example_inputs, self.forward_fn, output_fn)
+
+    def distill_loss(self, inputs: Any, output: Any, labels: Any = None
+                     ) -> dict[str, torch.Tensor]:
+        """The distillation terms of one training step (empty without ``distill``): call it
+        after the model's forward on ``inputs`` gave ``output``; ``labels`` feed DCA terms.
+        Add ``sum(terms.values())`` to the task loss, or log each term."""
+        if self.distiller is None:
+            return {}
+        return self.distiller(inputs, output, labels)
 
     # ------------------------------------------------------------------ schedule arithmetic
     def point_at(self, call: int) -> int | None:
@@ -421,11 +466,15 @@ class PruningScheduler:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """Plain-data state, with the latency point's outcome; the model's structure is in its
-        pruning plan."""
-        return {"calls": self.calls, "targets": list(self.targets), "mode": self.mode,
-                "macs_dense": self.macs_dense, "target_latency_ratio": self.target_latency_ratio,
-                "latency": self.latency}
+        """Plain-data state, with the latency point's outcome and the distiller's statistics;
+        the model's structure is in its pruning plan, the teacher's weights are saved apart
+        (once: ``scheduler.distiller.teacher.state_dict()``)."""
+        state = {"calls": self.calls, "targets": list(self.targets), "mode": self.mode,
+                 "macs_dense": self.macs_dense,
+                 "target_latency_ratio": self.target_latency_ratio, "latency": self.latency}
+        if self.distiller is not None:  # DCA statistics (tensors); the teacher is saved apart
+            state["distill"] = self.distiller.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the step counter (after the model's plan has been re-applied) and the
@@ -441,6 +490,8 @@ class PruningScheduler:
         # MACs of the model before the first prune: a resumed model may already be pruned
         self.macs_dense = int(state["macs_dense"])
         self.latency = state.get("latency")
+        if self.distiller is not None and "distill" in state:
+            self.distiller.load_state_dict(state["distill"])
         if self.finished:
             self._dense = None
 

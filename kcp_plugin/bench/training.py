@@ -5,16 +5,18 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..distill import Distiller
 from ..optim import rebuild_optimizer
 from ..progress import progress_bar
 from .tasks import Task
 
-__all__ = ["train", "make_loader"]
+__all__ = ["train", "make_loader", "task_inputs"]
 
 
 def make_loader(ds: Dataset, batch_size: int, seed: int, shuffle: bool = True) -> DataLoader:
@@ -22,6 +24,12 @@ def make_loader(ds: Dataset, batch_size: int, seed: int, shuffle: bool = True) -
     gen = torch.Generator().manual_seed(seed)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen,
                       drop_last=shuffle)
+
+
+def task_inputs(task: Task, batch: tuple[torch.Tensor, ...]) -> Any:
+    """The model inputs of a batch (what ``default_forward`` takes): the image, or the
+    stereo pair as a tuple."""
+    return (batch[0], batch[1]) if task.name == "stereo" else batch[0]
 
 
 def train(
@@ -34,11 +42,14 @@ def train(
     desc: str = "train",
     progress: bool | None = None,
     on_step: Callable[[], bool] | None = None,
+    distiller: Distiller | None = None,
 ) -> list[float]:
     """Train ``model`` for ``steps`` iterations with AdamW and a cosine learning rate.
 
     ``on_step()`` runs after every optimizer step (a pruning scheduler's ``step``); when it
     returns ``True`` the model was pruned and the optimizer is re-pointed, state carried.
+    ``distiller`` (built with :func:`task_inputs` as its inputs) adds its terms to the task
+    loss of every step; the returned losses are the task loss alone, comparable across runs.
 
     Returns:
         The loss of every step (the caller checks that it went down).
@@ -60,9 +71,14 @@ def train(
     batches = itertools.chain.from_iterable(itertools.repeat(loader))
     bar = progress_bar(range(steps), enabled=progress, desc=desc)
     for _, batch in zip(bar, batches):
-        loss = task.loss(task.forward(model, batch), batch)
+        out = task.forward(model, batch)
+        loss = task.loss(out, batch)
+        total = loss
+        if distiller is not None:
+            labels = batch[1] if task.name != "stereo" else None
+            total = loss + sum(distiller(task_inputs(task, batch), out, labels).values())
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         opt.step()
         sched.step()
         losses.append(loss.item())
