@@ -124,7 +124,8 @@ class Distiller(nn.Module):
                                                          self.forward_fn)
         self.dca_layers = resolve_feature_layers(teacher, config.dca_layers, example_inputs,
                                                  self.forward_fn)
-        self._check_outputs(plain)
+        if config.output is not None:
+            self._check_outputs(plain)
         self.adapters = nn.ModuleDict()
         self._plan_length = -1
         self._kept: dict[str, torch.Tensor] = {}
