@@ -22,6 +22,12 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     # fixtures (synthetic data, small models) stand alone
     "kcp_plugin.data": ("kcp_plugin.",),
     "kcp_plugin.models": ("kcp_plugin.",),
+    # distillation reads plans and statistics; the schedule and every recipe call it, it
+    # never prunes
+    "kcp_plugin.distill": ("kcp_plugin.pruning", "kcp_plugin.run", "kcp_plugin.search",
+                           "kcp_plugin.safety_net", "kcp_plugin.schedule", "kcp_plugin.deploy",
+                           "kcp_plugin.recipes", "kcp_plugin.integrations", "kcp_plugin.bench",
+                           *FRONT_ENDS),
     # the benchmark drives the core; it is not part of any adapter
     "kcp_plugin.bench": ("kcp_plugin.integrations", *FRONT_ENDS),
 }

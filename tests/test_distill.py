@@ -342,3 +342,17 @@ def test_a_resumed_distilling_schedule_ends_where_the_uninterrupted_one_does(tmp
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-5), key
+
+
+def test_the_plain_pytorch_example_of_the_docs_runs():
+    """docs/distill.md's first example, as written (a minute's worth of it, on generated data)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "distill.md").read_text()
+    code = re.findall(r"```python\n(.*?)```", text, re.S)[0]
+    scope: dict = {}
+    exec(compile(code, "docs/distill.md", "exec"), scope)
+    assert scope["terms"].keys() == {"loss_distill_out", "loss_distill_dca"} | (
+        {"loss_distill_feat"})
+    assert scope["distiller"]._handles == []
