@@ -48,6 +48,7 @@ from collections.abc import Iterator
 from numbers import Number
 from typing import Any
 
+import torch
 import torch.nn as nn
 import torch_pruning as tp
 from torch_pruning import _helpers, ops
@@ -55,6 +56,8 @@ from torch_pruning.dependency import index_mapping as _tp_mapping
 from torch_pruning.dependency.dependency import Dependency
 from torch_pruning.dependency.group import Group
 from torch_pruning.pruner.algorithms import base_pruner as _tp_base_pruner
+
+from .channelwise import group_companions, prune_companions
 
 __all__ = ["DependencyGraph", "Pruner", "pruner_graph_class", "split_channel_groups"]
 
@@ -178,10 +181,19 @@ class DependencyGraph(tp.DependencyGraph):
         # CrossStage3 with one block); the mappings are recomputed below anyway
         update = _tp_mapping.update_index_mapping
         _tp_mapping.update_index_mapping = lambda graph: None
+        # upstream traces autograd: frozen parameters (a frozen backbone, an EMA copy) leave no
+        # graph there, and their layers would be silently unprunable. Every parameter requires
+        # grad while tracing; the user's flags are restored.
+        frozen = [p for p in model.parameters() if not p.requires_grad]
         try:
-            super().build_dependency(model, example_inputs, *args, **kwargs)
+            for p in frozen:
+                p.requires_grad_(True)
+            with torch.enable_grad():
+                super().build_dependency(model, example_inputs, *args, **kwargs)
         finally:
             _tp_mapping.update_index_mapping = update
+            for p in frozen:
+                p.requires_grad_(False)
         self._kcp_analyse()
         for node in self.module2node.values():  # upstream's unguarded mappings: start afresh
             for dep in node.dependencies:
@@ -591,8 +603,15 @@ class _Group(Group):
     the index mappings, changed)."""
 
     def prune(self, idxs: Any = None, record_history: bool = True) -> None:
+        # per-channel tensors of a conv / linear besides weight and bias (a weight-standardized
+        # conv's gain): upstream's pruners slice weight and bias only (channelwise.py)
+        owned = [] if idxs is not None else group_companions(
+            self._group, self._DG.is_out_channel_pruning_fn)
         try:
             super().prune(idxs, record_history)
+            for module, names, size, lost in owned:
+                prune_companions(module, names, size,
+                                 [i.idx if hasattr(i, "idx") else int(i) for i in lost])
         finally:
             if self._DG is not None:
                 self._DG._kcp_fresh = False

@@ -82,8 +82,11 @@ def host_forward(model: nn.Module, given: Any = None) -> Any:
 
 
 def host_pruners(model: nn.Module, given: dict[Any, Any] | None = None) -> dict[Any, Any]:
-    """The hosts' custom pruners for ``model`` with ``given`` ones taking precedence."""
-    pruners: dict[Any, Any] = {}
+    """The custom pruners for ``model``: the core's per-channel ones (frozen norms,
+    :mod:`kcp_plugin.channelwise`), the hosts', then ``given`` ones taking precedence."""
+    from .channelwise import channelwise_pruners
+
+    pruners: dict[Any, Any] = channelwise_pruners(model)
     for adapter in adapters_for(model):
         pruners.update(adapter.customized_pruners(model))
     return {**pruners, **(given or {})}

@@ -14,8 +14,9 @@ from collections.abc import Sequence
 import torch.nn as nn
 from torch_pruning.pruner import function
 
-__all__ = ["PatchMergingPruner", "GroupNormPruner", "ScalePruner", "BlurPoolPruner",
-           "ScaledStdConvPruner"]
+# NF-Nets' ScaledStdConv2d needs no pruner of its own: its per-filter gain is sliced with the
+# filters by the core (kcp_plugin.channelwise), and the conv stays a conv to every criterion.
+__all__ = ["PatchMergingPruner", "GroupNormPruner", "ScalePruner", "BlurPoolPruner"]
 
 
 def _norm_width(norm: nn.Module) -> int | None:
@@ -163,28 +164,3 @@ class BlurPoolPruner(function.BasePruningFunc):
 
     def get_in_channels(self, layer: nn.Module) -> int | None:
         return layer.channels
-
-
-class ScaledStdConvPruner(function.ConvPruner):
-    """timm's ``ScaledStdConv2d`` / ``ScaledStdConv2dSame`` (NF-Nets): a conv whose weights are
-    standardized per filter, scaled by ``gamma / sqrt(fan_in)`` and multiplied by a per-filter
-    ``gain`` parameter.
-
-    torch-pruning prunes the weight but not ``gain`` (the pruned conv then fails on mismatched
-    sizes). This pruner removes each pruned filter's gain with it, and when input channels go,
-    sets ``scale`` to what a conv built with the new fan-in would have.
-    """
-
-    TARGET_MODULES = None
-
-    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        keep = sorted(set(range(layer.out_channels)) - {int(i) for i in idxs})
-        super().prune_out_channels(layer, idxs)
-        layer.gain = self._prune_parameter_and_grad(layer.gain, keep, 0)
-        return layer
-
-    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-        fan_in = layer.weight[0].numel()
-        super().prune_in_channels(layer, idxs)
-        layer.scale = layer.scale * (fan_in / layer.weight[0].numel()) ** 0.5
-        return layer

@@ -21,7 +21,6 @@ from .pruners import (
     BlurPoolPruner,
     GroupNormPruner,
     PatchMergingPruner,
-    ScaledStdConvPruner,
     ScalePruner,
 )
 
@@ -51,8 +50,6 @@ PRUNERS: dict[str, Any] = {
     "timm.models.metaformer.Scale": ScalePruner(),
     "timm.models.metaformer.GroupNorm1NoBias": GroupNormPruner(),
     "timm.layers.blur_pool.BlurPool2d": BlurPoolPruner(),
-    "timm.layers.std_conv.ScaledStdConv2d": ScaledStdConvPruner(),
-    "timm.layers.std_conv.ScaledStdConv2dSame": ScaledStdConvPruner(),
 }
 
 
