@@ -34,6 +34,14 @@ latency target until the network keeps ``r`` of the latency of the dense network
 adds: the dense reference of a resumed run (the freshly built segmentor, copied before the
 checkpoint's plan is replayed on it), the runtime and device checks at ``before_train``, and the
 outcome in the log, the message hub and the checkpoint meta.
+
+Distillation (``distill=dict(type='kl', ...)``, the fields of
+:class:`kcp_plugin.distill.DistillConfig`): the model as it is at ``before_train`` (after
+``load_from``) becomes the frozen teacher, and every training step's loss dict gains the
+distillation terms (``loss_distill_out``, ``loss_distill_feat``, ``loss_distill_dca``), which
+mmengine sums into the total loss and logs (:mod:`.distill`). The teacher is not a submodule of
+the model: not in the optimizer, the DDP wrapper or the checkpoints. It is written once per run
+to ``work_dir/distill_teacher.pth`` and rebuilt from that file on resume.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ import functools
 import inspect
 import json
 import os.path as osp
+import uuid
 from typing import Any
 
 import torch
@@ -61,6 +70,7 @@ from kcp_plugin import (
     prune,
     rebuild_optimizer,
 )
+from kcp_plugin.distill import DistillConfig, Distiller
 from kcp_plugin.distributed import prune_on_every_rank
 from kcp_plugin.graph import preserved_modes, resolve_layers
 from kcp_plugin.plan import validate_plan
@@ -70,6 +80,14 @@ from kcp_plugin.schedule import RAMPS, PruningScheduler, resolve_mode
 from kcp_plugin.stats import RecentBatches
 
 from .checkpoint import META_KEY, raise_on_size_mismatch
+from .distill import (
+    TEACHER_FILE,
+    SegmentorDistillLoss,
+    check_distill_config,
+    check_segmentor,
+    load_teacher,
+    save_teacher,
+)
 from .optim_wrapper import RegularizerMixin
 from .registry import HOOKS
 from .structure import example_inputs, output_convs, sync_structure, trace_forward, unwrap
@@ -123,6 +141,17 @@ class PruningHook(Hook):
             checked before training; a MACs target only skips the timing, with a warning).
         latency_allocation: ``'table'`` (per-group widths from a latency table of the
             backend) or ``'uniform'`` (one channel ratio, searched on measured latency).
+        distill: Distillation from the model as it is when training starts (the dense
+            network, or the ``load_from`` checkpoint): a dict of
+            :class:`kcp_plugin.distill.DistillConfig` fields (``type`` or ``output``: ``'kl'``,
+            ``'cwd'``, ``'l1'``, ``'mse'`` or None; ``weight``, ``temperature``, ``layers``,
+            ``layer_weight``, ``dca_layers``, ``dca_weight``, ``dca_batches``...), the name of
+            an output loss, or None (off). The output compared is the decode head's logits;
+            the terms join mmseg's loss dict. Adapters (``adapter=True``) are refused.
+
+    Attributes:
+        distiller: The :class:`kcp_plugin.distill.Distiller` of ``distill`` (None before
+            ``before_train`` or without ``distill``); ``distiller.teacher`` is the teacher.
     """
 
     priority = "ABOVE_NORMAL"  # before EMAHook (NORMAL) and CheckpointHook (VERY_LOW)
@@ -141,9 +170,11 @@ class PruningHook(Hook):
         target_latency_ratio: float | None = None,
         latency_backend: str | dict[str, Any] | Backend | None = None,
         latency_allocation: str = "table",
+        distill: DistillConfig | dict[str, Any] | str | None = None,
     ):
         # ---- everything is validated here, when the config is built, before any model exists
         info = importance_info(importance)  # unknown names list the valid ones
+        self.distill = check_distill_config(distill)
         if not isinstance(data_steps, int) or isinstance(data_steps, bool) or data_steps < 1:
             raise ValueError(f"data_steps must be an integer >= 1, got {data_steps!r}")
         from kcp_plugin import get_importance
@@ -219,12 +250,27 @@ class PruningHook(Hook):
         self._inputs: torch.Tensor | None = None
         self._loaded: dict[str, Any] | None = None
         self._batch: Any = None
+        # distillation: a resumed run's teacher (rebuilt from its file), where the teacher
+        # file is, the run it belongs to, the distiller of a one-shot pruning_ratio run (a
+        # schedule's is the scheduler's), and the loss that joins its terms to mmseg's
+        self._teacher: nn.Module | None = None
+        self._teacher_path: str | None = None
+        self._run_id: str | None = None
+        self._distiller: Distiller | None = None
+        self._distill_loss: SegmentorDistillLoss | None = None
 
     @property
     def latency(self) -> dict[str, Any] | None:
         """The latency target's outcome (:attr:`kcp_plugin.schedule.PruningScheduler.latency`),
         None before its point."""
         return self.scheduler.latency if self.scheduler is not None else None
+
+    @property
+    def distiller(self) -> Distiller | None:
+        """The distiller of ``distill`` (None before ``before_train`` or without it)."""
+        if self.scheduler is not None:
+            return self.scheduler.distiller
+        return self._distiller
 
     # ------------------------------------------------------------------ helpers
     def _model(self, runner) -> nn.Module:
@@ -279,6 +325,8 @@ class PruningHook(Hook):
         model = self._model(runner)
         raise_on_size_mismatch(model)
         self._protected(model)  # unknown ignored layers fail now, not at the first prune
+        if self.distill is not None:  # so do unknown distillation layers
+            check_segmentor(model, self.distill)
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         state = (checkpoint.get("meta") or {}).get(META_KEY)
@@ -286,6 +334,8 @@ class PruningHook(Hook):
             return
         plan = validate_plan(state["plan"])
         model = self._model(runner)
+        if self.distill is not None and getattr(runner, "_resume", False):
+            self._resume_teacher(runner, model, state, plan)  # before the plan is replayed
         if self.target_latency_ratio is not None and not get_plan(model)["history"]:
             self._dense = _cpu_copy(model)  # the freshly built, unpruned architecture
         if sync_structure(model, plan, self._example(runner)):
@@ -315,6 +365,7 @@ class PruningHook(Hook):
                     "latency, and this model was pruned before the hook saw it unpruned (the "
                     "config builds a pruned model?); build the dense segmentor and load_from "
                     "the pruned checkpoint, or use target_macs_ratio")
+            teacher = self._start_teacher(model)
             s = self.schedule
             self.scheduler = PruningScheduler(
                 model, inputs, self.importance, target_macs_ratio=self.target_macs_ratio,
@@ -325,6 +376,7 @@ class PruningHook(Hook):
                 target_latency_ratio=self.target_latency_ratio,
                 latency_backend=self.latency_backend,
                 latency_allocation=self.latency_allocation, dense_model=self._dense,
+                distill=self.distill, teacher=teacher,
             )
             self._dense = None  # the scheduler holds it now
             if loaded.get("resumed") and loaded.get("scheduler"):
@@ -333,6 +385,20 @@ class PruningHook(Hook):
                     self.scheduler.latency = loaded["latency"]  # saved beside it before
         else:
             self.calls = int(loaded.get("calls", 0)) if loaded.get("resumed") else 0
+            if self.distill is not None:
+                teacher = self._start_teacher(model)
+                self._distiller = Distiller(
+                    teacher if teacher is not None else copy.deepcopy(model), model,
+                    self.distill, inputs, trace_forward)
+                state = (loaded.get("distill") or {}).get("state")
+                if loaded.get("resumed") and state:
+                    self._distiller.load_state_dict(state)
+        self._teacher = None  # the distiller holds it now
+        if self.distiller is not None:  # after every copy of the model is taken
+            self._distill_loss = SegmentorDistillLoss(model, self.distiller)
+            self._distill_loss.install()
+            runner.logger.info(f"kcp_plugin: distilling from the model as training starts "
+                               f"({_describe_distill(self.distill)})")
         # One definition of "MACs of the model" in the logs: the deployed forward (tensor mode,
         # no auxiliary heads). The scheduler's targets count what it traces (with auxiliary
         # heads) and keep their own dense figure.
@@ -348,13 +414,28 @@ class PruningHook(Hook):
         by_epoch = self.schedule["by_epoch"]
         if self.info.requires_data and data_batch is not None:
             self._recent.add(data_batch)  # every batch: an epoch's point sees the last ones
-        if by_epoch and batch_idx != 0:
-            return
-        self._batch = data_batch
-        try:
-            self._step(runner, runner.epoch if by_epoch else runner.iter)
-        finally:
-            self._batch = None
+        if not by_epoch or batch_idx == 0:
+            self._batch = data_batch
+            try:
+                self._step(runner, runner.epoch if by_epoch else runner.iter)
+            finally:
+                self._batch = None
+        if self._distill_loss is not None:  # the training step's loss distils; a pruning
+            self._distill_loss.active = True  # point's criterion losses (above) did not
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch: Any = None,
+                         outputs: Any = None) -> None:
+        if self._distill_loss is not None:
+            self._distill_loss.active = False
+
+    def after_train(self, runner) -> None:
+        """Give the segmentor its own ``loss`` back and drop the distiller's feature hooks
+        (the distiller and its teacher stay readable on the hook)."""
+        if self._distill_loss is not None:
+            self._distill_loss.remove()
+            self._distill_loss = None
+        if self.distiller is not None:
+            self.distiller.remove()
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
         model = self._model(runner)
@@ -366,6 +447,7 @@ class PruningHook(Hook):
             "calls": self.calls,
             "importance": self.importance,
             "latency": self.latency,
+            "distill": self._distill_meta(runner),
         }
 
     # ------------------------------------------------------------------ pruning
@@ -449,6 +531,58 @@ class PruningHook(Hook):
             with open(osp.join(runner.work_dir, "kcp_pruning_plan.json"), "w") as f:
                 json.dump(plan, f)
 
+    # ------------------------------------------------------------------ distillation
+    def _start_teacher(self, model: nn.Module) -> nn.Module | None:
+        """The teacher for the distiller (None: the scheduler copies the model itself): a
+        resumed run's teacher, or a copy of a model that is pruned already (``load_from`` a
+        pruned checkpoint: the model as training starts)."""
+        if self.distill is None:
+            return None
+        if self._run_id is None:
+            self._run_id = uuid.uuid4().hex  # ties the teacher file to this run's checkpoints
+        if self._teacher is not None:
+            return self._teacher
+        return copy.deepcopy(model) if get_plan(model)["history"] else None
+
+    def _resume_teacher(self, runner, model: nn.Module, state: dict[str, Any],
+                        plan: dict[str, Any]) -> None:
+        """Rebuild the teacher of the run being resumed, on a copy of the freshly built model
+        (called before the checkpoint's plan is replayed on it)."""
+        record = state.get("distill")
+        if not record:
+            if plan["history"]:
+                raise ValueError(
+                    "PruningHook distill: the checkpoint was saved without distillation and "
+                    "its model is pruned, so its dense teacher is unknown; resume without "
+                    "distill, or start a distilled run from a dense checkpoint (load_from)")
+            return  # not pruned yet: the model as training starts is the teacher
+        load_from = getattr(runner, "_load_from", None)
+        beside = osp.dirname(load_from) if load_from else runner.work_dir
+        candidates = [osp.join(beside, TEACHER_FILE), record["teacher"],
+                      osp.join(runner.work_dir, TEACHER_FILE)]
+        teacher, path = load_teacher(model, candidates, record["run_id"],
+                                     self._example_for(model))
+        self._teacher = teacher.to(_device(model))
+        self._teacher_path, self._run_id = path, record["run_id"]
+        runner.logger.info(f"kcp_plugin: distillation teacher rebuilt from {path}")
+
+    def _distill_meta(self, runner) -> dict[str, Any] | None:
+        """The checkpoint's distillation record; writes the teacher file at the run's first
+        checkpoint (the checkpoints themselves never hold the teacher)."""
+        distiller = self.distiller
+        if distiller is None or self.distill is None:
+            return None
+        path = osp.abspath(osp.join(runner.work_dir, TEACHER_FILE))
+        if self._teacher_path != path:
+            if runner.rank == 0:
+                save_teacher(distiller.teacher, path, str(self._run_id))
+            self._teacher_path = path
+        meta: dict[str, Any] = {"teacher": path, "run_id": self._run_id,
+                                "config": self.distill.to_dict()}
+        if self.scheduler is None:  # a schedule's distiller state is in the scheduler's
+            meta["state"] = distiller.state_dict()
+        return meta
+
     def _check_latency(self, imports: bool = False) -> Backend | None:
         """The latency arguments, checked by the core (``imports``: the runtime too)."""
         return check_latency_arguments(
@@ -482,6 +616,17 @@ def _check_device(model: nn.Module, backend: Backend) -> None:
         f"latency_backend={backend.name!r}) and fine-tune the pruned model with load_from (for "
         f"the channel multiple alone: prune_kwargs=dict(round_to="
         f"{backend.channel_multiple()}) and no latency_backend)")
+
+
+def _describe_distill(config: DistillConfig) -> str:
+    parts = []
+    if config.output is not None:
+        parts.append(f"output {config.output} x {config.weight} at T={config.temperature}")
+    if config.layers:
+        parts.append(f"features of {', '.join(config.layers)} x {config.layer_weight}")
+    if config.dca_layers:
+        parts.append(f"DCA of {', '.join(config.dca_layers)} x {config.dca_weight}")
+    return "; ".join(parts)
 
 
 def _cpu_copy(model: nn.Module) -> nn.Module:
