@@ -174,6 +174,7 @@ class DependencyGraph(tp.DependencyGraph):
                          **kwargs: Any) -> DependencyGraph:
         self.unmapped: list[Any] = []
         self.fixed_splits: list[Any] = []
+        self.untraced_roots: list[tuple[Any, BaseException]] = []
         self._kcp_fresh = False
         self._kcp_pruners: dict[int, tuple[Any, Any]] = {}
         # upstream ends its build with an unguarded index_mapping.update_index_mapping, which
@@ -575,7 +576,8 @@ class DependencyGraph(tp.DependencyGraph):
     def get_all_groups(self, ignored_layers: Any = (), root_module_types: Any = (
             ops.TORCH_CONV, ops.TORCH_LINEAR)) -> Iterator[Any]:
         """Upstream's ``DependencyGraph.get_all_groups`` with an identity set of visited layers
-        (upstream scans a list for every candidate root)."""
+        (upstream scans a list for every candidate root); a root whose group cannot be traced
+        is skipped and recorded in ``untraced_roots`` (``(module, exception)``)."""
         visited: dict[int, Any] = {}
         ignored = list(ignored_layers) + list(self.IGNORED_LAYERS_IN_TRACING)
         ignored_ids = {id(m) for m in ignored}
@@ -586,8 +588,15 @@ class DependencyGraph(tp.DependencyGraph):
             pruner = self.get_pruner_of_module(m)
             if pruner is None or pruner.get_out_channels(m) is None:
                 continue
-            group = self.get_pruning_group(m, pruner.prune_out_channels,
-                                           list(range(pruner.get_out_channels(m))))
+            try:
+                group = self.get_pruning_group(m, pruner.prune_out_channels,
+                                               list(range(pruner.get_out_channels(m))))
+            except Exception as exc:  # upstream's index mappings can raise (IndexError in
+                # index_mapping.py on RT-DETR): this root's group is left out and recorded, the
+                # safety checks protect it by name (safety.invalid_groups)
+                self.untraced_roots.append((m, exc))
+                visited[id(m)] = m
+                continue
             prunable = True
             for dep, _ in group:
                 if self.is_out_channel_pruning_fn(dep.handler):

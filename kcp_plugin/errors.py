@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["CriterionError", "ExportError", "TargetUnreachable", "UnprunableError"]
+__all__ = ["CriterionError", "ExportError", "TargetUnreachable", "UnprunableError",
+           "upstream_error"]
 
 
 class UnprunableError(ValueError):
@@ -56,3 +57,32 @@ class ExportError(ValueError):
         super().__init__(message)
         self.op = op
         self.layer = layer
+
+
+def upstream_error(exc: BaseException, doing: str) -> UnprunableError | None:
+    """The :class:`UnprunableError` that replaces a raw error raised inside torch-pruning while
+    ``doing`` (e.g. ``"pruning"``), or None for any other error (the plugin's own, the user's
+    callbacks', an interrupt), which passes unchanged.
+
+    The promise of every entry point is that no raw torch-pruning error reaches the caller: the
+    model is left as it was, and the message names the upstream function that failed.
+    """
+    if isinstance(exc, (UnprunableError, CriterionError, ExportError)) \
+            or not isinstance(exc, Exception):
+        return None
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code)
+        tb = tb.tb_next
+    upstream = [f for f in frames if "torch_pruning" in f.co_filename.replace("\\", "/")
+                .split("/")]
+    if not upstream:
+        return None
+    where = upstream[-1]
+    module = where.co_filename.replace("\\", "/").split("torch_pruning/")[-1]
+    return UnprunableError(
+        f"torch-pruning failed while {doing} ({type(exc).__name__}: {exc}, in {where.co_name} "
+        f"of torch_pruning/{module}); the model was left as it was. This is an operation "
+        "torch-pruning cannot map channels through: pass the layers around it in "
+        "ignored_layers, or report the model")

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from .attention import apply_attrs
+from .errors import upstream_error
 from .graph import ForwardFn, build_graph
 from .hosts import adapters_for, host_forward
 
@@ -162,9 +163,12 @@ def apply_plan(
         apply_attrs(model, plan["attrs"])
         for host in adapters_for(model):
             host.after_replay(model)
-    except BaseException:
+    except BaseException as exc:
         snapshot.restore()
-        raise
+        converted = upstream_error(exc, "replaying the pruning plan")
+        if converted is None:
+            raise
+        raise converted from exc
     set_plan(model, copy.deepcopy(plan))
     return model
 

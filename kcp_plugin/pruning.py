@@ -3,11 +3,12 @@ atomically."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -19,7 +20,7 @@ from .attention import detect_num_heads
 from .deploy.backends import Backend, as_backend, check_fits, default_multiples, unavailable
 from .deploy.latency import compare_latency, fill_latency
 from .deploy.search import LatencyTarget, TableAllocator, check_latency_target, prune_to_latency
-from .errors import TargetUnreachable
+from .errors import TargetUnreachable, upstream_error
 from .graph import (
     ForwardFn,
     LayerRef,
@@ -95,6 +96,20 @@ def _check_ratio(name: str, value: float | None, low: float, high: float, closed
     if not ok:
         interval = f"({low}, {high}]" if closed else f"[{low}, {high})"
         raise ValueError(f"{name} must be in {interval}, got {value}")
+
+
+@contextlib.contextmanager
+def _no_raw_errors(doing: str = "pruning") -> Iterator[None]:
+    """A raw error from inside torch-pruning becomes an :class:`UnprunableError` naming the
+    upstream function (``errors.upstream_error``). A context manager, not a wrapper: the
+    warnings ``prune`` issues keep pointing at the caller."""
+    try:
+        yield
+    except Exception as exc:
+        converted = upstream_error(exc, doing)
+        if converted is None:
+            raise
+        raise converted from exc
 
 
 def prune(
@@ -289,17 +304,18 @@ def prune(
         ignored += [m for m in host.protected(model, example_inputs, fwd, customized_pruners)
                     if m not in ignored]
     # Tracing runs the model once more in eval mode (modes restored), no weight changes.
-    graph = checked_graph(model, example_inputs, fwd, output_transform,
-                          unwrapped_parameters=unwrapped_parameters,
-                          customized_pruners=customized_pruners)
-    names = {m: n for n, m in model.named_modules()}
-    outputs = output_layers(graph) if protect_outputs else []
-    inputs = input_layers(graph)
-    fixed = list(ignored) + [m for m in outputs + inputs if m not in ignored]
-    checks = invalid_groups(graph, fixed, names)
-    signature = output_signature(model, example_inputs, fwd)
-    del graph
-    macs0, params0 = count_macs_params(model, example_inputs, fwd)  # a dry run's copy: same
+    with _no_raw_errors("tracing the model"):
+        graph = checked_graph(model, example_inputs, fwd, output_transform,
+                              unwrapped_parameters=unwrapped_parameters,
+                              customized_pruners=customized_pruners)
+        names = {m: n for n, m in model.named_modules()}
+        outputs = output_layers(graph) if protect_outputs else []
+        inputs = input_layers(graph)
+        fixed = list(ignored) + [m for m in outputs + inputs if m not in ignored]
+        checks = invalid_groups(graph, fixed, names)
+        signature = output_signature(model, example_inputs, fwd)
+        del graph
+        macs0, params0 = count_macs_params(model, example_inputs, fwd)  # a dry run's copy: same
     if target_macs_ratio is not None:
         missed = uncounted_fraction(model, example_inputs, fwd, counted=macs0)
         if missed > 0.1:
@@ -361,9 +377,13 @@ def prune(
             raise type(exc)(f"{exc}{listing(auto)}", auto) from exc
         exc.protected = list(auto)
         raise
-    except BaseException:
+    except BaseException as exc:
         snapshot.restore()
-        raise
+        converted = upstream_error(exc, "pruning")
+        if converted is None:
+            raise
+        converted.protected = list(auto)
+        raise converted from exc
     if auto:
         warnings.warn(
             f"kcp_plugin kept {len(auto)} channel group(s) unpruned, since pruning them would "

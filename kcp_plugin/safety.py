@@ -145,8 +145,11 @@ def invalid_groups(
     a channel that does not exist, or the plugin's graph dropped such indices: ``clipped``),
     when it passes through a split / cat the graph could not map (``unmapped``) or a split
     into fixed unequal widths, or when magnitude importance cannot read the members' weights
-    at the traced indices.
+    at the traced indices; and a root whose group torch-pruning fails to trace
+    (``untraced_roots``: the error is named).
     """
+    ignored = list(ignored)
+    ignored_set = set(ignored)
     unmapped = {id(n) for n in getattr(graph, "unmapped", [])}
     probe = tp.importance.GroupMagnitudeImportance()
     fixed = {id(n): n for n in getattr(graph, "fixed_splits", [])}
@@ -193,6 +196,13 @@ def invalid_groups(
                           f"({describe_exception(exc)})")
         if reason is not None:
             bad.append((group[0].dep.target.module, describe_group(group, names, reason)))
+    for module, exc in getattr(graph, "untraced_roots", []):
+        if module in ignored_set:
+            continue
+        name = names.get(module, type(module).__name__)
+        bad.append((module, ProtectedGroup(
+            root=name, layers=[name], couplings=[],
+            reason=f"torch-pruning fails tracing its channel group ({describe_exception(exc)})")))
     return bad
 
 
