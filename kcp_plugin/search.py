@@ -119,6 +119,7 @@ def search_ratio(
     tol: float,
     settings: RunSettings,
     max_trials: int = 14,
+    pinned: dict[str, float] | None = None,
 ) -> tuple[float, dict[nn.Module, float], list[tuple[float, float]]]:
     """Find pruning settings whose pruned model keeps ``target`` of the MACs (within ``tol``).
 
@@ -127,19 +128,29 @@ def search_ratio(
     falsi on ``sqrt(MACs kept)`` brackets the answer in a few trials. On narrow networks one
     channel per layer can be worth more than the tolerance; then the two bracketing ratios are
     mixed: the first ``k`` groups (in graph order) get the higher one, and ``k`` is bisected,
-    which moves the MACs in steps of single groups.
+    which moves the MACs in steps of single groups. One group can still jump over the target
+    on its own (FPN's summed pyramid levels behind GroupNorms of 32 groups move 32 channels at
+    a time, a sixth of the MACs): that group is then pinned at each of its two widths in turn
+    and the ratio of all the others searched again (``pinned``: per-layer ratios by root
+    name that every trial keeps).
+
+    Raises:
+        TargetUnreachable: no setting tried is within ``tol``; the message gives the closest
+            one and the ``macs_tolerance`` that accepts it (the only way out that was tried).
 
     Returns:
         ``(ratio, extra per-layer ratios, trials as (ratio, MACs kept))``.
     """
     trials: list[tuple[float, float]] = []
     model = job.model
+    pinned = dict(pinned or {})
 
     def macs_kept(r: float, extra: dict[str, float] | None = None) -> float:
+        extra = {**(extra or {}), **pinned}
         if r == 0.0 and not extra:
             return 1.0
         trial = trial_copy(job, extra)
-        checked_run(trial, r, dict(extra or {}), replace(settings, progress=False))
+        checked_run(trial, r, dict(extra), replace(settings, progress=False))
         kept = count_macs_params(trial.model, settings.example_inputs, settings.forward_fn)[0]
         trials.append((r, kept / macs0))
         bar.update(1)
@@ -151,8 +162,14 @@ def search_ratio(
     try:
         lo, m_lo = 0.0, 1.0
         hi = settings.max_pruning_ratio
-        if abs(1.0 - target) <= tol:
-            return 0.0, {}, trials
+        modules = dict(model.named_modules())
+
+        def found(r: float, extra: dict[str, float]) -> tuple[float, dict[nn.Module, float],
+                                                              list[tuple[float, float]]]:
+            return r, {modules[n]: v for n, v in {**extra, **pinned}.items()}, trials
+
+        if abs(1.0 - target) <= tol and not pinned:
+            return found(0.0, {})
         m_hi = macs_kept(hi)
         if m_hi > target + tol:
             # MACs kept are not always monotonic in the ratio: where a block slices its output
@@ -173,7 +190,7 @@ def search_ratio(
                 + _mha_hint(model, settings)
             )
         if abs(m_hi - target) <= tol:
-            return hi, {}, trials
+            return found(hi, {})
         bracket = [(lo, m_lo), (hi, m_hi)]
         side = 0
         f_lo, f_hi = math.sqrt(m_lo), math.sqrt(m_hi)
@@ -185,7 +202,7 @@ def search_ratio(
                 r = (lo + hi) / 2
             m = macs_kept(r)
             if abs(m - target) <= tol:
-                return r, {}, trials
+                return found(r, {})
             if m > target:
                 lo, m_lo, f_lo = r, m, math.sqrt(m)
                 if side == -1:
@@ -201,24 +218,39 @@ def search_ratio(
                 break
         # Mix the bracketing ratios group by group.
         (lo, m_lo), (hi, m_hi) = bracket
-        roots = _group_roots(model, job.protected, settings)
-        best = min(bracket, key=lambda t: abs(t[1] - target))
+        roots = [n for n in _group_roots(model, job.protected, settings) if n not in pinned]
+        best = min(bracket, key=lambda t: abs(t[1] - target))[1]
         a, b = 0, len(roots)
         while b - a > 1:
             k = (a + b) // 2
             extra = {roots[j]: hi for j in range(k)}
             m = macs_kept(lo, extra)
-            if abs(m - target) < abs(best[1] - target):
-                best = (lo, m)
+            best = m if abs(m - target) < abs(best - target) else best
             if abs(m - target) <= tol:
-                return lo, {dict(model.named_modules())[n]: v for n, v in extra.items()}, trials
+                return found(lo, extra)
             a, b = (k, b) if m > target else (a, k)
-        raise TargetUnreachable(
+        if not pinned and a < len(roots):
+            # roots[a] alone jumps over the target: pin it at each of its widths, and search
+            # the ratio of the others again (they move in finer steps)
+            for width in (lo, hi):
+                try:
+                    r, extra, more = search_ratio(job, target, macs0, tol, settings,
+                                                  max_trials, pinned={roots[a]: width})
+                except TargetUnreachable as exc:
+                    closest = getattr(exc, "closest", None)
+                    if closest is not None and abs(closest - target) < abs(best - target):
+                        best = closest
+                    continue
+                return r, extra, trials + more
+        coarse = "" if not pinned else f" (also with {len(pinned)} group pinned)"
+        error = TargetUnreachable(
             f"could not reach target_macs_ratio={target} within {tol}: the closest setting "
-            f"keeps {best[1]:.4f} of the MACs: channel counts are too coarse (few channels per "
-            f"layer, round_to={settings.round_to}); loosen macs_tolerance, lower round_to, "
-            "or use global_pruning"
+            f"tried{coarse} keeps {best:.4f} of the MACs (channel groups move in steps too "
+            f"coarse for this tolerance; round_to={settings.round_to}); "
+            f"macs_tolerance={math.ceil(abs(best - target) * 1000) / 1000 + 0.001:g} accepts it"
         )
+        error.closest = best
+        raise error
     finally:
         bar.close()
 
