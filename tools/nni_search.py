@@ -16,6 +16,13 @@ fraction of the dense latency instead of a MACs target. While latency is measure
 run one at a time (unless --concurrency says otherwise), so that no trial is timed while
 another trains on the same cores; the backend measures on 1 thread by default.
 
+Distillation, as a searched choice: `distill` in the search space (a choice among `none`, an
+output loss `kl` / `cwd` / `l1` / `mse`, `features`, `dca`, or parts joined by `+` such as
+`kl+features`; `distill_weight`, `distill_temperature` beside it) makes every trial's fine-tuning
+distil from the trial's dense model, frozen; --distill fixes one for every trial instead, and
+--distill-layers names the layers of `features` / `dca` (default: the stage before the output
+layer). The trial lines and results.json name what each trial distilled.
+
 It prints its progress to stdout: dense training (a bar on a terminal, otherwise a line every
 tenth of the steps), the dense model against predicting the most frequent class everywhere,
 and one line per finished trial (NNI's trial number and id, status, metric, MACs kept,
@@ -27,6 +34,7 @@ parameters), next to NNI's own lines (web UI address).
     python tools/nni_search.py --config configs/nni/experiment_latency.yml \
         --search-space configs/nni/search_space_latency.json   # latency targets, torch CPU
     python tools/nni_search.py --quick --latency-backend onnxruntime   # + latency kept
+    python tools/nni_search.py --quick --distill kl+features   # every trial distils
 
 Exit codes: 0 done, 1 the experiment failed, 2 invalid arguments, search space or latency
 settings (e.g. --latency-backend cuda without a GPU), 3 NNI's tuner could not start in time
@@ -107,6 +115,20 @@ def _parser() -> argparse.ArgumentParser:
                    f"{QUICK_SETTINGS['n_train']} images, {QUICK_SETTINGS['finetune_steps']} "
                    "fine-tuning steps (overrides --n-train, --n-val, --batch-size, "
                    "--finetune-steps, --report-every)")
+    dis = p.add_argument_group(
+        "distillation", "every trial's distillation from its dense model during the "
+        "fine-tuning, when the search space has no `distill` key (it may search one)")
+    dis.add_argument("--distill", metavar="SPEC",
+                     help="none (default), kl, cwd, l1 or mse (output loss), features, dca, or "
+                     "parts joined by '+': kl+features")
+    dis.add_argument("--distill-layers", metavar="NAMES",
+                     help="comma-separated layers of features / dca (default: the stage "
+                     "before the output layer, e.g. head for segmentation)")
+    dis.add_argument("--distill-weight", type=float, metavar="W",
+                     help="weight of the output term (default 1; searchable as distill_weight)")
+    dis.add_argument("--distill-temperature", type=float, metavar="T",
+                     help="temperature of kl / cwd (default 1 / 4; searchable as "
+                     "distill_temperature)")
     lat = p.add_argument_group(
         "latency", "where every trial times its pruned model against the dense one (these "
         "override the config's `latency:` section; any of them turns the measurement on). "
@@ -152,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
         task=args.task, dense=args.dense or "", seed=args.seed, n_train=args.n_train,
         n_val=args.n_val, batch_size=args.batch_size, finetune_steps=args.finetune_steps,
         report_every=args.report_every, threads=args.threads or 0,
+        distill=args.distill or "none",
+        distill_layers=([n.strip() for n in args.distill_layers.split(",") if n.strip()]
+                        if args.distill_layers else None),
+        distill_weight=1.0 if args.distill_weight is None else args.distill_weight,
+        distill_temperature=args.distill_temperature,
     )
     if args.quick:
         chosen.update(QUICK_SETTINGS)

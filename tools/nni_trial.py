@@ -3,10 +3,14 @@
 
 Reads the experiment's fixed settings (--settings JSON), takes the tuner's parameters from
 ``nni.get_next_parameter()`` (or --params JSON when run by hand), prunes the dense benchmark
-model, fine-tunes it and reports intermediate and final accuracy with MACs to NNI (and the
-latency kept on the experiment's latency backend, when the search measures latency).
+model, fine-tunes it (distilling from the dense model when the trial's ``distill`` parameter, or
+the experiment's fixed one, says so) and reports intermediate and final accuracy with MACs and
+what was distilled to NNI (and the latency kept on the experiment's latency backend, when the
+search measures latency).
 
     python tools/nni_trial.py --settings out/settings.json --params '{"criterion": "kcp"}'
+    python tools/nni_trial.py --settings out/settings.json \
+        --params '{"criterion": "kcp", "distill": "kl+features"}'
 """
 
 from __future__ import annotations

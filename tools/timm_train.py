@@ -20,10 +20,25 @@ alike). Two ways to run timm's code:
   ``timm.scheduler.create_scheduler_v2``, ``timm.loss``, ``timm.utils.ModelEmaV3``,
   ``accuracy``), taking ``train.py``'s argument names and YAML config for the common options
   (listed by ``--help``). It saves ``last.pth.tar`` every epoch (state dict with plan,
-  optimizer, LR scheduler, pruning schedule, EMA) and resumes exactly with ``--resume``.
+  optimizer, LR scheduler, pruning schedule, EMA, random generators) and resumes exactly with
+  ``--resume``.
 
 Pruning options (``--kcp-*``) can also be set as ``kcp_*`` keys in the same YAML file
 (``--config``); command-line flags win. ``start`` / ``every`` count optimizer steps.
+
+Distillation from the dense model during the schedule (``--distill kl|cwd|l1|mse|features``,
+``--distill-weight``, ``--distill-temperature``, ``--distill-layers``, ``--distill-layer-weight``,
+``--distill-dca-layers``, ``--distill-config`` for any other
+:class:`kcp_plugin.distill.DistillConfig` field; YAML keys ``distill``, ``distill_layers``...),
+one ``DistillConfig`` for both modes. The teacher is the model before the first prune, frozen:
+never in the optimizer, the EMA copy, the DDP wrapper or the checkpoints. The built-in loop
+saves it once as ``teacher.pth.tar`` in the output folder and reloads it from beside the
+checkpoint on ``--resume``. With ``--train-script`` the script's ``ClassificationTask`` (timm's
+training task, which computes ``train.py``'s loss) is replaced in the loaded script by one that
+adds the distillation terms; the teacher is copied at the first training step (after
+pretrained weights and DDP's broadcast), one replica per rank. That mode refuses ``--resume``
+(``train.py``'s checkpoints do not hold the teacher) and ``--kd-model-name`` (timm's own
+distillation).
 
 A latency target (``--kcp-target-latency 0.5 --kcp-latency-backend cuda --kcp-latency-dtype
 bf16 --kcp-latency-batch 64``) is reached at the last pruning point; the earlier points follow
@@ -106,6 +121,28 @@ def kcp_parser() -> argparse.ArgumentParser:
                    help="timed passes per measurement (default 10)")
     g.add_argument("--kcp-latency-allocation", default="table",
                    help="table (per-layer widths from a latency table; default) | uniform")
+    d = p.add_argument_group(
+        "distillation from the dense model during the pruning schedule (also as distill* keys "
+        "in the YAML)")
+    d.add_argument("--distill", default=None, metavar="LOSS",
+                   help="output loss: kl | cwd | l1 | mse; features (feature terms only); none "
+                   "(off, whatever the other --distill-* options and the YAML say). The "
+                   "teacher is the model before the first prune, frozen")
+    d.add_argument("--distill-weight", type=float, default=None,
+                   help="weight of the output term (default 1)")
+    d.add_argument("--distill-temperature", type=float, default=None,
+                   help="temperature of kl / cwd (default 1 for kl, 4 for cwd)")
+    d.add_argument("--distill-layers", default=None, metavar="NAMES",
+                   help="comma-separated module names distilled feature to feature, on the "
+                   "teacher's kept channels (e.g. layer3,layer4)")
+    d.add_argument("--distill-layer-weight", type=float, default=None,
+                   help="weight of the feature term (default 1)")
+    d.add_argument("--distill-dca-layers", default=None, metavar="NAMES",
+                   help="comma-separated module names distilled in CDC's DCA subspace (needs "
+                   "class labels)")
+    d.add_argument("--distill-config", default=None, metavar="DICT",
+                   help="any kcp_plugin.distill.DistillConfig fields as a JSON / Python dict "
+                   "literal (dca_batches, dca_dim, num_classes...); the flags above win")
     return p
 
 
@@ -113,6 +150,16 @@ def kcp_parser() -> argparse.ArgumentParser:
 _ALIASES = {"kcp_target_macs_ratio": "kcp_target_macs",
             "kcp_target_latency_ratio": "kcp_target_latency"}
 _LATENCY_FIELDS = ("dtype", "batch", "device", "threads", "runs")
+# the --distill* options (YAML keys of the same names) and the DistillConfig fields they set
+_DISTILL_FIELDS = {"distill_weight": "weight", "distill_temperature": "temperature",
+                   "distill_layers": "layers", "distill_layer_weight": "layer_weight",
+                   "distill_dca_layers": "dca_layers"}
+_DISTILL_DESTS = ("distill", "distill_config", *_DISTILL_FIELDS)
+DISTILL_CHOICES = ("kl", "cwd", "l1", "mse", "features", "none")
+"""Values of ``--distill``: an output loss, ``features`` (the feature / DCA terms alone) or
+``none``."""
+TEACHER_FILE = "teacher.pth.tar"
+"""The teacher's weights, saved once in a distilling run's output folder (resume reads them)."""
 
 
 def _literal(value: Any, what: str) -> dict[str, Any] | None:
@@ -157,7 +204,9 @@ def parse_kcp(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     defaults = {}
     for key, value in cfg.items():
         dest = _ALIASES.get(key.replace("-", "_"), key.replace("-", "_"))
-        if dest.startswith("kcp_"):
+        if dest in _DISTILL_DESTS:  # not distill_loss_weight & co: train.py's own distillation
+            defaults[dest] = value
+        elif dest.startswith("kcp_"):
             if dest not in valid:
                 raise SystemExit(f"{key}: unknown pruning option; valid: "
                                  f"{', '.join(sorted(d for d in valid if d.startswith('kcp_')))}")
@@ -169,6 +218,7 @@ def parse_kcp(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     if kcp.kcp_target_macs is not None and not 0 < kcp.kcp_target_macs <= 1:
         raise SystemExit(f"--kcp-target-macs must be in (0, 1], got {kcp.kcp_target_macs}")
     kcp.kcp_latency = latency_backend(kcp)
+    kcp.distill = distill_config(kcp)
     if kcp.kcp_data_steps < 1:
         raise SystemExit(f"--kcp-data-steps must be >= 1, got {kcp.kcp_data_steps}")
     from kcp_plugin import importance_info
@@ -207,6 +257,74 @@ def latency_backend(kcp: argparse.Namespace) -> Any:
         raise SystemExit(str(exc)) from None
 
 
+def _names(value: Any, what: str) -> list[str]:
+    """Module names from a comma-separated string (flags) or a list (YAML)."""
+    if isinstance(value, str):
+        return [n.strip() for n in value.split(",") if n.strip()]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise SystemExit(f"{what}: module names, comma-separated or a YAML list, got {value!r}")
+
+
+def distill_config(kcp: argparse.Namespace) -> Any:
+    """The :class:`kcp_plugin.distill.DistillConfig` of the ``--distill*`` options (None: no
+    distillation), checked before anything is built."""
+    from kcp_plugin.distill import DistillConfig
+    from kcp_plugin.hints import did_you_mean
+
+    name = kcp.distill
+    given = [f"--{dest.replace('_', '-')}" for dest in _DISTILL_FIELDS
+             if getattr(kcp, dest) is not None]
+    fields = dict(_literal(kcp.distill_config, "--distill-config") or {})
+    if name is not None:
+        name = str(name).lower()
+        if name not in DISTILL_CHOICES:
+            raise SystemExit(f"--distill: unknown distillation {kcp.distill!r}"
+                             f"{did_you_mean(name, DISTILL_CHOICES)}; choose one of "
+                             f"{', '.join(DISTILL_CHOICES)} (features: the feature terms of "
+                             "--distill-layers / --distill-dca-layers alone)")
+        if name == "none":  # off, whatever the other options (a YAML's, say) hold
+            return None
+        fields.pop("type", None)
+        fields["output"] = None if name == "features" else name
+    elif not fields:
+        if given:
+            raise SystemExit(f"{', '.join(given)} refine --distill: add --distill "
+                             f"{' | '.join(DISTILL_CHOICES[:-1])}")
+        return None
+    for dest, field in _DISTILL_FIELDS.items():
+        value = getattr(kcp, dest)
+        if value is not None:
+            fields[field] = _names(value, f"--{dest.replace('_', '-')}") \
+                if field.endswith("layers") else value
+    try:
+        config = DistillConfig.from_value(fields)
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"--distill: {exc}") from None
+    if config.adapter:
+        raise SystemExit("--distill: adapters (adapter=True) need a student of fixed width, and "
+                         "the pruning schedule narrows it during training: distil the teacher's "
+                         "kept channels (leave adapter out)")
+    if not prunes(kcp):
+        raise SystemExit("--distill distils the dense model into the model the schedule prunes: "
+                         "add --kcp-target-macs or --kcp-target-latency")
+    return config
+
+
+def describe_distill(config: Any) -> str:
+    """One line for the log: ``kl (T 1, weight 1) + features of layer4 (weight 1)``."""
+    parts = []
+    if config.output is not None:
+        temperature = f"T {config.temperature:g}, " if config.output in ("kl", "cwd") else ""
+        parts.append(f"{config.output} ({temperature}weight {config.weight:g})")
+    if config.layers:
+        parts.append(f"features of {', '.join(config.layers)} (weight {config.layer_weight:g})")
+    if config.dca_layers:
+        parts.append(f"DCA of {', '.join(config.dca_layers)} (weight {config.dca_weight:g}, "
+                     f"after {config.dca_batches} batches)")
+    return " + ".join(parts)
+
+
 def prunes(kcp: argparse.Namespace) -> bool:
     """Whether a pruning target (MACs or latency) was asked for."""
     return kcp.kcp_target_macs is not None or kcp.kcp_target_latency is not None
@@ -221,9 +339,11 @@ def needs_batches(kcp: argparse.Namespace) -> bool:
 
 def make_schedule(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                   kcp: argparse.Namespace, emas: list[Any], input_size: Any = None,
-                  recent: Any = None, loss_fn: Any = None, ddp: Any = ()) -> Any:
+                  recent: Any = None, loss_fn: Any = None, ddp: Any = (),
+                  teacher: torch.nn.Module | None = None) -> Any:
     """The pruning schedule; ``recent`` (a :class:`kcp_plugin.RecentBatches` of ``(inputs,
-    target)``) and the training ``loss_fn`` feed gradient and data-driven criteria."""
+    target)``) and the training ``loss_fn`` feed gradient and data-driven criteria; with
+    ``--distill`` it distils from ``teacher`` (the dense model, frozen)."""
     from kcp_plugin import criterion_arguments, importance_info
     from kcp_plugin.integrations.timm import TimmPruningSchedule, default_inputs
 
@@ -250,6 +370,7 @@ def make_schedule(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         importance_kwargs=kcp.kcp_importance_kwargs, prune_kwargs=prune_kwargs,
         loss_fn=grad_loss, emas=emas, ddp=ddp, target_latency_ratio=kcp.kcp_target_latency,
         latency_backend=kcp.kcp_latency, latency_allocation=kcp.kcp_latency_allocation,
+        distill=kcp.distill, teacher=teacher if kcp.distill is not None else None,
     )
 
 
@@ -331,13 +452,113 @@ def _capture_ddp(found: list[Any], module: Any):
             module.NativeDDP = saved[1]
 
 
+def _script_args(module: Any, argv: list[str]) -> argparse.Namespace:
+    """``train.py``'s own arguments, parsed as its ``_parse_args`` does (its ``parser``, YAML
+    defaults from ``--config``), to refuse combinations before ``main()`` runs."""
+    parser, config_parser = getattr(module, "parser", None), getattr(module, "config_parser", None)
+    if not isinstance(parser, argparse.ArgumentParser):
+        return argparse.Namespace()
+    rest = argv
+    if isinstance(config_parser, argparse.ArgumentParser):
+        known, rest = config_parser.parse_known_args(argv)
+        if getattr(known, "config", None):
+            parser.set_defaults(**read_yaml(known.config))  # what train.py does itself
+    return parser.parse_known_args(rest)[0]
+
+
+def check_script_distill(module: Any, path: str, argv: list[str]) -> None:
+    """Refuse ``--distill`` with a ``train.py`` it cannot serve, before ``main()`` runs.
+
+    Raises:
+        SystemExit: a ``train.py`` without timm's training tasks (``ClassificationTask``,
+            timm's task API, as in 1.0.31), ``--kd-model-name`` (timm's own distillation:
+            one or the other), or ``--resume`` (the teacher is not in ``train.py``'s
+            checkpoints).
+    """
+    if not isinstance(getattr(module, "ClassificationTask", None), type):
+        raise SystemExit(f"--distill with --train-script needs a train.py that computes its loss "
+                         f"in timm's ClassificationTask (its task API); {path} does not: use "
+                         "the built-in loop (no --train-script), or a newer train.py")
+    args = _script_args(module, argv)
+    if getattr(args, "kd_model_name", None):
+        raise SystemExit("--distill and train.py's --kd-model-name both distil into the model; "
+                         "choose one (--distill's teacher is the dense model before pruning and "
+                         "follows its pruned channels)")
+    if getattr(args, "resume", ""):
+        raise SystemExit("--resume with --distill is not supported with --train-script: "
+                         "train.py's checkpoints do not hold the teacher (the dense model before "
+                         "the first prune). Run the built-in loop (no --train-script), which "
+                         f"saves it as {TEACHER_FILE} and resumes exactly")
+
+
+def _distilling_task(base: type, config: Any) -> type:
+    """``base`` (timm's ``ClassificationTask``) whose loss also distils from the dense model.
+
+    The teacher is copied from the student at the first training forward: after ``train.py``
+    loaded pretrained weights and wrapped the model in DDP (whose construction broadcast rank
+    0's weights, so every rank copies the same teacher), before the first optimizer step (so
+    before any prune). It is kept in the instance's ``__dict__``: no submodule of the task,
+    never in the optimizer, the EMA copy, the DDP wrapper or a checkpoint.
+    """
+    from kcp_plugin.distill import Distiller
+    from kcp_plugin.plan import get_plan
+    from kcp_plugin.stats import unwrap_model
+
+    train_logger = logging.getLogger("train")
+
+    class DistillingTask(base):
+        def _distiller_for(self, inputs: Any) -> Any:
+            distiller = self.__dict__.get("_kcp_distiller")
+            if distiller is not None:
+                return distiller
+            if not isinstance(inputs, torch.Tensor):
+                raise ValueError("--distill with --train-script distils batches of images; this "
+                                 f"run feeds {type(inputs).__name__} batches (NaFlex): use the "
+                                 "fixed-size loader")
+            student = unwrap_model(self.get_trainable_module())
+            if get_plan(student)["history"]:
+                raise ValueError("--distill: the model is pruned before training; the teacher "
+                                 "must be the dense model")
+            import copy
+
+            teacher = copy.deepcopy(student)
+            distiller = Distiller(teacher, student, config, inputs[:1].detach())
+            self.__dict__["_kcp_distiller"] = distiller
+            train_logger.info("kcp_plugin: distilling from the dense model (frozen; not in the "
+                              "optimizer, the EMA, DDP or the checkpoints): %s",
+                              describe_distill(config))
+            return distiller
+
+        def forward(self, input: torch.Tensor, target: torch.Tensor) -> dict[str, Any]:
+            distiller = self._distiller_for(input)  # its hooks before the student's forward
+            result = super().forward(input, target)
+            labels = None
+            if config.dca_layers:
+                if target.is_floating_point():
+                    raise ValueError("--distill-dca-layers needs class indices; mixup / cutmix "
+                                     "give soft targets: drop one or the other")
+                labels = target
+            terms = distiller(input, result["output"], labels)
+            if terms:
+                result["loss_task"] = result["loss"]
+                result["loss"] = result["loss"] + sum(terms.values())
+                result.update({k: v.detach() for k, v in terms.items()})
+            return result
+
+    DistillingTask.__name__ = DistillingTask.__qualname__ = f"Distilling{base.__name__}"
+    return DistillingTask
+
+
 def run_train_script(path: str, kcp: argparse.Namespace, argv: list[str]) -> Any:
     """Run timm's own ``train.py`` (``main()``) with the pruning schedule attached.
 
     Works single-process and under ``torchrun`` (the DDP wrapper ``train.py`` makes is re-made
-    around the pruned model at each pruning point; every rank prunes at the same step).
+    around the pruned model at each pruning point; every rank prunes at the same step). With
+    ``--distill`` the script's ``ClassificationTask`` is replaced (in the loaded script only) by
+    one that adds the distillation terms to its loss (:func:`_distilling_task`).
     """
     import kcp_plugin.integrations.timm as kt
+    from kcp_plugin.plan import get_plan
 
     if not os.path.isfile(path):
         raise SystemExit(f"--train-script: {path} does not exist (timm's train.py is in the "
@@ -357,6 +578,9 @@ def run_train_script(path: str, kcp: argparse.Namespace, argv: list[str]) -> Any
     if not hasattr(module, "main") or not hasattr(module, "create_model"):
         raise SystemExit(f"{path} does not look like timm's train.py (needs main() and "
                          "create_model imported at module level)")
+    original_task = getattr(module, "ClassificationTask", None)
+    if kcp.distill is not None:
+        check_script_distill(module, path, argv)
     state: dict[str, Any] = {}
     emas: list[Any] = []
     wrappers: list[Any] = []
@@ -370,6 +594,10 @@ def run_train_script(path: str, kcp: argparse.Namespace, argv: list[str]) -> Any
             if not model.__dict__.get("_kcp_timm_hooks"):
                 name = args[0] if args else kwargs.get("model_name")
                 kt.install_plan_hooks(model, base=name)
+            if kcp.distill is not None and get_plan(model)["history"]:
+                raise SystemExit("--distill: the model is created pruned (kcp_pruned with a "
+                                 "target or plan), so the dense teacher is not there; create "
+                                 "the dense model and prune during training (--kcp-target-macs)")
         return model
 
     def resolve_data_config(*args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -394,6 +622,8 @@ def run_train_script(path: str, kcp: argparse.Namespace, argv: list[str]) -> Any
     module.create_model = create_model
     if original_resolve is not None:
         module.resolve_data_config = resolve_data_config
+    if kcp.distill is not None:
+        module.ClassificationTask = _distilling_task(original_task, kcp.distill)
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     handle = register_optimizer_step_post_hook(on_step)
@@ -405,6 +635,8 @@ def run_train_script(path: str, kcp: argparse.Namespace, argv: list[str]) -> Any
     finally:
         sys.argv = argv0
         handle.remove()
+        if original_task is not None:
+            module.ClassificationTask = original_task
     return state.get("schedule")
 
 
@@ -497,7 +729,10 @@ def parse_builtin(argv: list[str]) -> argparse.Namespace:
 
 
 def _checkpoint(args: argparse.Namespace, model, optimizer, lr_scheduler, schedule, model_ema,
-                epoch: int, step: int, metric: float | None) -> dict[str, Any]:
+                epoch: int, step: int, metric: float | None, distill: Any = None
+                ) -> dict[str, Any]:
+    """Everything a resumed run needs but the teacher, which is saved once apart
+    (:data:`TEACHER_FILE`): ``kcp_distill`` names it and records the distillation settings."""
     return {
         "epoch": epoch, "step": step, "arch": args.model, "metric": metric,
         "state_dict": model.state_dict(),
@@ -505,7 +740,70 @@ def _checkpoint(args: argparse.Namespace, model, optimizer, lr_scheduler, schedu
         "optimizer": optimizer.state_dict(),
         "lr_scheduler": lr_scheduler.state_dict() if lr_scheduler is not None else None,
         "kcp_schedule": schedule.state_dict() if schedule is not None else None,
+        "kcp_distill": ({"config": distill.to_dict(), "teacher": TEACHER_FILE}
+                        if distill is not None else None),
+        "rng": _rng_state(),
     }
+
+
+def _rng_state() -> dict[str, Any]:
+    """The random generators' states (shuffling, augmentation, drop path), so that a resumed
+    run draws what the uninterrupted one would have drawn."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any] | None) -> None:
+    """Inverse of :func:`_rng_state` (checkpoints without it are left alone)."""
+    if not state:
+        return
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _resume_teacher(model: torch.nn.Module, path: str, resume: dict[str, Any],
+                    distill: Any) -> torch.nn.Module:
+    """The teacher of a resumed distilling run: the dense model (``model`` as created, before
+    the checkpoint's plan is applied) with the weights saved next to the checkpoint.
+
+    Raises:
+        SystemExit: the checkpoint's run did not distil, or its teacher file is missing.
+    """
+    import copy
+
+    record = resume.get("kcp_distill") or {}
+    teacher_path = os.path.join(os.path.dirname(os.path.abspath(path)),
+                                record.get("teacher", TEACHER_FILE))
+    if not record or not os.path.isfile(teacher_path):
+        why = ("its run did not distil" if not record
+               else f"{teacher_path} (the teacher's weights) is missing")
+        raise SystemExit(f"--resume {path} with --distill: {why}. A distilling run saves its "
+                         f"teacher, the dense model before the first prune, as {TEACHER_FILE} "
+                         "next to its checkpoints; resume without --distill, or put that file "
+                         "back")
+    if record.get("config") != distill.to_dict():
+        _logger.warning("the distillation settings differ from the checkpoint's (%s): the "
+                        "resumed run is not the interrupted one", record.get("config"))
+    teacher = copy.deepcopy(model)
+    teacher.load_state_dict(torch.load(teacher_path, map_location="cpu",
+                                       weights_only=True)["state_dict"])
+    return teacher
 
 
 # timm.data.dataset_factory's _EVAL_SYNONYM: the folder names create_dataset accepts for a
@@ -549,6 +847,7 @@ def run_builtin(argv: list[str]) -> dict[str, Any]:
         accuracy,
         dispatch_clip_grad,
         get_outdir,
+        random_seed,
         update_summary,
     )
 
@@ -560,7 +859,7 @@ def run_builtin(argv: list[str]) -> dict[str, Any]:
     check_runtime(kcp)
     for name in args.device_modules or ():  # as train.py: e.g. a device or model plug-in
         importlib.import_module(name)
-    torch.manual_seed(args.seed)
+    random_seed(args.seed)  # as train.py: torch, numpy and random (timm augmentations)
     device = torch.device(args.device)
     model_kwargs = dict(args.model_kwargs or {})
     for key, value in (("num_classes", args.num_classes), ("drop_rate", args.drop),
@@ -571,10 +870,30 @@ def run_builtin(argv: list[str]) -> dict[str, Any]:
     if not model.__dict__.get("_kcp_timm_hooks"):
         kt.install_plan_hooks(model, base=args.model, base_kwargs=model_kwargs,
                               input_size=kcp.kcp_input_size)
+    distill, teacher, teacher_source = kcp.distill, None, None
+    if distill is not None and kcp_plugin.get_plan(model)["history"]:
+        raise SystemExit("--distill: the model is created pruned (kcp_pruned with a target or "
+                         "plan), so the dense teacher is not there; create the dense model and "
+                         "prune during training (--kcp-target-macs)")
     resume = None
     if args.resume:  # the plan in the state dict rebuilds the pruned structure first
         resume = torch.load(args.resume, map_location="cpu", weights_only=True)
+        if distill is not None:  # the dense model, before the checkpoint prunes it
+            teacher = _resume_teacher(model, args.resume, resume, distill)
+            teacher_source = os.path.join(os.path.dirname(os.path.abspath(args.resume)),
+                                          resume["kcp_distill"].get("teacher", TEACHER_FILE))
+        elif resume.get("kcp_distill"):
+            _logger.warning("the checkpoint's run distilled from its dense model; this one does "
+                            "not (add the same --distill options to continue it)")
         model.load_state_dict(resume["state_dict"])
+    elif distill is not None:  # the teacher: the dense model as it starts training
+        import copy
+
+        teacher = copy.deepcopy(model)
+    if teacher is not None:
+        from kcp_plugin.distill import frozen_teacher
+
+        teacher = frozen_teacher(teacher.to(device))
     model.to(device)
 
     data_config = timm.data.resolve_data_config(vars(args), model=model)
@@ -613,7 +932,7 @@ def run_builtin(argv: list[str]) -> dict[str, Any]:
             recent = kcp_plugin.RecentBatches(kcp.kcp_data_steps, owner="timm_train")
         schedule = make_schedule(model, optimizer, kcp, [model_ema] if model_ema else [],
                                  input_size=data_config["input_size"], recent=recent,
-                                 loss_fn=loss_fn).attach()
+                                 loss_fn=loss_fn, teacher=teacher).attach()
     start_epoch, step = 0, 0
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
@@ -624,6 +943,7 @@ def run_builtin(argv: list[str]) -> dict[str, Any]:
         if model_ema is not None and resume.get("state_dict_ema"):
             model_ema.module.load_state_dict(resume["state_dict_ema"])
         start_epoch, step = int(resume["epoch"]) + 1, int(resume["step"])
+        rng = resume.get("rng")
 
     x = kt.default_inputs(model, kcp.kcp_input_size or data_config["input_size"]).to(device)
     # the dense baseline is the unpruned architecture, also for a model pruned at creation
@@ -635,18 +955,37 @@ def run_builtin(argv: list[str]) -> dict[str, Any]:
     output = get_outdir(args.output or "./output/train", exp_name)
     with open(os.path.join(output, "args.yaml"), "w") as f:
         yaml.safe_dump(vars(args), f, default_flow_style=False)
+    teacher_path = None
+    if teacher is not None:  # saved once per run folder, never in the checkpoints
+        teacher_path = os.path.join(output, TEACHER_FILE)
+        if teacher_source is None or not (os.path.exists(teacher_path)
+                                          and os.path.samefile(teacher_source, teacher_path)):
+            torch.save({"state_dict": teacher.state_dict(), "arch": args.model,
+                        "model_kwargs": model_kwargs, "distill": distill.to_dict()},
+                       teacher_path)
+        _logger.info("distilling from the dense model (%s, saved in %s): %s", args.model,
+                     teacher_path, describe_distill(distill))
+    if resume is not None:
+        _set_rng_state(rng)  # the draws the uninterrupted run makes from here on
     top1 = best = None
     t_start = time.time()
     for epoch in range(start_epoch, num_epochs):
         model.train()
         losses = AverageMeter()
+        distill_m = AverageMeter()
         for i, (inputs, target) in enumerate(train_loader):
             inputs, target = inputs.to(device), target.to(device)
             if recent is not None and not schedule.finished:
                 recent.add((inputs.detach(), target.detach()))  # for the next pruning point
-            loss = loss_fn(model(inputs), target)
+            logits = model(inputs)
+            loss = loss_fn(logits, target)
+            total = loss
+            if teacher is not None:
+                terms = schedule.distill_loss(inputs, logits, target)
+                total = loss + sum(terms.values())
+                distill_m.update(sum(float(v.detach()) for v in terms.values()), inputs.size(0))
             optimizer.zero_grad()
-            loss.backward()
+            total.backward()
             if args.clip_grad is not None:
                 dispatch_clip_grad(model.parameters(), args.clip_grad)
             optimizer.step()  # the pruning schedule runs here (optimizer post-hook)
@@ -656,8 +995,9 @@ def run_builtin(argv: list[str]) -> dict[str, Any]:
             lr_scheduler.step_update(num_updates=step)
             losses.update(loss.item(), inputs.size(0))
             if i % args.log_interval == 0:
-                _logger.info("epoch %d [%d/%d] loss %.4f lr %.3g", epoch, i, len(train_loader),
-                             losses.avg, optimizer.param_groups[0]["lr"])
+                _logger.info("epoch %d [%d/%d] loss %.4f%s lr %.3g", epoch, i, len(train_loader),
+                             losses.avg, f" distill {distill_m.avg:.4f}" if teacher is not None
+                             else "", optimizer.param_groups[0]["lr"])
             if args.max_steps is not None and step >= args.max_steps:
                 break
         if val_loader is not None:
@@ -672,16 +1012,20 @@ def run_builtin(argv: list[str]) -> dict[str, Any]:
         lr_scheduler.step(epoch + 1, top1)
         last = os.path.join(output, "last.pth.tar")
         torch.save(_checkpoint(args, model, optimizer, lr_scheduler, schedule, model_ema, epoch,
-                               step, top1), last)
+                               step, top1, distill), last)
         if top1 is not None and (best is None or top1 > best):  # timm's CheckpointSaver names
             best = top1
             shutil.copyfile(last, os.path.join(output, "model_best.pth.tar"))
         macs = kcp_plugin.count_macs_params(model, x)[0]
-        update_summary(epoch, {"loss": losses.avg, "macs_kept": macs / macs_dense},
+        train_row = {"loss": losses.avg, "macs_kept": macs / macs_dense}
+        if teacher is not None:
+            train_row["distill_loss"] = distill_m.avg
+        update_summary(epoch, train_row,
                        {"top1": top1} if top1 is not None else {},
                        os.path.join(output, "summary.csv"),
                        lr=optimizer.param_groups[0]["lr"], write_header=epoch == start_epoch)
-        _logger.info("epoch %d done: loss %.4f top1 %s MACs kept %.3f", epoch, losses.avg,
+        _logger.info("epoch %d done: loss %.4f%s top1 %s MACs kept %.3f", epoch, losses.avg,
+                     f" distill {distill_m.avg:.4f}" if teacher is not None else "",
                      f"{top1:.2f}" if top1 is not None else "-", macs / macs_dense)
         if args.max_steps is not None and step >= args.max_steps:
             break
@@ -692,6 +1036,8 @@ def run_builtin(argv: list[str]) -> dict[str, Any]:
         "macs_dense": macs_dense, "macs": macs, "macs_ratio": macs / macs_dense,
         "params": params, "top1": top1, "best_top1": best,
         "latency": schedule.latency if schedule is not None else None,
+        "distill": distill.to_dict() if distill is not None else None,
+        "teacher": teacher_path,
         "checkpoint": os.path.join(output, "last.pth.tar"), "output": output,
         "seconds": time.time() - t_start,
     }

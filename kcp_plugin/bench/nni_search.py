@@ -12,13 +12,18 @@ MACs. The search space (``configs/nni/search_space*.json``) may contain:
   experiment's latency backend (``SearchSettings.latency``, or the ``latency:`` section of the
   experiment config): each trial prunes to it with :func:`kcp_plugin.prune`'s latency target
   instead of a MACs target (``target_macs`` beside it is a MACs budget on top);
-* ``finetune_lr``, ``finetune_steps``: fine-tuning after the prune (AdamW, cosine schedule).
+* ``finetune_lr``, ``finetune_steps``: fine-tuning after the prune (AdamW, cosine schedule);
+* ``distill``: distillation from the trial's dense model during the fine-tuning
+  (:func:`distill_config`): ``none``, an output loss (``kl``, ``cwd``, ``l1``, ``mse``), and /
+  or ``features`` (kept-channel feature MSE) and ``dca`` (CDC's DCA subspace) at the
+  experiment's ``distill_layers`` (default: the stage before the output layer), joined by
+  ``+``: ``kl+features``; with ``distill_weight`` / ``distill_temperature`` (output term).
 
 Each trial reports the task metric every ``report_every`` fine-tuning steps (intermediate
 results, so NNI's assessors can stop bad trials early) and a final result
-``{"default": metric, "macs_ratio": ..., ...}``. With a latency backend (or a latency target)
-every trial also measures its pruned model against the dense one on that backend
-(:func:`kcp_plugin.compare_latency`, through :func:`kcp_plugin.prune`) and reports
+``{"default": metric, "macs_ratio": ..., "distill": ..., ...}``. With a latency backend (or
+a latency target) every trial also measures its pruned model against the dense one on that
+backend (:func:`kcp_plugin.compare_latency`, through :func:`kcp_plugin.prune`) and reports
 ``latency_ratio`` (latency kept) with the setting that measured it
 (:meth:`kcp_plugin.Backend.describe`: hardware, runtime, dtype, batch, threads); trials then run
 one at a time by default, since concurrent trials would slow each other's measurements.
@@ -42,6 +47,7 @@ adapter: the adapters are :mod:`kcp_plugin.integrations.nni`.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -64,6 +70,7 @@ if TYPE_CHECKING:
     from ..deploy.backends import Backend, Timer
 
 __all__ = [
+    "DISTILL_PARTS",
     "LATENCY_KEYS",
     "LATENCY_SECTION",
     "PARAM_KEYS",
@@ -79,11 +86,14 @@ __all__ = [
     "check_search_space",
     "config_latency",
     "constant_baseline",
+    "distill_config",
+    "distill_layers",
     "format_trial",
     "latency_backend",
     "launch_experiment",
     "measures_latency",
     "pareto_front",
+    "parse_distill",
     "quick_concurrency",
     "quick_settings",
     "run_search",
@@ -93,7 +103,12 @@ __all__ = [
     "train_dense",
 ]
 
-PARAM_KEYS = ("criterion", "target_macs", "target_latency", "finetune_lr", "finetune_steps")
+PARAM_KEYS = ("criterion", "target_macs", "target_latency", "finetune_lr", "finetune_steps",
+              "distill", "distill_weight", "distill_temperature")
+DISTILL_PARTS = ("kl", "cwd", "l1", "mse", "features", "dca")
+"""Parts of a ``distill`` value, joined by ``+`` (at most one output loss), or ``none``:
+output losses (:data:`kcp_plugin.distill.OUTPUT_LOSSES`), ``features`` (kept-channel feature
+MSE at :func:`distill_layers`) and ``dca`` (the same layers in CDC's DCA subspace)."""
 LATENCY_SECTION = "latency"
 """The experiment config's own section (not NNI's) holding :attr:`SearchSettings.latency`."""
 LATENCY_KEYS = ("backend", "device", "dtype", "batch", "threads", "runs", "warmup",
@@ -127,6 +142,13 @@ class SearchSettings:
         threads: torch CPU threads of every trial and of the dense training (0: leave torch's
             default). On a busy machine one thread can be several times faster than two (the
             threads wait for each other): 0.044 s against 0.46 s per segmentation step here.
+        distill: Every trial's distillation when the search space has no ``distill`` key
+            (:data:`DISTILL_PARTS` joined by ``+``, or ``"none"``).
+        distill_layers: Module names of the ``features`` / ``dca`` parts (default: the stage
+            before the output layer, :func:`distill_layers`).
+        distill_weight / distill_temperature: Weight and temperature of the output term when
+            the search space does not set them (temperature None: the loss's default, 1 for
+            ``kl``, 4 for ``cwd``).
         latency: Where every trial measures latency (:data:`LATENCY_KEYS`), e.g.
             ``"torch"`` (a runtime's name), ``{"backend": "torch", "threads": 1}`` or
             ``{"backend": "cuda", "dtype": "fp16", "batch": 32, "target": 0.5}``; missing
@@ -137,8 +159,9 @@ class SearchSettings:
 
     Raises:
         ValueError: ``n_train`` below ``batch_size`` (training drops incomplete batches, so
-            there would be none), ``batch_size`` / ``n_val`` below 1, or bad ``latency``
-            settings (an unknown key, backend, dtype or allocation, a target out of (0, 1]).
+            there would be none), ``batch_size`` / ``n_val`` below 1, bad ``latency``
+            settings (an unknown key, backend, dtype or allocation, a target out of (0, 1]),
+            or bad distillation settings (an unknown part, a weight below 0).
     """
 
     task: str = "segmentation"
@@ -154,6 +177,10 @@ class SearchSettings:
     report_every: int = 25
     data_steps: int = 4
     threads: int = 0
+    distill: str = "none"
+    distill_layers: list[str] | None = None
+    distill_weight: float = 1.0
+    distill_temperature: float | None = None
     latency: dict[str, Any] | str | None = None
 
     def __post_init__(self) -> None:
@@ -169,6 +196,17 @@ class SearchSettings:
             self.latency = {"backend": self.latency}
         if self.latency is not None:
             check_latency_options(self.latency)
+        self.distill = _spec_text(parse_distill(self.distill))
+        if isinstance(self.distill_layers, str):
+            self.distill_layers = [self.distill_layers]
+        if self.distill_layers is not None and (
+                not isinstance(self.distill_layers, (list, tuple)) or not self.distill_layers
+                or not all(isinstance(n, str) for n in self.distill_layers)):
+            raise ValueError(f"distill_layers must be a non-empty list of module names, got "
+                             f"{self.distill_layers!r}")
+        _check_number("distill_weight", self.distill_weight, positive=False)
+        if self.distill_temperature is not None:
+            _check_number("distill_temperature", self.distill_temperature, positive=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SearchSettings:
@@ -392,6 +430,119 @@ def _experiment_config(config_path: str | os.PathLike) -> Any:
         utils.unset_base_path()
 
 
+# ---------------------------------------------------------------------------- distillation
+def parse_distill(spec: Any) -> tuple[str | None, bool, bool] | None:
+    """A ``distill`` value as ``(output loss or None, features, dca)``, or None for ``"none"``.
+
+    Raises:
+        ValueError: not a string, an unknown or repeated part, two output losses; the message
+            lists :data:`DISTILL_PARTS`.
+    """
+    choices = (f"none, or parts joined by '+': {', '.join(DISTILL_PARTS[:4])} (an output "
+               "loss, at most one), features, dca; e.g. kl+features")
+    if spec is None:
+        return None
+    if not isinstance(spec, str):
+        raise ValueError(f"distill must be a string ({choices}), got {spec!r}")
+    if spec.strip().lower() in ("", "none"):
+        return None
+    parts = [p.strip().lower() for p in spec.split("+")]
+    for part in parts:
+        if part not in DISTILL_PARTS:
+            raise ValueError(f"unknown distillation {part!r} in {spec!r}"
+                             f"{did_you_mean(part, DISTILL_PARTS)}; valid: {choices}")
+    if len(set(parts)) != len(parts):
+        raise ValueError(f"distill {spec!r} repeats a part; valid: {choices}")
+    outputs = [p for p in parts if p in DISTILL_PARTS[:4]]
+    if len(outputs) > 1:
+        raise ValueError(f"distill {spec!r} has two output losses ({', '.join(outputs)}); "
+                         f"valid: {choices}")
+    return (outputs[0] if outputs else None, "features" in parts, "dca" in parts)
+
+
+def _spec_text(parsed: tuple[str | None, bool, bool] | None) -> str:
+    """The canonical spelling of a parsed ``distill`` value (``"kl+features"``, ``"none"``)."""
+    if parsed is None:
+        return "none"
+    output, features, dca = parsed
+    return "+".join([*([output] if output else []), *(["features"] if features else []),
+                     *(["dca"] if dca else [])])
+
+
+def _check_number(name: str, value: Any, positive: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or (value <= 0 if positive else value < 0):
+        raise ValueError(f"{name} must be a number {'> 0' if positive else '>= 0'}, got "
+                         f"{value!r}")
+
+
+def distill_layers(task_name: str) -> list[str]:
+    """Default layers of the ``features`` / ``dca`` parts: the model's last stage before its
+    output layer (:func:`task_stages`): ``head`` for segmentation, ``layer3`` for the
+    classification ResNet, ``aggregate`` for stereo."""
+    stages = task_stages(task_name)
+    return [stages[-2] if len(stages) > 1 else stages[-1]]
+
+
+def distill_config(spec: Any, task_name: str, layers: list[str] | None = None,
+                   weight: float = 1.0, temperature: float | None = None,
+                   steps: int | None = None) -> Any:
+    """The :class:`kcp_plugin.distill.DistillConfig` of a ``distill`` value on a task, or None.
+
+    Args:
+        spec: ``"none"`` or :data:`DISTILL_PARTS` joined by ``+``.
+        task_name: Benchmark task (its outputs and labels decide what can be distilled).
+        layers: Layers of ``features`` / ``dca`` (default :func:`distill_layers`).
+        weight / temperature: Of the output term.
+        steps: Fine-tuning steps: DCA collects its statistics over the first quarter of
+            them (1 to 8 batches) before its term starts.
+
+    Raises:
+        ValueError: a bad value (:func:`parse_distill`), ``cwd`` on classification (its
+            logits have no spatial map), ``dca`` on stereo (no class labels), a bad weight.
+    """
+    from ..distill import DistillConfig
+    from . import get_task
+
+    parsed = parse_distill(spec)
+    if parsed is None:
+        return None
+    output, features, dca = parsed
+    task = get_task(task_name)
+    if output == "cwd" and task.name == "classification":
+        raise ValueError("distill 'cwd' compares spatial maps; the classification task's "
+                         "outputs are logits [N, K]: use kl")
+    if dca and task.name == "stereo":
+        raise ValueError("distill 'dca' needs class labels, which the stereo task does not "
+                         "have: use features")
+    layers = list(layers) if layers else distill_layers(task_name)
+    dca_batches = 8 if steps is None else max(1, min(8, steps // 4))
+    return DistillConfig(output=output, temperature=temperature, weight=weight,
+                         layers=layers if features else [], dca_layers=layers if dca else [],
+                         dca_batches=dca_batches,
+                         num_classes=task.model_kwargs.get("num_classes") if dca else None)
+
+
+def _check_distill(space: dict[str, Any], task_name: str, settings: SearchSettings | None) -> None:
+    """Every ``distill`` value of the space (or the settings' fixed one) on the task, with
+    the settings' layers resolved on the task's model."""
+    from ..distill.channels import resolve_feature_layers
+    from . import get_task
+    from .protocol import forward_for
+
+    specs = _values(space["distill"], "distill") if "distill" in space else []
+    if "distill" in space and space["distill"].get("_type") != "choice":
+        raise ValueError("'distill' must be a choice")
+    if not specs and settings is not None:
+        specs = [settings.distill]
+    layers = settings.distill_layers if settings is not None else None
+    configs = [distill_config(spec, task_name, layers) for spec in specs]
+    names = sorted({n for c in configs if c is not None for n in (*c.layers, *c.dca_layers)})
+    if names:
+        task = get_task(task_name)
+        resolve_feature_layers(task.build(0), names, task.example_inputs(), forward_for(task))
+
+
 # ---------------------------------------------------------------------------- search space
 def task_stages(task_name: str) -> list[str]:
     """Top-level modules of a task's model that hold prunable conv / linear layers."""
@@ -416,15 +567,24 @@ def _values(spec: Any, key: str) -> list[Any]:
     return spec["_value"]
 
 
-def check_search_space(space: Any, task_name: str) -> None:
+def check_search_space(space: Any, task_name: str,
+                       settings: SearchSettings | None = None) -> None:
     """Check a search space against the task before an experiment starts.
 
     The latency settings are checked against the space by :func:`check_latency`.
 
+    Args:
+        space: The NNI search space.
+        task_name: Benchmark task.
+        settings: The experiment's settings, when known: their fixed ``distill`` (if the
+            space has none) and their ``distill_layers`` are checked too.
+
     Raises:
         ValueError: unknown keys or stages, unregistered criteria (or ones the task cannot
-            feed, e.g. label-based criteria on stereo), ratios out of range, or
-            ``ratio_*`` keys beside ``target_macs`` or ``target_latency``.
+            feed, e.g. label-based criteria on stereo), ratios out of range,
+            ``ratio_*`` keys beside ``target_macs`` or ``target_latency``, or a distillation
+            the task cannot take (an unknown part, ``cwd`` on classification, ``dca`` on
+            stereo, a layer the model does not have).
     """
     from ..registry import get_importance, importance_info
     from . import get_task
@@ -451,6 +611,8 @@ def check_search_space(space: Any, task_name: str) -> None:
     for key, spec in space.items():
         values = _values(spec, key)
         kind = spec["_type"]
+        if key == "distill":
+            continue  # _check_distill, below
         if key == "criterion":
             if kind != "choice":
                 raise ValueError("'criterion' must be a choice")
@@ -475,6 +637,10 @@ def check_search_space(space: Any, task_name: str) -> None:
             raise ValueError("finetune_steps must be >= 0")
         if key == "finetune_lr" and not all(float(v) > 0 for v in numbers):
             raise ValueError("finetune_lr must be > 0")
+        if key in ("distill_weight", "distill_temperature"):
+            for v in numbers:
+                _check_number(key, v, positive=key == "distill_temperature")
+    _check_distill(space, task_name, settings)
 
 
 # ---------------------------------------------------------------------------- dense model
@@ -658,7 +824,9 @@ def run_trial(params: dict[str, Any], settings: SearchSettings,
 
     The prune applies the ``ratio_<stage>`` parameters when there are any, else keeps
     ``target_latency`` of the dense latency (a trial parameter, or the latency settings'
-    ``target``) when there is one, else ``target_macs`` of the MACs.
+    ``target``) when there is one, else ``target_macs`` of the MACs. With ``distill`` (a
+    trial parameter, or the settings' fixed one) the fine-tuning distils from the trial's
+    dense model (a frozen copy of it, taken before the prune, :func:`distill_config`).
     When the trials measure latency (:func:`measures_latency`), :func:`kcp_plugin.prune` is
     given the backend (:func:`latency_backend`; a MACs target then rounds widths to its channel
     multiple) and times the pruned model against the dense one on it
@@ -679,11 +847,15 @@ def run_trial(params: dict[str, Any], settings: SearchSettings,
         measured also ``latency_ratio`` (pruned / dense median), ``latency_ms``,
         ``latency_q1_ms`` / ``latency_q3_ms`` (the pruned model's quartiles),
         ``dense_latency_ms`` and ``latency_setting`` (:meth:`kcp_plugin.Backend.describe`),
-        and for a latency target ``target_latency`` and ``latency_allocation``.
+        and for a latency target ``target_latency`` and ``latency_allocation``; ``distill``
+        (``"none"``, or what was distilled: ``"kl+features"``) and, when distilling,
+        ``distill_layers`` (of ``features`` / ``dca``) and ``distill_loss``, each weighted
+        term's mean over the fine-tuning steps (``{"out": ..., "feat": ..., "dca": ...}``;
+        DCA's is 0 while its statistics are collected).
 
     Raises:
-        ValueError: a latency target beside ``ratio_<stage>`` parameters, or bad latency
-            settings.
+        ValueError: a latency target beside ``ratio_<stage>`` parameters, bad latency
+            settings, or a distillation the task cannot take (before the model is touched).
     """
     from ..pruning import prune
     from ..registry import criterion_arguments, importance_info
@@ -699,6 +871,10 @@ def run_trial(params: dict[str, Any], settings: SearchSettings,
     ratios = {k[len("ratio_"):]: float(v) for k, v in params.items() if k.startswith("ratio_")}
     steps = int(round(float(params.get("finetune_steps", settings.finetune_steps))))
     lr = float(params.get("finetune_lr", settings.finetune_lr))
+    distill = distill_config(
+        params.get("distill", settings.distill), settings.task, settings.distill_layers,
+        float(params.get("distill_weight", settings.distill_weight)),
+        params.get("distill_temperature", settings.distill_temperature), steps)
     torch.manual_seed(settings.seed)
     train_ds, val_ds = task.splits(settings.seed, settings.n_train, settings.n_val)
     train_loader = make_loader(train_ds, settings.batch_size, settings.seed)
@@ -732,6 +908,7 @@ def run_trial(params: dict[str, Any], settings: SearchSettings,
         kwargs["target_macs_ratio"] = float(params.get("target_macs", settings.target_macs))
     if backend is not None:
         kwargs["latency_backend"] = backend
+    teacher = copy.deepcopy(model) if distill is not None else None  # the trial's dense model
     t0 = time.perf_counter()
     pruned = prune(model, x, criterion, forward_fn=fwd, progress=False, **kwargs)
     prune_s = time.perf_counter() - t0
@@ -753,14 +930,33 @@ def run_trial(params: dict[str, Any], settings: SearchSettings,
                                         "step": state["step"]})
         return False
 
+    distiller = None
+    terms: dict[str, list[float]] = {}
+    if teacher is not None:
+        from ..distill import Distiller
+
+        distiller = Distiller(teacher, model, distill, x, forward_fn=fwd)
+
+        def record(_module: nn.Module, _inputs: Any, out: dict[str, torch.Tensor]) -> None:
+            for name, value in out.items():
+                terms.setdefault(name, []).append(float(value.detach()))
+
+        distiller.register_forward_hook(record)
     if steps:
         train(model, task, train_loader, steps, lr, desc="fine-tune", progress=False,
-              on_step=on_step)
+              on_step=on_step, distiller=distiller)
+    if distiller is not None:
+        distiller.remove()
     final = task.evaluate(model, val_loader)
     result = {
         "default": final[task.metric], **{k: v for k, v in final.items() if k != task.metric},
         "metric": task.metric, "macs_ratio": pruned.macs_ratio, "macs": pruned.macs_after,
         "params_ratio": pruned.params_ratio, "after_prune": after_prune, **latency,
+        "distill": _spec_text(parse_distill(params.get("distill", settings.distill))),
+        **({"distill_layers": sorted({*distill.layers, *distill.dca_layers})}
+           if distill is not None and (distill.layers or distill.dca_layers) else {}),
+        **({"distill_loss": {k[len("loss_distill_"):]: statistics.fmean(v)
+                             for k, v in terms.items()}} if terms else {}),
         "dense": dense["meta"]["value"], "prune_s": prune_s,
         "trial_s": time.perf_counter() - start, "history": history,
         "params": dict(params),
@@ -1092,6 +1288,9 @@ def format_trial(row: dict[str, Any], metric: str, *, done: int | None = None,
             parts.append(f"latency kept {result['latency_ratio']:.3f}")
         if "after_prune" in result:
             parts.append(f"after prune {result['after_prune']:.2f}")
+        if result.get("distill", "none") != "none" and "distill" not in (row.get("params")
+                                                                         or {}):
+            parts.append(f"distilled {result['distill']}")  # the experiment's fixed choice
     elif isinstance(final, (int, float)):
         parts.append(f"{metric} {final:.2f}")
     if row.get("duration_s") is not None:
@@ -1265,7 +1464,7 @@ def run_search(
     from . import get_task
 
     task = get_task(settings.task)
-    check_search_space(search_space, settings.task)
+    check_search_space(search_space, settings.task, settings)
     section = config_latency(config_path)
     if section is not None:
         check_latency_options(section)
@@ -1304,6 +1503,15 @@ def run_search(
         how = f" (allocation {options.get('allocation', 'table')})" if goal else ""
         say(f"latency: every trial times its pruned model against the dense one on "
             f"{where}{goal}{how}")
+
+    distilled = _values(search_space["distill"], "distill") if "distill" in search_space \
+        else [settings.distill]
+    if any(parse_distill(v) is not None for v in distilled):
+        layers = settings.distill_layers or distill_layers(settings.task)
+        what = ("each trial's distill parameter (" + ", ".join(map(str, distilled)) + ")"
+                if "distill" in search_space else settings.distill)
+        say(f"distillation: the fine-tuning distils from the trial's dense model, frozen: "
+            f"{what}; features / dca at {', '.join(layers)}")
 
     def on_trial(row: dict[str, Any], finished: int, limit: int | None) -> None:
         say(format_trial(row, task.metric, done=finished, total=limit))

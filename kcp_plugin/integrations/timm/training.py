@@ -17,6 +17,14 @@ agree_on_plan`), and the DDP wrappers given as ``ddp`` are re-made in place arou
 model (:func:`kcp_plugin.distributed.rebuild_ddp`), which also broadcasts rank 0's weights.
 ``torch.compile`` is not supported (compiled graphs specialise on the old shapes).
 
+Distillation (``distill=``) from the dense model: the teacher is the model before the first
+prune (a copy taken when the schedule is made, or ``teacher=``), frozen and kept outside
+everything the training loop sees: it is no submodule of the model, the optimizer never holds its
+parameters, EMA copies do not average it, checkpoints of the model do not contain it, and under
+DDP it is never wrapped: every rank holds its own replica (rank 0's weights, broadcast when the
+schedule is made) and distils its own batch. Add :meth:`TimmPruningSchedule.distill_loss` to the
+task loss of every step; its kept channels follow every pruning point.
+
 A latency target (``target_latency_ratio``) is reached at the schedule's last pruning point by
 :class:`kcp_plugin.schedule.PruningScheduler` (the earlier points follow the MACs ramp; the last
 one measures what they kept of the dense latency and prunes the rest of the way). "Dense" is
@@ -35,6 +43,7 @@ import torch
 import torch.nn as nn
 
 from ...deploy.backends import Backend
+from ...distill import DistillConfig, Distiller
 from ...distributed import prune_on_every_rank, rank, rebuild_ddp, world_size
 from ...graph import count_macs_params
 from ...optim import rebuild_optimizer
@@ -83,6 +92,14 @@ class TimmPruningSchedule:
             CPU (checked here); with a latency target ``"cuda"`` needs a GPU (checked here;
             a MACs target only skips the timing, with a warning).
         latency_allocation: ``"table"`` or ``"uniform"`` (see :func:`kcp_plugin.prune`).
+        distill: Distillation from the dense model (:class:`kcp_plugin.distill.DistillConfig`,
+            a dict of its fields or an output loss name: ``"kl"``, ``"cwd"``, ``"l1"``,
+            ``"mse"``); add :meth:`distill_loss` to the task loss of every step.
+        teacher: The teacher of ``distill``: the bare dense model (not a DDP wrapper, no EMA
+            copy, sharing no parameter with ``model``), on ``model``'s device. Default: a copy
+            of ``model`` taken now; a model pruned already needs it.
+        output_fn: Which tensor of the model's output is distilled (default: the tensor, or
+            the first of a tuple).
         **scheduler_kwargs: :class:`kcp_plugin.schedule.PruningScheduler`'s arguments
             (``target_macs_ratio``, ``num_prunes``, ``start`` / ``every`` counted in optimizer
             steps, ``ramp``, ``mode``, ``loss_fn``, ``prune_kwargs``...), except ``optimizer``,
@@ -93,6 +110,8 @@ class TimmPruningSchedule:
             dense model's), ``ms``, ``dense_ms``, ``setting`` (the backend), ``call`` (the
             optimizer step), ``earlier`` (what the earlier points kept); see
             :attr:`kcp_plugin.schedule.PruningScheduler.latency`.
+        distiller: The :class:`kcp_plugin.distill.Distiller` of ``distill`` (None without);
+            ``distiller.teacher`` is the teacher.
 
     Raises:
         UnsupportedModelError: the architecture cannot be pruned (nothing changed).
@@ -115,6 +134,9 @@ class TimmPruningSchedule:
         target_latency_ratio: float | None = None,
         latency_backend: str | dict[str, Any] | Backend | None = None,
         latency_allocation: str = "table",
+        distill: DistillConfig | dict[str, Any] | str | None = None,
+        teacher: nn.Module | None = None,
+        output_fn: Callable[[Any], torch.Tensor] | None = None,
         **scheduler_kwargs: Any,
     ):
         taken = sorted({"optimizer", "forward_fn", "on_prune", "dense_model"}
@@ -132,6 +154,8 @@ class TimmPruningSchedule:
             target_latency_ratio, latency_backend, latency_allocation,
             target_macs_ratio=scheduler_kwargs.get("target_macs_ratio"),
             prune_kwargs=scheduler_kwargs.get("prune_kwargs"), owner=owner, imports=True)
+        distill = DistillConfig.from_value(distill)
+        _check_teacher(model, distill, teacher, emas)
         check_supported(model)
         check_latency_device(owner, model, backend)
         dense = None  # the latency target's reference: the scheduler copies an unpruned model
@@ -151,9 +175,27 @@ class TimmPruningSchedule:
         self.scheduler = PruningScheduler(
             model, self.example_inputs, importance, target_latency_ratio=target_latency_ratio,
             latency_backend=backend, latency_allocation=latency_allocation, dense_model=dense,
-            **scheduler_kwargs)
+            distill=distill, teacher=teacher, output_fn=output_fn, **scheduler_kwargs)
+        if self.scheduler.distiller is not None and world_size() > 1:
+            _broadcast_teacher(self.scheduler.distiller.teacher)
         self._handle: Any = None
         self.pruned_at: list[int] = []
+
+    # ------------------------------------------------------------------ distillation
+    @property
+    def distiller(self) -> Distiller | None:
+        """The distiller of ``distill`` (None without); ``distiller.teacher`` is the teacher."""
+        return self.scheduler.distiller
+
+    def distill_loss(self, inputs: Any, output: Any, labels: Any = None
+                     ) -> dict[str, torch.Tensor]:
+        """The weighted distillation terms of one training step (empty without ``distill``).
+
+        Call it after the model's forward (the DDP wrapper's, under DDP) on ``inputs`` gave
+        ``output``, in training mode; ``labels`` (class indices) feed ``dca_layers``. Add
+        ``sum(terms.values())`` to the task loss.
+        """
+        return self.scheduler.distill_loss(inputs, output, labels)
 
     # ------------------------------------------------------------------ driving
     def attach(self) -> TimmPruningSchedule:
@@ -247,3 +289,37 @@ class TimmPruningSchedule:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the step counter, after the model was rebuilt with its saved plan."""
         self.scheduler.load_state_dict(state)
+
+
+def _check_teacher(model: nn.Module, distill: DistillConfig | None, teacher: nn.Module | None,
+                   emas: Sequence[Any]) -> None:
+    """Refuse a teacher the training loop would see (before anything is changed)."""
+    if teacher is None:
+        if distill is not None and get_plan(model)["history"]:
+            raise ValueError("TimmPruningSchedule: distill needs the dense teacher, and this "
+                             "model is pruned already: pass teacher= (the unpruned model with "
+                             "the dense weights)")
+        return
+    if distill is None:
+        raise ValueError("TimmPruningSchedule: teacher= is given without distill= (what to "
+                         "distil: one of kl, cwd, l1, mse, or a DistillConfig)")
+    if not isinstance(teacher, nn.Module):
+        raise TypeError(f"teacher must be a module, got {type(teacher).__name__}")
+    if isinstance(teacher, nn.parallel.DistributedDataParallel) or hasattr(teacher, "_orig_mod"):
+        raise ValueError("pass the bare teacher, not a DDP-wrapped or compiled one: it is frozen "
+                         "and replicated on every rank, never wrapped")
+    params = {id(p) for p in model.parameters()}
+    if any(id(p) in params for p in teacher.parameters()):
+        raise ValueError("the teacher shares parameters with the model being trained: pass a "
+                         "copy of the dense model (copy.deepcopy(model) before pruning)")
+    if any(_ema_module(e) is teacher for e in emas):
+        raise ValueError("the teacher is one of the EMA copies: EMA copies follow the student, "
+                         "the teacher stays the dense model")
+
+
+def _broadcast_teacher(teacher: nn.Module) -> None:
+    """Rank 0's teacher weights on every rank (a copy made before DDP's broadcast may differ:
+    timm seeds each rank differently)."""
+    with torch.no_grad():
+        for value in (*teacher.parameters(), *teacher.buffers()):
+            torch.distributed.broadcast(value.data, src=0)
