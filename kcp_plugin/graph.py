@@ -9,6 +9,7 @@ come back as they were (torch-pruning's tracer calls ``model.eval()`` and never 
 from __future__ import annotations
 
 import contextlib
+import io
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -235,8 +236,11 @@ def count_macs_params(
         def forward(self, dummy: torch.Tensor) -> Any:
             return fwd(self.inner, example_inputs)
 
+    # upstream's counter prints a line per module it has seen before ("variables __flops__ or
+    # __params__ are already defined", hundreds on YOLOv6) and per keyword-called module
+    # (torch_pruning/utils/op_counter.py): the count is right, the lines are noise
     with preserved_modes(model), torch.no_grad(), _mha_keyword_inputs(model), \
-            _subclass_hooks(model):
+            _subclass_hooks(model), contextlib.redirect_stdout(io.StringIO()):
         macs, params = tp.utils.count_ops_and_params(_Forward(model), torch.zeros(1))
     return int(macs), int(params)
 

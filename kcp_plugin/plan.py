@@ -64,11 +64,65 @@ def set_plan(model: nn.Module, plan: dict[str, Any]) -> None:
     model.__dict__[_ATTR] = plan
 
 
+def input_spec(example_inputs: Any) -> Any:
+    """The shapes and dtypes of ``example_inputs`` as plain data (tensors, and tuples / lists /
+    dicts of them; other values kept if JSON-able, else None): what :func:`load_pruned` builds
+    inputs from when it is not given any."""
+    if isinstance(example_inputs, torch.Tensor):
+        return {"tensor": list(example_inputs.shape), "dtype": str(example_inputs.dtype)}
+    if isinstance(example_inputs, (list, tuple)):
+        return {"seq": [input_spec(v) for v in example_inputs],
+                "tuple": isinstance(example_inputs, tuple)}
+    if isinstance(example_inputs, dict):
+        return {"dict": {str(k): input_spec(v) for k, v in example_inputs.items()}}
+    if example_inputs is None or isinstance(example_inputs, (bool, int, float, str)):
+        return {"value": example_inputs}
+    return {"value": None}
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def inputs_from_spec(spec: Any) -> Any:
+    """Inputs of the shapes and dtypes :func:`input_spec` recorded (random floats, zero
+    integers: tracing needs shapes, not values).
+
+    Raises:
+        ValueError: not a spec this version wrote.
+    """
+    if not isinstance(spec, dict):
+        raise ValueError(f"not an input spec: {spec!r}")
+    if "tensor" in spec:
+        dtype = getattr(torch, spec["dtype"].replace("torch.", ""))
+        if dtype.is_floating_point:
+            return torch.randn(spec["tensor"], dtype=dtype)
+        return torch.zeros(spec["tensor"], dtype=dtype)
+    if "seq" in spec:
+        values = [inputs_from_spec(v) for v in spec["seq"]]
+        return tuple(values) if spec.get("tuple") else values
+    if "dict" in spec:
+        return {k: inputs_from_spec(v) for k, v in spec["dict"].items()}
+    if "value" in spec:
+        return spec["value"]
+    raise ValueError(f"not an input spec: {spec!r}")
+
+
 def extend_plan(
-    model: nn.Module, history: list, attrs: dict[str, dict[str, Any]]
+    model: nn.Module, history: list, attrs: dict[str, dict[str, Any]],
+    example_inputs: Any = None,
 ) -> dict[str, Any]:
-    """Append one prune's history and attribute changes to the model's plan."""
+    """Append one prune's history and attribute changes to the model's plan (and, the first
+    time, the shapes of the example inputs: ``plan["inputs"]``)."""
     plan = get_plan(model)
+    if example_inputs is not None and "inputs" not in plan:
+        plan["inputs"] = input_spec(example_inputs)
     plan["history"].extend(
         [str(name), bool(is_out), [int(i) for i in idxs]] for name, is_out, idxs in history
     )
@@ -313,7 +367,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 def load_pruned(
     model_or_builder: nn.Module | Callable[[], nn.Module],
     path: str | os.PathLike,
-    example_inputs: Any,
+    example_inputs: Any = None,
     forward_fn: ForwardFn | None = None,
     strict: bool = True,
     customized_pruners: dict[Any, Any] | None = None,
@@ -325,8 +379,12 @@ def load_pruned(
         model_or_builder: A freshly built, unpruned model of the original architecture, or a
             zero-argument callable returning one.
         path: File written by :func:`save_pruned`.
-        example_inputs: Inputs to trace the model's dependency graph.
-        forward_fn: How to call the model on ``example_inputs`` if not ``model(x)``.
+        example_inputs: Inputs to trace the model's dependency graph. Default: inputs of the
+            shapes and dtypes :func:`kcp_plugin.prune` was given (recorded in the plan).
+        forward_fn: How to call the model on ``example_inputs`` if not ``model(x)``,
+            ``model(*x)`` (tuple) or ``model(**x)`` (dict). A ``forward_fn`` that only chose
+            which outputs ``prune`` protects (``lambda m, x: m(x)[0]`` for a YOLO) is not
+            needed here: the replay follows the saved plan, whatever the outputs.
         strict: Passed to ``load_state_dict``; a shape mismatch always raises.
         customized_pruners / unwrapped_parameters: As given to :func:`kcp_plugin.prune`.
 
@@ -334,7 +392,14 @@ def load_pruned(
         The pruned model with the saved weights.
     """
     payload = read_checkpoint(path)
+    spec = payload["kcp_plugin"].get("inputs")
+    if example_inputs is None and spec is None:
+        raise ValueError(f"{os.fspath(path)} records no example inputs (saved by an older "
+                         "kcp_plugin, or never pruned): pass example_inputs")
     model = model_or_builder if isinstance(model_or_builder, nn.Module) else model_or_builder()
+    if example_inputs is None:  # the shapes prune was given, on the model's device
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        example_inputs = _to_device(inputs_from_spec(spec), device)
     apply_plan(model, payload["kcp_plugin"], example_inputs, forward_fn, customized_pruners,
                unwrapped_parameters)
     # the plan a state dict may carry is the one just applied: it is not a weight

@@ -370,7 +370,7 @@ def prune(
             for host in hosts:
                 for name, values in host.after_prune(model, example_inputs).items():
                     done.attrs.setdefault(name, {}).update(values)
-        plan = extend_plan(model, done.history, done.attrs)
+        plan = extend_plan(model, done.history, done.attrs, example_inputs)
     except UnprunableError as exc:
         snapshot.restore()
         if auto and not exc.protected:  # the search's refusal: name what the net kept
