@@ -16,7 +16,14 @@ from .deploy import PrunedSegmentor, read_plan  # noqa: E402
 from .hooks import PruningHook  # noqa: E402
 from .optim_wrapper import AmpRegularizedOptimWrapper, RegularizedOptimWrapper  # noqa: E402
 from .registry import DATASETS, HOOKS, MODELS, OPTIM_WRAPPERS, SCOPE  # noqa: E402
-from .structure import example_inputs, output_convs, sync_structure, trace_forward  # noqa: E402
+from .structure import (  # noqa: E402
+    check_cascade,
+    example_inputs,
+    output_convs,
+    sync_structure,
+    tensor_forward,
+    trace_forward,
+)
 
 __all__ = [
     "AmpRegularizedOptimWrapper",
@@ -29,9 +36,11 @@ __all__ = [
     "PruningHook",
     "RegularizedOptimWrapper",
     "SCOPE",
+    "check_cascade",
     "example_inputs",
     "output_convs",
     "read_plan",
     "sync_structure",
+    "tensor_forward",
     "trace_forward",
 ]

@@ -4,7 +4,10 @@ A segmentor's tensor-mode forward never runs its auxiliary heads, so the core's 
 would prune the backbone channels they read without them (training then fails in the auxiliary
 loss). For a segmentor the core therefore traces with :func:`.structure.trace_forward` (unless
 the user passes ``forward_fn``) and protects the heads' ``conv_seg``, as the pruning hook does;
-``apply_plan`` / ``load_pruned`` replay with the same trace.
+``apply_plan`` / ``load_pruned`` replay with the same trace. A ``CascadeEncoderDecoder`` is
+traced through its decode heads in turn (a point head refining at test-time points); a point
+head without its ``test_cfg`` settings (:func:`.structure.check_cascade`), or a cascade head
+that fails to run, is refused by name before the model is touched.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from .structure import output_convs, trace_forward
+from .structure import check_cascade, output_convs, trace_forward
 
 __all__ = ["ADAPTER", "MmsegAdapter"]
 
@@ -26,7 +29,8 @@ class MmsegAdapter:
     """mmseg segmentors: the auxiliary-head trace and the protected output convs."""
 
     def check(self, model: nn.Module) -> None:
-        return None
+        if _is_segmentor(model):
+            check_cascade(model)  # a cascade's heads must run in turn (PointRend: test_cfg)
 
     def customized_pruners(self, model: nn.Module) -> dict[type, Any]:
         return {}

@@ -90,7 +90,16 @@ from .distill import (
 )
 from .optim_wrapper import RegularizerMixin
 from .registry import HOOKS
-from .structure import example_inputs, output_convs, sync_structure, trace_forward, unwrap
+from .structure import (
+    check_cascade,
+    example_inputs,
+    output_convs,
+    point_heads,
+    sync_structure,
+    tensor_forward,
+    trace_forward,
+    unwrap,
+)
 
 __all__ = ["PruningHook", "META_KEY"]
 
@@ -325,8 +334,17 @@ class PruningHook(Hook):
         model = self._model(runner)
         raise_on_size_mismatch(model)
         self._protected(model)  # unknown ignored layers fail now, not at the first prune
+        check_cascade(model)  # and cascades whose heads cannot be run in turn (PointRend)
         if self.distill is not None:  # so do unknown distillation layers
             check_segmentor(model, self.distill)
+            points = point_heads(model)
+            if points and self.distill.output is not None:
+                raise ValueError(
+                    f"PruningHook distill: {points[0]} classifies points drawn at random in "
+                    "training (train_cfg), not the teacher's test-time points, so its logits "
+                    "cannot be compared with the teacher's; distil features only: "
+                    "distill=dict(output=None, layers=[...]) with layers of the backbone or "
+                    "neck")
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         state = (checkpoint.get("meta") or {}).get(META_KEY)
@@ -591,9 +609,9 @@ class PruningHook(Hook):
             owner="PruningHook", imports=imports)
 
     def _macs(self, model: nn.Module) -> tuple[int, int]:
-        """MACs and parameters of the deployed forward (tensor mode, no auxiliary heads)."""
-        return count_macs_params(model, self._example_for(model),
-                                 lambda m, x: m(x, mode="tensor"))
+        """MACs and parameters of the deployed forward (tensor mode, no auxiliary heads; a
+        point head refining at its test-time points: :func:`.structure.tensor_forward`)."""
+        return count_macs_params(model, self._example_for(model), tensor_forward)
 
     def _log_macs(self, runner, when: str) -> None:
         macs, params = self._macs(self._model(runner))
