@@ -123,6 +123,8 @@ def check_runs(model: nn.Module, example_inputs: Any, forward_fn: ForwardFn | No
         with torch.no_grad(), preserved_modes(model):
             model.eval()
             (forward_fn or default_forward)(model, example_inputs)
+    except UnprunableError:  # a host's forward refusing by name (an mmseg cascade's head)
+        raise
     except Exception as exc:
         raise ValueError(
             f"example_inputs could not be run through the model ({type(exc).__name__}: {exc}); "

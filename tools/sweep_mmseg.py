@@ -25,7 +25,8 @@ Each selected model is rebuilt on the CPU (weights from ``init_weights()`` with 
 entries removed; nothing is downloaded: outgoing network connections are refused), put in eval
 mode, and checked:
 
-* ``dense-fails``: ``model(x, mode='tensor')`` does not run at ``--size``;
+* ``dense-fails``: the deployed forward (``kcp_plugin.integrations.mmseg.tensor_forward``)
+  does not run at ``--size``;
 * ``ok``: pruned; ``trace_forward`` and tensor-mode outputs keep their shapes and stay finite,
   and the MACs kept (tensor mode, which the hook logs, and traced, which it targets) are within
   ``--tolerance`` of the target;
@@ -410,7 +411,11 @@ class HookRunner:
 
 
 def _tensor_forward(model: torch.nn.Module, x: torch.Tensor) -> Any:
-    return model(x, mode="tensor")
+    # the deployed logits: mmseg's tensor mode, or a cascade's heads in turn (PointRend's
+    # point head has no tensor mode in mmseg)
+    from kcp_plugin.integrations.mmseg import tensor_forward
+
+    return tensor_forward(model, x)
 
 
 def _outputs(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
