@@ -486,7 +486,7 @@ def run_one(entry: dict[str, Any], root: str, args: argparse.Namespace) -> dict[
                 row["init_weights_error"] = {k: e[k] for k in ("type", "message", "where")}
             lap("build")
             x = example_inputs(base, (args.size, args.size))
-            stage = "dense forward (mode='tensor')"
+            stage = "dense forward (tensor_forward)"
             try:
                 with torch.no_grad():
                     dense_tensor = named_tensors(_tensor_forward(base, x), "tensor")
