@@ -537,6 +537,112 @@ def test_sweep_subset(tmp_path):
     assert "torch-pruning alone handles 1 models; kcp_plugin fails on 0 of them" in text
 
 
+# ------------------------------------------------ sweep: smp / transformers / Ultralytics specs
+EXTRA_MODULES = ("segmentation_models_pytorch", "transformers", "ultralytics")
+
+
+@pytest.fixture
+def no_extras(monkeypatch):
+    """The sweep tool with none of its extra libraries importable (None in sys.modules makes
+    ``import`` raise ImportError), the environment and sys.path restored afterwards."""
+    for module in EXTRA_MODULES:
+        monkeypatch.setitem(sys.modules, module, None)
+    for var in ("YOLO_OFFLINE", "YOLO_VERBOSE", "YOLO_CONFIG_DIR"):
+        monkeypatch.setenv(var, "unset-by-test")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    return _tool("sweep_models")
+
+
+@pytest.mark.parametrize("spec, module", [
+    ("smp:FPN/mobilenet_v2", "segmentation_models_pytorch"),
+    ("hf:ViTForImageClassification", "transformers"),
+    ("yolo:yolov8n.yaml", "ultralytics"),
+])
+def test_sweep_extra_spec_without_its_library(no_extras, spec, module):
+    """A spec whose library is missing is a clear ModelSpecError naming the library and the
+    sweep's --install-extras step, not an ImportError."""
+    with pytest.raises(kcp_plugin.zoo.ModelSpecError, match="--install-extras") as err:
+        no_extras.build_model({"spec": spec, "kwargs": {}})
+    assert module in str(err.value) and "not installed" in str(err.value)
+
+
+@pytest.mark.parametrize("spec, form", [
+    ("smp:FPN", "smp:ARCH/ENCODER"), ("smp:/resnet18", "smp:ARCH/ENCODER"),
+    ("smp:FPN/a/b", "smp:ARCH/ENCODER"), ("hf:vit base", "hf:CLASS"),
+    ("yolo:yolov8n.pt", "packaged model YAML"), ("yolo:", "packaged model YAML"),
+])
+def test_sweep_extra_spec_form_checked_before_import(no_extras, spec, form):
+    with pytest.raises(kcp_plugin.zoo.ModelSpecError, match=form.replace("/", ".")):
+        no_extras.build_model({"spec": spec, "kwargs": {}})
+
+
+def test_sweep_extra_specs_parse_and_select_outputs(no_extras):
+    sweep = no_extras
+    assert sweep.split_extra_spec("smp:DeepLabV3Plus/tu-convnext_atto") == (
+        "smp", ("DeepLabV3Plus", "tu-convnext_atto"))
+    assert sweep.split_extra_spec("hf:DetrForObjectDetection") == (
+        "hf", ("DetrForObjectDetection",))
+    assert sweep.extra_source("timm:resnet18") is None
+    assert sweep.forward_fn_for("smp:FPN/resnet18") is None
+    assert sweep.forward_fn_for("timm:resnet18") is None
+
+    class Detr(nn.Module):  # a ModelOutput is a dict: logits and boxes kept, the rest not
+        def forward(self, pixel_values):
+            return {"logits": pixel_values[:, :2], "pred_boxes": pixel_values[:, 2:],
+                    "last_hidden_state": pixel_values, "pred_masks": None}
+
+    class Yolo(nn.Module):  # eval mode: (predictions, feature maps)
+        def forward(self, x):
+            return x * 2, [x, x]
+
+    x = torch.randn(1, 3, 4, 4)
+    logits, boxes = sweep.forward_fn_for("hf:DetrForObjectDetection")(Detr(), x)
+    assert torch.equal(logits, x[:, :2]) and torch.equal(boxes, x[:, 2:])
+    assert torch.equal(sweep.forward_fn_for("yolo:yolov8n.yaml")(Yolo(), x), x * 2)
+    entries = sweep.extra_registry_entries("hf,yolo:rtdetr-l.yaml")
+    assert {e["spec"] for e in entries} >= {"hf:ViTForImageClassification",
+                                            "yolo:rtdetr-l.yaml"}
+    assert not any(e["spec"].startswith("smp:") for e in entries)
+    with pytest.raises(SystemExit, match="unknown nope"):
+        sweep.extra_registry_entries("nope")
+
+
+def test_sweep_install_extras_builds_the_pip_command(no_extras, tmp_path, capsys, monkeypatch):
+    """--install-extras pip-installs (mocked: nothing is installed) only what the selected
+    specs need, pinned, --no-deps, into DIR, then puts DIR first on sys.path; Ultralytics'
+    AGPL notice is printed when it is installed. The models that cannot be built (their
+    libraries are still missing) are rows 'not built', not crashes."""
+    sweep = no_extras
+    calls = []
+    monkeypatch.setattr(sweep.subprocess, "run", lambda cmd, check: calls.append((cmd, check)))
+    target, js = tmp_path / "extras", tmp_path / "s.json"
+    code = sweep.main(["--registry", "smp:FPN/resnet18,hf:ViTForImageClassification",
+                       "--install-extras", str(target), "--criteria", "kcp",
+                       "--json", str(js)])
+    assert calls == [([sys.executable, "-m", "pip", "install", "--no-deps", "--upgrade",
+                       "--target", str(target), *sweep.EXTRA_LIBRARIES["smp"].packages,
+                       *sweep.EXTRA_LIBRARIES["hf"].packages], True)]
+    assert all("==" in p for p in calls[0][0][8:])  # pinned
+    assert not any("ultralytics" in p for p in calls[0][0])
+    assert sys.path[0] == str(target)
+    assert "AGPL" not in capsys.readouterr().err
+    result = json.loads(js.read_text())
+    assert [e["error"]["type"] for e in result["results"]] == ["ModelSpecError"] * 2
+    assert code == 1
+    md = sweep.markdown(result)
+    assert ("| hf:ViTForImageClassification (patch 8, hidden 96, 4 layers x 4 heads) | 64 | - "
+            "| **not built**: ModelSpecError |") in md
+    assert "segmentation_models_pytorch not installed" in md
+    assert "(not built: 2)" in md and "* smp: not built 1" in md
+
+    calls.clear()
+    cmd = sweep.install_extras(str(target), ["yolo"], run=lambda c, check: calls.append(c))
+    assert cmd == calls[0] and cmd[-1] == sweep.EXTRA_LIBRARIES["yolo"].packages[-1]
+    assert "AGPL-3.0" in capsys.readouterr().err
+    assert sweep.install_extras(str(target), [], run=lambda c, check: calls.append(c)) is None
+    assert len(calls) == 1
+
+
 def test_ghostnet_reaches_the_target_although_macs_are_not_monotonic():
     """GhostNet's sliced concat makes the largest channel ratio keep more MACs than smaller
     ones; the MACs search finds a bracket at coarser ratios instead of giving up."""

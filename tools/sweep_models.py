@@ -28,10 +28,31 @@ ValueError / TypeError raised by kcp_plugin, model untouched), ``crash`` (any ot
 way its timm examples do (uniform channel ratio 0.3, classifier ignored, qkv head counts given
 and head attributes updated), with no kcp_plugin code involved.
 
+Three more libraries have their own spec prefixes and a built-in selection (``--registry``, see
+``--list-registry``), all built with random weights and nothing downloaded:
+
+* ``smp:ARCH/ENCODER`` (segmentation-models-pytorch, ``encoder_weights=None``), e.g.
+  ``smp:FPN/mobilenet_v2``; kwargs go to the architecture's constructor;
+* ``hf:CLASS`` (transformers), e.g. ``hf:ViTForImageClassification``, built from its
+  ``*Config`` class with the kwargs (a nested ``backbone_config`` is a dict with its
+  ``model_type``; a pretrained backbone is never requested); the outputs checked and protected
+  are ``logits`` (and ``pred_boxes`` / ``pred_masks`` where the model returns them);
+* ``yolo:NAME.yaml`` (Ultralytics, AGPL-3.0) from its packaged model YAML
+  (``YOLO(NAME).model``, ``RTDETR(NAME).model`` for ``rtdetr-*``); the predictions
+  ``model(x)[0]`` are the outputs.
+
+None of them is a dependency of kcp_plugin, and none is installed in the project's environment:
+``--install-extras DIR`` pip-installs the pinned packages the selected specs need into ``DIR``
+(``pip install --no-deps --target DIR``, with tokenizers for transformers; every other
+dependency is the environment's own) and puts
+``DIR`` on ``sys.path`` for this run only; ``--extras-path DIR`` reuses such a folder.
+
     python tools/sweep_models.py --threads 2 --json sweep.json
     python tools/sweep_models.py --models torchvision:resnet18,timm:convnext_atto --criteria kcp
     python tools/sweep_models.py --timm-registry all --json timm.json --markdown timm.md
     python tools/sweep_models.py --timm-registry vit,swin,resnet --criteria kcp
+    python tools/sweep_models.py --registry smp,hf,yolo --criteria kcp --threads 1 \
+        --install-extras /tmp/sweep_extras --json extras.json --markdown extras.md
 """
 
 from __future__ import annotations
@@ -40,24 +61,28 @@ import argparse
 import contextlib
 import copy
 import hashlib
+import importlib
+import importlib.metadata
 import inspect
 import json
 import math
 import os
 import platform
 import signal
+import subprocess
 import sys
 import tempfile
 import time
 import traceback
 import warnings
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch_pruning as tp
 
 import kcp_plugin
-from kcp_plugin.zoo import build_from_spec
+from kcp_plugin.zoo import ModelSpecError, build_from_spec
 
 DEFAULT_MODELS = (
     "torchvision:resnet18",
@@ -166,6 +191,86 @@ TIMM_REGISTRY: tuple[tuple[str, str, int, dict[str, Any]], ...] = (
 )
 
 
+class ExtraLibrary(NamedTuple):
+    """A model library the sweep can use without it being a dependency of kcp_plugin."""
+
+    module: str  # what ``import`` needs
+    packages: tuple[str, ...]  # pip requirements, pinned to the versions swept
+    license: str
+
+
+# Pinned to the versions the documented sweep ran with. Installed with --no-deps: every
+# dependency they import (torch, torchvision, timm, huggingface_hub, safetensors, numpy,
+# opencv-python, matplotlib, pyyaml, requests, psutil...) is already in the project's
+# environment, except tokenizers, which transformers imports for any model class. Installing
+# transformers with its dependencies would replace filelock with a version nni refuses.
+EXTRA_LIBRARIES: dict[str, ExtraLibrary] = {
+    "smp": ExtraLibrary("segmentation_models_pytorch",
+                        ("segmentation-models-pytorch==0.6.0",), "MIT"),
+    "hf": ExtraLibrary("transformers", ("transformers==5.25.0", "tokenizers==0.23.3"),
+                       "Apache-2.0"),
+    "yolo": ExtraLibrary("ultralytics", ("ultralytics==8.4.190",), "AGPL-3.0"),
+}
+AGPL_NOTICE = (
+    "NOTE: Ultralytics is licensed under AGPL-3.0. It is installed into {dir} for this sweep "
+    "only and is never a dependency of kcp_plugin; using it in your own work brings in the "
+    "AGPL-3.0 terms."
+)
+
+_SMP_ARCHS = ("FPN", "Unet", "DeepLabV3Plus")
+_SMP_ENCODERS = ("resnet18", "mobilenet_v2", "efficientnet-b0", "tu-convnext_atto", "mit_b0")
+_HF_RESNET = {"embedding_size": 32, "hidden_sizes": [32, 64, 128, 256], "depths": [1, 1, 1, 1],
+              "layer_type": "basic"}
+
+# (library, spec, input side, kwargs, note). smp: every architecture with every encoder, 5
+# classes. transformers: small configs (a few layers, narrow), the smallest input the
+# architecture allows without changing a width. YOLO: the packaged YAMLs, 80 classes.
+EXTRA_REGISTRY: tuple[tuple[str, str, int, dict[str, Any], str], ...] = (
+    *(("smp", f"smp:{arch}/{enc}", 64, {"classes": 5}, "")
+      for arch in _SMP_ARCHS for enc in _SMP_ENCODERS),
+    ("hf", "hf:ResNetForImageClassification", 64, {**_HF_RESNET, "num_labels": 10},
+     "basic blocks, widths 32-256, depths 1-1-1-1"),
+    ("hf", "hf:ViTForImageClassification", 64,
+     {"image_size": 64, "patch_size": 8, "hidden_size": 96, "num_hidden_layers": 4,
+      "num_attention_heads": 4, "intermediate_size": 384, "num_labels": 10},
+     "patch 8, hidden 96, 4 layers x 4 heads"),
+    ("hf", "hf:ConvNextForImageClassification", 64,
+     {"hidden_sizes": [32, 64, 128, 256], "depths": [1, 1, 2, 1], "num_labels": 10},
+     "widths 32-256, depths 1-1-2-1"),
+    ("hf", "hf:SwinForImageClassification", 128,
+     {"image_size": 128, "patch_size": 4, "embed_dim": 32, "depths": [1, 1, 2, 1],
+      "num_heads": [1, 2, 4, 8], "window_size": 4, "num_labels": 10},
+     "embed 32, depths 1-1-2-1, window 4"),
+    ("hf", "hf:DetrForObjectDetection", 128,
+     {"use_timm_backbone": False, "use_pretrained_backbone": False,
+      "backbone_config": {"model_type": "resnet", **_HF_RESNET, "out_features": ["stage4"]},
+      "d_model": 64, "encoder_layers": 2, "decoder_layers": 2, "encoder_attention_heads": 4,
+      "decoder_attention_heads": 4, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128,
+      "num_queries": 10, "num_labels": 5},
+     "transformers ResNet backbone (32-256), d_model 64, 2+2 layers, 10 queries"),
+    ("hf", "hf:SegformerForSemanticSegmentation", 64,
+     {"hidden_sizes": [16, 32, 64, 128], "depths": [1, 1, 1, 1],
+      "num_attention_heads": [1, 2, 4, 8], "decoder_hidden_size": 64, "num_labels": 5},
+     "widths 16-128, depths 1-1-1-1, decoder 64"),
+    ("hf", "hf:MobileViTForImageClassification", 64,
+     {"image_size": 64, "hidden_sizes": [64, 80, 96],
+      "neck_hidden_sizes": [16, 16, 24, 48, 64, 80, 320], "num_labels": 10},
+     "XXS widths"),
+    ("hf", "hf:Dinov2ForImageClassification", 56,
+     {"image_size": 56, "patch_size": 14, "hidden_size": 96, "num_hidden_layers": 4,
+      "num_attention_heads": 4, "num_labels": 10},
+     "patch 14, hidden 96, 4 layers x 4 heads"),
+    ("yolo", "yolo:yolov8n.yaml", 128, {}, "detect"),
+    ("yolo", "yolo:yolov8n-seg.yaml", 128, {}, "segment"),
+    ("yolo", "yolo:yolov8n-pose.yaml", 128, {}, "pose"),
+    ("yolo", "yolo:yolov8n-cls.yaml", 64, {}, "classify"),
+    ("yolo", "yolo:yolov8n-obb.yaml", 128, {}, "oriented boxes"),
+    ("yolo", "yolo:yolo11n.yaml", 128, {}, "detect"),
+    ("yolo", "yolo:yolov10n.yaml", 128, {}, "detect, NMS-free"),
+    ("yolo", "yolo:rtdetr-l.yaml", 128, {}, "RT-DETR detect"),
+)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Prune each model to a MACs target with each criterion; check output "
@@ -174,12 +279,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", default=None,
                    help="comma-separated specs (SOURCE:NAME[@SIZE]) or the aliases 'default' "
                    f"({len(DEFAULT_MODELS)} torchvision and timm models) and 'extra' "
-                   f"({', '.join(EXTRA_MODELS)}); default: default, unless --timm-registry")
+                   f"({', '.join(EXTRA_MODELS)}); default: default, unless --timm-registry "
+                   "or --registry")
     p.add_argument("--timm-registry", metavar="FAMILIES", default=None,
                    help="sweep the built-in timm selection: 'all', or comma-separated families "
                    "and/or model names (see --list-timm)")
     p.add_argument("--list-timm", action="store_true",
                    help="print the built-in timm selection (family, model, input, kwargs)")
+    p.add_argument("--registry", metavar="LIBS", default=None,
+                   help="sweep the built-in smp / transformers / Ultralytics selection: 'all', "
+                   "or comma-separated libraries (smp, hf, yolo) and/or specs (see "
+                   "--list-registry)")
+    p.add_argument("--list-registry", action="store_true",
+                   help="print the built-in smp / transformers / Ultralytics selection")
+    p.add_argument("--install-extras", metavar="DIR", default=None,
+                   help="pip-install the libraries the selected smp: / hf: / yolo: specs need "
+                   "(pinned, --no-deps) into DIR and use them for this run only; Ultralytics "
+                   "is AGPL-3.0 and never a dependency of kcp_plugin")
+    p.add_argument("--extras-path", metavar="DIR", default=None,
+                   help="put DIR (filled by an earlier --install-extras) on sys.path, without "
+                   "installing anything")
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=None,
                    help=f"add the '{BASELINE}' row (torch-pruning alone, uniform ratio "
                    f"{BASELINE_RATIO}); default: on for --timm-registry")
@@ -222,6 +341,184 @@ def parse_spec(item: str, size: int) -> tuple[str, int]:
     """``SOURCE:NAME@SIZE`` -> ``(SOURCE:NAME, SIZE)``; without ``@SIZE`` the default size."""
     spec, sep, s = item.strip().partition("@")
     return spec, int(s) if sep else size
+
+
+def extra_source(spec: str) -> str | None:
+    """The extra library prefix of a spec (``smp``, ``hf``, ``yolo``), or None."""
+    source = spec.partition(":")[0]
+    return source if source in EXTRA_LIBRARIES else None
+
+
+def split_extra_spec(spec: str) -> tuple[str, tuple[str, ...]]:
+    """Check an ``smp:`` / ``hf:`` / ``yolo:`` spec's form without importing anything.
+
+    Args:
+        spec: ``smp:ARCH/ENCODER``, ``hf:CLASS`` or ``yolo:NAME.yaml``.
+
+    Returns:
+        ``(source, parts)``: ``("smp", (ARCH, ENCODER))``, ``("hf", (CLASS,))`` or
+        ``("yolo", (NAME.yaml,))``.
+
+    Raises:
+        ModelSpecError: not one of these prefixes, or a malformed name.
+    """
+    source, _, name = spec.partition(":")
+    if source == "smp":
+        arch, _, encoder = name.partition("/")
+        if not arch or not encoder or "/" in encoder:
+            raise ModelSpecError(f"smp spec {spec!r} must look like smp:ARCH/ENCODER "
+                                 "(e.g. smp:FPN/mobilenet_v2)")
+        return source, (arch, encoder)
+    if source == "hf":
+        if not name.isidentifier():
+            raise ModelSpecError(f"transformers spec {spec!r} must look like hf:CLASS "
+                                 "(e.g. hf:ViTForImageClassification)")
+        return source, (name,)
+    if source == "yolo":
+        if not name.endswith((".yaml", ".yml")) or "/" in name:
+            raise ModelSpecError(
+                f"Ultralytics spec {spec!r} must name a packaged model YAML, e.g. "
+                "yolo:yolov8n.yaml (a .pt name would download weights)")
+        return source, (name,)
+    raise ModelSpecError(f"{spec!r} is not an extra-library spec; prefixes: "
+                         f"{', '.join(s + ':' for s in EXTRA_LIBRARIES)}")
+
+
+def require_extra(source: str) -> Any:
+    """Import an extra library, or raise a ``ModelSpecError`` saying how to get it."""
+    lib = EXTRA_LIBRARIES[source]
+    try:
+        return importlib.import_module(lib.module)
+    except ImportError as exc:
+        raise ModelSpecError(
+            f"{source}: specs need {lib.module}, which is not installed (it is no dependency "
+            f"of kcp_plugin; {lib.license}): run the sweep with --install-extras DIR, which "
+            f"pip-installs {' '.join(lib.packages)} into DIR for the sweep only") from exc
+
+
+def _build_smp(arch: str, encoder: str, kwargs: dict[str, Any]) -> torch.nn.Module:
+    smp = require_extra("smp")
+    cls = getattr(smp, arch, None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+        raise ModelSpecError(f"segmentation_models_pytorch has no architecture {arch!r}")
+    return cls(encoder_name=encoder, **{**kwargs, "encoder_weights": None})
+
+
+def _build_hf(name: str, kwargs: dict[str, Any]) -> torch.nn.Module:
+    transformers = require_extra("hf")
+    try:
+        cls = getattr(transformers, name)
+    except (AttributeError, ImportError) as exc:
+        raise ModelSpecError(f"transformers has no model class {name!r}: {exc}") from exc
+    config_cls = getattr(cls, "config_class", None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)) or config_cls is None:
+        raise ModelSpecError(f"transformers.{name} is not a model class with a config_class")
+    kwargs = dict(kwargs)
+    backbone = kwargs.get("backbone_config")
+    if isinstance(backbone, dict):
+        backbone = dict(backbone)
+        model_type = backbone.pop("model_type", None)
+        if model_type not in transformers.CONFIG_MAPPING:
+            raise ModelSpecError(f"backbone_config needs a known model_type, not {model_type!r}")
+        kwargs["backbone_config"] = transformers.CONFIG_MAPPING[model_type](**backbone)
+    config = config_cls(**kwargs)
+    if getattr(config, "use_pretrained_backbone", False):
+        config.use_pretrained_backbone = False  # nothing downloaded
+    return cls(config)
+
+
+def _build_yolo(name: str, kwargs: dict[str, Any]) -> torch.nn.Module:
+    if kwargs:
+        raise ModelSpecError(f"yolo:{name} takes no kwargs (the YAML defines the model)")
+    # Before ultralytics is imported: no online checks, settings not written to ~/.config.
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    os.environ.setdefault("YOLO_VERBOSE", "False")
+    os.environ.setdefault("YOLO_CONFIG_DIR", os.path.join(tempfile.gettempdir(),
+                                                          "kcp_sweep_ultralytics"))
+    ultralytics = require_extra("yolo")
+    cls = ultralytics.RTDETR if name.startswith("rtdetr") else ultralytics.YOLO
+    try:
+        return cls(name).model
+    except FileNotFoundError as exc:
+        raise ModelSpecError(f"Ultralytics packages no model YAML {name!r}: {exc}") from exc
+
+
+def build_model(entry: dict[str, Any]) -> torch.nn.Module:
+    """A fresh random-weight model for a sweep entry, in eval mode (any spec prefix)."""
+    spec, kwargs = entry["spec"], entry["kwargs"]
+    if extra_source(spec) is None:
+        return build_from_spec(spec, **kwargs)
+    source, parts = split_extra_spec(spec)
+    if source == "smp":
+        model = _build_smp(*parts, kwargs)
+    elif source == "hf":
+        model = _build_hf(*parts, kwargs)
+    else:
+        model = _build_yolo(*parts, kwargs)
+    return model.eval()
+
+
+HF_OUTPUTS = ("logits", "pred_boxes", "pred_masks")
+
+
+def hf_outputs(model: torch.nn.Module, x: torch.Tensor) -> Any:
+    """A transformers model's predictions: ``logits`` (and boxes / masks where returned)."""
+    out = model(pixel_values=x)
+    found = tuple(out[k] for k in HF_OUTPUTS if out.get(k) is not None)
+    return found[0] if len(found) == 1 else found
+
+
+def yolo_outputs(model: torch.nn.Module, x: torch.Tensor) -> Any:
+    """An Ultralytics model's predictions in eval mode (not the feature maps beside them)."""
+    return model(x)[0]
+
+
+def forward_fn_for(spec: str) -> Callable[[torch.nn.Module, Any], Any] | None:
+    """The ``forward_fn`` passed to ``prune`` and used for the checks (None: ``model(x)``)."""
+    return {"hf": hf_outputs, "yolo": yolo_outputs}.get(extra_source(spec) or "")
+
+
+def pip_command(target: str, sources: Sequence[str]) -> list[str]:
+    """The pip command that installs the given extra libraries into ``target``."""
+    packages = [p for s in EXTRA_LIBRARIES if s in sources for p in EXTRA_LIBRARIES[s].packages]
+    return [sys.executable, "-m", "pip", "install", "--no-deps", "--upgrade", "--target",
+            os.path.abspath(target), *packages]
+
+
+def use_extras_path(target: str) -> None:
+    """Put ``target`` first on ``sys.path`` (it holds only the extra libraries)."""
+    path = os.path.abspath(target)
+    if not os.path.isdir(path):
+        raise SystemExit(f"--extras-path: {path} is not a folder")
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    importlib.invalidate_caches()
+
+
+def install_extras(target: str, sources: Sequence[str],
+                   run: Callable[..., Any] | None = None) -> list[str] | None:
+    """pip-install the libraries for ``sources`` into ``target`` and put it on ``sys.path``.
+
+    Args:
+        target: Folder for ``pip install --target``; created by pip if missing.
+        sources: Extra-library prefixes the sweep needs (``smp``, ``hf``, ``yolo``).
+        run: Runs the command (default: ``subprocess.run``, looked up at call time).
+
+    Returns:
+        The pip command run, or None if no selected spec needs an extra library.
+    """
+    if not sources:
+        print("--install-extras: no smp: / hf: / yolo: spec selected, nothing installed",
+              file=sys.stderr)
+        return None
+    if "yolo" in sources:
+        print(AGPL_NOTICE.format(dir=os.path.abspath(target)), file=sys.stderr)
+    cmd = pip_command(target, sources)
+    print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
+    (run or subprocess.run)(cmd, check=True)
+    os.makedirs(target, exist_ok=True)
+    use_extras_path(target)
+    return cmd
 
 
 def named_tensors(out: Any, prefix: str = "out") -> dict[str, torch.Tensor]:
@@ -330,22 +627,43 @@ def registry_entries(selection: str) -> list[dict[str, Any]]:
     ]
 
 
+def extra_registry_entries(selection: str) -> list[dict[str, Any]]:
+    """Entries of :data:`EXTRA_REGISTRY` selected by library, spec (or ``all``)."""
+    wanted = {w.strip() for w in selection.split(",") if w.strip()}
+    specs = {spec for _, spec, *_ in EXTRA_REGISTRY}
+    unknown = sorted(wanted - set(EXTRA_LIBRARIES) - specs - {"all"})
+    if unknown:
+        raise SystemExit(f"--registry: unknown {', '.join(unknown)}; valid: all, libraries "
+                         f"{', '.join(EXTRA_LIBRARIES)}, or specs (see --list-registry)")
+    return [
+        {"spec": spec, "size": size, "kwargs": copy.deepcopy(kwargs), "family": lib,
+         "note": note}
+        for lib, spec, size, kwargs, note in EXTRA_REGISTRY
+        if "all" in wanted or lib in wanted or spec in wanted
+    ]
+
+
 def model_entries(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """What to sweep: ``--models`` specs, then ``--timm-registry`` entries."""
+    """What to sweep: ``--models`` specs, then ``--timm-registry``, then ``--registry``."""
     entries = []
+    registry = getattr(args, "registry", None)
     models = args.models if args.models is not None else (
-        None if args.timm_registry else "default")
+        None if args.timm_registry or registry else "default")
     if models:
         for item in expand_models(models):
             spec, size = parse_spec(item, args.size)
             entries.append({"spec": spec, "size": size, "kwargs": {}, "family": None})
     if args.timm_registry:
         entries.extend(registry_entries(args.timm_registry))
+    if registry:
+        entries.extend(extra_registry_entries(registry))
     return entries
 
 
 def label(entry: dict[str, Any]) -> str:
-    """``timm:vit_tiny_patch16_224 (img_size=64)``."""
+    """``timm:vit_tiny_patch16_224 (img_size=64)``; an entry's note replaces long kwargs."""
+    if entry.get("note"):
+        return f"{entry['spec']} ({entry['note']})"
     kw = ", ".join(f"{k}={v}" for k, v in entry["kwargs"].items())
     return f"{entry['spec']} ({kw})" if kw else entry["spec"]
 
@@ -390,6 +708,8 @@ def check_one(base: torch.nn.Module, entry: dict[str, Any], x: torch.Tensor, cri
               args: argparse.Namespace, workdir: str) -> dict[str, Any]:
     """Prune a copy of ``base`` with ``criterion`` and run every check."""
     timm_name = _timm_name(entry["spec"])
+    forward_fn = forward_fn_for(entry["spec"])
+    outputs = forward_fn or (lambda m, inputs: m(inputs))
     row: dict[str, Any] = {"criterion": criterion, "ok": False}
     stage = "forward (original)"
     t0 = time.perf_counter()
@@ -397,7 +717,7 @@ def check_one(base: torch.nn.Module, entry: dict[str, Any], x: torch.Tensor, cri
         with time_limit(args.timeout):
             model = copy.deepcopy(base).eval()
             with torch.no_grad():
-                before = named_tensors(model(x))
+                before = named_tensors(outputs(model, x))
             stage = "prune"
             if criterion == BASELINE:
                 row["macs_ratio"] = baseline_prune(model, x)
@@ -409,7 +729,8 @@ def check_one(base: torch.nn.Module, entry: dict[str, Any], x: torch.Tensor, cri
                                           macs_tolerance=args.tolerance, progress=False)
             else:
                 report = kcp_plugin.prune(model, x, criterion, target_macs_ratio=args.target,
-                                          macs_tolerance=args.tolerance, progress=False)
+                                          macs_tolerance=args.tolerance, progress=False,
+                                          forward_fn=forward_fn)
             row["prune_s"] = time.perf_counter() - t0
             if criterion != BASELINE:
                 row["macs_ratio"] = report.macs_ratio
@@ -421,7 +742,7 @@ def check_one(base: torch.nn.Module, entry: dict[str, Any], x: torch.Tensor, cri
             stage = "forward (pruned)"
             model.eval()
             with torch.no_grad():
-                after = named_tensors(model(x))
+                after = named_tensors(outputs(model, x))
             row["shape_ok"] = list(before) == list(after) and all(
                 before[k].shape == after[k].shape for k in before
             )
@@ -436,7 +757,7 @@ def check_one(base: torch.nn.Module, entry: dict[str, Any], x: torch.Tensor, cri
                 stage = "save/load"
                 loaded = _round_trip(model, entry, x, workdir, args.path)
                 with torch.no_grad():
-                    again = named_tensors(loaded(x))
+                    again = named_tensors(outputs(loaded, x))
                 row["roundtrip_ok"] = list(after) == list(again) and all(
                     torch.equal(after[k], again[k]) for k in after
                 )
@@ -481,11 +802,14 @@ def _plugin_error(exc_info: dict[str, Any]) -> bool:
 
 def classify(row: dict[str, Any]) -> str:
     """``ok``, ``refused`` (the plugin's own error, model untouched), ``timeout``, ``crash``
-    (any other exception) or ``check failed`` (it ran, a check did not pass)."""
+    (any other exception), ``check failed`` (it ran, a check did not pass) or ``not built``
+    (the model could not be built: no row ran)."""
     if "error" in row:
         e = row["error"]
         if e["type"] == "TimeLimitExceeded":
             return "timeout"
+        if e["stage"] == "build":
+            return "not built"
         if e["stage"] == "prune" and row.get("untouched") and _plugin_error(e):
             return "refused"
         return "crash"
@@ -499,8 +823,8 @@ def _round_trip(model: torch.nn.Module, entry: dict[str, Any], x: torch.Tensor,
     timm_name = _timm_name(entry["spec"])
     if timm_name is None or how == "core":
         kcp_plugin.save_pruned(model, path)
-        return kcp_plugin.load_pruned(
-            lambda: build_from_spec(entry["spec"], **entry["kwargs"]), path, x).eval()
+        # no forward_fn: the replay follows the saved plan (README, "Models that return ...")
+        return kcp_plugin.load_pruned(lambda: build_model(entry), path, x).eval()
     import timm
 
     from kcp_plugin.integrations.timm import install_plan_hooks
@@ -535,17 +859,20 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
         "python": platform.python_version(), "kcp_source_sha256": fingerprint,
         "criteria": criteria, "baseline": baseline, "baseline_ratio": BASELINE_RATIO,
         "path": args.path,
+        "extras": {lib.module: _dist_version(lib.packages[0]) for s, lib in
+                   EXTRA_LIBRARIES.items() if any(extra_source(e["spec"]) == s
+                                                  for e in entries)},
     }
     with tempfile.TemporaryDirectory() as workdir:
         for entry in entries:
             spec, size = entry["spec"], entry["size"]
             out: dict[str, Any] = {"model": spec, "label": label(entry), "size": size,
                                    "kwargs": entry["kwargs"], "family": entry["family"],
-                                   "rows": []}
+                                   "source": spec.partition(":")[0], "rows": []}
             t0 = time.perf_counter()
             try:
                 torch.manual_seed(args.seed)
-                base = build_from_spec(spec, **entry["kwargs"])
+                base = build_model(entry)
                 out["params"] = sum(p.numel() for p in base.parameters())
             except Exception as exc:
                 out["error"] = describe_error(exc, "build")
@@ -585,6 +912,15 @@ def _version(module: str) -> str | None:
         return None
 
 
+def _dist_version(requirement: str) -> str | None:
+    """Installed version of a pip requirement's distribution (found on ``sys.path``)."""
+    name = requirement.split("==")[0]
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def _mark(v: Any) -> str:
     return "-" if v is None else ("yes" if v else "**no**")
 
@@ -604,10 +940,12 @@ def summary(row: dict[str, Any]) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
+    extras = "".join(f", {k} {v or 'not installed'}"
+                     for k, v in (result.get("extras") or {}).items())
     lines = [
         f"target_macs_ratio {result['target_macs_ratio']} (tolerance {result['tolerance']}), "
         f"{result['threads']} threads, torch {result['torch']}, "
-        f"torch-pruning {result['torch_pruning']}, timm {result.get('timm')}, "
+        f"torch-pruning {result['torch_pruning']}, timm {result.get('timm')}{extras}, "
         f"kcp.py sha256 {result['kcp_source_sha256']}",
         "",
         "| model | input | criterion | result | MACs kept | params kept | shape | finite "
@@ -623,6 +961,8 @@ def markdown(result: dict[str, Any]) -> str:
                 e = row["error"]
                 if status == "crash":
                     status = f"**crash** ({e['stage']}): {e['type']}"
+                elif status == "not built":
+                    status = f"**not built**: {e['type']}"
                 failures.append((entry.get("label", entry["model"]), row["criterion"], e))
             elif status != "ok":
                 status = f"**{status}**"
@@ -639,14 +979,22 @@ def markdown(result: dict[str, Any]) -> str:
     n_all = sum(max(len([r for r in e["rows"] if r["criterion"] != BASELINE]), 1)
                 for e in result["results"])
     counts: dict[str, int] = {}
+    by_source: dict[str, dict[str, int]] = {}
     for e in result["results"]:
-        for r in e["rows"]:
-            if r["criterion"] != BASELINE:
-                key = r.get("status") or classify(r)
-                counts[key] = counts.get(key, 0) + 1
+        rows = [r for r in e["rows"] if r["criterion"] != BASELINE]
+        if not rows and e.get("error"):
+            rows = [{"criterion": "-", "error": e["error"]}]
+        source = by_source.setdefault(e.get("source") or e["model"].partition(":")[0], {})
+        for r in rows:
+            key = r.get("status") or classify(r)
+            counts[key] = counts.get(key, 0) + 1
+            source[key] = source.get(key, 0) + 1
     lines += ["", f"{n_ok}/{n_all} model-criterion pairs passed every check ("
               + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
               + f"); wall time {result.get('wall_s', 0):.0f} s"]
+    if len(by_source) > 1:
+        lines += [""] + [f"* {name}: " + ", ".join(f"{k} {v}" for k, v in sorted(c.items()))
+                         for name, c in by_source.items()]
     if result.get("baseline"):
         lines += ["", floor_summary(result)]
     if failures:
@@ -700,8 +1048,17 @@ def main(argv: list[str] | None = None) -> int:
         for family, name, size, kwargs in TIMM_REGISTRY:
             print(f"{family:16s} {name:36s} {size:4d} {kwargs or ''}")
         return 0
+    if args.list_registry:
+        for lib, spec, size, kwargs, note in EXTRA_REGISTRY:
+            print(f"{lib:5s} {spec:40s} {size:4d} {note + ': ' if note else ''}{kwargs}")
+        return 0
     if not 0 < args.target <= 1 or math.isnan(args.target):
         raise SystemExit("--target must be in (0, 1]")
+    if args.extras_path:
+        use_extras_path(args.extras_path)
+    if args.install_extras:
+        needed = {extra_source(e["spec"]) for e in model_entries(args)} - {None}
+        install_extras(args.install_extras, sorted(needed))
     result = sweep(args)
     print(write_outputs(result, args))
     ok = all(r.get("ok", False) for e in result["results"] for r in e["rows"]
