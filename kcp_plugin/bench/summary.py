@@ -199,8 +199,8 @@ def distill_gaps(result: dict[str, Any]) -> list[dict[str, Any]]:
             entry["metric"] = metric
             entry["value"], entry["std"] = _mean_std([r["value"] for r in ok])
             entry["after_prune"] = _mean_std([r.get("after_prune") for r in ok])[0]
-            gains, closed = [], []
-            for r in ok:
+            gains, closed, per_seed = [], [], {}
+            for r in sorted(ok, key=lambda r: r["seed"]):
                 key = (task, criterion, schedule, target, r["seed"])
                 if key not in base or (task, r["seed"]) not in ft:
                     continue
@@ -208,9 +208,11 @@ def distill_gaps(result: dict[str, Any]) -> list[dict[str, Any]]:
                 gap = _better(metric, ft[(task, r["seed"])], base[key])
                 gains.append(gain)
                 closed.append(gain / gap if gap > 0 else float("nan"))
+                per_seed[r["seed"]] = closed[-1]
             entry["paired_seeds"] = len(gains)
             entry["gain"], entry["gain_std"] = _mean_std(gains)
             entry["closed"], entry["closed_std"] = _mean_std(closed)
+            entry["closed_per_seed"] = per_seed
             entry["floor_met"] = bool(len(gains) > 1 and entry["closed"] >= 0.5
                                       and entry["gain"] - entry["gain_std"] > 0)
             entry["floor_strict"] = bool(len(gains) > 1
@@ -258,11 +260,12 @@ def distill_markdown(result: dict[str, Any]) -> str:
                   f"{steps} steps (the reference): {ft[0]:.{d}f} ± {ft[1]:.{d}f} "
                   f"({len(ft_rows)} seed{'s' if len(ft_rows) != 1 else ''}). Gain: over the "
                   "same prune fine-tuned on the task loss alone, paired by seed (positive: "
-                  "better); gap closed: gain / (dense fine-tuned - task loss alone), per seed.",
+                  "better); gap closed: gain / (dense fine-tuned - task loss alone), per seed "
+                  "(% per seed in seed order).",
                   "",
                   f"| MACs kept | criterion | schedule | distillation | {metric} | gain vs none "
-                  "| gap closed | right after prune | seeds |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| gap closed | per seed | right after prune | seeds |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for e in entries:
             head = (f"| {e['target_macs']:.0%} | {e['criterion']} | {e['schedule']} | "
                     f"{e['distill']} |")
@@ -270,14 +273,16 @@ def distill_markdown(result: dict[str, Any]) -> str:
                 reason = e["errors"][0] if e["errors"] else "no rows"
                 what = "n/a" if "not applicable: " in reason else "failed"
                 reason = reason.split("not applicable: ", 1)[-1]
-                lines.append(f"{head} {what}: {reason[:110]} | | | | 0 |")
+                lines.append(f"{head} {what}: {reason[:110]} | | | | | 0 |")
                 continue
             gain = (f"{e['gain']:+.{d}f} ± {e['gain_std']:.{d}f}" if e["paired_seeds"] and
                     e["distill"] != "none" else "")
-            closed = (f"{100 * e['closed']:.0f}% ± {100 * e['closed_std']:.0f}%"
-                      if e["paired_seeds"] and e["distill"] != "none" else "")
+            closed = per_seed = ""
+            if e["paired_seeds"] and e["distill"] != "none":
+                closed = f"{100 * e['closed']:.0f}% ± {100 * e['closed_std']:.0f}%"
+                per_seed = " / ".join(f"{100 * v:.0f}" for v in e["closed_per_seed"].values())
             lines.append(f"{head} {e['value']:.{d}f} ± {e['std']:.{d}f} | {gain} | {closed} | "
-                         f"{e['after_prune']:.{d}f} | {e['seeds']} |")
+                         f"{per_seed} | {e['after_prune']:.{d}f} | {e['seeds']} |")
         described: dict[str, str] = {}
         for e in entries:
             if e["config"] or e["distill"] == "none":
