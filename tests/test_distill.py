@@ -73,7 +73,8 @@ def test_config_reads_what_configs_hold():
     assert DistillConfig.from_value(None) is None
     assert DistillConfig.from_value("cwd").temperature == 4.0  # Shu et al.'s T
     cfg = DistillConfig.from_value({"type": "kl", "layers": "stem.1", "weight": 2})
-    assert (cfg.output, cfg.layers, cfg.weight, cfg.temperature) == ("kl", ["stem.1"], 2, 1.0)
+    assert (cfg.output, cfg.layers, cfg.weight, cfg.temperature) == ("kl", ["stem.1"], 2, 4.0)
+    assert DistillConfig("KL").output == "kl"
     assert DistillConfig(**cfg.to_dict()) == cfg
 
 
@@ -128,6 +129,14 @@ def test_kept_channels_compose_over_prunes_and_survive_a_reload(tmp_path):
     assert torch.equal(kept_channels(teacher, reloaded, ["stem.0"], x)["stem.0"], kept)
 
 
+def test_a_distiller_refuses_a_student_not_pruned_from_its_teacher_when_built():
+    model, x = _net()
+    teacher = copy.deepcopy(model)
+    prune(teacher, x, "l1", pruning_ratio=0.5, progress=False)  # swapped: the teacher is pruned
+    with pytest.raises(ValueError, match="teacher and student do not fit"):
+        Distiller(teacher, model, {"output": "kl", "layers": ["block"]}, x)
+
+
 def test_a_student_not_pruned_from_the_teacher_is_refused():
     model, x = _net()
     other = copy.deepcopy(model)
@@ -145,6 +154,8 @@ def test_a_container_is_compared_where_its_channels_are_owned():
         resolve_feature_layers(model, ["mix"], x)  # a concat: no single owner
     with pytest.raises(ValueError, match="does not exist in the teacher.*close matches: block"):
         resolve_feature_layers(model, ["blok"], x)
+    with pytest.raises(ValueError, match=r"'conv1'.*close matches: block\.conv1.*named_modules"):
+        resolve_feature_layers(model, ["conv1"], x)  # the qualified name is offered
 
 
 # ---------------------------------------------------------------------- DCA

@@ -27,7 +27,8 @@ from ..graph import ForwardFn, default_forward
 from ..hints import did_you_mean
 from ..plan import apply_plan, get_plan
 
-__all__ = ["FeatureLayer", "resolve_feature_layers", "kept_channels", "channel_axis", "owner_dim"]
+__all__ = ["FeatureLayer", "resolve_feature_layers", "kept_channels", "channel_axis", "owner_dim",
+           "layer_hint"]
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
@@ -63,6 +64,19 @@ def channel_axis(module: nn.Module, feature: torch.Tensor) -> int:
     return 1
 
 
+def layer_hint(name: str, modules: Any) -> str:
+    """Close matches among ``modules``' qualified names, those ending in ``.name`` first
+    (``layer3`` -> ``backbone.layer3``): layers are named as ``model.named_modules()`` names
+    them."""
+    names = [n for n in modules if n]
+    ending = [n for n in names if n.endswith("." + name)][:3]
+    close = [n for n in did_you_mean(name, names, otherwise="").removeprefix(
+        "; close matches: ").split(", ") if n and n not in ending]
+    hints = ending + close
+    return ("; close matches: " + ", ".join(hints[:3]) if hints else "") + \
+        " (names as model.named_modules() gives them)"
+
+
 def resolve_feature_layers(model: nn.Module, names: Iterable[str], example_inputs: Any,
                            forward_fn: ForwardFn | None = None,
                            role: str = "teacher") -> list[FeatureLayer]:
@@ -78,7 +92,7 @@ def resolve_feature_layers(model: nn.Module, names: Iterable[str], example_input
     for name in names:
         if name not in modules:
             raise ValueError(f"distillation layer {name!r} does not exist in the {role}"
-                             f"{did_you_mean(name, [n for n in modules if n])}")
+                             f"{layer_hint(name, modules)}")
     out, pending = [], []
     for name in names:
         if owner_dim(modules[name]) is not None:

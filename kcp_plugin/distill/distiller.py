@@ -30,10 +30,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..graph import ForwardFn, default_forward
-from ..hints import did_you_mean
 from ..plan import get_plan
 from ..stats import unwrap_model
-from .channels import FeatureLayer, channel_axis, kept_channels, owner_dim, resolve_feature_layers
+from .channels import (
+    FeatureLayer,
+    channel_axis,
+    kept_channels,
+    layer_hint,
+    owner_dim,
+    resolve_feature_layers,
+)
 from .config import DistillConfig
 from .dca import DCAStats
 from .losses import OUTPUT_LOSSES
@@ -114,9 +120,8 @@ class Distiller(nn.Module):
         plain = unwrap_model(student)
         for name in (*config.layers, *config.dca_layers):
             if name not in dict(plain.named_modules()):
-                names = [n for n, _ in plain.named_modules() if n]
                 raise ValueError(f"distillation layer {name!r} does not exist in the student"
-                                 f"{did_you_mean(name, names)}")
+                                 f"{layer_hint(name, dict(plain.named_modules()))}")
         if config.adapter:
             self.feature_layers = [FeatureLayer(n, n) for n in config.layers]
         else:
@@ -139,6 +144,14 @@ class Distiller(nn.Module):
         self._student_feats: dict[str, torch.Tensor] = {}
         self._teacher_feats: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
+        # the student's plan must extend the teacher's (read now: a student that was not
+        # pruned from this teacher is refused before training, not at the first step)
+        try:
+            self._refresh()
+        except ValueError as exc:
+            raise ValueError(f"teacher and student do not fit: {exc} (the teacher is the "
+                             "student's model before its prunes: same architecture, same "
+                             "arguments)") from exc
         names = {layer.name for layer in (*self.feature_layers, *self.dca_layers)}
         s_modules, self._t_modules = dict(plain.named_modules()), t_modules
         for name in sorted(names):
