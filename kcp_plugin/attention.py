@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .stored_sizes import stored_size_attrs
+
 __all__ = ["detect_num_heads", "sync_attention_attrs"]
 
 
@@ -96,7 +98,8 @@ def sync_attention_attrs(
 
     Returns:
         ``{module_name: {attr: value}}`` of the attributes set, recorded in the pruning plan so
-        that replaying the plan restores them.
+        that replaying the plan restores them; with them, the split / slice sizes stored on
+        modules that pruning rewrote (:func:`kcp_plugin.stored_sizes.stored_size_attrs`).
 
     Raises:
         RuntimeError: a projection's width no longer splits into whole heads.
@@ -111,6 +114,8 @@ def sync_attention_attrs(
             for k, v in attrs.items():
                 setattr(m, k, v)
             changed[name] = attrs
+    for name, values in stored_size_attrs(model).items():  # split / slice sizes, same plan
+        changed.setdefault(name, {}).update(values)
     return changed
 
 
@@ -165,10 +170,13 @@ def _separate_attrs(name: str, m: nn.Module, num_heads: dict[nn.Module, int]
 
 
 def apply_attrs(model: nn.Module, attrs: dict[str, dict[str, int | float]]) -> None:
-    """Set recorded attributes on named submodules (used when a plan is replayed)."""
+    """Set recorded attributes on named submodules (used when a plan is replayed); a list
+    recorded for a tuple attribute (plans are JSON) is set as a tuple."""
     modules = dict(model.named_modules())
     for name, values in attrs.items():
         if name not in modules:
             raise KeyError(f"pruning plan names module {name!r}, which this model does not have")
         for k, v in values.items():
+            if isinstance(v, list) and isinstance(getattr(modules[name], k, None), tuple):
+                v = tuple(v)  # a plan is JSON: stored size tuples come back as lists
             setattr(modules[name], k, v)

@@ -58,6 +58,7 @@ from torch_pruning.dependency.group import Group
 from torch_pruning.pruner.algorithms import base_pruner as _tp_base_pruner
 
 from .channelwise import group_companions, prune_companions
+from .stored_sizes import StoredSizes, trace_stored_sizes
 
 __all__ = ["DependencyGraph", "Pruner", "pruner_graph_class", "split_channel_groups"]
 
@@ -189,8 +190,10 @@ class DependencyGraph(tp.DependencyGraph):
         try:
             for p in frozen:
                 p.requires_grad_(True)
-            with torch.enable_grad():
+            # splits / slices sized by module attributes (kcp_plugin.stored_sizes)
+            with torch.enable_grad(), trace_stored_sizes(model) as watch:
                 super().build_dependency(model, example_inputs, *args, **kwargs)
+            self.stored_sizes = watch.result()
         finally:
             _tp_mapping.update_index_mapping = update
             for p in frozen:
@@ -207,6 +210,7 @@ class DependencyGraph(tp.DependencyGraph):
         """Record, for every split / cat / pixel-shuffle node, its parts and which part (or
         cat position) each edge to a neighbour carries."""
         self._kcp_ops: dict[Any, dict[str, Any]] = {}
+        self._kcp_place_stored_sizes()
         for node in self.module2node.values():
             gf = node.grad_fn
             name = gf.name() if gf is not None and hasattr(gf, "name") else ""
@@ -216,6 +220,8 @@ class DependencyGraph(tp.DependencyGraph):
                 self._kcp_cat(node, gf)
             elif name in ("PixelShuffleBackward0", "PixelUnshuffleBackward0"):
                 self._kcp_shuffle(node, gf, name)
+            elif node.type == ops.OPTYPE.SLICE and self.stored_sizes.bound(node):
+                self._kcp_ops[node] = {"kind": "slice"}  # its bounds follow pruning
             elif node.type == ops.OPTYPE.RESHAPE and _splits_channels_into_groups(gf):
                 # a channel shuffle (ShuffleNet: view(B, g, C // g, H, W), transpose, flatten):
                 # torch-pruning maps channels through it as if nothing moved, and the pruned
@@ -284,6 +290,62 @@ class DependencyGraph(tp.DependencyGraph):
                 frontier = nxt
         return None
 
+    def _kcp_place_stored_sizes(self) -> None:
+        """Tell the stored-size bindings (:mod:`kcp_plugin.stored_sizes`) which of their
+        splits / slices cut the channels this graph prunes."""
+        sizes = getattr(self, "stored_sizes", None)
+        if sizes is None:
+            self.stored_sizes = sizes = StoredSizes({})
+        if not sizes:
+            return
+        for node in self.module2node.values():
+            op = sizes.op_of(node.grad_fn)
+            if op is None:
+                continue
+            if node.type == ops.OPTYPE.SPLIT:
+                on = self._on_channels(node, node.grad_fn) == op.dim
+            elif node.type == ops.OPTYPE.SLICE:
+                on = self._slice_on_channels(node, op.dim, op.ndim)
+            else:
+                on = False
+            sizes.place(node, on)
+        sizes.settle()
+        # a part cut again at literal positions (FocalNet's gates[:, l:l + 1]) cannot follow
+        # pruning, so neither can the stored sizes that made it
+        for node in self.module2node.values():
+            gf = node.grad_fn
+            shape = getattr(gf, "_saved_self_sym_sizes", None)
+            if node.type != ops.OPTYPE.SLICE or sizes.op_of(gf) is not None or not shape:
+                continue
+            m, width = node.module, int(shape[int(node.module.dim) % len(shape)])
+            if (m.start > 0 or m.end < width) and self._slice_on_channels(
+                    node, int(m.dim) % len(shape), len(shape)):
+                above = self._stored_above(node)
+                if above is not None:
+                    sizes.flag(above, f"a part of it is cut again at fixed positions "
+                                      f"[{m.start}:{m.end}], which pruning cannot move")
+
+    def _slice_on_channels(self, node: Any, dim: int, ndim: int) -> bool:
+        """Whether a slice cuts the channels (as torch-pruning's slice mapping assumes: NCHW
+        dimension 1, or the last dimension next to a Linear / LayerNorm)."""
+        layout = self._layout_near(node) if ndim >= 3 else None
+        return (dim == 1 and ndim != 3 and layout != "last") or (
+            ndim >= 3 and dim == ndim - 1 and layout == "last") or (
+            ndim == 3 and dim == 1 and layout == "first")
+
+    def _stored_above(self, node: Any, depth: int = 8) -> Any:
+        """The nearest stored-size split / slice above ``node`` through element-wise ops."""
+        frontier = list(node.inputs)
+        for _ in range(depth):
+            nxt = []
+            for n in frontier:
+                if self.stored_sizes.bound(n) is not None:
+                    return n
+                if n.type == ops.OPTYPE.ELEMENTWISE:
+                    nxt.extend(n.inputs)
+            frontier = nxt
+        return None
+
     def _kcp_split(self, node: Any, gf: Any, name: str) -> None:
         dim = self._on_channels(node, gf)
         if dim is None:
@@ -299,8 +361,13 @@ class DependencyGraph(tp.DependencyGraph):
             parts[id(consumer)] = [nr for _, nr in occ]
         # Equal parts (chunk, or split into equal sizes) stay equal when channel j of every
         # part goes together; unequal parts cannot follow any pruning of the split's input.
-        equal = len(set(sizes)) == 1 and len(sizes) > 1
-        if not equal:
+        # Sizes stored on a module (torch.split(x, self.splits)) are rewritten after a prune
+        # (kcp_plugin.stored_sizes): the parts then prune independently, unless one stored
+        # part size is shared by all of them.
+        stored = self.stored_sizes.bound(node)
+        equal = len(set(sizes)) == 1 and len(sizes) > 1 and (
+            stored is None or stored.equal_parts())
+        if not equal and stored is None and not self.stored_sizes.problem(node):
             self.fixed_splits.append(node)
         node.module.split_sizes = list(sizes)
         node.module.offsets = [0, *_cumsum(sizes)]
@@ -361,6 +428,11 @@ class DependencyGraph(tp.DependencyGraph):
                 return _Unfold(size=size, parts=n) if toward_op else _Fold(size=size)
             offset = sum(m.split_sizes[:part])
             return _Shift(offset) if toward_op else _Window(offset, size)
+        if kind == "slice":  # a channel slice with stored bounds: its input's channel space
+            if other not in op_node.outputs:
+                return None
+            m = op_node.module
+            return _Shift(m.start) if toward_op else _Window(m.start, m.end - m.start)
         if kind == "cat":
             if other not in op_node.inputs:  # the cat's consumers: same channel space
                 return None
@@ -618,6 +690,8 @@ class _Group(Group):
             self._group, self._DG.is_out_channel_pruning_fn)
         try:
             super().prune(idxs, record_history)
+            if idxs is None and self._DG is not None and getattr(self._DG, "stored_sizes", None):
+                self._DG.stored_sizes.write_back()  # module attributes sizing splits / slices
             for module, names, size, lost in owned:
                 prune_companions(module, names, size,
                                  [i.idx if hasattr(i, "idx") else int(i) for i in lost])

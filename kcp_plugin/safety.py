@@ -166,6 +166,10 @@ def invalid_groups(
             if id(dep.target) in unmapped or id(dep.source) in unmapped:
                 reason = "it passes through a split or cat whose parts could not be traced"
                 break
+            stored = getattr(graph, "stored_sizes", None)
+            if stored is not None and stored.problem(dep.target):  # kcp_plugin.stored_sizes
+                reason = stored.problem(dep.target)
+                break
             if id(dep.target) in fixed:
                 sizes = fixed[id(dep.target)].module.split_sizes
                 reason = (f"the forward code splits these channels into parts of fixed, unequal "

@@ -524,14 +524,17 @@ def test_split_into_two_outputs_with_iterative_steps(steps):
     assert model.out_a.in_channels == 8 and model.out_b.in_channels == 16
 
 
-def test_partial_conv_is_pruned_outside_its_split(tmp_path):
+def test_partial_conv_split_sizes_follow_pruning(tmp_path):
+    # the split sizes are stored on the module (dim_conv3, dim_untouched): they are rewritten
+    # after the prune (kcp_plugin.stored_sizes), so the split is pruned too
     torch.manual_seed(0)
     model = PConvNet()
-    with pytest.warns(UserWarning, match="unpruned"):
-        report = _prune_and_check(model, X, target_macs_ratio=0.5)
-    assert model.spatial.partial_conv3.in_channels == 8 and model.mlp[1].out_channels == 32
+    report = _prune_and_check(model, X, target_macs_ratio=0.5)
+    spatial = model.spatial
+    assert spatial.partial_conv3.in_channels == spatial.dim_conv3 < 8
+    assert spatial.dim_conv3 + spatial.dim_untouched == model.body.c[0].out_channels
     assert model.mlp[0][0].out_channels < 96  # the MLP hidden width is pruned
-    assert any("split/chunk" in r["couplings"] for r in report.auto_protected)
+    assert not report.auto_protected
     _round_trip(model, PConvNet, X, tmp_path)
 
 
@@ -669,9 +672,9 @@ def test_core_prune_refuses_what_the_timm_integration_refuses():
 
     from kcp_plugin.integrations.timm import UnsupportedModelError
 
-    model = timm.create_model("mixnet_s", num_classes=3).eval()
+    model = timm.create_model("davit_tiny", num_classes=3).eval()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(UnsupportedModelError, match="MixedConv2d"):
+    with pytest.raises(UnsupportedModelError, match="WindowAttention"):
         kcp_plugin.prune(model, torch.randn(1, 3, 32, 32), "kcp", target_macs_ratio=0.5,
                          progress=False)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
@@ -696,8 +699,8 @@ def test_nni_pruner_masks_and_speedup_follow_the_same_safety_rules(builder, capl
     assert "disagree" not in caplog.text  # the plugin's own masks are coupled
     if builder is DepthwiseOnInput:
         assert "dw" not in masked and model.dw.out_channels == 3
-    if builder is PConvNet:  # the channels through the fixed-size split are kept
-        assert "body.c.0" not in masked and model.spatial.partial_conv3.in_channels == 8
+    if builder is PConvNet:  # the split's stored sizes follow the pruned channels
+        assert model.spatial.partial_conv3.in_channels == model.spatial.dim_conv3
     if builder is C2fNet:  # chunk halves pruned equally
         for c2f in (model.s1, model.s2):
             assert c2f.cv1[0].out_channels == 2 * c2f.m[0].cv1[0].in_channels

@@ -299,15 +299,15 @@ def test_swin_patch_merging_keeps_four_copies_aligned():
 
 
 def test_unsupported_architecture_refused_untouched():
-    model = timm.create_model("mixnet_s", num_classes=5).eval()
+    model = timm.create_model("davit_tiny", num_classes=5).eval()
     params = [p for p in model.parameters()]
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(kt.UnsupportedModelError, match="MixedConv2d"):
+    with pytest.raises(kt.UnsupportedModelError, match="WindowAttention"):
         kt.prune_timm_model(model, "kcp", target_macs_ratio=0.5, input_size=32)
     assert [p for p in model.parameters()] == params
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-    with pytest.raises(kt.UnsupportedModelError, match="split sizes"):
-        timm.create_model("kcp_pruned", base="mixnet_s", target_macs_ratio=0.5)
+    with pytest.raises(kt.UnsupportedModelError, match="reshapes qkv by the input width"):
+        timm.create_model("kcp_pruned", base="davit_tiny", target_macs_ratio=0.5)
 
 
 # ---------------------------------------------------------------------- training-time pruning
@@ -521,18 +521,18 @@ def test_training_time_pruning_under_ddp(run, image_folder, tmp_path):
 def test_sweep_subset(tmp_path):
     sweep = _tool("sweep_models")
     js, md = tmp_path / "s.json", tmp_path / "s.md"
-    code = sweep.main(["--timm-registry", "resnet18,mixnet_s", "--criteria", "kcp",
+    code = sweep.main(["--timm-registry", "resnet18,davit_tiny", "--criteria", "kcp",
                        "--threads", "2", "--json", str(js), "--markdown", str(md)])
     result = json.loads(js.read_text())
     rows = {(e["model"], r["criterion"]): r for e in result["results"] for r in e["rows"]}
     assert rows["timm:resnet18", "tp"]["ok"] and rows["timm:resnet18", "kcp"]["ok"]
     assert rows["timm:resnet18", "kcp"]["roundtrip_ok"] and rows["timm:resnet18", "kcp"][
         "reset_ok"]
-    assert not rows["timm:mixnet_s", "tp"]["ok"]
-    assert rows["timm:mixnet_s", "kcp"]["error"]["type"] == "UnsupportedModelError"
-    assert code == 1  # mixnet is refused
+    assert not rows["timm:davit_tiny", "tp"]["ok"]
+    assert rows["timm:davit_tiny", "kcp"]["error"]["type"] == "UnsupportedModelError"
+    assert code == 1  # DaVit is refused
     text = md.read_text()
-    assert "| timm:mixnet_s | 64 | kcp | refused |" in text
+    assert "| timm:davit_tiny | 64 | kcp | refused |" in text
     assert "| timm:resnet18 | 64 | kcp | ok |" in text
     assert "torch-pruning alone handles 1 models; kcp_plugin fails on 0 of them" in text
 

@@ -192,28 +192,10 @@ def protected_roots(model: nn.Module, example_inputs: Any,
 
 
 # ---------------------------------------------------------------------- refusals
-# class path -> why pruning it breaks the model
+# class path -> why pruning it breaks the model. Sizes a block stores on itself and passes to a
+# split or a channel slice (MixNet's MixedConv2d, ReXNet's bottleneck, DPN's dual-path block,
+# SKNet's selective kernel) are no reason: they follow pruning (kcp_plugin.stored_sizes).
 REFUSED: dict[str, str] = {
-    "timm.layers.mixed_conv2d.MixedConv2d": (
-        "MixedConv2d (MixNet's mixed-kernel conv) splits its input by a stored list of sizes "
-        "and concatenates the branch outputs; torch-pruning maps channels through chains of "
-        "these splits and concatenations unevenly, so the pruned branches no longer match the "
-        "split sizes (torch-pruning's own pruner fails the same way)"
-    ),
-    "timm.models.dpn.DualPathBlock": (
-        "a dual-path block slices one concatenation of its residual and dense paths at a stored "
-        "width (x[:, :num_1x1_c]); once channels before that point are pruned, the stored "
-        "width selects other channels than the ones traced, which no output-shape check "
-        "reveals (the safety net prunes it to every check passing, so this refusal guards the "
-        "meaning, not the shapes)"
-    ),
-    "timm.models.rexnet.LinearBottleneck": (
-        "ReXNet adds the shortcut into a channel slice of a wider output at a stored width "
-        "(x[:, 0:in_channels] += shortcut); once channels before that point are pruned, the "
-        "stored width selects other channels than the ones traced, which no output-shape check "
-        "reveals (the safety net prunes it to every check passing, so this refusal guards the "
-        "meaning, not the shapes)"
-    ),
     "timm.models.levit.Attention": (
         "LeViT's attention splits each head of its qkv projection by stored key / value sizes "
         "(view(B, N, heads, -1).split([key_dim, key_dim, val_dim])) and reshapes the result to "
@@ -230,11 +212,6 @@ REFUSED: dict[str, str] = {
     "timm.models.davit.ChannelAttention": (
         "DaVit's channel attention reshapes qkv by the input width (C // heads) and attends "
         "across channels; torch-pruning prunes the inner and embedding widths independently"
-    ),
-    "timm.layers.selective_kernel.SelectiveKernel": (
-        "selective-kernel convs stack their paths (view(B, num_paths, C, H, W)) and weight them "
-        "with an attention over paths; torch-pruning maps the grouped path convs' channels "
-        "inconsistently and the pruned model no longer runs (its own pruner fails the same way)"
     ),
 }
 
