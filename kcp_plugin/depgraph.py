@@ -192,6 +192,12 @@ class DependencyGraph(tp.DependencyGraph):
                 p.requires_grad_(True)
             # splits / slices sized by module attributes (kcp_plugin.stored_sizes)
             with torch.enable_grad(), trace_stored_sizes(model) as watch:
+                # upstream flattens the output with flatten_as_list, which raises on a None
+                # or any non-tensor leaf (RT-DETR returns None in its eval tuple): trace the
+                # tensors only, after the caller's own output_transform
+                given = kwargs.get("output_transform")
+                kwargs["output_transform"] = lambda out, given=given: _tensor_leaves(
+                    given(out) if given is not None else out)
                 super().build_dependency(model, example_inputs, *args, **kwargs)
             self.stored_sizes = watch.result()
         finally:
@@ -741,6 +747,17 @@ def _drop_degenerate_gqa(node: Any) -> None:
 def _upstream_owned(node: Any) -> bool:
     return node.type in (ops.OPTYPE.SLICE, ops.OPTYPE.RESHAPE, ops.OPTYPE.EXPAND,
                          ops.OPTYPE.UNBIND, ops.OPTYPE.LINEAR)
+
+
+def _tensor_leaves(value: Any) -> list[Any]:
+    """The tensors in a nested output (tuples, lists, dicts and their subclasses), in order."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensor_leaves(v)]
+    return []
 
 
 def _cumsum(values: list[int]) -> list[int]:

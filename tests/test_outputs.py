@@ -110,3 +110,26 @@ def test_counting_macs_prints_nothing(capsys):
     macs, params = count_macs_params(model, torch.randn(1, 3, 8, 8))
     assert macs >= 3 * 3 * 9 * 64 and params == 84
     assert capsys.readouterr().out == ""
+
+
+class WithNone(nn.Module):
+    """Returns ``(logits, None)`` in eval mode, as Ultralytics' RT-DETR does."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(16, 16, 3, padding=1), nn.ReLU())
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x: torch.Tensor):
+        return self.head(self.body(x)), None
+
+
+def test_an_output_holding_none_prunes_and_reloads(tmp_path):
+    torch.manual_seed(0)
+    model, x = WithNone().eval(), torch.randn(1, 3, 8, 8)
+    _prune(model, x)
+    assert model.body[0].out_channels == 8
+    save_pruned(model, tmp_path / "m.pt")
+    again = load_pruned(lambda: WithNone().eval(), tmp_path / "m.pt")
+    assert torch.equal(again(x)[0], model(x)[0])

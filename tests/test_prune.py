@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -48,10 +49,14 @@ def test_target_macs_is_reached_within_tolerance(builder, shape, target):
 def test_too_coarse_widths_give_a_clear_error_and_no_change():
     model = TinySeg().eval()
     state, params = _state(model), list(model.parameters())
-    with pytest.raises(ValueError, match="too coarse"):  # plain widths: round_to=1
+    with pytest.raises(ValueError, match="too coarse"):  # no setting within 1e-4
         kcp_plugin.prune(model, torch.randn(1, 3, 16, 16), target_macs_ratio=0.5,
-                         round_to=1, progress=False)
+                         round_to=1, macs_tolerance=1e-4, progress=False)
     _assert_untouched(model, state, params)
+    # plain widths reach 2% (a group that jumps over the target is pinned, the rest searched)
+    plain = kcp_plugin.prune(copy.deepcopy(model), torch.randn(1, 3, 16, 16),
+                             target_macs_ratio=0.5, round_to=1, progress=False)
+    assert abs(plain.macs_ratio - 0.5) <= 0.02
     # the default tries the net's channel multiple too, which reaches it here
     report = kcp_plugin.prune(model, torch.randn(1, 3, 16, 16), target_macs_ratio=0.5,
                               progress=False)
