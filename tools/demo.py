@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 import kcp_plugin
 from kcp_plugin.bench import get_task, make_loader, train
 from kcp_plugin.bench.protocol import DISTILL_SETTINGS, distill_config
@@ -35,11 +37,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="distillation setting of the second fine-tuning (default: "
                    f"{BEST_DISTILL}, the benchmark's best; none: fine-tune once, no "
                    "distillation)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: "
+                   "torch's; 1 keeps a machine busy with other jobs from stalling the run, and "
+                   "the numbers differ slightly with the thread count)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="outputs/demo", help="output folder")
     args = p.parse_args(argv)
     if not 0 < args.target_macs <= 1:
         p.error("--target-macs must be in (0, 1]")
+    if args.threads is not None:
+        if args.threads < 1:
+            p.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
