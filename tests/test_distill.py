@@ -73,7 +73,7 @@ def test_config_reads_what_configs_hold():
     assert DistillConfig.from_value(None) is None
     assert DistillConfig.from_value("cwd").temperature == 4.0  # Shu et al.'s T
     cfg = DistillConfig.from_value({"type": "kl", "layers": "stem.1", "weight": 2})
-    assert (cfg.output, cfg.layers, cfg.weight, cfg.temperature) == ("kl", ["stem.1"], 2, 4.0)
+    assert (cfg.output, cfg.layers, cfg.weight, cfg.temperature) == ("kl", ["stem.1"], 2, 1.0)
     assert DistillConfig("KL").output == "kl"
     assert DistillConfig(**cfg.to_dict()) == cfg
 
