@@ -25,6 +25,7 @@ from .attention import apply_attrs
 from .errors import upstream_error
 from .graph import ForwardFn, build_graph
 from .hosts import adapters_for, host_forward
+from .nested import map_tensors
 
 __all__ = [
     "PLAN_FORMAT",
@@ -78,16 +79,6 @@ def input_spec(example_inputs: Any) -> Any:
     if example_inputs is None or isinstance(example_inputs, (bool, int, float, str)):
         return {"value": example_inputs}
     return {"value": None}
-
-
-def _to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_device(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    return value
 
 
 def inputs_from_spec(spec: Any) -> Any:
@@ -399,7 +390,7 @@ def load_pruned(
     model = model_or_builder if isinstance(model_or_builder, nn.Module) else model_or_builder()
     if example_inputs is None:  # the shapes prune was given, on the model's device
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        example_inputs = _to_device(inputs_from_spec(spec), device)
+        example_inputs = map_tensors(inputs_from_spec(spec), lambda t: t.to(device))
     apply_plan(model, payload["kcp_plugin"], example_inputs, forward_fn, customized_pruners,
                unwrapped_parameters)
     # the plan a state dict may carry is the one just applied: it is not a weight

@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 
 from ..hints import did_you_mean
+from ..nested import map_tensors
 
 __all__ = ["BACKENDS", "DTYPES", "Backend", "Timer", "as_backend", "batched", "check_backend",
            "check_fields", "check_fits", "default_multiples", "first_tensor", "placed",
@@ -320,7 +321,7 @@ def batched(example_inputs: Any, batch: int | None) -> Any:
         reps = -(-batch // b0)
         return t.repeat(reps, *([1] * (t.dim() - 1)))[:batch].contiguous()
 
-    return _map_tensors(example_inputs, grow)
+    return map_tensors(example_inputs, grow)
 
 
 def placed(model: nn.Module, example_inputs: Any, backend: Backend) -> tuple[nn.Module, Any]:
@@ -343,7 +344,7 @@ def placed(model: nn.Module, example_inputs: Any, backend: Backend) -> tuple[nn.
             t = t.contiguous(memory_format=torch.channels_last)
         return t
 
-    return moved, _map_tensors(inputs, place)
+    return moved, map_tensors(inputs, place)
 
 
 def place_module(module: nn.Module, backend: Backend) -> nn.Module:
@@ -482,7 +483,7 @@ def default_multiples(model: nn.Module, fixed: list[nn.Module], multiple: int) -
 def _all_on_cpu(model: nn.Module, inputs: Any) -> bool:
     tensors = [*model.parameters(), *model.buffers()]
     found: list[torch.Tensor] = []
-    _map_tensors(inputs, lambda t: found.append(t) or t)
+    map_tensors(inputs, lambda t: found.append(t) or t)
     return all(t.device.type == "cpu" for t in tensors + found)
 
 
@@ -498,15 +499,3 @@ def first_tensor(obj: Any) -> torch.Tensor | None:
             if found is not None:
                 return found
     return None
-
-
-def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, dict):
-        return {k: _map_tensors(v, fn) for k, v in obj.items()}
-    if isinstance(obj, tuple):
-        return tuple(_map_tensors(v, fn) for v in obj)
-    if isinstance(obj, list):
-        return [_map_tensors(v, fn) for v in obj]
-    return obj

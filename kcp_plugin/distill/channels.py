@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from ..graph import ForwardFn, default_forward
 from ..hints import did_you_mean
+from ..nested import map_tensors
 from ..plan import apply_plan, get_plan
 
 __all__ = ["FeatureLayer", "resolve_feature_layers", "kept_channels", "channel_axis", "owner_dim",
@@ -163,16 +164,6 @@ def _trace_owners(model: nn.Module, names: list[str], example_inputs: Any,
     return owners
 
 
-def _to_float(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.float() if value.is_floating_point() else value
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_float(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _to_float(v) for k, v in value.items()}
-    return value
-
-
 def kept_channels(teacher: nn.Module, student: nn.Module, owners: Iterable[str],
                   example_inputs: Any, forward_fn: ForwardFn | None = None
                   ) -> dict[str, torch.Tensor]:
@@ -202,7 +193,8 @@ def kept_channels(teacher: nn.Module, student: nn.Module, owners: Iterable[str],
     if any(p.dtype in (torch.float16, torch.bfloat16) for p in probe.parameters()):
         # channel indices above 256 are not exact in half precision
         probe.float()
-        example_inputs = _to_float(example_inputs)
+        example_inputs = map_tensors(
+            example_inputs, lambda t: t.float() if t.is_floating_point() else t)
     p_modules = dict(probe.named_modules())
     with torch.no_grad():
         for o in owners:
