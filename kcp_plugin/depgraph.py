@@ -58,6 +58,7 @@ from torch_pruning.dependency.group import Group
 from torch_pruning.pruner.algorithms import base_pruner as _tp_base_pruner
 
 from .channelwise import group_companions, prune_companions
+from .nested import output_tensors
 from .stored_sizes import StoredSizes, trace_stored_sizes
 
 __all__ = ["DependencyGraph", "Pruner", "pruner_graph_class", "split_channel_groups"]
@@ -196,8 +197,8 @@ class DependencyGraph(tp.DependencyGraph):
                 # or any non-tensor leaf (RT-DETR returns None in its eval tuple): trace the
                 # tensors only, after the caller's own output_transform
                 given = kwargs.get("output_transform")
-                kwargs["output_transform"] = lambda out, given=given: _tensor_leaves(
-                    given(out) if given is not None else out)
+                kwargs["output_transform"] = lambda out, given=given: list(output_tensors(
+                    given(out) if given is not None else out, objects=False).values())
                 super().build_dependency(model, example_inputs, *args, **kwargs)
             self.stored_sizes = watch.result()
         finally:
@@ -747,17 +748,6 @@ def _drop_degenerate_gqa(node: Any) -> None:
 def _upstream_owned(node: Any) -> bool:
     return node.type in (ops.OPTYPE.SLICE, ops.OPTYPE.RESHAPE, ops.OPTYPE.EXPAND,
                          ops.OPTYPE.UNBIND, ops.OPTYPE.LINEAR)
-
-
-def _tensor_leaves(value: Any) -> list[Any]:
-    """The tensors in a nested output (tuples, lists, dicts and their subclasses), in order."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensor_leaves(v)]
-    return []
 
 
 def _cumsum(values: list[int]) -> list[int]:

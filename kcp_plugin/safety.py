@@ -32,6 +32,7 @@ import torch_pruning as tp
 from torch_pruning import ops
 
 from .errors import UnprunableError
+from .nested import output_tensors
 
 __all__ = [
     "UnprunableError",
@@ -216,26 +217,6 @@ def unsafe_layers(graph: tp.DependencyGraph, names: dict[Any, str]) -> dict[nn.M
     found = {m: "a layer reading the model input's channels" for m in input_layers(graph)}
     for root, record in invalid_groups(graph, list(found), names):
         found.setdefault(root, f"unsafe to prune: {record.reason}")
-    return found
-
-
-def output_tensors(out: Any, prefix: str = "out", objects: bool = True) -> dict[str, torch.Tensor]:
-    """Every tensor in a (nested) model output, by path (``prefix.key.index``), in traversal
-    order: tensors, dicts, lists and tuples, and with ``objects`` also the attributes of plain
-    objects (mmseg data samples). Used by the output checks and by the ONNX export."""
-    if isinstance(out, torch.Tensor):
-        return {prefix: out}
-    found: dict[str, torch.Tensor] = {}
-    if isinstance(out, dict):
-        items: Iterable = out.items()
-    elif isinstance(out, (list, tuple)):
-        items = enumerate(out)
-    elif objects and hasattr(out, "__dict__") and not isinstance(out, nn.Module):
-        items = vars(out).items()  # e.g. mmseg data samples
-    else:
-        return found
-    for key, value in items:
-        found.update(output_tensors(value, f"{prefix}.{key}", objects))
     return found
 
 
