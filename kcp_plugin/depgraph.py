@@ -551,6 +551,20 @@ class DependencyGraph(tp.DependencyGraph):
         return super().load_pruning_history(pruning_history)
 
     # ------------------------------------------------------------------ groups
+    def _divergence_limit(self) -> int:
+        """An index no channel of this model can reach: ``_DIVERGENCE_MARGIN`` times the
+        largest dimension of any parameter. Upstream's traversal follows index mappings
+        around cycles of the graph; where a flatten mapping sits on such a cycle each lap
+        multiplies the indices, none is ever "already seen", and the traversal grows until
+        memory runs out (24 GB on LeViT-128S at 64 px). Pruning only shrinks layers, so the
+        dense model's limit stays valid."""
+        limit = getattr(self, "_kcp_index_limit", None)
+        if limit is None:
+            widest = max((max(p.shape) for p in self.model.parameters() if p.dim()),
+                         default=1)
+            limit = self._kcp_index_limit = _DIVERGENCE_MARGIN * widest
+        return limit
+
     def _index_bound(self, node: Any, handler: Any) -> int | None:
         """Channel count of ``node`` on the side ``handler`` prunes, or None if unknown."""
         t = node.type
@@ -588,6 +602,7 @@ class DependencyGraph(tp.DependencyGraph):
         root_dep = Dependency(pruning_fn, pruning_fn, source=root_node, target=root_node)
         items = [(root_dep, idxs)]
         reached = {(root_node, pruning_fn): {i.idx for i in idxs}}
+        limit = self._divergence_limit()
         bounds: dict[Any, int | None] = {}
         clipped: list[tuple[Any, int, int]] = []
         visited = set()
@@ -612,6 +627,14 @@ class DependencyGraph(tp.DependencyGraph):
                     if bound is not None and any(not 0 <= i.idx < bound for i in new):
                         clipped.append((target, max(i.idx for i in new), bound))
                         new = [i for i in new if 0 <= i.idx < bound]
+                    elif bound is None and max(i.idx for i in new) >= limit:
+                        raise DivergentMappingError(
+                            f"the channel indices of this group grow without bound around a "
+                            f"cycle of index mappings (index {max(i.idx for i in new)} at "
+                            f"{target.name}, while no layer of the model is wider than "
+                            f"{limit // _DIVERGENCE_MARGIN}): torch-pruning's flatten / "
+                            f"reshape mapping re-enters a loop of the graph (LeViT's attention "
+                            f"at a 1x1 resolution); the group is left unpruned")
                 if not new:
                     continue
                 key = (target, handler)
@@ -716,6 +739,17 @@ class _SizesProxy:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grad_fn, name)
+
+
+# How far past the widest parameter a channel index may go before a traversal is declared
+# divergent (_divergence_limit); generous, since a flatten mapping legitimately multiplies
+# indices on the way to a Linear whose in_features is itself a parameter dimension.
+_DIVERGENCE_MARGIN = 4
+
+
+class DivergentMappingError(RuntimeError):
+    """A group's channel indices grow without bound around a cycle of index mappings; the
+    group cannot be traced, and ``get_all_groups`` records its root in ``untraced_roots``."""
 
 
 _NO_BOUND_TYPES = {ops.OPTYPE.CONCAT, ops.OPTYPE.ELEMENTWISE, ops.OPTYPE.RESHAPE,

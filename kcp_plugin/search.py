@@ -16,7 +16,7 @@ from typing import Any
 import torch.nn as nn
 import torch_pruning as tp
 
-from .errors import TargetUnreachable
+from .errors import TargetUnreachable, UnprunableError
 from .graph import build_graph, count_macs_params
 from .progress import progress_bar
 from .run import Job, RunSettings, checked_run, trial_copy
@@ -150,7 +150,8 @@ def search_ratio(
         if r == 0.0 and not extra:
             return 1.0
         trial = trial_copy(job, extra)
-        checked_run(trial, r, dict(extra), replace(settings, progress=False))
+        checked_run(trial, r, dict(extra), replace(
+            settings, progress=False, max_pruning_ratio=max(r, settings.max_pruning_ratio)))
         kept = count_macs_params(trial.model, settings.example_inputs, settings.forward_fn)[0]
         trials.append((r, kept / macs0))
         bar.update(1)
@@ -170,25 +171,34 @@ def search_ratio(
 
         if abs(1.0 - target) <= tol and not pinned:
             return found(0.0, {})
-        m_hi = macs_kept(hi)
+        # First guess: MACs kept ~ (1 - r)^2. Where it undershoots the target, it brackets the
+        # answer with r = 0 and the trial at max_pruning_ratio is not needed (one trial of
+        # the three a ResNet-50 took); where it lands within the tolerance, it is the answer.
+        guess, m_hi = 1.0 - math.sqrt(target), None
+        if 0.0 < guess < hi:
+            m_guess = macs_kept(guess)
+            if abs(m_guess - target) <= tol:
+                return found(guess, {})
+            if m_guess > target:
+                lo, m_lo = guess, m_guess
+            else:
+                hi, m_hi = guess, m_guess
+        if m_hi is None:
+            m_hi = macs_kept(hi)
         if m_hi > target + tol:
             # MACs kept are not always monotonic in the ratio: where a block slices its output
             # at a stored width (GhostNet's out[:, :out_chs]), which channels go decides the
             # widths, and the largest ratio can keep more than smaller ones. A few coarse
             # ratios find a bracket in that case.
             for r in (0.3, 0.5, 0.7):
-                if r < hi:
+                if lo < r < hi:
                     m = macs_kept(r)
                     if m <= target + tol:
                         hi, m_hi = r, m
                         break
         if m_hi > target + tol:
-            raise TargetUnreachable(
-                f"target_macs_ratio={target} is out of reach: pruning every prunable layer by "
-                f"max_pruning_ratio={hi} keeps {m_hi:.3f} of the MACs (protected layers: "
-                f"{len(job.protected)}). Raise max_pruning_ratio or protect fewer layers."
-                + _mha_hint(model, settings)
-            )
+            raise TargetUnreachable(_out_of_reach(job, target, tol, hi, m_hi, macs_kept)
+                                    + _mha_hint(model, settings))
         if abs(m_hi - target) <= tol:
             return found(hi, {})
         bracket = [(lo, m_lo), (hi, m_hi)]
@@ -253,6 +263,38 @@ def search_ratio(
         raise error
     finally:
         bar.close()
+
+
+# The max_pruning_ratio a refusal tries before it suggests raising it. Not closer to 1:
+# torch-pruning leaves a layer whole where a ratio would keep less than one of its channels
+# (int(width * (1 - ratio)) == 0), so 0.97 prunes nothing of a 32-channel layer.
+_MAX_RATIO_TRIED = 0.95
+
+
+def _out_of_reach(job: Job, target: float, tol: float, hi: float, m_hi: float,
+                  macs_kept: Callable[[float], float]) -> str:
+    """The refusal of a target that pruning everything by ``max_pruning_ratio`` misses, with
+    only ways out that were tried: a higher ``max_pruning_ratio`` if one more trial at
+    ``_MAX_RATIO_TRIED`` reaches the target, else the lowest target reached. (Protecting
+    fewer layers is no tried way out: the host and the safety net protect what breaks.)"""
+    msg = (f"target_macs_ratio={target} is out of reach: pruning every prunable layer by "
+           f"max_pruning_ratio={hi} keeps {m_hi:.3f} of the MACs ({len(job.protected)} "
+           "layers protected: ignored_layers, the model's input and output layers, and the "
+           "groups the host library or the safety net keeps)")
+    if hi < _MAX_RATIO_TRIED:
+        try:
+            m_max = macs_kept(_MAX_RATIO_TRIED)
+        except UnprunableError:  # that ratio breaks a layer: no way out to offer
+            m_max = m_hi
+        if m_max <= target + tol:
+            return (msg + f"; max_pruning_ratio={_MAX_RATIO_TRIED} keeps {m_max:.3f} (tried): "
+                    "raise max_pruning_ratio to reach the target")
+        if m_max < m_hi:
+            hi, m_hi = _MAX_RATIO_TRIED, m_max
+            msg += f"; even max_pruning_ratio={hi} keeps {m_hi:.3f} (tried)"
+    lowest = math.ceil(m_hi * 1000) / 1000
+    return (msg + f"; the lowest target reached is target_macs_ratio={lowest:g} (with "
+            f"max_pruning_ratio={hi})")
 
 
 def _mha_hint(model: nn.Module, settings: RunSettings) -> str:

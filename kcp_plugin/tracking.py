@@ -24,6 +24,7 @@ _LINEAGE: dict[int, tuple[weakref.ref, list]] = {}
 _lock = threading.RLock()
 _depth = 0
 _original = BasePruningFunc._prune_parameter_and_grad
+_outside = _original  # what track_pruning found in place, put back when the last one exits
 
 
 def _tracked(self, weight, keep_idxs, pruning_dim):
@@ -46,9 +47,12 @@ def track_pruning() -> Iterator[None]:
     Use it around pruning done with torch-pruning's own pruners if you want
     :func:`kcp_plugin.rebuild_optimizer` to carry optimizer state afterwards. Re-entrant.
     """
-    global _depth
+    global _depth, _outside
     with _lock:
         if _depth == 0:
+            # restored on exit as found, not as ``_original`` (what _tracked calls), which a
+            # test or another library may have replaced meanwhile: restoring that leaked it
+            _outside = BasePruningFunc._prune_parameter_and_grad
             BasePruningFunc._prune_parameter_and_grad = _tracked
         _depth += 1
     try:
@@ -57,7 +61,7 @@ def track_pruning() -> Iterator[None]:
         with _lock:
             _depth -= 1
             if _depth == 0:
-                BasePruningFunc._prune_parameter_and_grad = _original
+                BasePruningFunc._prune_parameter_and_grad = _outside
 
 
 def _hops(param: torch.Tensor) -> list:

@@ -74,3 +74,15 @@ def test_a_raw_error_replaying_a_plan_becomes_an_unprunable_error(monkeypatch):
                                                  match="torch-pruning failed while replaying"):
         apply_plan(fresh, plan, x)
     assert fresh[0].out_channels == 16 and fresh[0].weight.shape[0] == 16
+
+
+def test_tracking_puts_back_the_pruning_function_it_found(monkeypatch):
+    # track_pruning used to put back the function it calls (tracking._original): a test that
+    # replaced that one leaked a broken torch-pruning into every later test
+    from torch_pruning.pruner.function import BasePruningFunc
+
+    found = BasePruningFunc._prune_parameter_and_grad
+    monkeypatch.setattr(tracking, "_original", lambda *args: None)
+    with tracking.track_pruning():
+        assert BasePruningFunc._prune_parameter_and_grad is tracking._tracked
+    assert BasePruningFunc._prune_parameter_and_grad is found

@@ -60,3 +60,44 @@ def test_a_refusal_suggests_a_tolerance_that_works():
     report = prune(model, x, "l1", target_macs_ratio=0.5, round_to=1, macs_tolerance=tolerance,
                    progress=False)
     assert abs(report.macs_ratio - 0.5) <= tolerance
+
+
+# ------------------------------------------------------------------ out of reach
+def _chain() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(32, 4, 1)).eval()
+    return model, torch.randn(1, 3, 16, 16)
+
+
+def test_out_of_reach_suggests_a_max_pruning_ratio_only_when_it_was_tried_and_works():
+    model, x = _chain()
+    with pytest.raises(TargetUnreachable, match=r"max_pruning_ratio=0\.95 keeps [0-9.]+ "
+                       r"\(tried\): raise max_pruning_ratio") as info:
+        prune(model, x, "l1", target_macs_ratio=0.1, max_pruning_ratio=0.5, progress=False)
+    assert "protect fewer" not in str(info.value)
+    report = prune(model, x, "l1", target_macs_ratio=0.1, max_pruning_ratio=0.95,
+                   progress=False)
+    assert abs(report.macs_ratio - 0.1) <= 0.02
+
+
+def test_out_of_reach_behind_protected_layers_names_the_lowest_target_reached():
+    # conv 4 keeps both its widths (its input is conv 2's output): however hard the rest is
+    # pruned, its MACs stay
+    model, x = _chain()
+    with pytest.raises(TargetUnreachable, match=r"lowest target reached is "
+                       r"target_macs_ratio=([0-9.]+) \(with max_pruning_ratio=([0-9.]+)\)"
+                       ) as info:
+        prune(model, x, "l1", target_macs_ratio=0.3, ignored_layers=["2", "4"], progress=False)
+    message = str(info.value)
+    assert "raise max_pruning_ratio" not in message and "protect fewer" not in message
+    import re
+
+    lowest, ratio = map(float, re.search(r"target_macs_ratio=([0-9.]+) \(with "
+                                         r"max_pruning_ratio=([0-9.]+)\)", message).groups())
+    assert 0.3 < lowest < 1.0
+    report = prune(model, x, "l1", target_macs_ratio=lowest, ignored_layers=["2", "4"],
+                   max_pruning_ratio=ratio, progress=False)
+    assert abs(report.macs_ratio - lowest) <= 0.02

@@ -298,7 +298,11 @@ def test_swin_patch_merging_keeps_four_copies_aligned():
         assert all(any(torch.equal(w[k, j], v) for v in orig[k]) for j in range(dim))
 
 
-def test_unsupported_architecture_refused_untouched():
+def test_unsupported_architecture_refused_untouched(monkeypatch):
+    # no timm class is refused today (support.REFUSED is empty); one put there is refused by
+    # the integration and the kcp_pruned entry point, before the model is touched
+    monkeypatch.setitem(kt.support.REFUSED, "timm.models.davit.WindowAttention",
+                        "it reshapes qkv by the input width (test)")
     model = timm.create_model("davit_tiny", num_classes=5).eval()
     params = [p for p in model.parameters()]
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -518,7 +522,9 @@ def test_training_time_pruning_under_ddp(run, image_folder, tmp_path):
 
 
 # ---------------------------------------------------------------------- sweep subset
-def test_sweep_subset(tmp_path):
+def test_sweep_subset(tmp_path, monkeypatch):
+    monkeypatch.setitem(kt.support.REFUSED, "timm.models.davit.WindowAttention",
+                        "a refusal for this test (the table is empty today)")
     sweep = _tool("sweep_models")
     js, md = tmp_path / "s.json", tmp_path / "s.md"
     code = sweep.main(["--timm-registry", "resnet18,davit_tiny", "--criteria", "kcp",

@@ -188,6 +188,10 @@ TIMM_REGISTRY: tuple[tuple[str, str, int, dict[str, Any]], ...] = (
     ("eva", "eva02_tiny_patch14_224", 56, {"img_size": 56, "num_classes": 10}),
     ("convit", "convit_tiny", 64, {"img_size": 64}),
     ("tresnet", "tresnet_m", 64, {}),
+    # At their full input size: the nets issue 25 (kind 6) timed at minutes per prune.
+    ("tnt", "tnt_s_patch16_224", 224, {}),
+    ("twins", "twins_svt_small", 224, {}),
+    ("crossvit", "crossvit_tiny_240", 240, {}),
 )
 
 
@@ -267,6 +271,9 @@ EXTRA_REGISTRY: tuple[tuple[str, str, int, dict[str, Any], str], ...] = (
     ("yolo", "yolo:yolov8n-obb.yaml", 128, {}, "oriented boxes"),
     ("yolo", "yolo:yolo11n.yaml", 128, {}, "detect"),
     ("yolo", "yolo:yolov10n.yaml", 128, {}, "detect, NMS-free"),
+    ("yolo", "yolo:yolov6n.yaml", 128, {}, "detect"),
+    ("yolo", "yolo:yolo12n.yaml", 128, {}, "detect, area attention"),
+    ("yolo", "yolo:yolo26n.yaml", 128, {}, "detect"),
     ("yolo", "yolo:rtdetr-l.yaml", 128, {}, "RT-DETR detect"),
 )
 

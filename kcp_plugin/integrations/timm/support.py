@@ -192,28 +192,17 @@ def protected_roots(model: nn.Module, example_inputs: Any,
 
 
 # ---------------------------------------------------------------------- refusals
-# class path -> why pruning it breaks the model. Sizes a block stores on itself and passes to a
-# split or a channel slice (MixNet's MixedConv2d, ReXNet's bottleneck, DPN's dual-path block,
-# SKNet's selective kernel) are no reason: they follow pruning (kcp_plugin.stored_sizes).
-REFUSED: dict[str, str] = {
-    "timm.models.levit.Attention": (
-        "LeViT's attention splits each head of its qkv projection by stored key / value sizes "
-        "(view(B, N, heads, -1).split([key_dim, key_dim, val_dim])) and reshapes the result to "
-        "a stored width (val_attn_dim); torch-pruning keeps neither, and the input of the "
-        "projection after it is pruned apart from the values that feed it (IndexError in "
-        "torch-pruning's own pruner, shape errors with the plugin's protections)"
-    ),
-    "timm.models.davit.WindowAttention": (
-        "DaVit's window attention reshapes qkv by the input width "
-        "(reshape(B, N, 3, heads, C // heads)), which ties the attention's inner width to the "
-        "embedding width; torch-pruning prunes them independently and the reshape fails (its "
-        "own pruner fails the same way)"
-    ),
-    "timm.models.davit.ChannelAttention": (
-        "DaVit's channel attention reshapes qkv by the input width (C // heads) and attends "
-        "across channels; torch-pruning prunes the inner and embedding widths independently"
-    ),
-}
+# class path -> why pruning it breaks the model. Empty: what used to be refused here is handled
+# by the core. Sizes a block stores on itself and passes to a split or a channel slice
+# (MixNet's MixedConv2d, ReXNet's bottleneck, DPN's dual-path block, SKNet's selective kernel)
+# follow pruning (kcp_plugin.stored_sizes). LeViT's attention (qkv viewed per head and split
+# by stored key / value sizes) and DaVit's (qkv reshaped by the input width, C // heads) are
+# kept whole by the safety net, which finds that pruning their groups breaks the forward; their
+# MLP and, for LeViT, stage widths are pruned (LeViT equals the masked dense model:
+# tests/test_any_net.py). LeViT needed one more fix for that: at a 1x1 stage resolution
+# torch-pruning's flatten mapping sat on a cycle of its graph and the group traversal grew
+# until memory ran out (kcp_plugin.depgraph.DivergentMappingError).
+REFUSED: dict[str, str] = {}
 
 
 def check_supported(model: nn.Module) -> None:
