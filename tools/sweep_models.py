@@ -803,7 +803,8 @@ def _same_state(base: torch.nn.Module, model: Any) -> bool:
 def _plugin_error(exc_info: dict[str, Any]) -> bool:
     """Raised by kcp_plugin itself: a ValueError / TypeError (or subclass) whose raising frame
     is in kcp_plugin (not a torch / torch-pruning error passed through)."""
-    plugin_types = {"ValueError", "TypeError", "UnprunableError", "UnsupportedModelError"}
+    plugin_types = {"ValueError", "TypeError", "UnprunableError", "TargetUnreachable",
+                    "UnsupportedModelError"}
     return exc_info["type"] in plugin_types and bool(exc_info.get("raised_in_plugin"))
 
 
