@@ -15,6 +15,11 @@ EXTRAS = {
     "mmseg": ["mmengine==0.10.7", "mmsegmentation==1.2.2", "ftfy", "regex",
               "setuptools>=77,<81"],
     "bench": ["matplotlib", "scikit-learn"],
+    # segmentation_models_pytorch: a tested foreign library (tests/test_search_jumps.py); pure
+    # Python, no other requirement that the environment lacks. transformers stays out (its
+    # filelock 4 breaks nni's pin) and Ultralytics too (AGPL-3.0): tools/sweep_models.py
+    # installs them into a folder of their own.
+    "smp": ["segmentation-models-pytorch==0.6.0"],
     # kcp_plugin.export uses torch's TorchScript-based ONNX exporter, which needs onnx but not
     # onnxscript (only the dynamo exporter does); onnxruntime checks the written file and times
     # it (latency backend "onnxruntime")

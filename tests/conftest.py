@@ -73,3 +73,33 @@ def resnet_like():
 def image():
     torch.manual_seed(1)
     return torch.randn(2, 3, 16, 16)
+
+
+def assert_masked_dense_equals(dense: nn.Module, pruned: nn.Module, x: torch.Tensor) -> int:
+    """``pruned`` computes what ``dense`` computes with the removed channels zeroed: the rows of
+    every conv / linear / batch norm that pruning dropped, found from each parameter's lineage
+    (``kcp_plugin.tracking``; prune under ``track_pruning``), so layers that several groups
+    prune are masked correctly. Exact only where a zeroed channel stays zero (batch norms, not
+    layer norms). Returns the number of channels masked (asserted > 0)."""
+    from kcp_plugin.tracking import lineage
+
+    layers, masked = dict(dense.named_modules()), 0
+    with torch.no_grad():
+        for name, m in pruned.named_modules():
+            if not isinstance(m, (nn.modules.conv._ConvNd, nn.Linear,
+                                  nn.modules.batchnorm._BatchNorm)):
+                continue
+            d = layers[name]
+            kept = torch.arange(d.weight.shape[0])
+            for _, dim, keep in lineage(m.weight):
+                if dim == 0:
+                    kept = kept[keep]
+            drop = torch.ones(d.weight.shape[0], dtype=torch.bool)
+            drop[kept] = False
+            masked += int(drop.sum())
+            d.weight[drop] = 0
+            if d.bias is not None:
+                d.bias[drop] = 0
+        assert masked, "nothing was pruned"
+        torch.testing.assert_close(pruned(x), dense(x), rtol=1e-4, atol=1e-5)
+    return masked

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch_pruning as tp
+from conftest import assert_masked_dense_equals
 
 import kcp_plugin
 from kcp_plugin.depgraph import DependencyGraph
@@ -683,31 +684,6 @@ def test_core_prune_refuses_what_the_timm_integration_refuses(monkeypatch):
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
-def _masked_dense_equals(dense, pruned, x):
-    """The dense model with the channels ``pruned`` removed zeroed (rows of every conv / linear /
-    batch norm, found from each parameter's lineage) computes what ``pruned`` computes."""
-    from kcp_plugin.tracking import lineage
-
-    layers, masked = dict(dense.named_modules()), 0
-    with torch.no_grad():
-        for name, m in pruned.named_modules():
-            if not isinstance(m, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)):
-                continue
-            d = layers[name]
-            kept = torch.arange(d.weight.shape[0])
-            for _, dim, keep in lineage(m.weight):
-                if dim == 0:
-                    kept = kept[keep]
-            drop = torch.ones(d.weight.shape[0], dtype=torch.bool)
-            drop[kept] = False
-            masked += int(drop.sum())
-            d.weight[drop] = 0
-            if d.bias is not None:
-                d.bias[drop] = 0
-        assert masked, "nothing was pruned"
-        torch.testing.assert_close(pruned(x), dense(x), rtol=1e-4, atol=1e-5)
-
-
 def test_levit_prunes_its_mlps_and_stage_widths_and_keeps_its_attention(tmp_path):
     # LeViT was refused: its attention views qkv per head and splits it by stored key / value
     # sizes. The safety net keeps those groups; the rest prunes and equals the masked dense
@@ -747,7 +723,7 @@ def test_levit_prunes_its_mlps_and_stage_widths_and_keeps_its_attention(tmp_path
                 else block.attn.qkv.linear.out_features in (256, 384)
             assert block.attn.key_dim == 16  # the stored sizes the split reads are unchanged
     assert model.stages[0].blocks[0].mlp.ln1.linear.out_features < 256
-    _masked_dense_equals(dense, model, x)
+    assert_masked_dense_equals(dense, model, x)
 
     model = build()
     with pytest.warns(UserWarning, match="kept"):

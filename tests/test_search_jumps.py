@@ -101,3 +101,19 @@ def test_out_of_reach_behind_protected_layers_names_the_lowest_target_reached():
     report = prune(model, x, "l1", target_macs_ratio=lowest, ignored_layers=["2", "4"],
                    max_pruning_ratio=ratio, progress=False)
     assert abs(report.macs_ratio - lowest) <= 0.02
+
+
+def test_smp_fpn_reaches_the_target_where_it_was_refused():
+    # the issue's input: smp's FPN on mobilenet_v2 at round_to=1 was refused ("could not
+    # reach target_macs_ratio=0.5 within 0.02: the closest setting keeps 0.5683")
+    import segmentation_models_pytorch as smp
+
+    torch.manual_seed(0)
+    model = smp.FPN("mobilenet_v2", encoder_weights=None, classes=5).eval()
+    x = torch.randn(1, 3, 64, 64)
+    shape = model(x).shape
+    report = prune(model, x, "kcp", target_macs_ratio=0.5, round_to=1, progress=False)
+    assert abs(report.macs_ratio - 0.5) <= 0.02
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == shape and torch.isfinite(out).all()

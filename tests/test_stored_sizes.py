@@ -17,11 +17,11 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+from conftest import assert_masked_dense_equals
 
 import kcp_plugin
 from kcp_plugin.depgraph import DependencyGraph
 from kcp_plugin.plan import apply_plan, get_plan
-from kcp_plugin.tracking import lineage
 
 X = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
@@ -160,19 +160,9 @@ class FasterNetLike(nn.Module):
         return self.head(x + self.mlp(self.spatial(x))).mean((2, 3))
 
 
-def _kept_outputs(param, width):
-    """The original output channels a pruned parameter keeps (its lineage along dim 0)."""
-    kept = torch.arange(width)
-    for _, dim, keep in lineage(param):
-        if dim == 0:
-            kept = kept[keep]
-    return kept
-
-
 def _masked_equals_pruned(model, x, **kwargs):
     """Prune ``model`` and compare it with the dense model whose removed output channels are
-    zeroed (conv rows and BN scale / shift, found from each parameter's lineage: layers that
-    several groups prune are masked correctly)."""
+    zeroed (conftest.assert_masked_dense_equals)."""
     torch.manual_seed(1)
     for m in model.modules():  # BN statistics that do not hide a misplaced channel
         if isinstance(m, nn.BatchNorm2d):
@@ -183,22 +173,7 @@ def _masked_equals_pruned(model, x, **kwargs):
     model.eval()
     dense = copy.deepcopy(model)
     report = kcp_plugin.prune(model, x, "l1", progress=False, **kwargs)
-    layers = dict(dense.named_modules())
-    masked = 0
-    with torch.no_grad():
-        for name, m in model.named_modules():
-            if not isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
-                continue
-            d = layers[name]
-            drop = torch.ones(d.weight.shape[0], dtype=torch.bool)
-            drop[_kept_outputs(m.weight, d.weight.shape[0])] = False
-            masked += int(drop.sum())
-            d.weight[drop] = 0
-            if d.bias is not None:
-                d.bias[drop] = 0
-    assert masked, "nothing was pruned"
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), dense(x), rtol=1e-4, atol=1e-5)
+    assert_masked_dense_equals(dense, model, x)
     return report
 
 

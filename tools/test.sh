@@ -5,7 +5,7 @@
 #   usage: bash tools/test.sh [pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash tools/setup_env.sh "dev,timm,torchvision,nni,mmseg,deploy,study"
+bash tools/setup_env.sh "dev,timm,torchvision,nni,mmseg,deploy,study,smp"
 bash tools/install_mmcv.sh
 .venv/bin/ruff check kcp_plugin tests tools setup.py
 .venv/bin/python -m pytest -q "$@"
