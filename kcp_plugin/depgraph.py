@@ -706,6 +706,7 @@ class DependencyGraph(tp.DependencyGraph):
                     if id(dep.target.module) in ignored_ids:
                         prunable = False
             if prunable:
+                self.last_group = group  # the group a failing pruner was at (run_pruner)
                 yield group
 
 

@@ -151,6 +151,7 @@ def run_pruner(
     record: dict[str, list[int]] | None = None,
     limit: int | None = None,
     groups_seen: list[GroupEntry] | None = None,
+    scoring_failed: list[GroupEntry] | None = None,
 ) -> tuple[list, dict[str, dict[str, Any]]]:
     """Run torch-pruning's pruner on ``model`` for all steps, then fix attention attributes.
 
@@ -165,6 +166,10 @@ def run_pruner(
             to find a group that breaks the model).
         groups_seen: Receives, for each group pruned, its protectable layer's name, its
             layers and the operations coupling them.
+        scoring_failed: Receives the entry of the group torch-pruning was scoring when it
+            raised before pruning anything (its scores are all computed first, so a group's
+            own failure there, e.g. ``imp.view(ch_groups, -1)`` on a group whose width the
+            grouped conv in it does not divide, shows in no prefix of pruned groups).
 
     Returns:
         The pruning history and the attention attributes that were set (both for the plan).
@@ -201,19 +206,27 @@ def run_pruner(
                 f"pruned, the model is unchanged): "
                 f"{describe_exception(exc, limit=1000 if own else 300)}{hint}"
             ) from exc
-        for group in pruner.step(interactive=True):
-            if limit is not None and pruned >= limit:
-                break
-            pruned += 1
-            if groups_seen is not None:
-                groups_seen.append(_group_entry(pruner.DG, group, names))
-            if record is not None:
-                for dep, idxs in group:
-                    module = dep.target.module
-                    if pruner.DG.is_out_channel_pruning_fn(dep.handler) and module in names \
-                            and isinstance(getattr(module, "weight", None), torch.Tensor):
-                        record.setdefault(names[module], []).extend(int(i) for i in idxs)
-            group.prune()
+        pruner.DG.last_group = None
+        try:
+            for group in pruner.step(interactive=True):
+                if limit is not None and pruned >= limit:
+                    break
+                pruned += 1
+                if groups_seen is not None:
+                    groups_seen.append(_group_entry(pruner.DG, group, names))
+                if record is not None:
+                    for dep, idxs in group:
+                        module = dep.target.module
+                        if pruner.DG.is_out_channel_pruning_fn(dep.handler) \
+                                and module in names \
+                                and isinstance(getattr(module, "weight", None), torch.Tensor):
+                            record.setdefault(names[module], []).extend(int(i) for i in idxs)
+                group.prune()
+        except Exception:
+            last = getattr(pruner.DG, "last_group", None)
+            if scoring_failed is not None and pruned == 0 and last is not None:
+                scoring_failed.append(_group_entry(pruner.DG, last, names))
+            raise
     return pruner.pruning_history(), sync_attention_attrs(model, pruner.num_heads)
 
 

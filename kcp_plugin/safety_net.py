@@ -100,6 +100,7 @@ def find_culprit(job: Job, broken: BrokenRun
     """
     by_name = dict(job.model.named_modules())
     seen: list[GroupEntry] = []
+    scoring: list[GroupEntry] = []
     settings = broken.settings  # the same criterion and options as the run that broke
 
     def trial(limit: int | None) -> str | None:
@@ -107,7 +108,7 @@ def find_culprit(job: Job, broken: BrokenRun
         log = seen if limit is None else None
         try:
             run_pruner(trial, broken.ratio, replace(settings, progress=False),
-                       limit=limit, groups_seen=log)
+                       limit=limit, groups_seen=log, scoring_failed=scoring)
         except Exception as exc:
             return describe_exception(exc)
         return verify_outputs(trial.model, settings.example_inputs, settings.forward_fn,
@@ -116,21 +117,27 @@ def find_culprit(job: Job, broken: BrokenRun
     reason = trial(None)
     if reason is None:
         return None
-    if not seen or trial(0) is not None:  # fails with no group pruned: none is to blame
-        return None
-    lo, hi = 0, len(seen)  # trial(lo) works, trial(hi) breaks
-    last = reason
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        problem = trial(mid)
-        if problem is None:
-            lo = mid
-        else:
-            hi, last = mid, problem
-    root, layers, coupled = seen[hi - 1]
+    if scoring and scoring[0][0] in by_name:
+        # torch-pruning raised while scoring a group, before pruning any: that group is the
+        # one to blame (its layers, not a prefix of pruned groups)
+        culprit, last = scoring[0], f"torch-pruning fails scoring its channels: {reason}"
+    else:
+        if not seen or trial(0) is not None:  # fails with no group pruned: none is to blame
+            return None
+        lo, hi = 0, len(seen)  # trial(lo) works, trial(hi) breaks
+        last = reason
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            problem = trial(mid)
+            if problem is None:
+                lo = mid
+            else:
+                hi, last = mid, problem
+        culprit = seen[hi - 1]
+    root, layers, coupled = culprit
     found = [(by_name[root], ProtectedGroup(root=root, layers=layers, couplings=coupled,
                                             reason=last))]
-    shape = _structure(seen[hi - 1])
+    shape = _structure(culprit)
     protected = set(job.protected)
     siblings = [e for e in seen if e[0] != root and e[0] in by_name
                 and by_name[e[0]] not in protected and _structure(e) == shape]

@@ -86,3 +86,33 @@ def test_tracking_puts_back_the_pruning_function_it_found(monkeypatch):
     with tracking.track_pruning():
         assert BasePruningFunc._prune_parameter_and_grad is tracking._tracked
     assert BasePruningFunc._prune_parameter_and_grad is found
+
+
+class CatGrouped(nn.Module):
+    """Two convs concatenated into a grouped conv of 4 groups: torch-pruning scores the group
+    of ``a`` (10 channels) as ``imp.view(4, -1)`` and raises before pruning anything (NextViT's
+    stages fail the same way)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 10, 1), nn.Conv2d(3, 6, 1)
+        self.g = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.c = nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.g(torch.cat([self.a(x), self.b(x)], 1)))
+        return self.head(torch.relu(self.c(y)))
+
+
+def test_a_group_torch_pruning_fails_to_score_is_protected_by_name():
+    # the failure comes before any group is pruned, so no prefix of pruned groups shows it:
+    # the group being scored is the one to blame (was: "no single channel group could be
+    # found responsible", a refusal naming no layer)
+    torch.manual_seed(0)
+    model, x = CatGrouped().eval(), torch.randn(1, 3, 16, 16)
+    with pytest.warns(UserWarning, match="fails scoring its channels"):
+        report = prune(model, x, "l1", target_macs_ratio=0.6, progress=False)
+    assert abs(report.macs_ratio - 0.6) <= 0.02
+    assert {r["root"] for r in report.auto_protected} == {"a", "b"}
+    assert model.a.out_channels == 10 and model.c.out_channels < 16
