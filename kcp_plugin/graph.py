@@ -31,11 +31,23 @@ _CHANNEL_MIXERS = (ops.OPTYPE.CONV, ops.OPTYPE.LINEAR, ops.OPTYPE.LSTM, ops.OPTY
 
 
 def default_forward(model: nn.Module, inputs: Any) -> Any:
-    """Call ``model`` with a tensor, a tuple/list of positional inputs, or a dict of kwargs."""
+    """Call ``model`` with a tensor, a tuple/list of positional inputs, or a dict of kwargs.
+
+    A tuple / list the model does not take as positional inputs is passed whole, as one
+    argument, when the positional call raises (torchvision's detection models take a list of
+    images, ``model([img])``); if that fails too, the positional call's error is raised."""
     if isinstance(inputs, dict):
         return model(**inputs)
     if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
+        try:
+            return model(*inputs)
+        except Exception as positional:
+            if not inputs:
+                raise
+            try:
+                return model(inputs)
+            except Exception:
+                raise positional from None
     return model(inputs)
 
 

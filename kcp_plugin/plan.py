@@ -373,7 +373,9 @@ def load_pruned(
         example_inputs: Inputs to trace the model's dependency graph. Default: inputs of the
             shapes and dtypes :func:`kcp_plugin.prune` was given (recorded in the plan).
         forward_fn: How to call the model on ``example_inputs`` if not ``model(x)``,
-            ``model(*x)`` (tuple) or ``model(**x)`` (dict). A ``forward_fn`` that only chose
+            ``model(*x)`` (tuple / list; ``model(x)`` with the list whole if the model does
+            not take it so, as torchvision's detectors) or ``model(**x)`` (dict). A
+            ``forward_fn`` that only chose
             which outputs ``prune`` protects (``lambda m, x: m(x)[0]`` for a YOLO) is not
             needed here: the replay follows the saved plan, whatever the outputs.
         strict: Passed to ``load_state_dict``; a shape mismatch always raises.

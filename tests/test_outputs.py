@@ -133,3 +133,34 @@ def test_an_output_holding_none_prunes_and_reloads(tmp_path):
     save_pruned(model, tmp_path / "m.pt")
     again = load_pruned(lambda: WithNone().eval(), tmp_path / "m.pt")
     assert torch.equal(again(x)[0], model(x)[0])
+
+
+class ListOfImages(nn.Module):
+    """Takes a list of [C, H, W] images as one argument and returns a list of dicts, as
+    torchvision's detection models do (``model([image])``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(16, 16, 3, padding=1), nn.ReLU())
+        self.boxes = nn.Conv2d(16, 4, 1)
+
+    def forward(self, images):
+        if not isinstance(images, list) or any(i.dim() != 3 for i in images):
+            raise ValueError("images is expected to be a list of 3d tensors")
+        feats = self.body(torch.stack(images))
+        return [{"boxes": b} for b in self.boxes(feats)]
+
+
+def test_a_list_taken_whole_prunes_and_reloads_without_a_forward_fn(tmp_path):
+    # the replay used to call model(*x) on the saved list, and failed with an error that
+    # suggested ignored_layers (torchvision's Faster R-CNN, newcomer trial)
+    torch.manual_seed(0)
+    model, x = ListOfImages().eval(), [torch.randn(3, 16, 16)]
+    select = lambda m, x: m(x)[0]["boxes"]  # noqa: E731
+    report = prune(model, x, "l1", target_macs_ratio=0.5, forward_fn=select, progress=False)
+    assert abs(report.macs_ratio - 0.5) <= 0.02
+    save_pruned(model, tmp_path / "pruned.pt")
+    loaded = load_pruned(ListOfImages, tmp_path / "pruned.pt").eval()
+    with torch.no_grad():
+        assert torch.equal(select(loaded, x), select(model, x))
