@@ -197,8 +197,7 @@ def search_ratio(
                         hi, m_hi = r, m
                         break
         if m_hi > target + tol:
-            raise TargetUnreachable(_out_of_reach(job, target, tol, hi, m_hi, macs_kept)
-                                    + _mha_hint(model, settings))
+            raise TargetUnreachable(_out_of_reach(job, target, tol, hi, m_hi, macs_kept))
         if abs(m_hi - target) <= tol:
             return found(hi, {})
         bracket = [(lo, m_lo), (hi, m_hi)]
@@ -295,16 +294,6 @@ def _out_of_reach(job: Job, target: float, tol: float, hi: float, m_hi: float,
     lowest = math.ceil(m_hi * 1000) / 1000
     return (msg + f"; the lowest target reached is target_macs_ratio={lowest:g} (with "
             f"max_pruning_ratio={hi})")
-
-
-def _mha_hint(model: nn.Module, settings: RunSettings) -> str:
-    """A way out for ``nn.MultiheadAttention``: its ``embed_dim`` must stay divisible by its
-    head count, which ``round_to`` can guarantee."""
-    heads = {m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
-    if not heads or settings.round_to:
-        return ""
-    return (f" The model has nn.MultiheadAttention, whose width must stay divisible by its "
-            f"head count: round_to={math.lcm(*heads)} lets that width be pruned.")
 
 
 def _group_roots(model: nn.Module, protected: list[nn.Module], settings: RunSettings) -> list:
