@@ -373,6 +373,15 @@ def _feed_criterion(model: nn.Module, importance: Any, s: RunSettings) -> None:
         importance.bind(model)
 
 
+def all_group_entries(job: Job, ratio: float, settings: RunSettings) -> list[GroupEntry]:
+    """The entries (:func:`_group_entry`) of every group a run on ``job`` would prune, in the
+    pruner's order, read from a fresh trace of ``job.model`` (nothing is pruned)."""
+    pruner = make_pruner(job, ratio, settings)
+    names = {m: n for n, m in job.model.named_modules()}
+    return [_group_entry(pruner.DG, group, names) for group in pruner.DG.get_all_groups(
+        ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types)]
+
+
 def _group_entry(graph: Any, group: Any, names: dict[nn.Module, str]) -> GroupEntry:
     """``(protectable layer, layers, couplings)`` of a group about to be pruned.
 
