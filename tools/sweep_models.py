@@ -192,6 +192,9 @@ TIMM_REGISTRY: tuple[tuple[str, str, int, dict[str, Any]], ...] = (
     ("tnt", "tnt_s_patch16_224", 224, {}),
     ("twins", "twins_svt_small", 224, {}),
     ("crossvit", "crossvit_tiny_240", 240, {}),
+    # from a newcomer trial (issue 25): refused (NextViT) and 80 s (Sequencer2D) before
+    ("nextvit", "nextvit_small", 64, {}),
+    ("sequencer", "sequencer2d_s", 64, {}),
 )
 
 
