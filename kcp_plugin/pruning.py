@@ -374,7 +374,7 @@ def prune(
     except UnprunableError as exc:
         snapshot.restore()
         if auto and not exc.protected:  # the search's refusal: name what the net kept
-            raise type(exc)(f"{exc}{listing(auto)}", auto) from exc
+            raise type(exc)(f"{exc}{listing(auto, advice=False)}", auto) from exc
         exc.protected = list(auto)
         raise
     except BaseException as exc:

@@ -32,14 +32,18 @@ __all__ = ["MAX_PROTECTED", "find_culprit", "listing", "prune_protecting"]
 MAX_PROTECTED = 24
 
 
-def listing(records: list[ProtectedGroup]) -> str:
-    """The protected groups as an indented list for an error or warning ("" if none)."""
+def listing(records: list[ProtectedGroup], advice: bool = True) -> str:
+    """The protected groups as an indented list for an error or warning ("" if none).
+
+    ``advice=False`` for a refusal: its own message says which ways out were tried, and the
+    general advice of the warning (untried there) would contradict it."""
     if not records:
         return ""
-    return "".join(f"\n  - {r.describe()}" for r in records) + (
-        "\n(these groups stay unpruned; passing their roots in ignored_layers skips the checks "
-        "next time but prunes nothing more: to reach a lower MACs or latency target, prune "
-        "the other layers harder with max_pruning_ratio, or ask for less)")
+    tail = ("\n(these groups stay unpruned; passing their roots in ignored_layers skips the "
+            "checks next time but prunes nothing more: to reach a lower MACs or latency target, "
+            "prune the other layers harder with max_pruning_ratio, or ask for less)") if advice \
+        else "\n(the groups the safety net kept unpruned)"
+    return "".join(f"\n  - {r.describe()}" for r in records) + tail
 
 
 def prune_protecting(
@@ -76,16 +80,18 @@ def prune_protecting(
                 # the plugin's refusal, with the original error as its cause, model restored
                 raise UnprunableError(
                     f"pruning breaks this model ({broken.reason}), and no single channel "
-                    "group could be found responsible (the failure may be in the criterion or "
-                    "in torch-pruning's pruner itself); protect the layers around the failing "
-                    "operation with ignored_layers=[...], or try another criterion"
-                    + listing(auto), auto) from broken.__cause__
+                    "group could be found responsible: the run fails with no group pruned, or "
+                    "only with several pruned together (the failure may be in the criterion "
+                    "or in torch-pruning's pruner itself). The model is unchanged. Not tried: "
+                    "ignored_layers=[...] around the failing operation (see the traceback of "
+                    "this error's cause), or another criterion"
+                    + listing(auto, advice=False), auto) from broken.__cause__
             for module, record in found:
                 job.protected.append(module)
                 auto.append(record)
     raise UnprunableError(
         f"more than {MAX_PROTECTED} channel groups of this model break when pruned; "
-        "torch-pruning cannot trace it reliably" + listing(auto), auto)
+        "torch-pruning cannot trace it reliably" + listing(auto, advice=False), auto)
 
 
 def find_culprit(job: Job, broken: BrokenRun
