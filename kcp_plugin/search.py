@@ -19,7 +19,7 @@ import torch_pruning as tp
 from .errors import TargetUnreachable, UnprunableError
 from .graph import build_graph, count_macs_params
 from .progress import progress_bar
-from .run import Job, RunSettings, checked_run, trial_copy
+from .run import BrokenRun, Job, RunSettings, checked_run, trial_copy
 from .snapshot import ModuleSnapshot
 from .tracking import track_pruning
 
@@ -283,7 +283,9 @@ def _out_of_reach(job: Job, target: float, tol: float, hi: float, m_hi: float,
     if hi < _MAX_RATIO_TRIED:
         try:
             m_max = macs_kept(_MAX_RATIO_TRIED)
-        except UnprunableError:  # that ratio breaks a layer: no way out to offer
+        except (UnprunableError, BrokenRun):  # that ratio breaks the model: no way out to
+            # offer (a BrokenRun must not reach the safety net, which would protect groups
+            # that break only at a ratio the user did not ask for)
             m_max = m_hi
         if m_max <= target + tol:
             return (msg + f"; max_pruning_ratio={_MAX_RATIO_TRIED} keeps {m_max:.3f} (tried): "
