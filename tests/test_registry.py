@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -14,7 +15,6 @@ from conftest import ResBlockNet, TinySeg
 import kcp_plugin
 from kcp_plugin import get_importance, list_importances, register_importance
 from kcp_plugin.registry import _REGISTRY
-from kcp_plugin.safety import UnprunableError
 
 
 def test_builtin_names_are_registered():
@@ -119,11 +119,16 @@ def test_fpgm_matches_upstream_and_handles_grouped_convs():
         a, b = ours(group), upstream(group)
         assert (a is None and b is None) or torch.allclose(a, b, rtol=1e-5, atol=1e-6)
     seg = TinySeg(4, 64)  # has a grouped (groups=4) conv
-    with pytest.raises(UnprunableError, match="may be in the criterion") as info:
-        kcp_plugin.prune(copy.deepcopy(seg), torch.randn(1, 3, 32, 32),
-                         tp.importance.FPGMImportance(), pruning_ratio=0.5)
-    assert isinstance(info.value.__cause__, RuntimeError)  # upstream FPGM's own error
-    kcp_plugin.prune(seg, torch.randn(1, 3, 32, 32), "fpgm", pruning_ratio=0.5)
+    # upstream FPGM raises scoring the grouped conv's group: the safety net keeps that group
+    # (named, with upstream's error) and prunes the rest
+    with pytest.warns(UserWarning, match="fails scoring its channels: RuntimeError"):
+        report = kcp_plugin.prune(copy.deepcopy(seg), torch.randn(1, 3, 32, 32),
+                                  tp.importance.FPGMImportance(), pruning_ratio=0.5)
+    assert report.auto_protected
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # ours scores it: nothing kept
+        report = kcp_plugin.prune(seg, torch.randn(1, 3, 32, 32), "fpgm", pruning_ratio=0.5)
+    assert not report.auto_protected
     assert seg(torch.randn(1, 3, 32, 32)).shape == (1, 4, 32, 32)
 
 
