@@ -75,6 +75,20 @@ def image():
     return torch.randn(2, 3, 16, 16)
 
 
+class PartialConv(nn.Module):
+    """FasterNet's partial conv: split by two stored sizes, the first quarter through a 3x3
+    conv, the rest passed on."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim_conv3 = dim // 4
+        self.dim_untouched = dim - self.dim_conv3
+        self.partial_conv3 = nn.Conv2d(self.dim_conv3, self.dim_conv3, 3, 1, 1, bias=False)
+
+    def forward(self, x):
+        x1, x2 = torch.split(x, [self.dim_conv3, self.dim_untouched], dim=1)
+        return torch.cat((self.partial_conv3(x1), x2), 1)
+
 def assert_masked_dense_equals(dense: nn.Module, pruned: nn.Module, x: torch.Tensor) -> int:
     """``pruned`` computes what ``dense`` computes with the removed channels zeroed: the rows of
     every conv / linear / batch norm that pruning dropped, found from each parameter's lineage

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch_pruning as tp
-from conftest import assert_masked_dense_equals
+from conftest import PartialConv, assert_masked_dense_equals
 
 import kcp_plugin
 from kcp_plugin.depgraph import DependencyGraph
@@ -139,20 +139,6 @@ class C2fNet(nn.Module):
     def forward(self, x):
         x = self.s2(self.down(self.s1(self.stem(x))))
         return self.fc(x.mean((2, 3)))
-
-
-class PartialConv(nn.Module):
-    """FasterNet's partial conv: the first quarter through a 3x3 conv, the rest passed on."""
-
-    def __init__(self, dim):
-        super().__init__()
-        self.dim_conv3 = dim // 4
-        self.dim_untouched = dim - self.dim_conv3
-        self.partial_conv3 = nn.Conv2d(self.dim_conv3, self.dim_conv3, 3, 1, 1, bias=False)
-
-    def forward(self, x):
-        x1, x2 = torch.split(x, [self.dim_conv3, self.dim_untouched], dim=1)
-        return torch.cat((self.partial_conv3(x1), x2), 1)
 
 
 class PConvNet(nn.Module):
@@ -695,8 +681,6 @@ def test_levit_prunes_its_mlps_and_stage_widths_and_keeps_its_attention(tmp_path
 
     from kcp_plugin.depgraph import DivergentMappingError
     from kcp_plugin.graph import checked_graph
-    from kcp_plugin.tracking import track_pruning
-
     def build():
         torch.manual_seed(0)
         model = timm.create_model("levit_128s", img_size=64, depth=(1, 1, 1), num_classes=10)
@@ -714,7 +698,7 @@ def test_levit_prunes_its_mlps_and_stage_widths_and_keeps_its_attention(tmp_path
     assert any(isinstance(exc, DivergentMappingError) for _, exc in graph.untraced_roots)
 
     model, dense = build(), build()
-    with track_pruning(), pytest.warns(UserWarning, match="kept"):
+    with pytest.warns(UserWarning, match="kept"):
         report = kcp_plugin.prune(model, x, "l1", pruning_ratio=0.3, progress=False)
     assert report.auto_protected
     for stage in model.stages:
@@ -741,7 +725,7 @@ def test_davit_prunes_where_its_attention_stays_consistent(tmp_path):
     # has no such masked equivalent.
     import timm
 
-    from kcp_plugin.tracking import lineage, track_pruning
+    from kcp_plugin.tracking import lineage
 
     def build():
         torch.manual_seed(0)
@@ -756,7 +740,7 @@ def test_davit_prunes_where_its_attention_stays_consistent(tmp_path):
         return index
 
     model, dense, x = build(), build(), torch.randn(1, 3, 32, 32)
-    with track_pruning(), warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         report = kcp_plugin.prune(model, x, "kcp", pruning_ratio=0.3, progress=False)
     assert report.macs_after < report.macs_before

@@ -17,7 +17,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
-from conftest import assert_masked_dense_equals
+from conftest import PartialConv, assert_masked_dense_equals
 
 import kcp_plugin
 from kcp_plugin.depgraph import DependencyGraph
@@ -133,25 +133,11 @@ class DPNLike(nn.Module):
         return self.head(self.b(self.a(self.stem(x)))).mean((2, 3))
 
 
-class Partial(nn.Module):
-    """FasterNet's partial conv: split by two stored sizes, the first part convolved."""
-
-    def __init__(self, dim):
-        super().__init__()
-        self.dim_conv3 = dim // 4
-        self.dim_untouched = dim - self.dim_conv3
-        self.partial_conv3 = nn.Conv2d(self.dim_conv3, self.dim_conv3, 3, 1, 1, bias=False)
-
-    def forward(self, x):
-        x1, x2 = torch.split(x, [self.dim_conv3, self.dim_untouched], dim=1)
-        return torch.cat((self.partial_conv3(x1), x2), 1)
-
-
 class FasterNetLike(nn.Module):
     def __init__(self):
         super().__init__()
         self.stem = _conv(3, 32)
-        self.spatial = Partial(32)
+        self.spatial = PartialConv(32)
         self.mlp = nn.Sequential(_conv(32, 64, 1), nn.Conv2d(64, 32, 1))
         self.head = nn.Conv2d(32, 10, 1)
 

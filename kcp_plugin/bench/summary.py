@@ -116,6 +116,15 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _figure_legend(fig: Any, axes: Any) -> None:
+    """One legend on the figure's right for the labelled artists of ``axes`` (first kept)."""
+    handles = {}
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    fig.legend(handles.values(), handles.keys(), loc="center right", fontsize=7)
+
+
 def plot_accuracy_vs_macs(result: dict[str, Any], path: str | os.PathLike, task: str) -> None:
     """PNG: the task's metric against MACs kept, one panel per schedule (one-shot, + compensation,
     iterative, SFP, SRFP, from scratch), one line per criterion in the same colour in every
@@ -151,11 +160,7 @@ def plot_accuracy_vs_macs(result: dict[str, Any], path: str | os.PathLike, task:
         ax.set_xlabel("fraction of MACs kept")
     metric = summary[0]["metric"] if summary else ""
     axes[0][0].set_ylabel(metric + (" (lower is better)" if metric == "epe" else ""))
-    handles = {}
-    for ax in axes[0]:
-        for h, label in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(label, h)
-    fig.legend(handles.values(), handles.keys(), loc="center right", fontsize=7)
+    _figure_legend(fig, axes[0])
     fig.suptitle(f"{task}: {metric} after pruning and fine-tuning (mean ± spread over seeds)",
                  fontsize=10)
     fig.tight_layout(rect=(0, 0, 1 - 1.6 / (3.6 * n + 1.8), 1))
@@ -348,11 +353,7 @@ def plot_distill(result: dict[str, Any], path: str | os.PathLike, task: str) -> 
         axes[0][0].set_ylim(lo - pad, hi + pad)
     axes[0][0].set_ylabel(metric + (" (lower is better)" if metric in LOWER_IS_BETTER else ""))
     axes[1][0].set_ylabel("gap closed (%)")
-    handles = {}
-    for ax in axes[0]:
-        for h, label in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(label, h)
-    fig.legend(handles.values(), handles.keys(), loc="center right", fontsize=7)
+    _figure_legend(fig, axes[0])
     fig.suptitle(f"{task}: distillation at equal fine-tuning steps (mean ± spread over seeds)",
                  fontsize=10)
     if missing:
