@@ -237,8 +237,15 @@ def count_macs_params(
     It also picks its hooks by exact type (``MODULES_MAPPING[type(module)]``), so subclasses
     of ``nn.Conv2d`` / ``nn.Linear`` (timm's ``StdConv2d``, ``ScaledStdConv2d``,
     ``Conv2dSame``: BiT, NF-Nets) counted nothing; they get their base class's hook here.
-    Compute done by functions on a layer's weight (``F.linear(x, self.qkv.weight)``) is still
-    not seen: see :func:`uncounted_fraction`.
+    Compute outside every layer the counter hooks (``F.linear(x, self.qkv.weight)`` in
+    torchvision's Swin V2 and timm's BEiT, ``q @ k.transpose(-2, -1)``, ``F.conv2d`` or
+    ``F.scaled_dot_product_attention`` in a block's own ``forward``) is added from torch's
+    ``FlopCounterMode`` (aten-level FLOPs / 2), measured in the same forward pass: without it a
+    MACs target applied to a fraction of the model (swin_v2_t kept 0.72 of its real compute at a
+    target of 0.5). So a model whose layers torch-pruning hooks counts exactly as upstream does.
+
+    Returns:
+        ``(macs, params)``: multiply-accumulates of the whole batch, and parameters.
     """
     fwd = forward_fn or default_forward
 
@@ -253,10 +260,20 @@ def count_macs_params(
     # upstream's counter prints a line per module it has seen before ("variables __flops__ or
     # __params__ are already defined", hundreds on YOLOv6) and per keyword-called module
     # (torch_pruning/utils/op_counter.py): the count is right, the lines are noise
-    with preserved_modes(model), torch.no_grad(), _mha_keyword_inputs(model), \
-            _subclass_hooks(model), contextlib.redirect_stdout(io.StringIO()):
-        macs, params = tp.utils.count_ops_and_params(_Forward(model), torch.zeros(1))
-    return int(macs), int(params)
+    def count(measure_unhooked: bool) -> tuple[int, int]:
+        unhooked = _unhooked_compute(model) if measure_unhooked else contextlib.nullcontext()
+        with preserved_modes(model), torch.no_grad(), _mha_keyword_inputs(model), \
+                _subclass_hooks(model), unhooked as extra, \
+                contextlib.redirect_stdout(io.StringIO()):
+            macs, params = tp.utils.count_ops_and_params(_Forward(model), torch.zeros(1))
+        return int(macs) + (extra.macs if extra is not None else 0), int(params)
+
+    try:
+        return count(True)
+    except Exception:  # noqa: BLE001 - the flop counter's own failure: count what upstream can
+        # a model that runs fails only under FlopCounterMode when one of its FLOP formulas
+        # cannot take an op's arguments; the count is then torch-pruning's alone, as before
+        return count(False)
 
 
 @contextlib.contextmanager
@@ -281,26 +298,52 @@ def _subclass_hooks(model: nn.Module) -> Iterator[None]:
         op_counter.CUSTOM_MODULES_MAPPING = {}
 
 
-def uncounted_fraction(model: nn.Module, example_inputs: Any,
-                       forward_fn: ForwardFn | None = None,
-                       counted: int | None = None) -> float:
-    """The fraction of the matmul / conv compute that :func:`count_macs_params` does not see,
-    by comparison with torch's ``FlopCounterMode`` (which counts at the aten level, so also
-    layers called as functions). 0.0 when nothing is missed (or torch cannot count it).
-    ``counted``: the model's :func:`count_macs_params` MACs, if the caller has them."""
-    from torch.utils.flop_counter import FlopCounterMode
+class _Unhooked:
+    """What :func:`_unhooked_compute` measured: ``macs``, filled in when its block ends."""
 
-    fwd = forward_fn or default_forward
+    macs: int = 0
+
+
+@contextlib.contextmanager
+def _unhooked_compute(model: nn.Module) -> Iterator[_Unhooked]:
+    """Measure, with torch's ``FlopCounterMode``, the compute of the forward pass run inside
+    the block that happens outside every module torch-pruning's counter hooks.
+
+    Pre- and post-hooks on those modules (the outermost one of a nest) read the flop total on
+    entry and exit; what is left of the total is compute done by functions. torch-pruning
+    deep-copies the model before its forward pass, and the hooks travel with the copy.
+    ``result.macs`` stays 0 if the block raises.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+    from torch_pruning.utils import op_counter
+
+    hooked = {*op_counter.MODULES_MAPPING, *op_counter.CUSTOM_MODULES_MAPPING}
+    counter = FlopCounterMode(display=False)
+    state = {"depth": 0, "entered": 0, "inside": 0}
+
+    def enter(module: nn.Module, args: tuple) -> None:
+        if state["depth"] == 0:
+            state["entered"] = counter.get_total_flops()
+        state["depth"] += 1
+
+    def leave(module: nn.Module, args: tuple, output: Any) -> None:
+        state["depth"] -= 1
+        if state["depth"] == 0:
+            state["inside"] += counter.get_total_flops() - state["entered"]
+
+    handles = []
+    for m in model.modules():
+        if type(m) in hooked:
+            handles.append(m.register_forward_pre_hook(enter))
+            handles.append(m.register_forward_hook(leave, always_call=True))
+    result = _Unhooked()
     try:
-        with preserved_modes(model), torch.no_grad(), FlopCounterMode(display=False) as fc:
-            model.eval()
-            fwd(model, example_inputs)
-        total = fc.get_total_flops() / 2
-    except Exception:  # an op the flop counter cannot run: no second opinion
-        return 0.0
-    if counted is None:
-        counted = count_macs_params(model, example_inputs, forward_fn)[0]
-    return max(0.0, 1.0 - counted / total) if total > 0 else 0.0
+        with counter:
+            yield result
+        result.macs = max(0, counter.get_total_flops() - state["inside"]) // 2
+    finally:
+        for h in handles:
+            h.remove()
 
 
 _MHA_ARGS = ("query", "key", "value")

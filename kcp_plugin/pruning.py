@@ -30,7 +30,6 @@ from .graph import (
     default_forward,
     output_layers,
     resolve_layers,
-    uncounted_fraction,
 )
 from .hosts import adapters_for, host_forward, host_pruners
 from .plan import extend_plan
@@ -316,14 +315,6 @@ def prune(
         signature = output_signature(model, example_inputs, fwd)
         del graph
         macs0, params0 = count_macs_params(model, example_inputs, fwd)  # a dry run's copy: same
-    if target_macs_ratio is not None:
-        missed = uncounted_fraction(model, example_inputs, fwd, counted=macs0)
-        if missed > 0.1:
-            warnings.warn(
-                f"the MACs counter (torch-pruning's) does not see {missed:.0%} of this model's "
-                "matmul / conv compute, which torch's FlopCounterMode counts (layers called as "
-                "functions, e.g. F.linear(x, self.qkv.weight)): target_macs_ratio applies to "
-                "the counted MACs, so the real fraction kept differs", UserWarning, stacklevel=2)
 
     # ---------------------------------------------------------------- pruning
     if dry_run:  # everything below happens on a copy; module references follow by name

@@ -64,7 +64,8 @@ def test_search_space_distillation_is_checked_against_the_task():
         ({"distill": {"_type": "uniform", "_value": [0, 1]}}, "segmentation",
          "'distill' must be a choice"),
         ({"distill": _choice("cwd")}, "classification", "'cwd' compares spatial maps"),
-        ({"distill": _choice("kl+dca")}, "stereo", "'dca' needs class labels"),
+        ({"distill": _choice("l1+dca")}, "stereo", "'dca' needs class labels"),
+        ({"distill": _choice("kl")}, "stereo", "'kl' compares class distributions"),
         ({"distill_weight": _choice(-1.0)}, "segmentation", "distill_weight must be a number "
          ">= 0"),
         ({"distill_temperature": {"_type": "uniform", "_value": [0.0, 2.0]}}, "segmentation",

@@ -498,29 +498,22 @@ def distill_config(spec: Any, task_name: str, layers: list[str] | None = None,
             them (1 to 8 batches) before its term starts.
 
     Raises:
-        ValueError: a bad value (:func:`parse_distill`), ``cwd`` on classification (its
-            logits have no spatial map), ``dca`` on stereo (no class labels), a bad weight.
+        ValueError: a bad value (:func:`parse_distill`), a part the task cannot take (the
+            task rules of :func:`kcp_plugin.bench.protocol.distill_config`: ``kl`` / ``cwd`` or
+            ``dca`` on stereo, ``cwd`` on classification), a bad weight.
     """
-    from ..distill import DistillConfig
     from . import get_task
+    from .protocol import distill_config as task_distill_config
 
     parsed = parse_distill(spec)
     if parsed is None:
         return None
     output, features, dca = parsed
-    task = get_task(task_name)
-    if output == "cwd" and task.name == "classification":
-        raise ValueError("distill 'cwd' compares spatial maps; the classification task's "
-                         "outputs are logits [N, K]: use kl")
-    if dca and task.name == "stereo":
-        raise ValueError("distill 'dca' needs class labels, which the stereo task does not "
-                         "have: use features")
     layers = list(layers) if layers else distill_layers(task_name)
-    dca_batches = 8 if steps is None else max(1, min(8, steps // 4))
-    return DistillConfig(output=output, temperature=temperature, weight=weight,
-                         layers=layers if features else [], dca_layers=layers if dca else [],
-                         dca_batches=dca_batches,
-                         num_classes=task.model_kwargs.get("num_classes") if dca else None)
+    return task_distill_config(get_task(task_name), dict(
+        output=output, temperature=temperature, weight=weight,
+        layers=layers if features else [], dca_layers=layers if dca else [],
+        dca_batches=8 if steps is None else max(1, min(8, steps // 4))))
 
 
 def _check_distill(space: dict[str, Any], task_name: str, settings: SearchSettings | None) -> None:

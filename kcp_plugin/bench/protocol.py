@@ -137,8 +137,9 @@ def distill_config(task: Task, spec: dict[str, Any] | None) -> DistillConfig | N
         raise NotApplicable("output distillation 'cwd' compares spatial maps per class; a "
                             "classifier outputs one score per class (use kl)")
     if regression and spec.get("dca_layers"):
-        raise NotApplicable("DCA distils in the discriminant subspace of class labels; stereo "
-                            "regresses disparities and has no classes")
+        raise NotApplicable("DCA distils in the discriminant subspace of class labels: 'dca' "
+                            "needs class labels; stereo regresses disparities and has no "
+                            "classes (use features)")
     for key in ("layers", "dca_layers"):
         if isinstance(spec.get(key), str):
             sets = DISTILL_LAYERS.get(task.model, {})

@@ -159,7 +159,7 @@ def plot_accuracy_vs_macs(result: dict[str, Any], path: str | os.PathLike, task:
         ax.set_title(schedule, fontsize=9)
         ax.set_xlabel("fraction of MACs kept")
     metric = summary[0]["metric"] if summary else ""
-    axes[0][0].set_ylabel(metric + (" (lower is better)" if metric == "epe" else ""))
+    axes[0][0].set_ylabel(metric + (" (lower is better)" if metric in LOWER_IS_BETTER else ""))
     _figure_legend(fig, axes[0])
     fig.suptitle(f"{task}: {metric} after pruning and fine-tuning (mean ± spread over seeds)",
                  fontsize=10)
