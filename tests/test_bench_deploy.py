@@ -28,12 +28,14 @@ def test_quick_run_writes_json_tables_and_plot(tmp_path, monkeypatch):
     monkeypatch.setenv("KCP_CACHE", str(tmp_path / "cache"))
     bench = _tool()
     out = tmp_path / "deploy"
-    assert bench.main(["--quick", "--backends", "torch", "onnxruntime", "--targets", "0.7",
+    # the pipeline is under test, not speed: 0.8 leaves resnet20 at 32x32 (overhead-bound) a
+    # margin that a busy machine's timing noise does not eat (0.7 was missed once under load)
+    assert bench.main(["--quick", "--backends", "torch", "onnxruntime", "--targets", "0.8",
                        "--ratios", "0.3", "0.6", "--out", str(out)]) == 0
     result = json.loads((out / "deploy_latency.json").read_text())
     meta, rows = result["meta"], result["rows"]
     assert meta["quick"] and meta["backends"] == ["torch", "onnxruntime"]
-    assert meta["total_s"] > 0 and meta["targets"] == [0.7]
+    assert meta["total_s"] > 0 and meta["targets"] == [0.8]
     for backend in ("torch", "onnxruntime"):
         rs = [r for r in rows if r["backend"] == backend]
         assert all("error" not in r for r in rs), rs
@@ -42,11 +44,11 @@ def test_quick_run_writes_json_tables_and_plot(tmp_path, monkeypatch):
         (macs,) = [r for r in rs if r["kind"] == "macs"]
         assert abs(macs["macs_kept"] - 0.5) <= 0.03 and macs["latency_kept"] > 0
         (table,) = [r for r in rs if r["kind"] == "table"]
-        assert table["target_latency"] == 0.7 and 0 < table["macs_kept"] < 1
+        assert table["target_latency"] == 0.8 and 0 < table["macs_kept"] < 1
         assert table["trials"] and table["table_share"] > 0 and table["widths"]
         assert rs[0]["setting"].startswith(backend) and "1 thread" in rs[0]["setting"]
     text = (out / "deploy_latency.md").read_text()
-    assert "| resnet20 | 32x32 (b1) | 0.7 |" in text and "### onnxruntime" in text
+    assert "| resnet20 | 32x32 (b1) | 0.8 |" in text and "### onnxruntime" in text
     assert (out / "deploy_latency.png").read_bytes()[:4] == b"\x89PNG"
     # --replot rebuilds the tables and plot from the JSON without measuring; two files merge
     again = tmp_path / "again"
