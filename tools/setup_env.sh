@@ -30,6 +30,17 @@ if [ "$old_hash" = "$hash" ] && [ -z "$missing" ]; then
 fi
 extras="$(printf '%s\n' ${have//,/ } ${extras//,/ } | sort -u | paste -sd, -)"
 want="$hash $extras"
+# A first install writes about 7 GB (torch's CUDA build alone is 5.5 GB): say so before pip
+# fails half-way with "No space left on device" (a CI run hit that on a full shared disk).
+if ! compgen -G ".venv/lib/python3*/site-packages/torch/__init__.py" >/dev/null; then
+  free_kb="$(df -Pk . | awk 'NR==2 {print $4}')"
+  if [ "${free_kb:-0}" -lt $((8 * 1024 * 1024)) ]; then
+    echo "tools/setup_env.sh: .venv needs about 8 GB free for torch and the extras; only" \
+         "$((free_kb / 1024)) MB are free on $(df -P . | awk 'NR==2 {print $6}')." \
+         "Free some space (old clones and their .venv folders) and run again." >&2
+    exit 1
+  fi
+fi
 # torch 2.14.1 / torchvision 0.29.1 are the pair that installs and imports together here
 # (see ../shared/reference/environment.md); pin them before anything can pull another torch.
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
