@@ -990,6 +990,22 @@ def test_compute_outside_hooked_layers_is_counted_and_targets_apply_to_it():
         assert _aten_macs(model, X) / aten == pytest.approx(report.macs_ratio, abs=0.03)
 
 
+def test_a_flop_counter_failure_leaves_torch_prunings_count(monkeypatch):
+    """A FLOP formula that cannot take an op's arguments must not fail the count (nor prune):
+    the count is then upstream's alone."""
+    from torch.utils import flop_counter
+
+    def broken(self, *args, **kwargs):  # fails mid-forward, on the first op it sees
+        raise RuntimeError("no FLOP formula for these arguments")
+
+    model = FunctionalAttention().eval()
+    upstream = tp.utils.count_ops_and_params(model, X)
+    # torch 2.14's FlopCounterMode dispatches through this private mode (raising=True: a torch
+    # that renames it fails here rather than passing without a failure injected)
+    monkeypatch.setattr(flop_counter._FlopCounterMode, "__torch_dispatch__", broken)
+    assert kcp_plugin.count_macs_params(model, X) == upstream
+
+
 # ---------------------------------------------------------------------- semantics, not shapes
 def _masked_equals_pruned(model, x, **kwargs):
     """Prune ``model`` and compare with the dense model whose removed channels are zeroed
