@@ -41,6 +41,20 @@ def _is_qkv_attention(module: nn.Module) -> bool:
     )
 
 
+def _fused_parts(module: nn.Module) -> int | None:
+    """How many projections a fused ``qkv`` layer stacks: 3 (q, k, v), or 2 when it projects
+    only k and v (timm's GCViT global attention takes q from elsewhere), read off the output
+    projection's width (``qkv.out_features / proj.in_features``); without a ``proj`` Linear,
+    3 when the width splits into 3 x ``num_heads``. None: no split into whole heads."""
+    width, heads = module.qkv.out_features, module.num_heads
+    proj = getattr(module, "proj", None)
+    if isinstance(proj, nn.Linear) and proj.in_features and width % proj.in_features == 0:
+        parts = width // proj.in_features
+        if parts in (2, 3) and heads > 0 and proj.in_features % heads == 0:
+            return parts
+    return 3 if heads > 0 and width % (3 * heads) == 0 else None
+
+
 def _separate_qkv(module: nn.Module) -> tuple[list[nn.Linear], str] | None:
     """``([q, k, v], head-count attribute)`` of an attention with separate projections of
     equal widths split into whole heads, else None (grouped-query attention, whose k / v
@@ -71,7 +85,8 @@ def detect_num_heads(model: nn.Module) -> dict[nn.Module, int]:
     found: dict[nn.Module, int] = {}
     for m in model.modules():
         if _is_qkv_attention(m):
-            found[m.qkv] = m.num_heads
+            if _fused_parts(m) is not None:  # else left to the safety net, like any reshape
+                found[m.qkv] = m.num_heads
             continue
         separate = _separate_qkv(m)
         if separate is not None:
@@ -119,12 +134,17 @@ def sync_attention_attrs(
     return changed
 
 
-def _fused_attrs(name: str, m: nn.Module, num_heads: dict[nn.Module, int]) -> dict[str, Any]:
-    heads = int(num_heads.get(m.qkv, m.num_heads))
+def _fused_attrs(name: str, m: nn.Module, num_heads: dict[nn.Module, int]
+                 ) -> dict[str, Any] | None:
+    if m.qkv not in num_heads:
+        return None  # not an attention the pruner was told about (num_heads=None, or no split)
+    heads = int(num_heads[m.qkv])
     width = m.qkv.out_features
-    if width % (3 * heads):
-        raise RuntimeError(f"{name}.qkv has {width} outputs, not divisible into 3 x {heads} heads")
-    head_dim = width // (3 * heads)
+    parts = _fused_parts(m) or 3
+    if width % (parts * heads):
+        raise RuntimeError(f"{name}.qkv has {width} outputs, not divisible into {parts} x "
+                           f"{heads} heads")
+    head_dim = width // (parts * heads)
     attrs: dict[str, Any] = {"num_heads": heads}
     if hasattr(m, "head_dim"):
         attrs["head_dim"] = head_dim

@@ -1006,6 +1006,51 @@ def test_a_flop_counter_failure_leaves_torch_prunings_count(monkeypatch):
     assert kcp_plugin.count_macs_params(model, X) == upstream
 
 
+class KvAttention(nn.Module):
+    """timm GCViT's global attention: the fused ``qkv`` projects only k and v (2 x heads), q is
+    a learned query of its own."""
+
+    def __init__(self, dim=32, heads=2):
+        super().__init__()
+        self.num_heads, self.head_dim, self.scale = heads, dim // heads, (dim // heads) ** -0.5
+        self.qkv, self.proj = nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+        self.q = nn.Parameter(torch.randn(1, heads, 1, dim // heads))
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        k, v = self.qkv(x).reshape(b, n, 2, self.num_heads, self.head_dim).permute(
+            2, 0, 3, 1, 4).unbind(0)
+        attn = (self.q.expand(b, -1, n, -1) @ k.transpose(-2, -1) * self.scale).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, -1))
+
+
+class KvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.attn = nn.Linear(16, 32), KvAttention()
+        self.fc1, self.fc2, self.head = nn.Linear(32, 128), nn.Linear(128, 32), nn.Linear(32, 5)
+
+    def forward(self, x):
+        x = self.inp(x)
+        x = x + self.attn(x)
+        return self.head((x + self.fc2(torch.relu(self.fc1(x)))).mean(1))
+
+
+def test_fused_kv_projection_is_not_split_in_three():
+    """A ``qkv`` of 2 x heads crashed the head bookkeeping ('not divisible into 3 x 2 heads'),
+    with num_heads=None too, before anything was pruned (timm's gcvit_xxtiny)."""
+    x = torch.randn(1, 8, 16)
+    for num_heads in ("auto", None):
+        torch.manual_seed(0)
+        model = KvNet().eval()
+        report = kcp_plugin.prune(model, x, "kcp", target_macs_ratio=0.5, num_heads=num_heads,
+                                  progress=False)
+        assert report.macs_ratio == pytest.approx(0.5, abs=0.02)
+        assert model(x).shape == (1, 5) and torch.isfinite(model(x)).all()
+    assert kcp_plugin.attention.detect_num_heads(KvNet()) != {}  # found, with its 2 parts
+    assert kcp_plugin.attention._fused_parts(KvNet().attn) == 2
+
+
 # ---------------------------------------------------------------------- semantics, not shapes
 def _masked_equals_pruned(model, x, **kwargs):
     """Prune ``model`` and compare with the dense model whose removed channels are zeroed
