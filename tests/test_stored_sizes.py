@@ -308,7 +308,8 @@ TIMM_MODELS = ["mixnet_s", "rexnet_100", "dpn48b"]  # refused before, as SKNet (
 
 @pytest.mark.parametrize("name", TIMM_MODELS)
 def test_timm_models_with_stored_sizes_reach_the_target_and_reload(name, tmp_path):
-    timm = pytest.importorskip("timm")
+    import timm
+
     from kcp_plugin.integrations.timm.support import check_supported
 
     torch.manual_seed(0)
@@ -330,7 +331,7 @@ def test_sknet_split_width_follows_and_only_its_path_attention_is_kept(tmp_path)
     # SelectiveKernel splits by self.in_channels // self.num_paths: the stored total follows
     # (the parts stay equal); its attention over stacked paths (view(B, paths, C, H, W)) is
     # what the safety net keeps
-    timm = pytest.importorskip("timm")
+    import timm
 
     torch.manual_seed(0)
     model = timm.create_model("skresnet18", num_classes=10).eval()
@@ -347,7 +348,7 @@ def test_sknet_split_width_follows_and_only_its_path_attention_is_kept(tmp_path)
 
 @pytest.mark.parametrize("name", [*TIMM_MODELS, "skresnet18"])
 def test_timm_models_with_stored_sizes_compute_the_masked_dense_model(name):
-    timm = pytest.importorskip("timm")
+    import timm
 
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=10)
