@@ -136,8 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "'auto' (with --target-latency): measure 1, 8 and 16 and keep the fastest")
     p.add_argument("--global-pruning", action="store_true",
                    help="rank channels across layers instead of per layer")
-    p.add_argument("--max-pruning-ratio", type=float, default=0.9, metavar="RATIO",
-                   help="no layer loses more than this fraction of its channels (default: 0.9)")
+    p.add_argument("--max-pruning-ratio", type=float, default=None, metavar="RATIO",
+                   help="no layer loses more than this fraction of its channels (default: 0.9, "
+                   "raised to 0.95 with a warning when only that reaches a MACs target)")
     p.add_argument("--ignore", action="append", default=[], metavar="LAYER",
                    help="qualified layer name never to prune, repeatable (output layers are "
                    "protected automatically)")

@@ -38,7 +38,7 @@ from .report import PruneReport, layer_widths
 from .run import Job, RunSettings, copy_model
 from .safety import UnprunableError, input_layers, invalid_groups, output_signature
 from .safety_net import listing, prune_protecting
-from .search import Outcome, Target
+from .search import MAX_RATIO_TRIED, Outcome, Target
 from .snapshot import ModuleSnapshot
 from .stats import StatsImportance, StepFn, check_batches
 
@@ -46,6 +46,9 @@ __all__ = ["LATENCY_ARGS", "check_latency_arguments", "prune", "resolve_importan
            "UnprunableError"]
 
 logger = logging.getLogger(__name__)
+
+# max_pruning_ratio when the caller gives none (a MACs search may raise it to MAX_RATIO_TRIED)
+_DEFAULT_MAX_RATIO = 0.9
 
 
 def resolve_importance(
@@ -129,7 +132,7 @@ def prune(
     prune_num_heads: bool = False,
     head_pruning_ratio: float = 0.0,
     pruning_ratio_dict: dict[LayerRef, float] | None = None,
-    max_pruning_ratio: float = 0.9,
+    max_pruning_ratio: float | None = None,
     importance_kwargs: dict[str, Any] | None = None,
     loss_fn: Callable[[nn.Module], torch.Tensor] | None = None,
     data: Iterable[Any] | None = None,
@@ -185,7 +188,9 @@ def prune(
         prune_num_heads: Also remove whole attention heads (``head_pruning_ratio`` of them).
         head_pruning_ratio: Fraction of heads removed when ``prune_num_heads`` is set.
         pruning_ratio_dict: Per-layer channel ratios (modules or names as keys).
-        max_pruning_ratio: No layer loses more than this fraction of its channels.
+        max_pruning_ratio: No layer loses more than this fraction of its channels. None (the
+            default): 0.9, which a MACs target search raises to 0.95, with a warning, when only
+            that reaches the target; a value given is kept (a target beyond it is refused).
         importance_kwargs: Arguments for the registered criterion.
         loss_fn: ``loss_fn(model) -> loss`` for gradient-based criteria (``taylor``; for
             ``hessian`` return per-sample losses). Called once per pruning step.
@@ -334,11 +339,14 @@ def prune(
         example_inputs=example_inputs, importance=imp, forward_fn=fwd,
         output_transform=output_transform, global_pruning=global_pruning,
         isomorphic=isomorphic, prune_num_heads=prune_num_heads,
-        head_pruning_ratio=head_pruning_ratio, max_pruning_ratio=max_pruning_ratio,
+        head_pruning_ratio=head_pruning_ratio,
+        max_pruning_ratio=_DEFAULT_MAX_RATIO if max_pruning_ratio is None else max_pruning_ratio,
         iterative_steps=iterative_steps, round_to=None if round_to == 1 else round_to,
         unwrapped_parameters=unwrapped_parameters, customized_pruners=customized_pruners,
         loss_fn=loss_fn, progress=progress,
-        data=None if data is None else (data, data_steps, step_fn), signature=signature)
+        data=None if data is None else (data, data_steps, step_fn), signature=signature,
+        max_ratio_fallback=(MAX_RATIO_TRIED if max_pruning_ratio is None
+                            and target_latency_ratio is None else None))
     if round_to is None and target_macs_ratio is not None and target_latency_ratio is None:
         multiples = default_multiples(model, fixed, backend.channel_multiple())
     else:

@@ -80,6 +80,9 @@ class RunSettings:
     progress: bool | None
     data: tuple[Iterable[Any], int | None, StepFn | None] | None
     signature: Any
+    # the max_pruning_ratio a MACs search may raise the cap to when the user left it unset
+    # (prune's default), with a warning; None: the cap is the user's and stays
+    max_ratio_fallback: float | None = None
 
 
 class BrokenRun(Exception):

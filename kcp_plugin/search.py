@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -95,6 +96,9 @@ def prune_to_target(
                     loss_fn=None, data=None)
             ratio, extra, search = search_ratio(job, target_macs_ratio, macs0,
                                                 target.tolerance, trial_settings)
+            # a cap the search raised (max_ratio_fallback) holds for the final run too
+            settings = replace(settings, max_pruning_ratio=max(
+                settings.max_pruning_ratio, ratio, *extra.values()))
         else:
             ratio, extra = float(target.pruning_ratio or 0.0), {}
         with track_pruning():
@@ -144,16 +148,21 @@ def search_ratio(
     trials: list[tuple[float, float]] = []
     model = job.model
     pinned = dict(pinned or {})
+    uniform: dict[float, float] = {}  # MACs kept by uniform ratios tried: none is tried twice
 
     def macs_kept(r: float, extra: dict[str, float] | None = None) -> float:
         extra = {**(extra or {}), **pinned}
         if r == 0.0 and not extra:
             return 1.0
+        if not extra and r in uniform:
+            return uniform[r]
         trial = trial_copy(job, extra)
         checked_run(trial, r, dict(extra), replace(
             settings, progress=False, max_pruning_ratio=max(r, settings.max_pruning_ratio)))
         kept = count_macs_params(trial.model, settings.example_inputs, settings.forward_fn)[0]
         trials.append((r, kept / macs0))
+        if not extra:
+            uniform[r] = kept / macs0
         bar.update(1)
         bar.set_postfix(ratio=f"{r:.3f}", macs=f"{kept / macs0:.3f}")
         return kept / macs0
@@ -196,6 +205,25 @@ def search_ratio(
                     if m <= target + tol:
                         hi, m_hi = r, m
                         break
+        fallback = settings.max_ratio_fallback
+        if m_hi > target + tol and fallback is not None and hi < fallback and not pinned:
+            # the cap is prune's default, not the user's: where only a higher one reaches the
+            # target, use it and say so, rather than refuse and have the user search again
+            try:
+                m_fallback = macs_kept(fallback)
+            except (UnprunableError, BrokenRun):  # breaks the model there: the refusal says so
+                m_fallback = m_hi
+            if m_fallback <= target + tol:
+                warnings.warn(
+                    f"target_macs_ratio={target} needs more than the default "
+                    f"max_pruning_ratio={settings.max_pruning_ratio} (which keeps {m_hi:.3f} of "
+                    f"the MACs): layers lose up to {fallback} of their channels instead "
+                    f"({fallback} keeps {m_fallback:.3f}, tried); pass "
+                    f"max_pruning_ratio={settings.max_pruning_ratio} to keep the cap and be "
+                    "refused instead", UserWarning, stacklevel=2)
+                lo, m_lo, hi, m_hi = hi, m_hi, fallback, m_fallback
+                settings = replace(settings, max_pruning_ratio=fallback,
+                                   max_ratio_fallback=None)
         if m_hi > target + tol:
             raise TargetUnreachable(_out_of_reach(job, target, tol, hi, m_hi, macs_kept))
         if abs(m_hi - target) <= tol:
@@ -267,31 +295,31 @@ def search_ratio(
 # The max_pruning_ratio a refusal tries before it suggests raising it. Not closer to 1:
 # torch-pruning leaves a layer whole where a ratio would keep less than one of its channels
 # (int(width * (1 - ratio)) == 0), so 0.97 prunes nothing of a 32-channel layer.
-_MAX_RATIO_TRIED = 0.95
+MAX_RATIO_TRIED = 0.95
 
 
 def _out_of_reach(job: Job, target: float, tol: float, hi: float, m_hi: float,
                   macs_kept: Callable[[float], float]) -> str:
     """The refusal of a target that pruning everything by ``max_pruning_ratio`` misses, with
     only ways out that were tried: a higher ``max_pruning_ratio`` if one more trial at
-    ``_MAX_RATIO_TRIED`` reaches the target, else the lowest target reached. (Protecting
+    ``MAX_RATIO_TRIED`` reaches the target, else the lowest target reached. (Protecting
     fewer layers is no tried way out: the host and the safety net protect what breaks.)"""
     msg = (f"target_macs_ratio={target} is out of reach: pruning every prunable layer by "
            f"max_pruning_ratio={hi} keeps {m_hi:.3f} of the MACs ({len(job.protected)} "
            "layers protected: ignored_layers, the model's input and output layers, and the "
            "groups the host library or the safety net keeps)")
-    if hi < _MAX_RATIO_TRIED:
+    if hi < MAX_RATIO_TRIED:
         try:
-            m_max = macs_kept(_MAX_RATIO_TRIED)
+            m_max = macs_kept(MAX_RATIO_TRIED)
         except (UnprunableError, BrokenRun):  # that ratio breaks the model: no way out to
             # offer (a BrokenRun must not reach the safety net, which would protect groups
             # that break only at a ratio the user did not ask for)
             m_max = m_hi
         if m_max <= target + tol:
-            return (msg + f"; max_pruning_ratio={_MAX_RATIO_TRIED} keeps {m_max:.3f} (tried): "
+            return (msg + f"; max_pruning_ratio={MAX_RATIO_TRIED} keeps {m_max:.3f} (tried): "
                     "raise max_pruning_ratio to reach the target")
         if m_max < m_hi:
-            hi, m_hi = _MAX_RATIO_TRIED, m_max
+            hi, m_hi = MAX_RATIO_TRIED, m_max
             msg += f"; even max_pruning_ratio={hi} keeps {m_hi:.3f} (tried)"
     lowest = math.ceil(m_hi * 1000) / 1000
     return (msg + f"; the lowest target reached is target_macs_ratio={lowest:g} (with "

@@ -5,6 +5,8 @@ one that works."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -117,3 +119,22 @@ def test_smp_fpn_reaches_the_target_where_it_was_refused():
     with torch.no_grad():
         out = model(x)
     assert out.shape == shape and torch.isfinite(out).all()
+
+
+def test_default_cap_is_raised_to_the_tried_ratio_that_reaches_the_target():
+    """A newcomer's nest / swin_v2_t: refused at the default max_pruning_ratio=0.9, told that
+    0.95 reaches the target (tried), and made to run the whole search again. With the cap left
+    at its default the search now goes on to 0.95 and says so; a cap the user gives is kept."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 4, 1)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    kwargs = dict(target_macs_ratio=0.07, round_to=1, ignored_layers=["2"], progress=False)
+    # conv 2 keeps its outputs: the MACs fall only linearly with the ratio (0.103 at 0.9)
+    with pytest.raises(TargetUnreachable, match=r"\(tried\): raise max_pruning_ratio"):
+        prune(copy.deepcopy(model), x, "l1", max_pruning_ratio=0.9, **kwargs)
+    with pytest.warns(UserWarning, match=r"needs more than the default max_pruning_ratio=0\.9 "
+                      r"\(which keeps 0\.10[0-9] of the MACs\): layers lose up to 0\.95"):
+        report = prune(model, x, "l1", **kwargs)
+    assert abs(report.macs_ratio - 0.07) <= 0.02
+    assert model[0].out_channels < 64 * (1 - 0.9)  # pruned past the default cap
