@@ -306,8 +306,9 @@ def _out_of_reach(job: Job, target: float, tol: float, hi: float, m_hi: float,
     fewer layers is no tried way out: the host and the safety net protect what breaks.)"""
     msg = (f"target_macs_ratio={target} is out of reach: pruning every prunable layer by "
            f"max_pruning_ratio={hi} keeps {m_hi:.3f} of the MACs ({len(job.protected)} "
-           "layers protected: ignored_layers, the model's input and output layers, and the "
-           "groups the host library or the safety net keeps)")
+           "layers protected, a layer per kept group: ignored_layers, the model's input and "
+           "output layers, and the root of each group the host library or the safety net "
+           "keeps, which its warning counts as groups)")
     if hi < MAX_RATIO_TRIED:
         try:
             m_max = macs_kept(MAX_RATIO_TRIED)
