@@ -573,7 +573,7 @@ class _Request:
 
 
 def _validate(*, model: Any, target_macs_ratio: float | None, pruning_ratio: float | None,
-              pruning_ratio_dict: Any, max_pruning_ratio: float, macs_tolerance: float,
+              pruning_ratio_dict: Any, max_pruning_ratio: float | None, macs_tolerance: float,
               head_pruning_ratio: float, iterative_steps: Any, round_to: Any, dry_run: bool,
               isomorphic: bool, global_pruning: bool, forward_fn: Any, importance: Any,
               importance_kwargs: Any, loss_fn: Any, data: Any, step_fn: Any, data_steps: Any,
