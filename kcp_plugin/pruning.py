@@ -257,7 +257,10 @@ def prune(
                 iterative_steps=iterative_steps, output_transform=output_transform,
                 global_pruning=global_pruning, isomorphic=isomorphic, num_heads=num_heads,
                 prune_num_heads=prune_num_heads, head_pruning_ratio=head_pruning_ratio,
-                pruning_ratio_dict=pruning_ratio_dict, max_pruning_ratio=max_pruning_ratio,
+                pruning_ratio_dict=pruning_ratio_dict,
+                # a latency target keeps the default cap: no MACs-search fallback in its trials
+                max_pruning_ratio=(_DEFAULT_MAX_RATIO if max_pruning_ratio is None
+                                   else max_pruning_ratio),
                 importance_kwargs=importance_kwargs, loss_fn=loss_fn, data=data,
                 data_steps=data_steps, step_fn=step_fn, protect_outputs=protect_outputs,
                 macs_tolerance=macs_tolerance, unwrapped_parameters=unwrapped_parameters,

@@ -96,9 +96,12 @@ def prune_to_target(
                     loss_fn=None, data=None)
             ratio, extra, search = search_ratio(job, target_macs_ratio, macs0,
                                                 target.tolerance, trial_settings)
-            # a cap the search raised (max_ratio_fallback) holds for the final run too
-            settings = replace(settings, max_pruning_ratio=max(
-                settings.max_pruning_ratio, ratio, *extra.values()))
+            if settings.max_ratio_fallback is not None \
+                    and max([ratio, *extra.values()]) > settings.max_pruning_ratio:
+                # the search raised the default cap (and said so): the final run, and a search
+                # again with the real criterion, prune under the cap its trials had
+                settings = replace(settings, max_pruning_ratio=settings.max_ratio_fallback,
+                                   max_ratio_fallback=None)
         else:
             ratio, extra = float(target.pruning_ratio or 0.0), {}
         with track_pruning():
@@ -174,8 +177,15 @@ def search_ratio(
         hi = settings.max_pruning_ratio
         modules = dict(model.named_modules())
 
+        raised: list[str] = []  # the warning of a raised cap, given once the search succeeds
+
+        def announce() -> None:
+            for message in raised:
+                warnings.warn(message, UserWarning, stacklevel=4)
+
         def found(r: float, extra: dict[str, float]) -> tuple[float, dict[nn.Module, float],
                                                               list[tuple[float, float]]]:
+            announce()
             return r, {modules[n]: v for n, v in {**extra, **pinned}.items()}, trials
 
         if abs(1.0 - target) <= tol and not pinned:
@@ -214,13 +224,13 @@ def search_ratio(
             except (UnprunableError, BrokenRun):  # breaks the model there: the refusal says so
                 m_fallback = m_hi
             if m_fallback <= target + tol:
-                warnings.warn(
+                raised.append(
                     f"target_macs_ratio={target} needs more than the default "
                     f"max_pruning_ratio={settings.max_pruning_ratio} (which keeps {m_hi:.3f} of "
                     f"the MACs): layers lose up to {fallback} of their channels instead "
                     f"({fallback} keeps {m_fallback:.3f}, tried); pass "
                     f"max_pruning_ratio={settings.max_pruning_ratio} to keep the cap and be "
-                    "refused instead", UserWarning, stacklevel=2)
+                    "refused instead")
                 lo, m_lo, hi, m_hi = hi, m_hi, fallback, m_fallback
                 settings = replace(settings, max_pruning_ratio=fallback,
                                    max_ratio_fallback=None)
@@ -278,6 +288,7 @@ def search_ratio(
                     if closest is not None and abs(closest - target) < abs(best - target):
                         best = closest
                     continue
+                announce()
                 return r, extra, trials + more
         coarse = "" if not pinned else f" (also with {len(pinned)} group pinned)"
         error = TargetUnreachable(
