@@ -247,6 +247,8 @@ def prune(
         prune_kwargs=dict(round_to=round_to, global_pruning=global_pruning,
                           isomorphic=isomorphic, dry_run=dry_run,
                           latency_tolerance=latency_tolerance))
+    # the cap in force; a MACs search may raise it (to MAX_RATIO_TRIED) only if none was given
+    cap = _DEFAULT_MAX_RATIO if max_pruning_ratio is None else max_pruning_ratio
     allocator: TableAllocator | None = None
     if target_latency_ratio is not None:
         latency = LatencyTarget(target_latency_ratio, latency_tolerance, backend,
@@ -259,8 +261,7 @@ def prune(
                 prune_num_heads=prune_num_heads, head_pruning_ratio=head_pruning_ratio,
                 pruning_ratio_dict=pruning_ratio_dict,
                 # a latency target keeps the default cap: no MACs-search fallback in its trials
-                max_pruning_ratio=(_DEFAULT_MAX_RATIO if max_pruning_ratio is None
-                                   else max_pruning_ratio),
+                max_pruning_ratio=cap,
                 importance_kwargs=importance_kwargs, loss_fn=loss_fn, data=data,
                 data_steps=data_steps, step_fn=step_fn, protect_outputs=protect_outputs,
                 macs_tolerance=macs_tolerance, unwrapped_parameters=unwrapped_parameters,
@@ -342,8 +343,7 @@ def prune(
         example_inputs=example_inputs, importance=imp, forward_fn=fwd,
         output_transform=output_transform, global_pruning=global_pruning,
         isomorphic=isomorphic, prune_num_heads=prune_num_heads,
-        head_pruning_ratio=head_pruning_ratio,
-        max_pruning_ratio=_DEFAULT_MAX_RATIO if max_pruning_ratio is None else max_pruning_ratio,
+        head_pruning_ratio=head_pruning_ratio, max_pruning_ratio=cap,
         iterative_steps=iterative_steps, round_to=None if round_to == 1 else round_to,
         unwrapped_parameters=unwrapped_parameters, customized_pruners=customized_pruners,
         loss_fn=loss_fn, progress=progress,

@@ -219,10 +219,7 @@ def search_ratio(
         if m_hi > target + tol and fallback is not None and hi < fallback and not pinned:
             # the cap is prune's default, not the user's: where only a higher one reaches the
             # target, use it and say so, rather than refuse and have the user search again
-            try:
-                m_fallback = macs_kept(fallback)
-            except (UnprunableError, BrokenRun):  # breaks the model there: the refusal says so
-                m_fallback = m_hi
+            m_fallback = _kept_unless_broken(macs_kept, fallback, m_hi)
             if m_fallback <= target + tol:
                 raised.append(
                     f"target_macs_ratio={target} needs more than the default "
@@ -309,6 +306,17 @@ def search_ratio(
 MAX_RATIO_TRIED = 0.95
 
 
+def _kept_unless_broken(macs_kept: Callable[[float], float], ratio: float,
+                        otherwise: float) -> float:
+    """The MACs kept by a trial at ``ratio`` beyond the cap, or ``otherwise`` where that ratio
+    breaks the model: then it is no way out to offer or take (and its BrokenRun must not reach
+    the safety net, which would protect groups that break only at a ratio not asked for)."""
+    try:
+        return macs_kept(ratio)
+    except (UnprunableError, BrokenRun):
+        return otherwise
+
+
 def _out_of_reach(job: Job, target: float, tol: float, hi: float, m_hi: float,
                   macs_kept: Callable[[float], float]) -> str:
     """The refusal of a target that pruning everything by ``max_pruning_ratio`` misses, with
@@ -321,12 +329,7 @@ def _out_of_reach(job: Job, target: float, tol: float, hi: float, m_hi: float,
            "output layers, and the root of each group the host library or the safety net "
            "keeps, which its warning counts as groups)")
     if hi < MAX_RATIO_TRIED:
-        try:
-            m_max = macs_kept(MAX_RATIO_TRIED)
-        except (UnprunableError, BrokenRun):  # that ratio breaks the model: no way out to
-            # offer (a BrokenRun must not reach the safety net, which would protect groups
-            # that break only at a ratio the user did not ask for)
-            m_max = m_hi
+        m_max = _kept_unless_broken(macs_kept, MAX_RATIO_TRIED, m_hi)
         if m_max <= target + tol:
             return (msg + f"; max_pruning_ratio={MAX_RATIO_TRIED} keeps {m_max:.3f} (tried): "
                     "raise max_pruning_ratio to reach the target")
